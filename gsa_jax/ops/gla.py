@@ -1,0 +1,95 @@
+"""Gated linear attention (GLA): the building block of GSA, with one entry point for every form.
+
+Per head, with state S ∈ R^{K×V}:
+
+    gate_axis="key"   (g ∈ R^K, as in GLA/RetNet):  S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ
+    gate_axis="value" (g ∈ R^V):                    S_t = S_{t-1} diag(exp g_t) + k_t v_tᵀ
+    o_t = scale · S_tᵀ q_t
+
+The forms live in `recurrent.py`, `parallel.py` and `chunk.py`; they agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from gsa_jax.ops import common
+from gsa_jax.ops.chunk import gla_chunk
+from gsa_jax.ops.parallel import gla_parallel
+from gsa_jax.ops.recurrent import gla_recurrent
+
+Array = jax.Array
+
+IMPLS = ("auto", "recurrent", "parallel", "chunk")
+
+_FORMS = {"recurrent": gla_recurrent, "parallel": gla_parallel, "chunk": gla_chunk}
+
+
+def run_form(impl: str, q, k, v, g, *, gate_axis, scale, initial_state, runs, chunk_size):
+    """Call one form on checked, same-head, compute-dtype inputs (internal)."""
+    form = "chunk" if impl == "auto" else impl
+    kwargs = dict(gate_axis=gate_axis, scale=scale, initial_state=initial_state, runs=runs)
+    if form == "chunk":
+        kwargs["chunk_size"] = chunk_size
+    return _FORMS[form](q, k, v, g, **kwargs)
+
+
+def gated_linear_attention(
+    q: Array, k: Array, v: Array, g: Array, *,
+    gate_axis: str = "key",
+    scale: Optional[float] = None,
+    initial_state: Optional[Array] = None,
+    return_final_state: bool = False,
+    segment_ids: Optional[Array] = None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[Array, Optional[Array]]:
+    """Gated linear attention over a sequence.
+
+    Args:
+      q: [B, T, H, K] queries.
+      k: [B, T, Hkv, K] keys; H must be a multiple of Hkv (grouped heads share k, v, g, state).
+      v: [B, T, Hkv, V] values.
+      g: [B, T, Hkv, K] (gate_axis="key") or [B, T, Hkv, V] (gate_axis="value"): log forget
+        gate, g ≤ 0.
+      scale: multiplies q·k; None means K ** -0.5.
+      initial_state: [B, Hkv, K, V] or None (zeros).
+      return_final_state: also return the state after the last step.
+      segment_ids: [B, T] integer ids of packed sequences; the state is reset wherever the id
+        changes, so each segment equals a separate run (the first one starts from
+        `initial_state`).
+      impl: "auto" (= "chunk"), "recurrent", "parallel" or "chunk".
+      chunk_size: C of the chunk form.
+    Returns:
+      (o [B, T, H, V] in q's dtype, final state [B, Hkv, K, V] in float32 (float64 for float64
+      inputs) or None).
+    """
+    fn = "gated_linear_attention"
+    common.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
+    common.check_choice(fn, "impl", impl, IMPLS)
+    common.check_chunk_size(fn, chunk_size)
+    common.check_floating(fn, initial_state=initial_state)
+    B, T, Hkv, group = common.check_sequence_inputs(fn, q=q, k=k, v=v, g=g)
+    K = common.check_same_dim(fn, "key dims of q and k", [("q", q.shape, 3), ("k", k.shape, 3)])
+    V = v.shape[3]
+    gated = ("k", k.shape, 3) if gate_axis == "key" else ("v", v.shape, 3)
+    common.check_same_dim(fn, f"gate dims (gate_axis={gate_axis!r})", [gated, ("g", g.shape, 3)])
+    if initial_state is not None:
+        common.check_state(fn, "initial_state", initial_state, (B, Hkv, K, V))
+    common.check_segment_ids(fn, segment_ids, B, T)
+
+    dtype = common.compute_dtype(q, k, v, g, initial_state)
+    if scale is None:
+        scale = K ** -0.5
+    if initial_state is None:
+        initial_state = jnp.zeros((B, Hkv, K, V), dtype)
+    k, v, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, g))
+    state = common.repeat_heads(initial_state.astype(dtype), group, axis=1)
+    o, final_state = run_form(
+        impl, q.astype(dtype), k, v, g, gate_axis=gate_axis, scale=scale, initial_state=state,
+        runs=common.segment_runs(segment_ids), chunk_size=chunk_size)
+    final_state = common.first_of_group(final_state, group) if return_final_state else None
+    return o.astype(q.dtype), final_state
