@@ -16,25 +16,38 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops import common
+from gsa_jax.ops import common, pallas
 from gsa_jax.ops.chunk import gla_chunk
 from gsa_jax.ops.parallel import gla_parallel
 from gsa_jax.ops.recurrent import gla_recurrent
 
 Array = jax.Array
 
-IMPLS = ("auto", "recurrent", "parallel", "chunk")
+IMPLS = ("auto", "recurrent", "parallel", "chunk", "pallas")
 
 _FORMS = {"recurrent": gla_recurrent, "parallel": gla_parallel, "chunk": gla_chunk}
 
 
+def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str:
+    """"auto" -> "pallas" on a GPU where the kernels support the shapes, else "chunk"."""
+    supported = (pallas.kernel_supports(*dims, chunk_size=chunk_size)
+                 and jnp.dtype(dtype) != jnp.float64)
+    if impl == "auto":
+        return "pallas" if supported and pallas.on_gpu() else "chunk"
+    if impl == "pallas" and not supported:
+        raise ValueError(
+            f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS}, chunk_size in "
+            f"(16, 32, 64, 128) and no float64 inputs; got dims {dims}, chunk_size "
+            f"{chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other shapes.")
+    return impl
+
+
 def run_form(impl: str, q, k, v, g, *, gate_axis, scale, initial_state, runs, chunk_size):
-    """Call one form on checked, same-head, compute-dtype inputs (internal)."""
-    form = "chunk" if impl == "auto" else impl
+    """Call one pure-JAX form on checked, same-head, compute-dtype inputs (internal)."""
     kwargs = dict(gate_axis=gate_axis, scale=scale, initial_state=initial_state, runs=runs)
-    if form == "chunk":
+    if impl == "chunk":
         kwargs["chunk_size"] = chunk_size
-    return _FORMS[form](q, k, v, g, **kwargs)
+    return _FORMS[impl](q, k, v, g, **kwargs)
 
 
 def gated_linear_attention(
@@ -61,7 +74,8 @@ def gated_linear_attention(
       segment_ids: [B, T] integer ids of packed sequences; the state is reset wherever the id
         changes, so each segment equals a separate run (the first one starts from
         `initial_state`).
-      impl: "auto" (= "chunk"), "recurrent", "parallel" or "chunk".
+      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
+        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
       chunk_size: C of the chunk form.
     Returns:
       (o [B, T, H, V] in q's dtype, final state [B, Hkv, K, V] in float32 (float64 for float64
@@ -82,14 +96,20 @@ def gated_linear_attention(
     common.check_segment_ids(fn, segment_ids, B, T)
 
     dtype = common.compute_dtype(q, k, v, g, initial_state)
+    impl = resolve_impl(fn, impl, (K, V), chunk_size, dtype)
     if scale is None:
         scale = K ** -0.5
     if initial_state is None:
         initial_state = jnp.zeros((B, Hkv, K, V), dtype)
-    k, v, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, g))
+    runs = common.segment_runs(segment_ids)
     state = common.repeat_heads(initial_state.astype(dtype), group, axis=1)
-    o, final_state = run_form(
-        impl, q.astype(dtype), k, v, g, gate_axis=gate_axis, scale=scale, initial_state=state,
-        runs=common.segment_runs(segment_ids), chunk_size=chunk_size)
+    if impl == "pallas":
+        o, final_state = pallas.gla_pallas(q, k, v, g, state, runs, gate_axis=gate_axis,
+                                           scale=scale, chunk_size=chunk_size)
+    else:
+        k, v, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, g))
+        o, final_state = run_form(impl, q.astype(dtype), k, v, g, gate_axis=gate_axis,
+                                  scale=scale, initial_state=state, runs=runs,
+                                  chunk_size=chunk_size)
     final_state = common.first_of_group(final_state, group) if return_final_state else None
     return o.astype(q.dtype), final_state

@@ -14,13 +14,14 @@ axis with (q, k, v) = (p, s, v) and scale 1.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops import common
-from gsa_jax.ops.gla import IMPLS, run_form
+from gsa_jax.ops import common, pallas
+from gsa_jax.ops.gla import IMPLS, resolve_impl, run_form
 from gsa_jax.ops.recurrent import gla_step
 
 Array = jax.Array
@@ -54,6 +55,7 @@ def gated_slot_attention(
     impl: str = "auto",
     chunk_size: int = 64,
     slot_activation: str = "softmax",
+    recompute_states: bool = False,
 ) -> tuple[Array, Optional[GSAState]]:
     """GSA over a sequence.
 
@@ -69,9 +71,12 @@ def gated_slot_attention(
       return_final_state: also return the state after the last step.
       segment_ids: [B, T] integer ids of packed sequences: the state is reset wherever the id
         changes, so each segment equals a separate run; the first starts from `initial_state`.
-      impl: "auto" (= "chunk"), "recurrent", "parallel" or "chunk".
+      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
+        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
       chunk_size: C of the chunk form.
       slot_activation: "softmax" (GSA) or the ablations "swish", "relu", "relu2".
+      recompute_states: Pallas form only: keep no chunk states between the forward and the
+        backward pass and recompute them (the paper's hidden-state recomputation).
     Returns:
       (o [B, T, H, V] in q's dtype, final state (Hk, Hv) in float32 — float64 for float64
       inputs — or None). Accumulation is in float32 whatever the input dtype.
@@ -86,19 +91,25 @@ def gated_slot_attention(
     common.check_segment_ids(fn, segment_ids, B, T)
 
     dtype = common.compute_dtype(q, k, v, s, g, *(initial_state or ()))
+    impl = resolve_impl(fn, impl, (K, M, V), chunk_size, dtype)
     if scale is None:
         scale = K ** -0.5
     if initial_state is None:
         initial_state = (jnp.zeros((B, Hkv, K, M), dtype), jnp.zeros((B, Hkv, M, V), dtype))
-    k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, s, g))
     hk0, hv0 = (common.repeat_heads(x.astype(dtype), group, axis=1) for x in initial_state)
     runs = common.segment_runs(segment_ids)
+    activation = functools.partial(common.slot_activation, kind=slot_activation)
 
-    z, hk = run_form(impl, q.astype(dtype), k, s, g, gate_axis="value", scale=scale,
-                     initial_state=hk0, runs=runs, chunk_size=chunk_size)
-    p = common.slot_activation(z, slot_activation)
-    o, hv = run_form(impl, p, s, v, g, gate_axis="key", scale=1.0,
-                     initial_state=hv0, runs=runs, chunk_size=chunk_size)
+    if impl == "pallas":
+        o, hk, hv = pallas.gsa_pallas(q, k, v, s, g, hk0, hv0, runs, scale=scale,
+                                      chunk_size=chunk_size, slot_activation_fn=activation,
+                                      recompute_states=recompute_states)
+    else:
+        k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, s, g))
+        z, hk = run_form(impl, q.astype(dtype), k, s, g, gate_axis="value", scale=scale,
+                         initial_state=hk0, runs=runs, chunk_size=chunk_size)
+        o, hv = run_form(impl, activation(z), s, v, g, gate_axis="key", scale=1.0,
+                         initial_state=hv0, runs=runs, chunk_size=chunk_size)
     final_state = None
     if return_final_state:
         final_state = (common.first_of_group(hk, group), common.first_of_group(hv, group))

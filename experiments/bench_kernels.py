@@ -1,0 +1,292 @@
+"""Benchmark of the GSA Pallas kernels against the pure-JAX chunk form, cuDNN attention and the peer.
+
+For each shape (B, T, H, K=V, M) at a fixed token count it reports the median time of the forward
+and of forward+backward, and the memory of forward+backward, for:
+  pallas        gated_slot_attention(impl="pallas"), chunk states kept for the backward pass
+  pallas_recomp the same with recompute_states=True (the paper's hidden-state recomputation)
+  chunk         the pure-JAX chunk form (impl="chunk")
+  cudnn_attn    causal softmax attention on the same q/k/v (jax.nn.dot_product_attention, cuDNN)
+  peer          fla.ops.gsa.chunk_gsa (flash-linear-attention), when torch and fla import
+Before timing, the Pallas outputs and gradients are compared with the float32 chunk form on the
+same inputs (relative Frobenius error). Results go to experiments/results/bench_kernels_<tag>.json
+and .md.
+
+Usage (GPU): python experiments/bench_kernels.py --tag h100 [--shapes main|all] [--no-peer]
+Memory: JAX numbers are XLA's compiled footprint of the jitted forward+backward (arguments +
+outputs + temporaries); the peer's is torch.cuda.max_memory_allocated over one forward+backward
+with its inputs already allocated. Both include the inputs and the gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gsa_jax.ops import gated_slot_attention  # noqa: E402
+
+TOKENS = 16384
+MAIN = (8, 2048, 16, 128, 64)
+ALL = [MAIN, (4, 4096, 16, 128, 64), (2, 8192, 16, 128, 64), (8, 2048, 4, 256, 64),
+       (8, 2048, 16, 128, 32), (8, 2048, 16, 128, 128)]
+
+
+def make_inputs(shape, dtype, seed=0):
+    """Random GSA inputs like the layer makes them: swish features, g = logsigmoid(x)/8."""
+    B, T, H, K, M = shape
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.nn.swish(jax.random.normal(keys[0], (B, T, H, K)))
+    k = jax.nn.swish(jax.random.normal(keys[1], (B, T, H, K)))
+    v = jax.nn.silu(jax.random.normal(keys[2], (B, T, H, K)))
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, M))) / 8.0
+    s = 1.0 - jnp.exp(g)
+    return tuple(x.astype(dtype) for x in (q, k, v, s, g))
+
+
+def gsa_fn(impl, **kw):
+    def f(q, k, v, s, g):
+        return gated_slot_attention(q, k, v, s, g, impl=impl, **kw)[0]
+    return f
+
+
+def loss_grad(f, cot):
+    def loss(*args):
+        return jnp.sum(f(*args).astype(jnp.float32) * cot)
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+def time_jax(fn, args, reps=20, rounds=7):
+    """Median seconds per call of a jitted function; calls queue asynchronously per round."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / reps)
+    return statistics.median(samples)
+
+
+def compiled_bytes(fn, args):
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(shape, dtype):
+    """Relative error of the Pallas output and gradients against the f32 chunk form."""
+    args = make_inputs(shape, dtype, seed=1)
+    cot = jax.random.normal(jax.random.PRNGKey(2), shape[:3] + (shape[3],), jnp.float32)
+    ref_args = tuple(x.astype(jnp.float32) for x in args)
+    out = {}
+    o_p = jax.jit(gsa_fn("pallas"))(*args)
+    o_r = jax.jit(gsa_fn("chunk"))(*ref_args)
+    out["o"] = rel_err(o_p, o_r)
+    g_p = jax.jit(loss_grad(gsa_fn("pallas"), cot))(*args)
+    g_r = jax.jit(loss_grad(gsa_fn("chunk"), cot))(*ref_args)
+    for name, a, b in zip("dq dk dv ds dg".split(), g_p, g_r):
+        out[name] = rel_err(a, b)
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in (o_p, *g_p))
+    return {"shape": list(shape), "dtype": str(jnp.dtype(dtype)), "rel_err": out,
+            "finite": finite}
+
+
+def copy_bandwidth():
+    x = jnp.ones((256 if jax.default_backend() == "gpu" else 4, 1024, 1024), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    t = time_jax(f, (x,), reps=10, rounds=5)
+    return 2 * x.nbytes / t
+
+
+def peer_available():
+    try:
+        import torch  # noqa: F401
+        from fla.ops.gsa import chunk_gsa  # noqa: F401
+        return torch.cuda.is_available()
+    except Exception as e:  # noqa: BLE001
+        print(f"peer unavailable: {type(e).__name__}: {e}")
+        return False
+
+
+def bench_peer(shape, dtype_name):
+    import torch
+    import triton
+    from fla.ops.gsa import chunk_gsa
+
+    args = [torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
+        getattr(torch, dtype_name)) for x in make_inputs(shape, jnp.float32)]
+    for a in args:
+        a.requires_grad_(True)
+    q, k, v, s, g = args
+    do = torch.randn_like(v)
+    scale = shape[3] ** -0.5
+
+    def fwd():
+        return chunk_gsa(q, k, v, s, g, scale=scale)[0]
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, (q, k, v, s, g), do)
+
+    t0 = time.time()
+    fwd_bwd()  # autotunes every kernel for this shape
+    torch.cuda.synchronize()
+    tune_s = time.time() - t0
+    t_fwd = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    t_fb = triton.testing.do_bench(fwd_bwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    mem = torch.cuda.max_memory_allocated()
+    return {"fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "mem_bytes": int(mem),
+            "autotune_s": round(tune_s, 1)}
+
+
+def bench_shape(shape, dtype, use_peer, bandwidth):
+    B, T, H, K, M = shape
+    args = make_inputs(shape, dtype)
+    cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
+    rows = {}
+    variants = {
+        "pallas": gsa_fn("pallas"),
+        "pallas_recomp": gsa_fn("pallas", recompute_states=True),
+        "chunk": gsa_fn("chunk"),
+    }
+    for name, f in variants.items():
+        try:
+            fwd = jax.jit(f)
+            fb = jax.jit(loss_grad(f, cot))
+            rows[name] = {"fwd_ms": time_jax(fwd, args) * 1e3,
+                          "fwd_bwd_ms": time_jax(fb, args) * 1e3,
+                          "mem_bytes": compiled_bytes(fb, args)}
+        except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(shape, name, rows[name], flush=True)
+
+    q, k, v = args[:3]
+
+    def attn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    try:
+        fb = jax.jit(loss_grad(lambda q, k, v, s, g: attn(q, k, v), cot))
+        rows["cudnn_attn"] = {"fwd_ms": time_jax(jax.jit(attn), (q, k, v)) * 1e3,
+                              "fwd_bwd_ms": time_jax(fb, args) * 1e3,
+                              "mem_bytes": compiled_bytes(fb, args)}
+    except Exception as e:  # noqa: BLE001
+        rows["cudnn_attn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(shape, "cudnn_attn", rows["cudnn_attn"], flush=True)
+
+    if use_peer:
+        try:
+            rows["peer"] = bench_peer(shape, str(jnp.dtype(dtype)))
+        except Exception as e:  # noqa: BLE001
+            rows["peer"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(shape, "peer", rows["peer"], flush=True)
+
+    io_bytes = sum(x.nbytes for x in args) + q.nbytes  # read q,k,v,s,g; write o
+    floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
+    return {"shape": dict(zip("B T H K M".split(), shape)), "results": rows,
+            "memory_floor_fwd_ms": floor_ms}
+
+
+def markdown(report):
+    lines = [f"# bench_kernels ({report['tag']})", "",
+             f"{report['device']}, jax {report['jax']}, {report['date']}", "",
+             f"Command: `{report['command']}`", "",
+             f"Measured copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s", "",
+             "## Correctness (relative error vs the f32 chunk form)", "",
+             "| shape | dtype | o | dq | dk | dv | ds | dg | finite |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        e = c["rel_err"]
+        lines.append(f"| {tuple(c['shape'])} | {c['dtype']} | " + " | ".join(
+            f"{e[n]:.1e}" for n in "o dq dk dv ds dg".split()) + f" | {c['finite']} |")
+    lines += ["", "## Time (ms, median) and memory (GiB) of forward+backward", "",
+              "| B,T,H,K,M | impl | fwd | fwd+bwd | mem | fwd vs peer | fwd+bwd vs peer |",
+              "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        shape = ",".join(str(v) for v in row["shape"].values())
+        peer = row["results"].get("peer", {})
+        for name, r in row["results"].items():
+            if "error" in r:
+                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} | | | | |")
+                continue
+            mem = f"{r['mem_bytes'] / 2**30:.2f}" if r.get("mem_bytes") else "-"
+            sp_f = sp_fb = "-"
+            if "fwd_ms" in peer and name != "peer":
+                sp_f = f"{peer['fwd_ms'] / r['fwd_ms']:.2f}x"
+                sp_fb = f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"
+            lines.append(f"| {shape} | {name} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                         f"{mem} | {sp_f} | {sp_fb} |")
+        if row["memory_floor_fwd_ms"]:
+            p = row["results"].get("pallas", {})
+            ratio = (f" (pallas fwd = {p['fwd_ms'] / row['memory_floor_fwd_ms']:.1f}x floor)"
+                     if "fwd_ms" in p else "")
+            lines.append(f"| {shape} | memory floor of fwd | {row['memory_floor_fwd_ms']:.3f} "
+                         f"| | | | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="main", help="main | all")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--tag", default=jax.default_backend())
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    shapes = ALL if args.shapes == "all" else [MAIN]
+    check_shapes = [(2, 512, 4, 128, 64), (2, 300, 4, 64, 32)]
+    if args.smoke:
+        shapes, check_shapes = [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]
+    dev = jax.devices()[0]
+    report = {"tag": args.tag, "device": f"{dev.platform} {dev.device_kind}",
+              "jax": jax.__version__, "python": platform.python_version(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "dtype": str(dtype)}
+    report["checks"] = [] if args.no_check else (
+        [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32)])
+    for c in report["checks"]:
+        print("check", c, flush=True)
+    bw = copy_bandwidth()
+    report["copy_bandwidth_GBps"] = bw / 1e9
+    use_peer = not args.no_peer and peer_available()
+    report["rows"] = [bench_shape(s, dtype, use_peer, bw) for s in shapes]
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"bench_kernels_{args.tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
