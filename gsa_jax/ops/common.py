@@ -6,10 +6,12 @@ Layout everywhere in `gsa_jax.ops`: [batch B, time T, heads H, feature dim]; rec
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -77,7 +79,9 @@ def check_state(fn: str, name: str, state, expected: tuple) -> None:
 
 
 def check_chunk_size(fn: str, chunk_size) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+    # numbers.Integral: NumPy integers (a chunk size read from a config) are ints too.
+    if (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, (bool, np.bool_))
+            or chunk_size <= 0):
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
@@ -89,6 +93,9 @@ def check_choice(fn: str, name: str, value, choices: Sequence[str]) -> None:
 def check_segment_ids(fn: str, segment_ids, batch: int, time: int) -> None:
     if segment_ids is None:
         return
+    if not hasattr(segment_ids, "shape"):
+        raise ValueError(f"{fn}: segment_ids must be an integer array of shape [B, T] = "
+                         f"{(batch, time)}, got {type(segment_ids).__name__}")
     if _shape(segment_ids) != (batch, time):
         raise ValueError(
             f"{fn}: segment_ids must have shape [B, T] = {(batch, time)}, got {_shape(segment_ids)}"
@@ -142,19 +149,23 @@ def slot_activation(z: Array, kind: str) -> Array:
     raise ValueError(f"unknown slot activation {kind!r}; expected one of {SLOT_ACTIVATIONS}")
 
 
-def check_sequence_inputs(fn: str, **arrays) -> tuple[int, int, int, int]:
-    """Checks [B, T, H, D] inputs: q first, then the grouped (key/value-head) ones.
+def check_sequence_inputs(fn: str, *, time_axis: bool = True, **arrays
+                          ) -> tuple[int, Optional[int], int, int]:
+    """Checks [B, T, H, D] inputs (or [B, H, D] ones with time_axis=False, the decode step): q
+    first, then the grouped (key/value-head) ones. Messages show the shapes as passed.
 
-    Returns (B, T, Hkv, group) where group = H // Hkv.
+    Returns (B, T, Hkv, group) where group = H // Hkv; T is None without a time axis.
     """
     check_floating(fn, **arrays)
+    rank, layout = (4, "[B, T, H, D]") if time_axis else (3, "[B, H, D]")
     for name, x in arrays.items():
-        check_rank(fn, name, x, 4, "[B, T, H, D]")
+        check_rank(fn, name, x, rank, layout)
     named = [(name, x.shape) for name, x in arrays.items()]
     shapes = ", ".join(f"{n} {s}" for n, s in named)
     B = check_same_dim(fn, "batch sizes", [(n, s, 0) for n, s in named])
-    T = check_same_dim(fn, "sequence lengths", [(n, s, 1) for n, s in named])
+    T = check_same_dim(fn, "sequence lengths", [(n, s, 1) for n, s in named]) if time_axis else None
+    head = rank - 2
     kv_names = ", ".join(n for n, _ in named[1:])
-    Hkv = check_same_dim(fn, f"heads of {kv_names}", [(n, s, 2) for n, s in named[1:]])
-    group = check_heads(fn, named[0][1][2], Hkv, shapes)
+    Hkv = check_same_dim(fn, f"heads of {kv_names}", [(n, s, head) for n, s in named[1:]])
+    group = check_heads(fn, named[0][1][head], Hkv, shapes)
     return B, T, Hkv, group

@@ -132,12 +132,7 @@ def gated_slot_attention_step(
     fn = "gated_slot_attention_step"
     common.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
     inputs = {"q": q, "k": k, "v": v, "s": s, "g": g}
-    common.check_floating(fn, **inputs)
-    for name, x in inputs.items():
-        common.check_rank(fn, name, x, 3, "[B, H, D]")
-    # The sequence checks, on a time axis of length 1.
-    B, _, Hkv, group = common.check_sequence_inputs(
-        fn, **{name: x[:, None] for name, x in inputs.items()})
+    B, _, Hkv, group = common.check_sequence_inputs(fn, time_axis=False, **inputs)
     K, M, V = _check_dims(fn, q, k, v, s, g)
     _check_state(fn, state, B, Hkv, K, M, V)
 
