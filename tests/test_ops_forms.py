@@ -40,9 +40,11 @@ def test_gsa_matches_reference(impl, case):
     _check_against_reference(out, gsa_reference(*x[:5], initial_state=x.state))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 36, 64])
 def test_chunk_sizes(chunk_size):
-    """37 steps: no chunk size divides it but 1; 64 is a single, mostly padded chunk."""
+    """37 steps: no chunk size divides it but 1; 64 is a single, mostly padded chunk. The chunk
+    form splits a chunk into sub-chunks of at most 16 steps: 36 (3 of 12) and 64 (4 of 16) are
+    the sizes here that take its cross-sub-chunk path."""
     x = gsa_inputs(2, B=1, T=37, H=2, Hkv=1, K=4, V=3, M=5)
     out = gsa_fn("chunk", chunk_size=chunk_size)(*x[:5], x.state)
     _check_against_reference(out, gsa_reference(*x[:5], initial_state=x.state))
@@ -66,21 +68,24 @@ def test_slot_activations(impl, slot_activation):
 @pytest.mark.parametrize("gate_axis", ["key", "value"])
 @pytest.mark.parametrize("impl", FORMS)
 def test_gla_matches_reference(impl, gate_axis):
-    """The primitive on its own, with grouped heads, an initial state and segments."""
-    q, k, v, g, S0 = gla_inputs(5, B=2, T=29, H=4, Hkv=2, K=3, V=5, gate_axis=gate_axis)
-    segment_ids = np.repeat(np.array([[0, 1, 2], [7, 7, 3]]), [10, 8, 11], axis=1)
-    o, S = gla_fn(impl, gate_axis, chunk_size=8)(q, k, v, g, S0, segment_ids)
+    """The primitive on its own, with grouped heads, an initial state and segments (T = 45:
+    a full chunk of 32 in two sub-chunks, then a padded one; boundaries at 10 and 32)."""
+    q, k, v, g, S0 = gla_inputs(5, B=2, T=45, H=4, Hkv=2, K=3, V=5, gate_axis=gate_axis)
+    segment_ids = np.repeat(np.array([[0, 1, 2], [7, 7, 3]]), [10, 22, 13], axis=1)
+    o, S = gla_fn(impl, gate_axis, chunk_size=32)(q, k, v, g, S0, segment_ids)
     o_ref, S_ref = gla_reference(q, k, v, g, gate_axis=gate_axis, initial_state=S0,
                                  segment_ids=segment_ids)
     assert_close(o, o_ref, **TOL, what="o")
     assert_close(S, S_ref, **TOL, what="final state")
 
 
-# ---- packed segments. Chunk size 8, T = 40. Row 0: a boundary inside chunk 0 (at 5), one at a
-# chunk start (16) which is also a one-token segment, then a boundary inside chunk 2 (at 17).
-# Row 1: ids need only differ from their neighbour: 3 comes back after 1 and is a new segment;
-# the last segment is one token.
-SEGMENT_CHUNK = 8
+# ---- packed segments, T = 40. With chunk size 8: row 0 has a boundary inside chunk 0 (at 5),
+# one at a chunk start (16) which is also a one-token segment, then a boundary inside chunk 2
+# (at 17). Row 1: ids need only differ from their neighbour: 3 comes back after 1 and is a new
+# segment; the last segment is one token. With chunk size 32 (two sub-chunks of 16) the same
+# boundaries fall inside a chunk, on and next to a sub-chunk boundary.
+SEGMENT_CHUNKS = {"recurrent": [8], "parallel": [8], "chunk": [8, 32]}
+SEGMENT_CASES = [(impl, C) for impl, sizes in SEGMENT_CHUNKS.items() for C in sizes]
 SEGMENT_IDS = np.array([
     [0] * 5 + [1] * 11 + [2] + [3] * 23,
     [3] * 9 + [1] * 8 + [3] * 22 + [4],
@@ -92,17 +97,17 @@ def _segments(row: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(row)]))
 
 
-@pytest.mark.parametrize("impl", FORMS)
-def test_packed_segments_match_reference(impl):
+@pytest.mark.parametrize("impl,chunk_size", SEGMENT_CASES)
+def test_packed_segments_match_reference(impl, chunk_size):
     B, T = SEGMENT_IDS.shape
     x = gsa_inputs(6, B, T, H=4, Hkv=2, K=3, V=4, M=5)
-    out = gsa_fn(impl, chunk_size=SEGMENT_CHUNK)(*x[:5], x.state, SEGMENT_IDS)
+    out = gsa_fn(impl, chunk_size=chunk_size)(*x[:5], x.state, SEGMENT_IDS)
     ref = gsa_reference(*x[:5], initial_state=x.state, segment_ids=SEGMENT_IDS)
     _check_against_reference(out, ref)
 
 
-@pytest.mark.parametrize("impl", FORMS)
-def test_packed_segments_equal_separate_runs(impl):
+@pytest.mark.parametrize("impl,chunk_size", SEGMENT_CASES)
+def test_packed_segments_equal_separate_runs(impl, chunk_size):
     """Each segment run on its own (same form, no segment_ids) gives the packed outputs; only the
     first segment of a row sees the initial state; the final state is the last segment's.
 
@@ -111,7 +116,7 @@ def test_packed_segments_equal_separate_runs(impl):
     they leave the state as it was, so the row's final state is the segment's."""
     B, T = SEGMENT_IDS.shape
     x = gsa_inputs(7, B, T, H=4, Hkv=2, K=3, V=4, M=5)
-    o, (hk, hv) = gsa_fn(impl, chunk_size=SEGMENT_CHUNK)(*x[:5], x.state, SEGMENT_IDS)
+    o, (hk, hv) = gsa_fn(impl, chunk_size=chunk_size)(*x[:5], x.state, SEGMENT_IDS)
 
     rows = [(b, start, end) for b in range(B) for start, end in _segments(SEGMENT_IDS[b])]
     sep = [np.zeros((len(rows),) + a.shape[1:]) for a in x[:5]]
@@ -126,7 +131,7 @@ def test_packed_segments_equal_separate_runs(impl):
         sep[4][r, n:] = 0.0  # g = 0: nothing forgotten
         if start == 0:
             hk0[r], hv0[r] = x.hk0[b], x.hv0[b]
-    o_sep, (hk_sep, hv_sep) = gsa_fn(impl, chunk_size=SEGMENT_CHUNK)(*sep, (hk0, hv0))
+    o_sep, (hk_sep, hv_sep) = gsa_fn(impl, chunk_size=chunk_size)(*sep, (hk0, hv0))
 
     for r, (b, start, end) in enumerate(rows):
         assert_close(o[b, start:end], o_sep[r, : end - start], **TOL,

@@ -78,6 +78,21 @@ def test_gsa_vjp_matches_recurrent(impl, case):
     _assert_grads_close(grads, grads_ref, GSA_ARGS)
 
 
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_chunk_vjp_across_sub_chunks(with_segments):
+    """Chunk size 32 = two sub-chunks of 16, so pairs in different sub-chunks go through the
+    reference-point factorisation; T = 45 leaves a padded last chunk; segments cut inside a
+    sub-chunk (5), inside the next one with a segment spanning the sub-chunk boundary 16 (25),
+    and on a chunk boundary (32)."""
+    x = gsa_inputs(28, B=1, T=45, H=2, Hkv=1, K=3, V=4, M=5)
+    ct = _cotangents(29, x)
+    segment_ids = (np.repeat(np.array([[0, 1, 2, 3]]), [5, 20, 7, 13], axis=1)
+                   if with_segments else None)
+    grads = _gsa_grads("chunk", x, ct, segment_ids, chunk_size=32)
+    grads_ref = _gsa_grads("recurrent", x, ct, segment_ids, chunk_size=32)
+    _assert_grads_close(grads, grads_ref, GSA_ARGS)
+
+
 @pytest.mark.parametrize("slot_activation", SLOT_ACTIVATIONS)
 def test_gsa_vjp_slot_activations(slot_activation):
     x = gsa_inputs(22, B=1, T=19, H=2, Hkv=1, K=3, V=2, M=4)
@@ -90,16 +105,17 @@ def test_gsa_vjp_slot_activations(slot_activation):
 @pytest.mark.parametrize("gate_axis", ["key", "value"])
 @pytest.mark.parametrize("impl", ["parallel", "chunk"])
 def test_gla_vjp_matches_recurrent(impl, gate_axis):
-    q, k, v, g, S0 = gla_inputs(24, B=2, T=21, H=4, Hkv=2, K=3, V=5, gate_axis=gate_axis)
-    segment_ids = np.repeat(np.array([[0, 1], [2, 2]]), [9, 12], axis=1)
+    """Grouped heads, initial state, segments; chunk size 32 (two sub-chunks), T = 45."""
+    q, k, v, g, S0 = gla_inputs(24, B=2, T=45, H=4, Hkv=2, K=3, V=5, gate_axis=gate_axis)
+    segment_ids = np.repeat(np.array([[0, 1, 2], [3, 3, 4]]), [9, 14, 22], axis=1)
     rng = np.random.default_rng(25)
-    ct = (rng.standard_normal((2, 21, 4, 5)), rng.standard_normal(S0.shape))
+    ct = (rng.standard_normal((2, 45, 4, 5)), rng.standard_normal(S0.shape))
 
     def grads(form):
         def run(*args):
             return gated_linear_attention(*args[:4], gate_axis=gate_axis, initial_state=args[4],
                                           return_final_state=True, segment_ids=segment_ids,
-                                          impl=form, chunk_size=8)
+                                          impl=form, chunk_size=32)
         return jax.jit(lambda args: jax.vjp(run, *args)[1](ct))((q, k, v, g, S0))
 
     _assert_grads_close(grads(impl), grads("recurrent"), ("q", "k", "v", "g", "S0"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ def _raises(fn, kwargs, *fragments):
 
 def test_valid_arguments_pass():
     """The baseline every case below breaks in one place."""
-    o, (hk, hv) = gated_slot_attention(**_gsa_args(), return_final_state=True,
-                                       segment_ids=jnp.zeros((B, T), jnp.int32))
+    run = jax.jit(lambda args, ids: gated_slot_attention(**args, return_final_state=True,
+                                                         segment_ids=ids))
+    o, (hk, hv) = run(_gsa_args(), jnp.zeros((B, T), jnp.int32))
     assert o.shape == (B, T, H, V) and hk.shape == (B, HKV, K, M) and hv.shape == (B, HKV, M, V)
 
 
@@ -103,8 +105,10 @@ def test_chunk_size_numpy_integer_accepted(x64):
     """A chunk size read from a config as a NumPy integer is a valid chunk size, and the same
     as the Python int."""
     args = {name: np.asarray(a, np.float64) for name, a in _gsa_args().items()}
-    o_np, _ = gated_slot_attention(**args, chunk_size=np.int64(2), impl="chunk")
-    o_int, _ = gated_slot_attention(**args, chunk_size=2, impl="chunk")
+    def run(chunk_size):  # a fresh jit each: 2 and np.int64(2) must not share a trace
+        return jax.jit(lambda a: gated_slot_attention(**a, chunk_size=chunk_size,
+                                                      impl="chunk")[0])(args)
+    o_np, o_int = run(np.int64(2)), run(2)
     np.testing.assert_array_equal(o_np, o_int)
 
 
