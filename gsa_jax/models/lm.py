@@ -107,7 +107,7 @@ class CausalLM(nn.Module):
                                         std=cfg.initializer_range, dtype=dtype,
                                         param_dtype=pdtype, name="lm_head")
 
-    def _run(self, tokens, segment_ids, positions, caches, mode, max_len):
+    def _run(self, tokens, segment_ids, positions, caches, mode, max_len, last_only=False):
         B, T = tokens.shape
         if segment_ids is not None and segment_ids.shape != (B, T):
             raise ValueError(f"CausalLM: segment_ids must have the tokens' shape {(B, T)}, got "
@@ -120,6 +120,8 @@ class CausalLM(nn.Module):
             x, cache = block(x, segment_ids, positions, None if caches is None else caches[i],
                              mode, max_len)
             new_caches.append(cache)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         # The head runs in the compute dtype; the softmax/loss downstream wants float32.
         logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
@@ -135,14 +137,17 @@ class CausalLM(nn.Module):
         return self._run(tokens, segment_ids, positions, None, "train", 0)[0]
 
     def prefill(self, tokens: Array, segment_ids: Optional[Array] = None,
-                positions: Optional[Array] = None, max_len: Optional[int] = None):
+                positions: Optional[Array] = None, max_len: Optional[int] = None,
+                last_only: bool = False):
         """The forward pass of `__call__` that also returns every layer's cache.
 
         max_len: KV-cache capacity of attention layers (prompt + tokens to decode; default T).
+        last_only: compute the logits of the last position only ([B, 1, V]; saves the head's
+          T·V work when only the next token is needed).
         Returns (logits [B, T, V] float32, cache). Decoding continues the last segment of each row.
         """
         max_len = tokens.shape[1] if max_len is None else max_len
-        return self._run(tokens, segment_ids, positions, None, "prefill", max_len)
+        return self._run(tokens, segment_ids, positions, None, "prefill", max_len, last_only)
 
     def decode(self, tokens: Array, positions: Array, cache: list):
         """Continue from `cache`: tokens [B, T'] (T' = 1 in the generation loop; the one-step
