@@ -8,6 +8,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
@@ -80,3 +81,99 @@ def chunk_masks(runs_ref: Optional[Any], rows, run_prev, causal) -> ChunkMasks:
         survive=(run_last == run_prev).astype(jnp.float32),
         run_last=run_last,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shapes of one launch and the BlockSpecs that give each program its slabs.
+
+    Every operand is handed over whole along time ([Tp, width] per head); a program selects its
+    chunk rows itself. Two grids: "sequential" (B, H, NV), one program walking all chunks of a
+    (batch, head, value block), and "parallel" (N, B·H, NV), one program per chunk.
+    """
+
+    B: int
+    Tp: int
+    H: int
+    Hkv: int
+    K: int
+    V: int
+    C: int
+    BV: int
+    key_gated: bool
+    parallel: bool
+
+    @property
+    def N(self) -> int:
+        return self.Tp // self.C
+
+    @property
+    def NV(self) -> int:
+        return self.V // self.BV
+
+    @property
+    def group(self) -> int:
+        return self.H // self.Hkv
+
+    @property
+    def grid(self) -> tuple:
+        if self.parallel:
+            return (self.N, self.B * self.H, self.NV)
+        return (self.B, self.H, self.NV)
+
+    def _bhj(self, fn):
+        """Index map in terms of (batch, head, value block, chunk)."""
+        if self.parallel:
+            H = self.H
+            return lambda n, bh, j: fn(bh // H, bh % H, j, n)
+        return lambda b, h, j: fn(b, h, j, 0)
+
+    def seq(self, width: int, kv_head: bool, value_block: bool):
+        """[Tp, width] slab of a [B, Tp, heads, D] array."""
+        G = self.group
+        return pl.BlockSpec((None, self.Tp, None, width), self._bhj(
+            lambda b, h, j, n: (b, 0, h // G if kv_head else h, j if value_block else 0)))
+
+    def q(self):
+        return self.seq(self.K, kv_head=False, value_block=False)
+
+    def k(self):
+        return self.seq(self.K, kv_head=True, value_block=False)
+
+    def v(self):
+        return self.seq(self.BV, kv_head=True, value_block=True)
+
+    def g(self):
+        if self.key_gated:
+            return self.seq(self.K, kv_head=True, value_block=False)
+        return self.seq(self.BV, kv_head=True, value_block=True)
+
+    def o(self):
+        return self.seq(self.BV, kv_head=False, value_block=True)
+
+    def runs(self):
+        return pl.BlockSpec((None, self.Tp), self._bhj(lambda b, h, j, n: (b, 0)))
+
+    def state(self):
+        """[K, BV] block of a [B, H, K, V] state."""
+        return pl.BlockSpec((None, None, self.K, self.BV),
+                            self._bhj(lambda b, h, j, n: (b, h, 0, j)))
+
+    def states(self):
+        """Per-chunk states [B, H, N·K, V]: all chunks (sequential) or chunk n (parallel)."""
+        rows = self.K if self.parallel else self.N * self.K
+        return pl.BlockSpec((None, None, rows, self.BV),
+                            self._bhj(lambda b, h, j, n: (b, h, n, j)))
+
+    def per_value_block(self, width: int):
+        """[Tp, width] slab of an [NV, B, Tp, H, width] output (partial sums per value block)."""
+        return pl.BlockSpec((None, None, self.Tp, None, width),
+                            self._bhj(lambda b, h, j, n: (j, b, 0, h, 0)))
+
+
+def chunk_run_prev(runs_ref, n, C):
+    """Run index of the position just before chunk n (0 for the first chunk)."""
+    if runs_ref is None:
+        return jnp.int32(0)
+    before = runs_ref[pl.ds(jnp.maximum(n * C - 1, 0), 1)]
+    return jnp.where(n == 0, 0, jnp.sum(before))

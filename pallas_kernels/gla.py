@@ -4,11 +4,12 @@
 within `MAX_CHUNK_DECAY` (see gla_fwd.py). `gsa_jax.ops.pallas` checks that and falls back to the
 pure-JAX chunk form otherwise; call that, not this, unless you know your gates.
 
-States for the backward pass: by default the forward kernel stores the state entering every chunk
-(float32, [B, H, T/C · K, V]) and the backward kernel reads it. With `recompute_states=True` the
-forward keeps nothing but its inputs and the backward runs the forward kernel again to rebuild the
-states (the paper's "hidden state recomputation"): less memory held between the forward and the
-backward pass, one more forward pass of time.
+Kernels per call (gla_fwd.py, gla_bwd.py): forward = a sequential state pass storing the state
+entering every chunk (float32, [B, H, T/C · K, V]) + a chunk-parallel output pass; backward = a
+sequential pass for the state gradients + a chunk-parallel gradient pass. By default the chunk
+states are kept from the forward for the backward; with `recompute_states=True` the forward keeps
+nothing but its inputs and the backward reruns the (cheap, one matmul per chunk) state pass: the
+paper's "hidden state recomputation", less memory held between the passes for a little time.
 """
 
 from __future__ import annotations
@@ -20,30 +21,57 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gla_bwd import gla_bwd
-from pallas_kernels.gla_fwd import MAX_CHUNK_DECAY, gla_fwd
+from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
+from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
+from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
 
-__all__ = ["KernelConfig", "gla_chunk_pallas", "MAX_CHUNK_DECAY"]
+__all__ = ["KernelConfig", "Tuning", "gla_chunk_pallas", "MAX_CHUNK_DECAY", "set_tuning"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch parameters: warps of the sequential (state) and parallel (chunk) kernels, Triton's
+    pipelining depth (None: 2 for 16-bit inputs, 1 for float32, whose tiles would not fit
+    twice in shared memory), the value block, and whether the forward computes outputs inside
+    the sequential walk (then the backward recomputes the states)."""
+
+    warps_seq: int = 4
+    warps_par: int = 8
+    stages: Optional[int] = None
+    block_v: int = 128
+    fused_forward: bool = False
+
+
+_TUNING = Tuning()
+
+
+def set_tuning(**changes) -> Tuning:
+    """Change the default launch parameters for calls traced from now on (benchmarks)."""
+    global _TUNING
+    _TUNING = dataclasses.replace(_TUNING, **changes)
+    return _TUNING
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Static settings of one kernel call (hashable: they select the compiled kernel)."""
+    """Static settings of one kernel call (hashable: they select the compiled kernels)."""
 
     key_gated: bool
     scale: float
-    chunk_size: int = 64
-    block_v: int = 64
-    recompute_states: bool = False
-    out_dtype: Any = None  # None: the dtype of q
-    interpret: bool = False
-    num_warps: int = 4
-    num_stages: int = 2
+    chunk_size: int
+    recompute_states: bool
+    out_dtype: Any
+    interpret: bool
+    tuning: Tuning
 
-    def launch(self):
-        return dict(key_gated=self.key_gated, scale=self.scale, chunk_size=self.chunk_size,
-                    block_v=self.block_v, interpret=self.interpret,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+    def kw(self, parallel: bool, with_scale: bool = True):
+        t = self.tuning
+        kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=t.block_v,
+                  interpret=self.interpret, num_stages=t.stages,
+                  num_warps=t.warps_par if parallel else t.warps_seq)
+        if with_scale:
+            kw["scale"] = self.scale
+        return kw
 
 
 def _sum_groups(x, groups: int):
@@ -57,36 +85,46 @@ def _sum_groups(x, groups: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_fn(cfg: KernelConfig):
     """The custom_vjp function of padded inputs for one static configuration."""
+    fused = cfg.tuning.fused_forward
 
-    def forward(q, k, v, g, s0, runs, save_states):
-        out_dtype = cfg.out_dtype or q.dtype
-        return gla_fwd(q, k, v, g, s0, runs, save_states=save_states, out_dtype=out_dtype,
-                       **cfg.launch())
+    def states(q, k, v, g, s0, runs):
+        return states_fwd(q, k, v, g, s0, runs, **cfg.kw(parallel=False, with_scale=False))
+
+    def forward(q, k, v, g, s0, runs):
+        """(o, final state, entering states or None)."""
+        if fused:
+            o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=cfg.out_dtype or q.dtype,
+                              **cfg.kw(parallel=False))
+            return o, sT, None
+        chunk_states, sT = states(q, k, v, g, s0, runs)
+        o = output_fwd(q, k, v, g, chunk_states, runs, out_dtype=cfg.out_dtype or q.dtype,
+                       **cfg.kw(parallel=True))
+        return o, sT, chunk_states
 
     @jax.custom_vjp
     def fn(q, k, v, g, s0, runs):
-        o, sT = forward(q, k, v, g, s0, runs, save_states=False)
+        o, sT, _ = forward(q, k, v, g, s0, runs)
         return o, sT
 
     def fn_fwd(q, k, v, g, s0, runs):
+        o, sT, chunk_states = forward(q, k, v, g, s0, runs)
         if cfg.recompute_states:
-            o, sT = forward(q, k, v, g, s0, runs, save_states=False)
-            states = None
-        else:
-            o, sT, states = forward(q, k, v, g, s0, runs, save_states=True)
-        return (o, sT), (q, k, v, g, s0, runs, states)
+            chunk_states = None
+        return (o, sT), (q, k, v, g, s0, runs, chunk_states)
 
     def fn_bwd(res, cotangents):
-        q, k, v, g, s0, runs, states = res
+        q, k, v, g, s0, runs, chunk_states = res
         do, dsT = cotangents
-        if states is None:
-            _, _, states = forward(q, k, v, g, s0, runs, save_states=True)
-        dq, dk, dv, dg, ds0 = gla_bwd(q, k, v, g, runs, states, do, dsT, **cfg.launch())
+        if chunk_states is None:
+            chunk_states, _ = states(q, k, v, g, s0, runs)
+        dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT, **cfg.kw(parallel=False))
+        dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
+                                   **cfg.kw(parallel=True))
         groups = q.shape[2] // k.shape[2]
-        dq = dq.sum(0)
-        dk = _sum_groups(dk.sum(0), groups)
+        dq = dq.sum(0, dtype=dq.dtype)
+        dk = _sum_groups(dk.sum(0, dtype=dk.dtype), groups)
         dv = _sum_groups(dv, groups)
-        dg = _sum_groups(dg.sum(0), groups)
+        dg = _sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
@@ -96,8 +134,7 @@ def _kernel_fn(cfg: KernelConfig):
 
 def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, key_gated: bool,
                      scale: float, chunk_size: int = 64, block_v: Optional[int] = None,
-                     recompute_states: bool = False, out_dtype=None, interpret: bool = False,
-                     num_warps: int = 4, num_stages: int = 2):
+                     recompute_states: bool = False, out_dtype=None, interpret: bool = False):
     """GLA by the Pallas kernels; differentiable in every array argument.
 
     Args:
@@ -105,6 +142,7 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         [B, T, Hkv, V]; initial_state: [B, H, K, V] (one per query head); runs: [B, T] int32
         contiguous-segment index (`gsa_jax.ops.common.segment_runs`) or None.
       K, V (and the gated dim) must be powers of two ≥ 16; chunk_size a power of two ≥ 16.
+      block_v: value block of the launch; None takes the default tuning (`set_tuning`).
     Returns:
       (o [B, T, H, V] in out_dtype (default q's), final state [B, H, K, V] float32).
     """
@@ -118,10 +156,15 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
             runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge")
     if runs is not None:
         runs = runs.astype(jnp.int32)
+    tuning = _TUNING
+    if block_v is not None:
+        tuning = dataclasses.replace(tuning, block_v=block_v)
+    if tuning.stages is None:
+        tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(q.dtype).itemsize >= 4 else 2)
+    tuning = dataclasses.replace(tuning, block_v=min(tuning.block_v, v.shape[-1]))
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
-                       block_v=block_v or min(64, v.shape[-1]),
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                       interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+                       interpret=interpret, tuning=tuning)
     o, sT = _kernel_fn(cfg)(q, k, v, g, initial_state.astype(jnp.float32), runs)
     return o[:, :T], sT

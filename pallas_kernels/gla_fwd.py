@@ -1,27 +1,12 @@
-"""Forward Pallas (Triton) kernel of chunked gated linear attention (GLA).
+"""Forward Pallas (Triton) kernels of chunked gated linear attention.
 
-One program per (batch, head, value block) walks the sequence chunk by chunk, carrying the state
-S ∈ R^{K×BV} in float32 registers; inputs are read once and outputs written once. Per chunk of C
-steps, with b = cumsum(g) inside the chunk (b_C its last row) and ρ = b_C / 2:
-
-    gate on the key axis (g ∈ R^K):
-        A   = scale · mask ⊙ (q ⊙ e^{b−ρ}) (k ⊙ e^{ρ−b})ᵀ                  [C, C]
-        o   = scale · (q ⊙ e^{b}) S + A v
-        S' ← diag(e^{b_C}) S + (k ⊙ e^{b_C−b})ᵀ v
-    gate on the value axis (g ∈ R^V):
-        A   = scale · mask ⊙ q kᵀ
-        o   = e^{b} ⊙ (scale · q S) + e^{b−ρ} ⊙ (A (v ⊙ e^{ρ−b}))
-        S' ← S diag(e^{b_C}) + kᵀ (v ⊙ e^{b_C−b})
-
-`mask` is causal and, with packed segments, same-segment; the state entering a chunk reaches only
-positions of its own segment, and only the last segment of the chunk writes the leaving state.
-
-Why the midpoint ρ: exp(b_t − b_i) for i ≤ t is factored as e^{b_t−ρ} · e^{ρ−b_i} so that the
-intra-chunk term is two matmuls. Each factor is at most e^{|b_C|/2}; the caller guarantees
-|b_C| ≤ `MAX_CHUNK_DECAY` (the wrapper in gsa_jax.ops falls back to the pure-JAX chunk form for
-inputs with stronger gates), so no factor exceeds e^{60} and nothing overflows in float32 or
-bf16. Entries for i > t may overflow inside the matmul; they are discarded by a select, never
-multiplied by a mask.
+Two ways to the output (the algebra is in chunk_math.py):
+- split (default): `states_fwd` walks the chunks of each (batch, head, value block) carrying the
+  float32 state and stores the state entering every chunk; `output_fwd` then computes each
+  chunk's output in parallel, one program per chunk. The sequential kernel does one matmul per
+  chunk; everything else runs with T/C times more programs.
+- fused: `fused_fwd` computes outputs inside the sequential walk; no states are written, but only
+  B·H·V/BV programs run, each with all the per-chunk work on its critical path.
 """
 
 from __future__ import annotations
@@ -33,104 +18,144 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import common
+from pallas_kernels import chunk_math, common
 
-MAX_CHUNK_DECAY = 120.0  # largest |Σ_chunk g| (per gated channel) the factorisation accepts
+f32 = jnp.float32
 
 
-def _fwd_kernel(*refs, C, N, key_gated, scale, has_runs, save_states, dot):
-    q_ref, k_ref, v_ref, g_ref, *refs = refs
+def _states_kernel(*refs, lay: common.Layout, has_runs, dot):
+    k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
-    s0_ref, o_ref, sT_ref, *refs = refs
-    states_ref = refs.pop(0) if save_states else None
-    K = q_ref.shape[-1]
+    s0_ref, states_ref, sT_ref = refs
+    C, K = lay.C, lay.K
     causal = common.causal_mask(C)
 
     def body(n, carry):
         S, run_prev = carry
         rows = pl.ds(n * C, C)
-        q = q_ref[rows, :].astype(jnp.float32)
-        k = k_ref[rows, :].astype(jnp.float32)
-        v = v_ref[rows, :].astype(jnp.float32)
-        g = g_ref[rows, :].astype(jnp.float32)
-        b = jnp.cumsum(g, axis=0)
-        b_last = jnp.sum(g, axis=0)
-        rho = 0.5 * b_last
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
-        if save_states:
-            states_ref[pl.ds(n * K, K), :] = S
-
-        decay_last = jnp.exp(b_last) * masks.survive
-        to_end = jnp.exp(b_last[None, :] - b) * masks.into[:, None]
-        if key_gated:
-            scores = dot.nt(q * jnp.exp(b - rho), k * jnp.exp(rho - b))
-            A = scale * jnp.where(masks.intra, scores, 0.0)
-            q_start = q * jnp.exp(b) * masks.from_state[:, None]
-            o = scale * dot.nn(q_start, S) + dot.nn(A, v)
-            S = decay_last[:, None] * S + dot.tn(k * to_end, v)
-        else:
-            A = scale * jnp.where(masks.intra, dot.nt(q, k), 0.0)
-            inter = scale * dot.nn(q, S) * masks.from_state[:, None]
-            o = jnp.exp(b) * inter + jnp.exp(b - rho) * dot.nn(A, v * jnp.exp(rho - b))
-            S = S * decay_last[None, :] + dot.tn(k, v * to_end)
-        o_ref[rows, :] = o.astype(o_ref.dtype)
+        gt = chunk_math.gates(g_ref[rows, :], masks)
+        states_ref[pl.ds(n * K, K), :] = S.astype(states_ref.dtype)
+        S = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], S, gt,
+                                    key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
 
-    S, _ = lax.fori_loop(0, N, body, (s0_ref[...].astype(jnp.float32), jnp.int32(0)))
+    S, _ = lax.fori_loop(0, lay.N, body, (s0_ref[...].astype(f32), jnp.int32(0)))
     sT_ref[...] = S
 
 
-def gla_fwd(q, k, v, g, s0, runs, *, key_gated: bool, scale: float, chunk_size: int,
-            block_v: int, save_states: bool, out_dtype, interpret: bool = False,
-            num_warps: int = 4, num_stages: int = 2):
-    """Launch the forward kernel on padded inputs.
+def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    state_ref, o_ref = refs
+    n = pl.program_id(0)
+    rows = pl.ds(n * lay.C, lay.C)
+    masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
+                               common.causal_mask(lay.C))
+    gt = chunk_math.gates(g_ref[rows, :], masks)
+    o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
+                          state_ref[...].astype(f32), gt,
+                          masks, key_gated=lay.key_gated, scale=scale, dot=dot)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
 
-    Args:
-      q: [B, Tp, H, K]; k: [B, Tp, Hkv, K]; v: [B, Tp, Hkv, V]; g: [B, Tp, Hkv, K or V];
-      s0: [B, H, K, V] float32; runs: [B, Tp] int32 or None. Tp is a multiple of chunk_size.
-    Returns:
-      (o [B, Tp, H, V] out_dtype, final state [B, H, K, V] f32,
-       entering states [B, H, N·K, V] f32 if save_states).
-    """
+
+def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    s0_ref, o_ref, sT_ref = refs
+    C = lay.C
+    causal = common.causal_mask(C)
+
+    def body(n, carry):
+        S, run_prev = carry
+        rows = pl.ds(n * C, C)
+        masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
+        gt = chunk_math.gates(g_ref[rows, :], masks)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        o = chunk_math.output(q_ref[rows, :], k, v, S, gt, masks, key_gated=lay.key_gated,
+                              scale=scale, dot=dot)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
+        return S, masks.run_last
+
+    S, _ = lax.fori_loop(0, lay.N, body, (s0_ref[...].astype(f32), jnp.int32(0)))
+    sT_ref[...] = S
+
+
+def layout(q, v, *, key_gated, chunk_size, block_v, parallel) -> common.Layout:
     B, Tp, H, K = q.shape
-    Hkv, V = v.shape[2], v.shape[3]
-    group = H // Hkv
-    C = chunk_size
-    N = Tp // C
-    BV = min(block_v, V)
-    grid = (B, H, V // BV)
+    return common.Layout(B=B, Tp=Tp, H=H, Hkv=v.shape[2], K=K, V=v.shape[3], C=chunk_size,
+                         BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel)
 
-    def seq(width, col):  # a [Tp, width] slab of a [B, Tp, heads, D] array
-        return pl.BlockSpec((None, Tp, None, width), col)
 
-    in_specs = [
-        seq(K, lambda b, h, j: (b, 0, h, 0)),
-        seq(K, lambda b, h, j: (b, 0, h // group, 0)),
-        seq(BV, lambda b, h, j: (b, 0, h // group, j)),
-        (seq(K, lambda b, h, j: (b, 0, h // group, 0)) if key_gated
-         else seq(BV, lambda b, h, j: (b, 0, h // group, j))),
-    ]
-    args = [q, k, v, g]
-    if runs is not None:
-        in_specs.append(pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)))
-        args.append(runs)
-    state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
-    in_specs.append(state_spec)
-    args.append(s0)
-
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
-    out_specs = [seq(BV, lambda b, h, j: (b, 0, h, j)), state_spec]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((B, H, N * K, V), jnp.float32))
-        out_specs.append(pl.BlockSpec((None, None, N * K, BV), lambda b, h, j: (b, h, 0, j)))
-
-    kernel = functools.partial(
-        _fwd_kernel, C=C, N=N, key_gated=key_gated, scale=float(scale),
-        has_runs=runs is not None, save_states=save_states,
-        dot=common.Dot(q.dtype, interpret))
+def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_warps,
+          num_stages, name):
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        kernel, out_shape=out_shape, grid=lay.grid, in_specs=in_specs, out_specs=out_specs,
         compiler_params=common.compiler_params(num_warps, num_stages),
-        interpret=interpret, name="gla_chunk_fwd",
+        interpret=interpret, name=name,
     )(*args)
+
+
+def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpret=False,
+               num_warps=4, num_stages=2):
+    """States entering each chunk [B, H, N·K, V] and the final state [B, H, K, V] f32.
+
+    The chunk states are stored in the inputs' dtype: the kernels that read them feed them to
+    matmuls in that dtype anyway, and bf16 halves their memory traffic. Inputs padded to Tp = N·C: q [B, Tp, H, K] (only its shape is used), k [B, Tp, Hkv, K],
+    v [B, Tp, Hkv, V], g [B, Tp, Hkv, K or V], s0 [B, H, K, V] f32, runs [B, Tp] int32 or None.
+    """
+    lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
+                 parallel=False)
+    args, in_specs = [k, v, g], [lay.k(), lay.v(), lay.g()]
+    if runs is not None:
+        args.append(runs)
+        in_specs.append(lay.runs())
+    args.append(s0)
+    in_specs.append(lay.state())
+    out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), k.dtype),
+                 jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
+    kernel = functools.partial(_states_kernel, lay=lay, has_runs=runs is not None,
+                               dot=common.Dot(k.dtype, interpret))
+    return _call(kernel, lay, args, in_specs, out_shape, [lay.states(), lay.state()],
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                 name="gla_states_fwd")
+
+
+def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
+               interpret=False, num_warps=4, num_stages=2):
+    """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel."""
+    lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
+                 parallel=True)
+    args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
+    if runs is not None:
+        args.append(runs)
+        in_specs.append(lay.runs())
+    args.append(states)
+    in_specs.append(lay.states())
+    kernel = functools.partial(_output_kernel, lay=lay, has_runs=runs is not None,
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+    return _call(kernel, lay, args, in_specs,
+                 jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype), lay.o(),
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                 name="gla_output_fwd")
+
+
+def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
+              interpret=False, num_warps=4, num_stages=2):
+    """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program."""
+    lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
+                 parallel=False)
+    args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
+    if runs is not None:
+        args.append(runs)
+        in_specs.append(lay.runs())
+    args.append(s0)
+    in_specs.append(lay.state())
+    out_shape = [jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype),
+                 jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
+    kernel = functools.partial(_fused_kernel, lay=lay, has_runs=runs is not None,
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+    return _call(kernel, lay, args, in_specs, out_shape, [lay.o(), lay.state()],
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                 name="gla_fused_fwd")

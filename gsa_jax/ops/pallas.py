@@ -66,51 +66,81 @@ def _fallback(q, k, v, g, state, runs, *, gate_axis, scale, chunk_size):
     return o, s.reshape(state.shape)
 
 
-def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axis: str,
-               scale: float, chunk_size: int, out_dtype=None, recompute_states: bool = False,
-               interpret: Optional[bool] = None, extreme: Optional[jax.Array] = None):
-    """GLA by the kernels, or by the safe fallback where a chunk's gate is too strong.
+# Benchmarks set this to False to time the kernels without the gate check and its lax.cond
+# (whose predicate XLA reads back on the host). Inputs that break the bound then give garbage.
+CHECK_GATES = True
 
-    Args as `pallas_kernels.gla.gla_chunk_pallas` (initial_state per query head, [B, H, K, V]),
-    plus `extreme`: a precomputed boolean scalar (GSA checks its gate once for both passes).
-    """
-    from pallas_kernels.gla import MAX_CHUNK_DECAY, gla_chunk_pallas
+
+def _dispatch(g, chunk_size, kernel_fn, fallback_fn, *operands):
+    """kernel_fn(*operands), or fallback_fn(*operands) where a chunk's gate is too strong."""
+    from pallas_kernels.gla import MAX_CHUNK_DECAY
+
+    if not CHECK_GATES:
+        return kernel_fn(*operands)
+    extreme = _chunk_decay_exceeds(g, chunk_size, MAX_CHUNK_DECAY)
+    return jax.lax.cond(extreme, fallback_fn, kernel_fn, *operands)
+
+
+def _kernel_pass(q, k, v, g, state, runs, *, gate_axis, scale, chunk_size, out_dtype,
+                 recompute_states, interpret):
+    from pallas_kernels.gla import gla_chunk_pallas
 
     if interpret is None:
         interpret = not on_gpu()
-    if extreme is None:
-        extreme = _chunk_decay_exceeds(g, chunk_size, MAX_CHUNK_DECAY)
-    out_dtype = jnp.dtype(out_dtype or q.dtype)
+    o, s = gla_chunk_pallas(q, k, v, g, state, runs, key_gated=gate_axis == "key", scale=scale,
+                            chunk_size=chunk_size, out_dtype=out_dtype,
+                            recompute_states=recompute_states, interpret=interpret)
+    return o.astype(out_dtype), s
+
+
+def _fallback_pass(q, k, v, g, state, runs, *, gate_axis, scale, chunk_size, out_dtype,
+                   **unused):
     groups = q.shape[2] // k.shape[2]
+    k, v, g = (jnp.repeat(x, groups, axis=2) for x in (k, v, g))
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    o, s = _fallback(q.astype(f32), k.astype(f32), v.astype(f32), g.astype(f32),
+                     state.astype(f32), runs, gate_axis=gate_axis, scale=scale,
+                     chunk_size=chunk_size)
+    return o.astype(out_dtype), s.astype(jnp.float32)
 
-    def kernel(q, k, v, g, state):
-        o, s = gla_chunk_pallas(q, k, v, g, state, runs, key_gated=gate_axis == "key",
-                                scale=scale, chunk_size=chunk_size, out_dtype=out_dtype,
-                                recompute_states=recompute_states, interpret=interpret)
-        return o.astype(out_dtype), s
 
-    def fallback(q, k, v, g, state):
-        k, v, g = (jnp.repeat(x, groups, axis=2) for x in (k, v, g))
-        f32 = jnp.promote_types(q.dtype, jnp.float32)
-        o, s = _fallback(q.astype(f32), k.astype(f32), v.astype(f32), g.astype(f32),
-                         state.astype(f32), runs, gate_axis=gate_axis, scale=scale,
-                         chunk_size=chunk_size)
-        return o.astype(out_dtype), s.astype(jnp.float32)
+def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axis: str,
+               scale: float, chunk_size: int, out_dtype=None, recompute_states: bool = False,
+               interpret: Optional[bool] = None):
+    """GLA by the kernels, or by the safe fallback where a chunk's gate is too strong.
 
-    return jax.lax.cond(extreme, fallback, kernel, q, k, v, g, initial_state)
+    Args as `pallas_kernels.gla.gla_chunk_pallas` (initial_state per query head, [B, H, K, V]).
+    Returns (o [B, T, H, V], final state [B, H, K, V] f32).
+    """
+    kw = dict(gate_axis=gate_axis, scale=scale, chunk_size=chunk_size,
+              out_dtype=jnp.dtype(out_dtype or q.dtype), recompute_states=recompute_states,
+              interpret=interpret)
+
+    def run(pass_fn):
+        return lambda q, k, v, g, state: pass_fn(q, k, v, g, state, runs, **kw)
+
+    return _dispatch(g, chunk_size, run(_kernel_pass), run(_fallback_pass), q, k, v, g,
+                     initial_state)
 
 
 def gsa_pallas(q, k, v, s, g, hk0, hv0, runs, *, scale: float, chunk_size: int,
                slot_activation_fn, recompute_states: bool = False,
                interpret: Optional[bool] = None):
-    """GSA's two passes by `gla_pallas`; states per query head. Returns (o, hk, hv)."""
-    from pallas_kernels.gla import MAX_CHUNK_DECAY
+    """GSA's two passes by the kernels (or both by the fallback); states per query head.
 
-    extreme = _chunk_decay_exceeds(g, chunk_size, MAX_CHUNK_DECAY)
-    common = dict(chunk_size=chunk_size, recompute_states=recompute_states,
-                  interpret=interpret, extreme=extreme)
-    z, hk = gla_pallas(q, k, s, g, hk0, runs, gate_axis="value", scale=scale,
-                       out_dtype=jnp.float32, **common)
-    p = slot_activation_fn(z).astype(q.dtype)
-    o, hv = gla_pallas(p, s, v, g, hv0, runs, gate_axis="key", scale=1.0, **common)
-    return o, hk, hv
+    Returns (o [B, T, H, V] in q's dtype, Hk [B, H, K, M] f32, Hv [B, H, M, V] f32).
+    """
+    kw = dict(chunk_size=chunk_size, recompute_states=recompute_states, interpret=interpret)
+
+    def run(pass_fn):
+        def both(q, k, v, s, g, hk0, hv0):
+            z, hk = pass_fn(q, k, s, g, hk0, runs, gate_axis="value", scale=scale,
+                            out_dtype=jnp.dtype(jnp.float32), **kw)
+            p = slot_activation_fn(z).astype(q.dtype)
+            o, hv = pass_fn(p, s, v, g, hv0, runs, gate_axis="key", scale=1.0,
+                            out_dtype=jnp.dtype(q.dtype), **kw)
+            return o, hk, hv
+        return both
+
+    return _dispatch(g, chunk_size, run(_kernel_pass), run(_fallback_pass), q, k, v, s, g,
+                     hk0, hv0)
