@@ -8,6 +8,7 @@ experiments/results/tune_kernels_<tag>.json. Usage: python experiments/tune_kern
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -18,25 +19,23 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from experiments.bench_kernels import MAIN, gsa_fn, loss_grad, make_inputs, time_jax  # noqa: E402
-from gsa_jax.ops import pallas as ops_pallas  # noqa: E402
+from experiments.bench_kernels import MAIN, check, gsa_fn, loss_grad, make_inputs, time_jax  # noqa: E402
 from pallas_kernels import gla as pgla  # noqa: E402
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd  # noqa: E402
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd  # noqa: E402
 
 TUNINGS = {
-    "split w4/8 bv128": dict(warps_seq=4, warps_par=8, block_v=128),
-    "split w4/8 bv128 nocheck": dict(warps_seq=4, warps_par=8, block_v=128, check=False),
-    "split w4/4 bv128 nocheck": dict(warps_seq=4, warps_par=4, block_v=128, check=False),
-    "split w8/8 bv128 nocheck": dict(warps_seq=8, warps_par=8, block_v=128, check=False),
-    "split w4/8 bv64 nocheck": dict(warps_seq=4, warps_par=8, block_v=64, check=False),
-    "split w4/8 bv128 st3 nocheck": dict(warps_seq=4, warps_par=8, block_v=128, stages=3,
-                                         check=False),
-    "fused w8 bv128 nocheck": dict(warps_seq=8, warps_par=8, block_v=128, fused_forward=True,
-                                   check=False),
-    "fused w8 bv64 nocheck": dict(warps_seq=8, warps_par=8, block_v=64, fused_forward=True,
-                                  check=False),
+    "default": dict(),
+    "stages 3": dict(stages=3),
+    "par warps 4": dict(warps_par=4),
+    "fused warps 4": dict(warps_fused=4),
+    "split forward": dict(fused_forward=False),
+    "recompute": dict(recompute=True),
+    "strong gates (exact path)": dict(strong=True),
 }
+
+
+DEFAULT_TUNING = dataclasses.asdict(pgla.Tuning())
 
 
 def kernel_times(shape, dtype):
@@ -85,14 +84,16 @@ def main():
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "shape": shape,
+              "checks": [check((2, 512, 4, 128, 64), dtype),
+                         check((2, 512, 4, 128, 64), dtype, gate_scale=0.05)],
               "kernels_ms": kernel_times(shape, dtype), "tunings": {}}
-    x = make_inputs(shape, dtype)
     cot = jax.random.normal(jax.random.PRNGKey(3), shape[:4], jnp.float32)
     for name, t in TUNINGS.items():
         t = dict(t)
-        ops_pallas.CHECK_GATES = t.pop("check", True)
-        pgla.set_tuning(**{**dict(fused_forward=False, stages=None), **t})
-        f = gsa_fn("pallas")
+        recompute, strong = t.pop("recompute", False), t.pop("strong", False)
+        pgla.set_tuning(**{**DEFAULT_TUNING, **t})
+        f = gsa_fn("pallas", recompute_states=recompute)
+        x = make_inputs(shape, dtype, gate_scale=0.05 if strong else 8.0)
         try:
             r = {"fwd_ms": time_jax(jax.jit(f), x) * 1e3,
                  "fwd_bwd_ms": time_jax(jax.jit(loss_grad(f, cot)), x) * 1e3}

@@ -12,11 +12,14 @@ entering the chunk ([K, BV], float32); masks from `common.chunk_masks`.
         o  = e^{b} ⊙ (scale · (q S) · from) + e^{b−ρ} ⊙ (A (v ⊙ e^{ρ−b}))
         S' = S diag(e^{b_C} · survive) + kᵀ (v ⊙ e^{b_C−b} · into)
 
-Why the midpoint ρ: exp(b_t − b_i) for i ≤ t is factored as e^{b_t−ρ} · e^{ρ−b_i} so that the
-intra-chunk term is two matmuls. Each factor is at most e^{|b_C|/2}; the caller guarantees
-|b_C| ≤ MAX_CHUNK_DECAY, so no factor exceeds e^{60} and nothing overflows in float32 or bf16.
-Entries with i > t may overflow inside the matmul; they are discarded by a select, never
-multiplied by a mask.
+The state terms only ever use e^{b} and e^{b_C−b}, both ≤ 1: safe for any gate. The intra-chunk
+term needs exp(b_t − b_i) for i ≤ t. The fast path factors it through the midpoint ρ,
+e^{b_t−ρ} · e^{ρ−b_i}, so that the term is two matmuls; each factor is at most e^{|b_C|/2}, and
+the fast path is taken only where |b_C| ≤ MAX_CHUNK_DECAY (per gated channel of the tile), so
+no factor exceeds e^{60} and nothing overflows in float32 or bf16. Entries with i > t may
+overflow inside the matmul; they are discarded by a select, never multiplied by a mask. A chunk
+with a stronger gate takes the exact path instead (an in-kernel branch): a loop over source
+positions i that exponentiates b_t − b_i directly, C times the elementwise work, no overflow.
 
 Backward, with dS the gradient of the state *leaving* the chunk (derivation in gla_bwd.py).
 """
@@ -28,6 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels import common
 
 MAX_CHUNK_DECAY = 120.0  # largest |Σ_chunk g| (per gated channel) the factorisation accepts
 
@@ -66,15 +71,58 @@ def _scores(q, k, gt: Gates, masks, key_gated, scale, dot):
     return scale * jnp.where(masks.intra, raw, 0.0), q_hat, k_hat
 
 
-def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot):
-    """o [C, BV] of one chunk from its inputs and the entering state S."""
+def _is_extreme(gt: Gates):
+    """Whether some gated channel of this tile decays beyond the fast path's bound."""
+    return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
+
+
+def _pair_decay(gt: Gates, masks, i):
+    """[C, D] exp(b_t − b_i) for the targets t that position i reaches, 0 elsewhere."""
+    b_i = common.pick_row(gt.b, i)
+    reach = masks.column(i)[:, None]
+    return jnp.exp(jnp.where(reach, gt.b - b_i[None, :], -jnp.inf))
+
+
+def _intra_output_fast(q, k, v, gt, masks, *, key_gated, scale, dot):
     A, _, _ = _scores(q, k, gt, masks, key_gated, scale, dot)
     if key_gated:
-        q_start = q.astype(f32) * (jnp.exp(gt.b) * masks.from_state[:, None])
-        return scale * dot.nn(q_start, S) + dot.nn(A, v)
-    inter = dot.nn(q, S) * (scale * masks.from_state[:, None])
+        return dot.nn(A, v)
     v_hat = v.astype(f32) * jnp.exp(gt.rho - gt.b)
-    return jnp.exp(gt.b) * inter + jnp.exp(gt.b - gt.rho) * dot.nn(A, v_hat)
+    return jnp.exp(gt.b - gt.rho) * dot.nn(A, v_hat)
+
+
+def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+
+    def source(i, o):
+        k_i, v_i = common.pick_row(k, i), common.pick_row(v, i)
+        decay = _pair_decay(gt, masks, i)
+        if key_gated:
+            a = scale * jnp.sum(q * k_i[None, :] * decay, axis=1)
+            return o + a[:, None] * v_i[None, :]
+        a = scale * jnp.sum(q * k_i[None, :], axis=1)
+        return o + a[:, None] * decay * v_i[None, :]
+
+    return lax.fori_loop(0, q.shape[0], source, jnp.zeros(v.shape, f32))
+
+
+def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot):
+    """The within-chunk part of o [C, BV] (fast or exact path, chosen per tile)."""
+    kw = dict(key_gated=key_gated, scale=scale)
+    return lax.cond(_is_extreme(gt),
+                    lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
+                    lambda q, k, v: _intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
+                    q, k, v)
+
+
+def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot):
+    """o [C, BV] of one chunk from its inputs and the entering state S."""
+    if key_gated:
+        q_start = q.astype(f32) * (jnp.exp(gt.b) * masks.from_state[:, None])
+        inter = scale * dot.nn(q_start, S)
+    else:
+        inter = jnp.exp(gt.b) * dot.nn(q, S) * (scale * masks.from_state[:, None])
+    return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot)
 
 
 def state_update(k, v, S, gt: Gates, *, key_gated, dot):
@@ -93,6 +141,62 @@ def dstate_update(q, do, dS, gt: Gates, masks, *, key_gated, scale, dot):
     return dS * gt.decay_last[None, :] + scale * dot.tn(q, dX)
 
 
+def _intra_grads_fast(q, k, v, do, gt, masks, *, key_gated, scale, dot):
+    A, q_hat, k_hat = _scores(q, k, gt, masks, key_gated, scale, dot)
+    if key_gated:
+        dA = scale * jnp.where(masks.intra, dot.nt(do, v), 0.0)
+        dv = dot.tn(A, do)
+        dq_hat, dk_hat = dot.nn(dA, k_hat), dot.tn(dA, q_hat)
+        dq = dq_hat * jnp.exp(gt.b - gt.rho)
+        dk = dk_hat * jnp.exp(gt.rho - gt.b)
+        db = dq_hat * q_hat - dk_hat * k_hat
+        return dq, dk, dv, db
+    v_hat = v.astype(f32) * jnp.exp(gt.rho - gt.b)
+    out_factor = jnp.exp(gt.b - gt.rho)
+    dY = do.astype(f32) * out_factor
+    dv_hat = dot.tn(A, dY)
+    dA = scale * jnp.where(masks.intra, dot.nt(dY, v_hat), 0.0)
+    dq, dk = dot.nn(dA, k), dot.tn(dA, q)
+    dv = dv_hat * jnp.exp(gt.rho - gt.b)
+    db = dY * dot.nn(A, v_hat) - dv_hat * v_hat  # do ⊙ (intra o) − dv̂ ⊙ v̂
+    return dq, dk, dv, db
+
+
+def _intra_grads_exact(q, k, v, do, gt, masks, *, key_gated, scale):
+    q, k, v, do = (x.astype(f32) for x in (q, k, v, do))
+    C = q.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+
+    def source(i, carry):
+        dq, dk, dv, db = carry
+        k_i, v_i = common.pick_row(k, i), common.pick_row(v, i)
+        decay = _pair_decay(gt, masks, i)
+        if key_gated:  # o_t += a_t v_i, a_t = scale Σ_k q_tk k_ik decay_tk
+            a = scale * jnp.sum(q * k_i[None, :] * decay, axis=1)
+            da = scale * jnp.sum(do * v_i[None, :], axis=1)
+            pair = da[:, None] * q * k_i[None, :] * decay  # d(o)/d(b_t) terms, [C, K]
+            dq = dq + da[:, None] * k_i[None, :] * decay
+            dk_i = jnp.sum(da[:, None] * q * decay, axis=0)
+            dv_i = jnp.sum(a[:, None] * do, axis=0)
+        else:  # o_t += a_t decay_t v_i, a_t = scale q_t·k_i
+            a = scale * jnp.sum(q * k_i[None, :], axis=1)
+            through = do * decay * v_i[None, :]
+            da = scale * jnp.sum(through, axis=1)
+            pair = a[:, None] * through  # [C, BV]
+            dq = dq + da[:, None] * k_i[None, :]
+            dk_i = jnp.sum(da[:, None] * q, axis=0)
+            dv_i = jnp.sum(a[:, None] * decay * do, axis=0)
+        at_i = rows == i
+        dk = dk + jnp.where(at_i, dk_i[None, :], 0.0)
+        dv = dv + jnp.where(at_i, dv_i[None, :], 0.0)
+        db = db + pair - jnp.where(at_i, jnp.sum(pair, axis=0)[None, :], 0.0)
+        return dq, dk, dv, db
+
+    zeros = (jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32),
+             jnp.zeros(gt.b.shape, f32))
+    return lax.fori_loop(0, C, source, zeros)
+
+
 def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
@@ -100,35 +204,33 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot):
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
-    A, q_hat, k_hat = _scores(q, k, gt, masks, key_gated, scale, dot)
     from_ = masks.from_state[:, None]
-    if key_gated:
+    kw = dict(key_gated=key_gated, scale=scale)
+    dq, dk, dv, db = lax.cond(
+        _is_extreme(gt),
+        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+        lambda q, k, v, do: _intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
+        q, k, v, do)
+    if key_gated:  # the state terms: q̄ = q e^{b}·from reads S, k̄ = k e^{b_C−b}·into writes it
         e_b = jnp.exp(gt.b) * from_
         k_bar = k.astype(f32) * gt.to_end
-        dA = scale * jnp.where(masks.intra, dot.nt(do, v), 0.0)
-        dv = dot.tn(A, do) + dot.nn(k_bar, dS)
-        dq_hat, dk_hat = dot.nn(dA, k_hat), dot.tn(dA, q_hat)
         dq_bar = scale * dot.nt(do, S)
         dk_bar = dot.nt(v, dS)
-        dq = dq_hat * jnp.exp(gt.b - gt.rho) + dq_bar * e_b
-        dk = dk_hat * jnp.exp(gt.rho - gt.b) + dk_bar * gt.to_end
-        db = (dq_hat * q_hat - dk_hat * k_hat + dq_bar * (q.astype(f32) * e_b)
-              - dk_bar * k_bar)
+        dq = dq + dq_bar * e_b
+        dk = dk + dk_bar * gt.to_end
+        dv = dv + dot.nn(k_bar, dS)
+        db = db + dq_bar * (q.astype(f32) * e_b) - dk_bar * k_bar
         db_last = jnp.sum(dk_bar * k_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=1)
-    else:
-        v_hat = v.astype(f32) * jnp.exp(gt.rho - gt.b)
+    else:  # X = scale (q S)·from is read with e^{b}; v̄ = v e^{b_C−b}·into writes the state
         v_bar = v.astype(f32) * gt.to_end
+        e_b = jnp.exp(gt.b)
         X = dot.nn(q, S) * (scale * from_)
-        o = jnp.exp(gt.b) * X + jnp.exp(gt.b - gt.rho) * dot.nn(A, v_hat)
-        dX = do.astype(f32) * jnp.exp(gt.b) * from_
-        dY = do.astype(f32) * jnp.exp(gt.b - gt.rho)
-        dv_hat = dot.tn(A, dY)
-        dA = scale * jnp.where(masks.intra, dot.nt(dY, v_hat), 0.0)
+        dX = do.astype(f32) * e_b * from_
         dv_bar = dot.nn(k, dS)
-        dq = dot.nn(dA, k) + scale * dot.nt(dX, S)
-        dk = dot.tn(dA, q) + dot.nt(v_bar, dS)
-        dv = dv_hat * jnp.exp(gt.rho - gt.b) + dv_bar * gt.to_end
-        db = do.astype(f32) * o - dv_hat * v_hat - dv_bar * v_bar
+        dq = dq + scale * dot.nt(dX, S)
+        dk = dk + dot.nt(v_bar, dS)
+        dv = dv + dv_bar * gt.to_end
+        db = db + do.astype(f32) * e_b * X - dv_bar * v_bar
         db_last = jnp.sum(dv_bar * v_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=0)
     db = db + jnp.where(last_row, db_last[None, :], 0.0)
     return dq, dk, dv, db

@@ -63,6 +63,21 @@ class ChunkMasks:
     into: Any  # [C] f32: 1 where position i writes into the leaving state
     survive: Any  # scalar f32: 1 if the entering state survives the whole chunk
     run_last: jax.Array  # scalar int32: segment run of the chunk's last position
+    runs: Any = None  # [C] int32 segment runs of the chunk, None without segments
+
+    def column(self, i):
+        """[C] bool: the targets t that source position i reaches (t ≥ i, same segment)."""
+        C = self.intra.shape[0]
+        reach = lax.broadcasted_iota(jnp.int32, (C,), 0) >= i
+        if self.runs is None:
+            return reach
+        return jnp.logical_and(reach, self.runs == pick_row(self.runs, i))
+
+
+def pick_row(x, i):
+    """Row i of a register tile (x[i], as a masked sum: Triton cannot index a tile)."""
+    rows = lax.broadcasted_iota(jnp.int32, (x.shape[0],) + (1,) * (x.ndim - 1), 0)
+    return jnp.sum(jnp.where(rows == i, x, jnp.zeros_like(x)), axis=0)
 
 
 def chunk_masks(runs_ref: Optional[Any], rows, run_prev, causal) -> ChunkMasks:
@@ -80,6 +95,7 @@ def chunk_masks(runs_ref: Optional[Any], rows, run_prev, causal) -> ChunkMasks:
         into=(r == run_last).astype(jnp.float32),
         survive=(run_last == run_prev).astype(jnp.float32),
         run_last=run_last,
+        runs=r,
     )
 
 

@@ -1,8 +1,7 @@
 """Chunked gated linear attention on the GPU: the forward and backward kernels wired by custom_vjp.
 
-`gla_chunk_pallas` is the kernel path only: it requires every chunk's accumulated gate to stay
-within `MAX_CHUNK_DECAY` (see gla_fwd.py). `gsa_jax.ops.pallas` checks that and falls back to the
-pure-JAX chunk form otherwise; call that, not this, unless you know your gates.
+Any gate is safe: a chunk whose accumulated gate exceeds the fast path's bound
+(`MAX_CHUNK_DECAY`) takes the exact in-kernel path (chunk_math.py).
 
 Kernels per call (gla_fwd.py, gla_bwd.py): forward = a sequential state pass storing the state
 entering every chunk (float32, [B, H, T/C · K, V]) + a chunk-parallel output pass; backward = a
@@ -32,14 +31,16 @@ __all__ = ["KernelConfig", "Tuning", "gla_chunk_pallas", "MAX_CHUNK_DECAY", "set
 class Tuning:
     """Launch parameters: warps of the sequential (state) and parallel (chunk) kernels, Triton's
     pipelining depth (None: 2 for 16-bit inputs, 1 for float32, whose tiles would not fit
-    twice in shared memory), the value block, and whether the forward computes outputs inside
-    the sequential walk (then the backward recomputes the states)."""
+    twice in shared memory), the value block, and whether forwards that keep no chunk states
+    (no gradient wanted, or recompute_states) compute the outputs inside the sequential walk
+    (one kernel, no states written) instead of state pass + chunk-parallel output pass."""
 
     warps_seq: int = 4
     warps_par: int = 8
+    warps_fused: int = 8
     stages: Optional[int] = None
     block_v: int = 128
-    fused_forward: bool = False
+    fused_forward: bool = True
 
 
 _TUNING = Tuning()
@@ -64,11 +65,11 @@ class KernelConfig:
     interpret: bool
     tuning: Tuning
 
-    def kw(self, parallel: bool, with_scale: bool = True):
+    def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False):
         t = self.tuning
+        warps = t.warps_fused if fused else (t.warps_par if parallel else t.warps_seq)
         kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=t.block_v,
-                  interpret=self.interpret, num_stages=t.stages,
-                  num_warps=t.warps_par if parallel else t.warps_seq)
+                  interpret=self.interpret, num_stages=t.stages, num_warps=warps)
         if with_scale:
             kw["scale"] = self.scale
         return kw
@@ -85,16 +86,14 @@ def _sum_groups(x, groups: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_fn(cfg: KernelConfig):
     """The custom_vjp function of padded inputs for one static configuration."""
-    fused = cfg.tuning.fused_forward
-
     def states(q, k, v, g, s0, runs):
         return states_fwd(q, k, v, g, s0, runs, **cfg.kw(parallel=False, with_scale=False))
 
-    def forward(q, k, v, g, s0, runs):
+    def forward(q, k, v, g, s0, runs, keep_states: bool):
         """(o, final state, entering states or None)."""
-        if fused:
+        if cfg.tuning.fused_forward and not keep_states:
             o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=cfg.out_dtype or q.dtype,
-                              **cfg.kw(parallel=False))
+                              **cfg.kw(parallel=False, fused=True))
             return o, sT, None
         chunk_states, sT = states(q, k, v, g, s0, runs)
         o = output_fwd(q, k, v, g, chunk_states, runs, out_dtype=cfg.out_dtype or q.dtype,
@@ -103,14 +102,13 @@ def _kernel_fn(cfg: KernelConfig):
 
     @jax.custom_vjp
     def fn(q, k, v, g, s0, runs):
-        o, sT, _ = forward(q, k, v, g, s0, runs)
+        o, sT, _ = forward(q, k, v, g, s0, runs, keep_states=False)
         return o, sT
 
     def fn_fwd(q, k, v, g, s0, runs):
-        o, sT, chunk_states = forward(q, k, v, g, s0, runs)
-        if cfg.recompute_states:
-            chunk_states = None
-        return (o, sT), (q, k, v, g, s0, runs, chunk_states)
+        keep = not cfg.recompute_states
+        o, sT, chunk_states = forward(q, k, v, g, s0, runs, keep_states=keep)
+        return (o, sT), (q, k, v, g, s0, runs, chunk_states if keep else None)
 
     def fn_bwd(res, cotangents):
         q, k, v, g, s0, runs, chunk_states = res
