@@ -1,0 +1,337 @@
+"""Time the recurrent, parallel and chunk forms of `gated_slot_attention`, forward and
+forward+backward, over sequence lengths at a fixed token count, on whatever backend JAX has.
+
+    python experiments/bench_ops.py --tag h100                 # the GPU shape (defaults below)
+    python experiments/bench_ops.py --smoke --tag cpu          # small, to check it on a CPU
+
+Defaults: B·T = 16384 tokens, T ∈ {512, 1024, 2048, 4096, 8192} (so B = 16384 / T), H = 16,
+K = V = 128, M = 64, bfloat16 inputs, chunk size 64: the shape of DESIGN.md's speed anchors
+(T = 2048 is B = 8, the peer's 1.15 ms forward / 4.79 ms forward+backward on an H100).
+
+Each (form, T) runs in a fresh Python process (unless --in-process), so that its peak device
+memory is its own and an out-of-memory leaves the next one unharmed. In it:
+  - inputs as the GSA layer makes them (swish features, g = log σ(x)/8, s = 1 − exp g);
+  - forward = jit(o of the op); forward+backward = jit(grad of Σ o · c w.r.t. q, k, v, s, g)
+    for a fixed random cotangent c;
+  - each is compiled ahead of time; XLA's compiled footprint (arguments + outputs + temporaries)
+    is recorded, and the run is skipped if that exceeds the memory limit; the parallel form is
+    skipped before compiling if its [B, H, T, T, M] float32 decay tensor alone exceeds it;
+  - warm-up calls, then the median (and min) of timed calls, each ended by block_until_ready;
+  - peak device memory from `device.memory_stats()` where the backend reports it (GPU): read
+    after the forward runs (its own peak, inputs included), then after forward+backward (the
+    larger of the two, which is forward+backward's in practice);
+  - out-of-memory (RESOURCE_EXHAUSTED) is caught and recorded, as is any other error.
+
+Results: experiments/results/bench_ops_<tag>.json (machine, command line, date, config, one
+record per (form, T)) and .md (the table, printed at the end too). Needs only jax and numpy;
+run from the repository root, installed or with PYTHONPATH=. (the script also finds the package
+beside it). Memory limit: --mem-limit-gb if given, else the device's `bytes_limit` where
+reported (on a GPU, the share XLA's allocator may take), else half the machine's RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FORMS = ("recurrent", "parallel", "chunk")
+GIB = 2 ** 30
+ROW_PREFIX = "BENCH_OPS_ROW "
+
+SMOKE = dict(tokens=2048, seq_lens=[128, 256, 512], heads=2, head_dim=32, slots=16, repeats=5,
+             warmup=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p.add_argument("--smoke", action="store_true",
+                   help="small sizes for a CPU check: " + ", ".join(f"{k}={v}" for k, v in
+                                                                     SMOKE.items()))
+    p.add_argument("--tokens", type=int, default=16384, help="B · T, fixed across T")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--heads", type=int, default=16, help="H (= Hkv)")
+    p.add_argument("--head-dim", type=int, default=128, help="K = V")
+    p.add_argument("--slots", type=int, default=64, help="M")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls after compiling")
+    p.add_argument("--mem-limit-gb", type=float, default=None,
+                   help="skip above this footprint (default: device bytes_limit, else RAM / 2)")
+    p.add_argument("--worker-timeout", type=float, default=1200, help="seconds per (form, T)")
+    p.add_argument("--in-process", action="store_true",
+                   help="no subprocess per (form, T); peak memory is then the running maximum")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "form:T", internal
+    args = p.parse_args(argv)
+    if args.smoke:
+        defaults = {a.dest: a.default for a in p._actions}
+        for key, value in SMOKE.items():  # smoke sizes, unless given explicitly
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    return args
+
+
+# ---------------------------------------------------------------- one (form, T), in a worker
+def _memory_limit(args, device) -> tuple[int, str]:
+    if args.mem_limit_gb:
+        return int(args.mem_limit_gb * GIB), "--mem-limit-gb"
+    stats = _memory_stats(device)
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), "device bytes_limit"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // 2, "half the RAM"
+
+
+def _memory_stats(device):
+    try:
+        return device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without it raise or return None
+        return None
+
+
+def _peak_bytes(device):
+    stats = _memory_stats(device)
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _is_oom(error: Exception) -> bool:
+    text = f"{type(error).__name__}: {error}".lower()
+    return "resource_exhausted" in text or "out of memory" in text or "oom" in text.split()
+
+
+def _compiled_bytes(compiled):
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
+def _time_ms(fn, inputs, warmup: int, repeats: int) -> tuple[float, float]:
+    import jax
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*inputs))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), 1e3 * min(times)
+
+
+def make_inputs(B, T, H, D, M, dtype, seed=0):
+    """(q, k, v [B, T, H, D], s, g [B, T, H, M]) as the GSA layer makes them."""
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    normal = lambda key, d: jax.random.normal(key, (B, T, H, d), jnp.float32)
+    q, k = jax.nn.swish(normal(keys[0], D)), jax.nn.swish(normal(keys[1], D))
+    v = jax.nn.silu(normal(keys[2], D))
+    g = jax.nn.log_sigmoid(normal(keys[3], M)) / 8.0  # gate_logit_normalizer τ = 8
+    s = 1.0 - jnp.exp(g)
+    return tuple(x.astype(dtype) for x in (q, k, v, s, g))
+
+
+def machine_info() -> dict:
+    import jax
+    import jaxlib
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count()}
+
+
+def run_one(args, form: str, T: int) -> dict:
+    """Forward and forward+backward of one form at one T: the record of the JSON 'rows'."""
+    import jax
+    import jax.numpy as jnp
+    from gsa_jax.ops import gated_slot_attention
+
+    device = jax.devices()[0]
+    B, H, D, M = max(1, args.tokens // T), args.heads, args.head_dim, args.slots
+    limit, limit_source = _memory_limit(args, device)
+    row = {"form": form, "T": T, "B": B, "memory_limit_bytes": limit,
+           "memory_limit_source": limit_source, "machine": machine_info()}
+    modes = ("fwd", "fwd_bwd")
+    if form == "parallel":
+        decay_bytes = B * H * T * T * M * 4
+        row["parallel_decay_bytes"] = decay_bytes
+        if decay_bytes > limit:
+            reason = (f"parallel materialises [B,H,T,T,M] f32 = {decay_bytes / GIB:.2f} GiB > "
+                      f"limit {limit / GIB:.2f} GiB ({limit_source})")
+            row.update({mode: {"status": "skipped", "reason": reason} for mode in modes})
+            return row
+
+    dtype = jnp.dtype(args.dtype)
+    inputs = make_inputs(B, T, H, D, M, dtype)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (B, T, H, D), jnp.float32)
+
+    def forward(q, k, v, s, g):
+        return gated_slot_attention(q, k, v, s, g, impl=form, chunk_size=args.chunk_size)[0]
+
+    def loss(*x):
+        return jnp.sum(forward(*x).astype(jnp.float32) * cotangent)
+
+    fns = {"fwd": forward, "fwd_bwd": jax.grad(loss, argnums=(0, 1, 2, 3, 4))}
+    for mode in modes:
+        result = row[mode] = {}
+        try:
+            start = time.perf_counter()
+            compiled = jax.jit(fns[mode]).lower(*inputs).compile()
+            result["compile_s"] = round(time.perf_counter() - start, 2)
+            result["compiled_bytes"] = footprint = _compiled_bytes(compiled)
+            if footprint is not None and footprint > limit:
+                result.update(status="skipped", reason=(
+                    f"compiled footprint {footprint / GIB:.2f} GiB > limit "
+                    f"{limit / GIB:.2f} GiB ({limit_source})"))
+                continue
+            result["median_ms"], result["min_ms"] = _time_ms(compiled, inputs, args.warmup,
+                                                             args.repeats)
+            result["peak_bytes"] = _peak_bytes(device)
+            result["status"] = "ok"
+        except Exception as error:  # noqa: BLE001 - record it, go on with the next one
+            result.update(status="oom" if _is_oom(error) else "error",
+                          reason=f"{type(error).__name__}: {str(error)[:400]}")
+        finally:
+            compiled = None  # free the executable before the next mode
+    return row
+
+
+def worker_main(args) -> int:
+    form, T = args.worker.split(":")
+    row = run_one(args, form, int(T))
+    print(ROW_PREFIX + json.dumps(row), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- driver
+def run_isolated(argv, form: str, T: int, timeout: float) -> dict:
+    """Run one (form, T) in a fresh interpreter with the same arguments."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{form}:{T}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        reason = f"worker timed out after {timeout:.0f} s"
+        return {"form": form, "T": T, "fwd": {"status": "error", "reason": reason},
+                "fwd_bwd": {"status": "error", "reason": reason}}
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW_PREFIX):
+            return json.loads(line[len(ROW_PREFIX):])
+    tail = (proc.stderr or proc.stdout)[-600:]
+    status = "oom" if "resource_exhausted" in tail.lower() or "out of memory" in tail.lower() \
+        else "error"
+    reason = f"worker exited with {proc.returncode}: {tail}"
+    return {"form": form, "T": T, "fwd": {"status": status, "reason": reason},
+            "fwd_bwd": {"status": status, "reason": reason}}
+
+
+def _gib(x):
+    return f"{x / GIB:.2f}" if x is not None else "-"
+
+
+def markdown(report: dict) -> str:
+    m, c = report["machine"], report["config"]
+    lines = [
+        f"# bench_ops ({report['tag']})", "",
+        f"gated_slot_attention, B·T = {c['tokens']}, H = {c['heads']}, K = V = {c['head_dim']}, "
+        f"M = {c['slots']}, {c['dtype']}, chunk size {c['chunk_size']}; median of "
+        f"{c['repeats']} calls after {c['warmup']} warm-up. "
+        f"{m.get('backend')} ({m.get('device_kind')}), jax {m.get('jax')}, "
+        f"jaxlib {m.get('jaxlib')}, Python {m.get('python')}, {report['date']}.", "",
+        f"Command: `{report['command']}`", "",
+        "Memory: peak = device peak_bytes_in_use of the run's own process (GPU only); "
+        "compiled = XLA's footprint of the jitted function (arguments + outputs + temporaries).",
+        "",
+        "| T | B | form | fwd ms | fwd+bwd ms | peak fwd GiB | peak fwd+bwd GiB "
+        "| compiled fwd+bwd GiB | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["rows"]:
+        fwd, bwd = row.get("fwd", {}), row.get("fwd_bwd", {})
+        notes = []
+        for name, r in (("fwd", fwd), ("fwd+bwd", bwd)):
+            if r.get("status") != "ok":
+                notes.append(f"{name} {r.get('status')}: {r.get('reason', '')[:160]}")
+        if fwd.get("reason") and fwd.get("reason") == bwd.get("reason"):
+            notes = [f"{fwd['status']}: {fwd['reason'][:160]}"]
+        ms = lambda r: f"{r['median_ms']:.2f}" if r.get("status") == "ok" else r.get("status", "-")
+        lines.append(
+            f"| {row['T']} | {row.get('B', '-')} | {row['form']} | {ms(fwd)} | {ms(bwd)} | "
+            f"{_gib(fwd.get('peak_bytes'))} | {_gib(bwd.get('peak_bytes'))} | "
+            f"{_gib(bwd.get('compiled_bytes'))} | {'; '.join(notes).replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+
+    import jax  # versions only: the driver does not start a backend when isolating
+    import jaxlib
+
+    rows = []
+    for T in args.seq_lens:
+        for form in args.forms:
+            start = time.perf_counter()
+            if args.in_process:
+                row = run_one(args, form, T)
+            else:
+                row = run_isolated(argv, form, T, args.worker_timeout)
+            row["wall_s"] = round(time.perf_counter() - start, 1)
+            summary = {m: (row[m].get("median_ms") or row[m].get("status"))
+                       for m in ("fwd", "fwd_bwd")}
+            print(f"T={T} {form}: {summary} ({row['wall_s']} s)", flush=True)
+            rows.append(row)
+
+    machine = next((r["machine"] for r in rows if "machine" in r),
+                   {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                    "python": platform.python_version()})
+    for r in rows:
+        r.pop("machine", None)
+    report = {
+        "benchmark": "bench_ops",
+        "tag": args.tag or machine.get("backend", "unknown"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in
+                            ["python", os.path.relpath(os.path.abspath(__file__)), *argv]),
+        "machine": machine,
+        "config": {key: getattr(args, key) for key in (
+            "tokens", "seq_lens", "heads", "head_dim", "slots", "dtype", "chunk_size", "forms",
+            "repeats", "warmup", "mem_limit_gb", "in_process")},
+        "rows": rows,
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"bench_ops_{report['tag']}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    table = markdown(report)
+    with open(base + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {base}.json and {base}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
