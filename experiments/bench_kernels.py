@@ -179,7 +179,7 @@ def bench_peer(shape, dtype_name):
             "autotune_s": round(tune_s, 1)}
 
 
-def bench_shape(shape, dtype, use_peer, bandwidth):
+def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
     B, T, H, K, M = shape
     args = make_inputs(shape, dtype)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
@@ -187,8 +187,9 @@ def bench_shape(shape, dtype, use_peer, bandwidth):
     variants = {
         "pallas": gsa_fn("pallas"),
         "pallas_recomp": gsa_fn("pallas", recompute_states=True),
-        "chunk": gsa_fn("chunk"),
     }
+    if with_chunk:
+        variants["chunk"] = gsa_fn("chunk")
     for name, f in variants.items():
         try:
             fwd = jax.jit(f)
@@ -266,6 +267,27 @@ def markdown(report):
                      if "fwd_ms" in p else "")
             lines.append(f"| {shape} | memory floor of fwd | {row['memory_floor_fwd_ms']:.3f} "
                          f"| | | | {ratio} |")
+    lines += ["", "## Targets (issue 5): fwd >= 1.5x peer, fwd+bwd >= 1.3x peer, memory <= peer, "
+              "fwd <= 4x memory floor", ""]
+    for row in report["rows"]:
+        shape = ",".join(str(v) for v in row["shape"].values())
+        p, peer = row["results"].get("pallas", {}), row["results"].get("peer", {})
+        if "fwd_ms" not in p:
+            continue
+        items = []
+        if "fwd_ms" in peer:
+            f, fb = peer["fwd_ms"] / p["fwd_ms"], peer["fwd_bwd_ms"] / p["fwd_bwd_ms"]
+            items += [f"fwd {f:.2f}x ({'met' if f >= 1.5 else 'MISSED'})",
+                      f"fwd+bwd {fb:.2f}x ({'met' if fb >= 1.3 else 'MISSED'})"]
+            if p.get("mem_bytes") and peer.get("mem_bytes"):
+                m = p["mem_bytes"] / peer["mem_bytes"]
+                items.append(f"memory {m:.2f}x peer ({'met' if m <= 1 else 'MISSED'})")
+        else:
+            items.append("peer not timed at this shape")
+        if row["memory_floor_fwd_ms"]:
+            fl = p["fwd_ms"] / row["memory_floor_fwd_ms"]
+            items.append(f"fwd {fl:.1f}x floor ({'met' if fl <= 4 else 'MISSED'})")
+        lines.append(f"- {shape}: " + "; ".join(items))
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +297,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-shapes", type=int, default=3,
+                    help="time the peer on the first N shapes only (it autotunes per shape)")
+    ap.add_argument("--chunk-shapes", type=int, default=1,
+                    help="time the pure-JAX chunk form on the first N shapes only (slow compile)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--tag", default=jax.default_backend())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -295,14 +321,17 @@ def main():
     bw = copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
     use_peer = not args.no_peer and peer_available()
-    report["rows"] = [bench_shape(s, dtype, use_peer, bw) for s in shapes]
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench_kernels_{args.tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
+    report["rows"] = []
+    for i, s in enumerate(shapes):  # results are rewritten after every shape
+        report["rows"].append(bench_shape(s, dtype, use_peer and i < args.peer_shapes, bw,
+                                          with_chunk=i < args.chunk_shapes))
+        with open(base + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        md = markdown(report)
+        with open(base + ".md", "w") as f:
+            f.write(md)
     print(md)
 
 

@@ -23,7 +23,10 @@ memory is its own and an out-of-memory leaves the next one unharmed. In it:
   - out-of-memory (RESOURCE_EXHAUSTED) is caught and recorded, as is any other error.
 
 Results: experiments/results/bench_ops_<tag>.json (machine, command line, date, config, one
-record per (form, T)) and .md (the table, printed at the end too). Needs only jax and numpy;
+record per (form, T)) and .md (the table, printed at the end too), rewritten after every
+(form, T) so that a run cut short keeps what it measured. A sweep can be split over several
+shorter runs: `--seq-lens 512 1024 --tag h100`, then `--seq-lens 2048 4096 8192 --tag h100
+--merge` (the second keeps the first's rows; the shape settings must match). Needs only jax and numpy;
 run from the repository root, installed or with PYTHONPATH=. (the script also finds the package
 beside it). Memory limit: --mem-limit-gb if given, else the device's `bytes_limit` where
 reported (on a GPU, the share XLA's allocator may take), else half the machine's RAM.
@@ -73,7 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after compiling")
     p.add_argument("--mem-limit-gb", type=float, default=None,
                    help="skip above this footprint (default: device bytes_limit, else RAM / 2)")
-    p.add_argument("--worker-timeout", type=float, default=1200, help="seconds per (form, T)")
+    p.add_argument("--worker-timeout", type=float, default=420,
+                   help="seconds per (form, T) before its worker is stopped and recorded")
+    p.add_argument("--merge", action="store_true",
+                   help="add to the report of the same --tag: its rows for other (form, T) are "
+                        "kept (to split a sweep over several shorter runs)")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocess per (form, T); peak memory is then the running maximum")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
@@ -140,7 +147,7 @@ def make_inputs(B, T, H, D, M, dtype, seed=0):
     """(q, k, v [B, T, H, D], s, g [B, T, H, M]) as the GSA layer makes them."""
     import jax
     import jax.numpy as jnp
-    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    keys = jax.random.split(jax.random.key(seed), 4)
     normal = lambda key, d: jax.random.normal(key, (B, T, H, d), jnp.float32)
     q, k = jax.nn.swish(normal(keys[0], D)), jax.nn.swish(normal(keys[1], D))
     v = jax.nn.silu(normal(keys[2], D))
@@ -182,7 +189,7 @@ def run_one(args, form: str, T: int) -> dict:
 
     dtype = jnp.dtype(args.dtype)
     inputs = make_inputs(B, T, H, D, M, dtype)
-    cotangent = jax.random.normal(jax.random.PRNGKey(1), (B, T, H, D), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(1), (B, T, H, D), jnp.float32)
 
     def forward(q, k, v, s, g):
         return gated_slot_attention(q, k, v, s, g, impl=form, chunk_size=args.chunk_size)[0]
@@ -256,7 +263,8 @@ def markdown(report: dict) -> str:
         f"{c['repeats']} calls after {c['warmup']} warm-up. "
         f"{m.get('backend')} ({m.get('device_kind')}), jax {m.get('jax')}, "
         f"jaxlib {m.get('jaxlib')}, Python {m.get('python')}, {report['date']}.", "",
-        f"Command: `{report['command']}`", "",
+        "Command" + ("s" if len(report["commands"]) > 1 else "") + ": "
+        + ", ".join(f"`{c}`" for c in report["commands"]), "",
         "Memory: peak = device peak_bytes_in_use of the run's own process (GPU only); "
         "compiled = XLA's footprint of the jitted function (arguments + outputs + temporaries).",
         "",
@@ -280,16 +288,68 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHAPE_KEYS = ("tokens", "heads", "head_dim", "slots", "dtype", "chunk_size")
+FORM_ORDER = {form: i for i, form in enumerate(FORMS)}
+
+
+def _previous_report(path: str, config: dict):
+    """The report a --merge run adds to; it must have been run with the same shape settings."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        previous = json.load(f)
+    mismatch = {key: (previous["config"].get(key), config[key]) for key in SHAPE_KEYS
+                if previous["config"].get(key) != config[key]}
+    if mismatch:
+        raise SystemExit(f"--merge: {path} was run with other settings (old, new): {mismatch}")
+    return previous
+
+
+def build_report(tag, command, config, machine, rows, previous) -> dict:
+    """The JSON report; with a previous one (--merge), its rows for other (form, T) are kept."""
+    commands = [command]
+    if previous is not None:
+        done = {(r["form"], r["T"]) for r in rows}
+        rows = [r for r in previous["rows"] if (r["form"], r["T"]) not in done] + rows
+        commands = previous.get("commands", [previous["command"]]) + commands
+        config = {**config, "seq_lens": sorted({r["T"] for r in rows}),
+                  "forms": sorted({r["form"] for r in rows}, key=FORM_ORDER.get)}
+    rows = sorted(rows, key=lambda r: (r["T"], FORM_ORDER[r["form"]]))
+    return {
+        "benchmark": "bench_ops",
+        "tag": tag,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "commands": commands,
+        "machine": machine,
+        "config": config,
+        "rows": rows,
+    }
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
+    if args.merge and not args.tag:
+        raise SystemExit("--merge needs --tag (the report to add to)")
 
     import jax  # versions only: the driver does not start a backend when isolating
     import jaxlib
 
-    rows = []
+    command = " ".join(shlex.quote(a) for a in
+                       ["python", os.path.relpath(os.path.abspath(__file__)), *argv])
+    config = {key: getattr(args, key) for key in (
+        "tokens", "seq_lens", "heads", "head_dim", "slots", "dtype", "chunk_size", "forms",
+        "repeats", "warmup", "mem_limit_gb", "in_process")}
+    machine = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+               "python": platform.python_version()}
+    os.makedirs(args.out_dir, exist_ok=True)
+    previous, base, rows, report = None, None, [], None
+    if args.merge:
+        previous = _previous_report(os.path.join(args.out_dir, f"bench_ops_{args.tag}.json"),
+                                    config)
     for T in args.seq_lens:
         for form in args.forms:
             start = time.perf_counter()
@@ -298,37 +358,24 @@ def main(argv=None) -> int:
             else:
                 row = run_isolated(argv, form, T, args.worker_timeout)
             row["wall_s"] = round(time.perf_counter() - start, 1)
+            machine = row.pop("machine", None) or machine
             summary = {m: (row[m].get("median_ms") or row[m].get("status"))
                        for m in ("fwd", "fwd_bwd")}
             print(f"T={T} {form}: {summary} ({row['wall_s']} s)", flush=True)
             rows.append(row)
+            # Written after every row: a run cut short (a time limit) keeps what it measured.
+            tag = args.tag or machine.get("backend", "unknown")
+            base = os.path.join(args.out_dir, f"bench_ops_{tag}")
+            report = build_report(tag, command, config, machine, rows, previous)
+            with open(base + ".json", "w") as f:
+                json.dump(report, f, indent=1)
+                f.write("\n")
+            with open(base + ".md", "w") as f:
+                f.write(markdown(report))
 
-    machine = next((r["machine"] for r in rows if "machine" in r),
-                   {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                    "python": platform.python_version()})
-    for r in rows:
-        r.pop("machine", None)
-    report = {
-        "benchmark": "bench_ops",
-        "tag": args.tag or machine.get("backend", "unknown"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in
-                            ["python", os.path.relpath(os.path.abspath(__file__)), *argv]),
-        "machine": machine,
-        "config": {key: getattr(args, key) for key in (
-            "tokens", "seq_lens", "heads", "head_dim", "slots", "dtype", "chunk_size", "forms",
-            "repeats", "warmup", "mem_limit_gb", "in_process")},
-        "rows": rows,
-    }
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"bench_ops_{report['tag']}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
-    table = markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(table)
-    print(table)
+    if report is None:
+        raise SystemExit("nothing to run: no --seq-lens or --forms")
+    print(markdown(report))
     print(f"wrote {base}.json and {base}.md")
     return 0
 
