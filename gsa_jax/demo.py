@@ -28,7 +28,7 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-4}  # relative to the largest magni
 
 def make_inputs(seed: int, B: int, T: int, H: int, D: int, M: int, dtype) -> tuple:
     """(q, k, v [B, T, H, D], s, g [B, T, H, M]) as the GSA layer would produce them."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    keys = jax.random.split(jax.random.key(seed), 5)
     normal = lambda key, d: jax.random.normal(key, (B, T, H, d), jnp.float32)
     q, k, v = (jax.nn.swish(normal(key, D)) for key in keys[:3])
     g = jax.nn.log_sigmoid(normal(keys[3], M)) / 8.0  # gate_logit_normalizer τ = 8
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     inputs = make_inputs(0, args.batch, args.seq_len, args.heads, args.head_dim, args.slots,
                          dtype)
-    cotangent = jax.random.normal(jax.random.PRNGKey(1), inputs[2].shape, dtype)
+    cotangent = jax.random.normal(jax.random.key(1), inputs[2].shape, dtype)
 
     rows, reference = [], None
     for impl in FORMS:

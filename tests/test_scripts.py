@@ -33,9 +33,9 @@ def test_demo_forms_agree(capsys):
 
 def test_bench_ops_writes_records(tmp_path):
     bench = _bench_ops()
-    argv = ["--in-process", "--tag", "test", "--out-dir", str(tmp_path), "--tokens", "64",
-            "--seq-lens", "16", "32", "--heads", "1", "--head-dim", "4", "--slots", "2",
-            "--forms", "parallel", "chunk", "--repeats", "2", "--warmup", "1"]
+    common = ["--in-process", "--tag", "test", "--out-dir", str(tmp_path), "--tokens", "64",
+              "--heads", "1", "--head-dim", "4", "--slots", "2", "--warmup", "1"]
+    argv = common + ["--seq-lens", "16", "32", "--forms", "parallel", "chunk", "--repeats", "2"]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench_ops_test.json").read_text())
     assert report["command"].endswith(" ".join(argv))
@@ -48,6 +48,15 @@ def test_bench_ops_writes_records(tmp_path):
             assert 0 < row[mode]["min_ms"] <= row[mode]["median_ms"]
     table = (tmp_path / "bench_ops_test.md").read_text()
     assert table.count("| parallel |") == 2 and table.count("| chunk |") == 2
+
+    # --merge re-runs one (form, T) and keeps the other rows of the same tag.
+    rerun = common + ["--seq-lens", "16", "--forms", "chunk", "--repeats", "1", "--merge"]
+    assert bench.main(rerun) == 0
+    merged = json.loads((tmp_path / "bench_ops_test.json").read_text())
+    assert len(merged["commands"]) == 2
+    assert [(r["T"], r["form"]) for r in merged["rows"]] == [
+        (16, "parallel"), (16, "chunk"), (32, "parallel"), (32, "chunk")]
+    assert merged["rows"][2] == report["rows"][2]  # kept as it was
 
 
 def test_bench_ops_skips_parallel_over_the_limit():
