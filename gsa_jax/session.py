@@ -1,0 +1,108 @@
+"""Everything a run builds from its `Config`: mesh, data, model, optimizer, state layout, jitted
+steps, checkpointer; and the state itself, fresh or restored. Shared by training, standalone
+evaluation and generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import Mesh
+
+from gsa_jax import sharding as shd
+from gsa_jax import steps
+from gsa_jax.checkpoint import Checkpointer
+from gsa_jax.config import Config
+from gsa_jax.data import Datasets, load_datasets
+from gsa_jax.models.lm import CausalLM
+from gsa_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Session:
+    config: Config
+    mesh: Mesh
+    data: Datasets
+    model: CausalLM
+    tx: Any
+    schedule: Callable
+    layout: steps.StateLayout
+    train_step: Callable
+    eval_step: Callable
+    checkpointer: Checkpointer
+
+    @property
+    def checkpoint_dir(self) -> pathlib.Path:
+        return self.checkpointer.directory
+
+
+def checkpoint_dir(config: Config) -> pathlib.Path:
+    return pathlib.Path(config.checkpoint.directory or pathlib.Path(config.run_dir) / "checkpoints")
+
+
+def check_compatible(config: Config, data: Datasets, num_batch_shards: int) -> None:
+    """Clear errors for settings that cannot work together."""
+    if data.vocab_size is not None and data.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size = {config.model.vocab_size} is smaller than the "
+                         f"data's vocabulary ({data.vocab_size} ids, tokenizer "
+                         f"{data.tokenizer!r}); set model.vocab_size >= {data.vocab_size}")
+    B, A = config.data.batch_size, config.optim.grad_accum
+    if B % A:
+        raise ValueError(f"data.batch_size {B} is not divisible by optim.grad_accum {A}")
+    if (B // A) % num_batch_shards:
+        raise ValueError(f"the micro-batch (data.batch_size / optim.grad_accum = {B // A}) is "
+                         f"not divisible by the {num_batch_shards} batch shards of the mesh "
+                         f"(data x fsdp); change the batch size or the mesh")
+    eval_b = config.eval.batch_size or B
+    if eval_b % num_batch_shards:
+        raise ValueError(f"the eval batch size {eval_b} is not divisible by the "
+                         f"{num_batch_shards} batch shards of the mesh (data x fsdp)")
+
+
+def build(config: Config, *, read_only: bool = False, devices: Optional[list] = None) -> Session:
+    """Builds the session (compiles nothing yet; the steps compile on first call)."""
+    mesh = shd.make_mesh(config.mesh, devices)
+    data = load_datasets(config.data)
+    check_compatible(config, data, shd.data_parallel_size(mesh))
+    model = CausalLM(config.model)
+    tx, schedule = make_optimizer(config.optim, config.steps)
+    layout = steps.state_layout(model, tx, mesh)
+    train_step = steps.make_train_step(model, tx, schedule, layout, mesh,
+                                       grad_accum=config.optim.grad_accum,
+                                       z_loss=config.optim.z_loss)
+    eval_step = steps.make_eval_step(model, layout, mesh)
+    ckpt_dir = checkpoint_dir(config)
+    if read_only and not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {str(ckpt_dir)!r}")
+    checkpointer = Checkpointer(ckpt_dir, config.checkpoint, read_only=read_only)
+    return Session(config, mesh, data, model, tx, schedule, layout, train_step, eval_step,
+                   checkpointer)
+
+
+def restore_or_init(session: Session, step: Optional[int] = None, resume: bool = True
+                    ) -> tuple[steps.TrainState, Optional[dict]]:
+    """(state, meta): the checkpoint's (latest, or `step`) when there is one and `resume`, else a
+    fresh state and None."""
+    latest = session.checkpointer.latest_step()
+    if resume and (latest is not None or step is not None):
+        state, meta = session.checkpointer.restore(session.layout.abstract, step)
+        log.info("restored step %d from %s", int(state.step), session.checkpoint_dir)
+        return state, meta
+    return steps.init_state(session.model, session.tx, session.config.seed, session.layout,
+                            session.mesh), None
+
+
+def restore_params(session: Session, step: Optional[int] = None) -> tuple[Any, dict]:
+    """(params, meta) of a checkpoint (FileNotFoundError when there is none)."""
+    state, meta = session.checkpointer.restore(session.layout.abstract, step)
+    return state.params, meta
+
+
+def replicated_params(params: Any, mesh: Mesh) -> Any:
+    """The parameters replicated on every device of the mesh (for generation)."""
+    return jax.device_put(params, shd.replicated(mesh))
