@@ -38,6 +38,18 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint: keep must be >= 1, got {self.keep}")
 
 
+def _path(key_path) -> str:
+    """'params/layer_0/mixer/q_proj/kernel': orbax's metadata tree has dicts and lists where the
+    state has dataclasses and tuples, so compare paths by their names only."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
 class Checkpointer:
     """Saves / restores (train state, meta dict) pairs under `directory`."""
 
@@ -83,12 +95,14 @@ class Checkpointer:
 
     def check_shapes(self, abstract_state: Any, step: int) -> None:
         saved = self.manager.item_metadata(step)["state"]
-        saved_shapes = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
+        saved_shapes = {_path(p): tuple(getattr(x, "shape", ()))
                         for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
-        want = {jax.tree_util.keystr(p): tuple(x.shape)
+        want = {_path(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
         problems = []
-        for key in sorted(set(saved_shapes) | set(want)):
+        # Parameters first: they name the model difference most directly.
+        for key in sorted(set(saved_shapes) | set(want),
+                          key=lambda k: (not k.startswith("params/"), k)):
             if key not in saved_shapes:
                 problems.append(f"{key}: missing in the checkpoint")
             elif key not in want:

@@ -90,7 +90,7 @@ def restore_or_init(session: Session, step: Optional[int] = None, resume: bool =
     fresh state and None."""
     latest = session.checkpointer.latest_step()
     if resume and (latest is not None or step is not None):
-        state, meta = session.checkpointer.restore(session.layout.abstract, step)
+        state, meta = _restore(session, step)
         log.info("restored step %d from %s", int(state.step), session.checkpoint_dir)
         return state, meta
     return steps.init_state(session.model, session.tx, session.config.seed, session.layout,
@@ -99,8 +99,25 @@ def restore_or_init(session: Session, step: Optional[int] = None, resume: bool =
 
 def restore_params(session: Session, step: Optional[int] = None) -> tuple[Any, dict]:
     """(params, meta) of a checkpoint (FileNotFoundError when there is none)."""
-    state, meta = session.checkpointer.restore(session.layout.abstract, step)
+    state, meta = _restore(session, step)
     return state.params, meta
+
+
+def _restore(session: Session, step: Optional[int]):
+    """Checkpointer.restore, with the model config fields that differ added to a shape error."""
+    try:
+        return session.checkpointer.restore(session.layout.abstract, step)
+    except ValueError as err:
+        try:
+            saved = session.checkpointer.restore_meta(step).get("config", {}).get("model", {})
+        except Exception:  # the message without the hint is still clear
+            raise err from None
+        mine = session.config.model.to_dict()
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
+                for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        if diff:
+            raise ValueError(f"{err}\nModel config fields that differ: " + "; ".join(diff)) from None
+        raise
 
 
 def replicated_params(params: Any, mesh: Mesh) -> Any:

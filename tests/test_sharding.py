@@ -1,0 +1,29 @@
+"""Runs the multi-device sharding tests (`test_sharding_devices.py`) in a subprocess with 8
+simulated CPU devices: XLA_FLAGS must be set before jax initialises, which in this process it
+already has."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).parent
+
+
+def run_with_devices(test_file: str, devices: int = 8, timeout: int = 600) -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-rs", str(HERE / test_file)], env=env, cwd=HERE.parent,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{test_file} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout
+
+
+def test_sharded_training_on_8_simulated_devices():
+    run_with_devices("test_sharding_devices.py")
