@@ -61,8 +61,11 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
             # Leftover temporary directories of a run killed while saving are removed.
             cleanup_tmp_directories=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        # Handlers named up front: a fresh process (resume, eval) reads metadata before any save.
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -6,8 +6,8 @@ YAML layout (every section and field optional; defaults below):
 
     run_dir: runs/tiny
     steps: 600
-    model: {preset: gsa-tiny, vocab_size: 264}     # a preset name plus field overrides,
-                                                    # or all ModelConfig fields without preset
+    model: {preset: gsa-tiny, vocab_size: 264}     # a preset name plus field overrides
+                                                    # (no preset: overrides of the default)
     data: {source: stdlib, seq_len: 256, batch_size: 16}
     optim: {lr: 3.0e-3, warmup_steps: 50}
     mesh: {data: -1, fsdp: 1, tensor: 1}
@@ -75,10 +75,14 @@ SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
             "sample": SampleConfig}
 
 
+def default_model() -> ModelConfig:
+    """gsa-tiny with room for the byte tokenizer (257 ids, rounded up to a multiple of 8)."""
+    return get_preset("gsa-tiny", vocab_size=264)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(
-        default_factory=lambda: get_preset("gsa-tiny", vocab_size=264))
+    model: ModelConfig = dataclasses.field(default_factory=default_model)
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
@@ -122,7 +126,9 @@ class Config:
 
 
 def build_model_config(values: Any) -> ModelConfig:
-    """`{preset: name, field: value, ...}` or a full field dict (ModelConfig defaults)."""
+    """`{preset: name, field: value, ...}`: the preset with those fields replaced. Without a
+    preset the fields replace those of the default model (`default_model()`), so `--set
+    model.num_layers=4` on a config without a model section changes only the depth."""
     if isinstance(values, str):
         return get_preset(values)
     if not isinstance(values, dict):
@@ -133,7 +139,7 @@ def build_model_config(values: Any) -> ModelConfig:
     values = {k: _coerce(f"model.{k}", _field_type(ModelConfig, k), v) for k, v in values.items()}
     if preset is not None:
         return get_preset(preset, **values)
-    return ModelConfig.from_dict(values)
+    return default_model().replace(**values)
 
 
 def build_dataclass(cls, values: Any, where: str):

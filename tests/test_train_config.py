@@ -42,6 +42,9 @@ def test_yaml_and_overrides(tmp_path):
     assert config.steps == 50 and config.optim.lr == 2e-4 and config.data.seq_len == 64
     assert config.model.vocab_size == 300 and config.model.num_layers == 3
     assert config.model.hidden_size == get_preset("gsa-tiny").hidden_size   # from the preset
+    # Without a model section, model fields override the default (tiny) model, not 1.3B.
+    small = load_config(None, ["model.num_layers=1"])
+    assert small.model == get_preset("gsa-tiny", vocab_size=264, num_layers=1)
     assert config.mesh.fsdp == 2 and config.logging.progress is False
 
 

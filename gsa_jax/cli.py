@@ -1,0 +1,139 @@
+"""The `gsa-jax` command: train, eval, generate, prepare.
+
+    gsa-jax train --config configs/tiny.yaml [--set optim.lr=1e-3 --set run_dir=runs/x ...]
+    gsa-jax eval --run-dir runs/tiny [--step 600] [--batches all]
+    gsa-jax generate --run-dir runs/tiny --prompt "def " [--max-new-tokens 200 --temperature 0.8]
+    gsa-jax prepare --input a.txt b.jsonl --output data/train.bin [--val-output data/val.bin
+                    --val-fraction 0.01] [--tokenizer tokenizer.json]
+
+Bad config values, missing files and impossible meshes end with one line `gsa-jax: error: ...`
+and exit status 2 (--traceback shows the Python traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from gsa_jax.config import Config, load_config
+
+
+def _config_args(p: argparse.ArgumentParser, run_dir_source: bool) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    if run_dir_source:
+        p.add_argument("--run-dir", help="a training run's directory (uses its config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+
+
+def _load(args, from_run_dir: bool) -> Config:
+    path = args.config
+    overrides = list(args.overrides)
+    if from_run_dir and getattr(args, "run_dir", None):
+        if path is None:
+            path = pathlib.Path(args.run_dir) / "config.yaml"
+            if not path.is_file():
+                raise FileNotFoundError(f"{str(path)!r} not found: is {args.run_dir!r} a "
+                                        f"training run directory?")
+        overrides.append(f"run_dir={args.run_dir}")
+    if from_run_dir and path is None:
+        raise ValueError("give --run-dir (a training run) or --config")
+    return load_config(path, overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsa-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model")
+    _config_args(p, run_dir_source=False)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or printed lines")
+
+    p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint")
+    _config_args(p, run_dir_source=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--batches", default="all",
+                   help="validation batches to score, or 'all' (default)")
+
+    p = sub.add_parser("generate", help="sample from a checkpoint")
+    _config_args(p, run_dir_source=True)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="tokenize text/jsonl files into token files")
+    p.add_argument("--input", nargs="+", required=True, help=".txt (one document each) or "
+                   ".jsonl (one document per line) files")
+    p.add_argument("--output", required=True, help="training token file (.bin or .npy)")
+    p.add_argument("--val-output", help="validation token file")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of documents for validation (by hash)")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="Hugging Face tokenizers JSON file, or 'bytes' (default)")
+    p.add_argument("--bos-id", type=int, help="document separator id (default: the "
+                   "tokenizer's end-of-text token)")
+    p.add_argument("--text-field", default="text", help="field of the .jsonl records")
+    return parser
+
+
+def _run(args) -> int:
+    if args.command == "prepare":
+        from gsa_jax.data.prepare import prepare
+        result = prepare(args.input, args.output, tokenizer=args.tokenizer, bos_id=args.bos_id,
+                         val_output=args.val_output, val_fraction=args.val_fraction,
+                         text_field=args.text_field)
+        print(json.dumps(result, indent=1))
+        return 0
+
+    from gsa_jax import sharding
+    sharding.maybe_initialize_distributed()
+    if args.command == "train":
+        from gsa_jax.train import train
+        train(_load(args, from_run_dir=False), quiet=args.quiet)
+        return 0
+    config = _load(args, from_run_dir=True)
+    if args.command == "eval":
+        from gsa_jax.evaluate import evaluate_checkpoint
+        batches = None if args.batches == "all" else int(args.batches)
+        result = evaluate_checkpoint(config, args.step, batches)
+        if sharding.is_main_process():
+            print(json.dumps(result))
+        return 0
+    # generate
+    from gsa_jax import session as session_lib
+    from gsa_jax.config import SampleConfig
+    from gsa_jax.train import sample_text
+    session = session_lib.build(config, read_only=True)
+    params, meta = session_lib.restore_params(session, args.step)
+    sample = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed)
+    text = sample_text(session, params, sample)
+    if sharding.is_main_process():
+        print(text)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.traceback:
+        return _run(args)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"gsa-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
