@@ -80,6 +80,16 @@ def _say(bar, message: str) -> None:
         print(message, flush=True)
 
 
+def _summary(step: int, train: dict, val: dict) -> str:
+    line = (f"step {step:6d}  train loss {train.get('loss', math.nan):.4f}  "
+            f"val loss {val['val_loss']:.4f}  val ppl {val['val_ppl']:.2f}")
+    if "tokens_per_s" in train:
+        line += f"  {train['tokens_per_s']:,.0f} tok/s"
+    if "mfu" in train:
+        line += f"  MFU {100 * train['mfu']:.1f}%"
+    return line
+
+
 def sample_text(session, params, sample_cfg) -> str:
     """Generates a continuation of `sample_cfg.prompt` with the run's tokenizer (one process)."""
     from gsa_jax.generation import generate
@@ -190,8 +200,7 @@ def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[li
         if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
             result = run_eval(done)
             if verbose and result:
-                _say(bar, f"step {done:6d}  train loss {last.get('loss', math.nan):.4f}  "
-                          f"val loss {result['val_loss']:.4f}  val ppl {result['val_ppl']:.2f}")
+                _say(bar, _summary(done, last, result))
             paused = True
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
             save(done)
@@ -208,9 +217,7 @@ def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[li
         result = run_eval(done)
         final.update(result)
         if verbose and result:
-            _say(bar, f"step {done:6d}  train loss {last.get('loss', math.nan):.4f}  "
-                      f"val loss {result['val_loss']:.4f}  val ppl {result['val_ppl']:.2f}  "
-                      f"(final)")
+            _say(bar, _summary(done, last, result) + "  (final)")
     session.checkpointer.wait()
     if bar is not None:
         bar.close()
