@@ -88,7 +88,10 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[list] = None)
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = config.resolve(len(devices))
-    return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES)
+    # Auto axes (the compiler propagates shardings; we constrain where we choose), spelled out
+    # because jax's defaults for mesh axis types have moved between versions.
+    return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
