@@ -89,6 +89,12 @@ def restore_or_init(session: Session, step: Optional[int] = None, resume: bool =
     """(state, meta): the checkpoint's (latest, or `step`) when there is one and `resume`, else a
     fresh state and None."""
     latest = session.checkpointer.latest_step()
+    if not resume and latest is not None:
+        # Fresh steps would interleave with the old run's checkpoints (and a later resume would
+        # pick whichever step is highest): refuse rather than mix two runs.
+        raise ValueError(f"checkpoint.resume is false but {session.checkpoint_dir} holds "
+                         f"checkpoints (latest step {latest}); use another run_dir (or "
+                         f"checkpoint.directory), or remove the old checkpoints")
     if resume and (latest is not None or step is not None):
         state, meta = _restore(session, step)
         log.info("restored step %d from %s", int(state.step), session.checkpoint_dir)

@@ -171,6 +171,12 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(corpus, tmp_path, re
         train(config(corpus, run_dir, steps=14, **{"model.hidden_size": 128}), quiet=True)
 
 
+def test_fresh_start_over_old_checkpoints_is_refused(corpus, tmp_path, reference_run):
+    run_dir = copy_run(reference_run[0], tmp_path / "run")
+    with pytest.raises(ValueError, match="resume is false but .* holds checkpoints"):
+        train(config(corpus, run_dir, **{"checkpoint.resume": False}), quiet=True)
+
+
 def test_standalone_eval_matches_a_hand_computation(corpus, reference_run):
     """evaluate_checkpoint against the model applied by hand to the first validation windows."""
     run_dir, _ = reference_run
