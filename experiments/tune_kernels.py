@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from experiments.bench_kernels import MAIN, check, gsa_fn, loss_grad, make_inputs, time_jax  # noqa: E402
+from experiments.bench_kernels import ALL, MAIN, check, gsa_fn, loss_grad, make_inputs, time_jax  # noqa: E402
 from pallas_kernels import gla as pgla  # noqa: E402
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd  # noqa: E402
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd  # noqa: E402
@@ -74,11 +74,49 @@ def kernel_times(shape, dtype):
     return out
 
 
+def forward_sweep(shape_indices, dtype):
+    """Forward (and forward+backward) time over forward path x chunk size x value block, at
+    several sequence lengths: the data behind the forward path chosen per shape."""
+    rows = []
+    for i in shape_indices:
+        shape = ALL[i]
+        x = make_inputs(shape, dtype)
+        cot = jax.random.normal(jax.random.PRNGKey(3), shape[:4], jnp.float32)
+        for fused in (True, False):
+            for C in (64, 128):
+                for bv in (32, 64, 128):
+                    pgla.set_tuning(**{**DEFAULT_TUNING, "fused_forward": fused, "block_v": bv})
+                    f = gsa_fn("pallas", chunk_size=C)
+                    r = {"shape": shape, "fused": fused, "chunk": C, "block_v": bv}
+                    try:
+                        r["fwd_ms"] = time_jax(jax.jit(f), x) * 1e3
+                        if not fused and bv == 128:  # the backward does not depend on fused
+                            r["fwd_bwd_ms"] = time_jax(jax.jit(loss_grad(f, cot)), x) * 1e3
+                    except Exception as e:  # noqa: BLE001
+                        r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    print("sweep", r, flush=True)
+                    rows.append(r)
+    pgla.set_tuning(**DEFAULT_TUNING)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default=jax.default_backend())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--forward-sweep", type=int, nargs="+", default=None, metavar="SHAPE",
+                    help="only sweep the forward path over these indices of the shape list")
     args = ap.parse_args()
+    if args.forward_sweep is not None:
+        report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "command": "python " + " ".join(sys.argv),
+                  "forward_sweep": forward_sweep(args.forward_sweep, jnp.bfloat16)}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"tune_forward_{args.tag}.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+        return
     dtype = jnp.bfloat16
     shape = MAIN
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

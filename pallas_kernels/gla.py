@@ -31,9 +31,15 @@ __all__ = ["KernelConfig", "Tuning", "gla_chunk_pallas", "MAX_CHUNK_DECAY", "set
 class Tuning:
     """Launch parameters: warps of the sequential (state) and parallel (chunk) kernels, Triton's
     pipelining depth (None: 3 for 16-bit inputs, measured best on an H100; 1 for float32,
-    whose tiles would not fit twice in shared memory), the value block, and whether forwards that keep no chunk states
-    (no gradient wanted, or recompute_states) compute the outputs inside the sequential walk
-    (one kernel, no states written) instead of state pass + chunk-parallel output pass."""
+    whose tiles would not fit twice in shared memory), the value block, and whether forwards
+    that keep no chunk states (no gradient wanted, or recompute_states) compute the outputs
+    inside the sequential walk (one kernel, no states written) instead of state pass +
+    chunk-parallel output pass.
+
+    The fused walk does all per-chunk work on one program's critical path, so it wins only
+    while the walk is short: on an H100 at 16K tokens (experiments/results/
+    tune_forward_h100.json) it is 25% faster at 32 chunks, 12% slower at 64 and 56% slower
+    at 128 chunks than the split pair. `fused_max_chunks` is that crossover."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -41,6 +47,7 @@ class Tuning:
     stages: Optional[int] = None
     block_v: int = 128
     fused_forward: bool = True
+    fused_max_chunks: int = 32
 
 
 _TUNING = Tuning()
@@ -91,7 +98,9 @@ def _kernel_fn(cfg: KernelConfig):
 
     def forward(q, k, v, g, s0, runs, keep_states: bool):
         """(o, final state, entering states or None)."""
-        if cfg.tuning.fused_forward and not keep_states:
+        chunks = q.shape[1] // cfg.chunk_size
+        fused = cfg.tuning.fused_forward and chunks <= cfg.tuning.fused_max_chunks
+        if fused and not keep_states:
             o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=cfg.out_dtype or q.dtype,
                               **cfg.kw(parallel=False, fused=True))
             return o, sT, None
