@@ -11,7 +11,13 @@ Before timing, the Pallas outputs and gradients are compared with the float32 ch
 same inputs (relative Frobenius error). Results go to experiments/results/bench_kernels_<tag>.json
 and .md.
 
+It also times one-step decoding (`gated_slot_attention_step` in a jitted scan) beside a scan that
+only reads, decays and writes the state: the measurement behind using XLA's fused step for
+generation instead of a decode kernel.
+
 Usage (GPU): python experiments/bench_kernels.py --tag h100 [--shapes main|all] [--no-peer]
+A sweep can be split over runs: `--only 0 1 2`, then `--only 3 --merge --no-check --no-decode`.
+The peer autotunes on its first call per (H, K, V, M), minutes each; shapes 0-2 share one tuning.
 Memory: JAX numbers are XLA's compiled footprint of the jitted forward+backward (arguments +
 outputs + temporaries); the peer's is torch.cuda.max_memory_allocated over one forward+backward
 with its inputs already allocated. Both include the inputs and the gradients.
@@ -46,8 +52,7 @@ def make_inputs(shape, dtype, seed=0, gate_scale=8.0):
     """Random GSA inputs like the layer makes them: swish features, g = logsigmoid(x)/8.
 
     A small gate_scale (0.05: g ≈ -14 per step on average) makes gates strong enough for the
-    kernels
-    exact path."""
+    kernels' exact path."""
     B, T, H, K, M = shape
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q = jax.nn.swish(jax.random.normal(keys[0], (B, T, H, K)))
@@ -175,8 +180,9 @@ def bench_peer(shape, dtype_name):
     fwd_bwd()
     torch.cuda.synchronize()
     mem = torch.cuda.max_memory_allocated()
+    o = fwd().detach().float().cpu().numpy()
     return {"fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "mem_bytes": int(mem),
-            "autotune_s": round(tune_s, 1)}
+            "autotune_s": round(tune_s, 1)}, o
 
 
 def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
@@ -217,7 +223,10 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
 
     if use_peer:
         try:
-            rows["peer"] = bench_peer(shape, str(jnp.dtype(dtype)))
+            rows["peer"], o_peer = bench_peer(shape, str(jnp.dtype(dtype)))
+            # Same inputs, so the two implementations must agree to bf16 rounding.
+            o_ours = jax.jit(gsa_fn("pallas"))(*args)
+            rows["peer"]["rel_err_o_vs_pallas"] = rel_err(o_ours, o_peer)
         except Exception as e:  # noqa: BLE001
             rows["peer"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(shape, "peer", rows["peer"], flush=True)
@@ -226,6 +235,51 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
     floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
     return {"shape": dict(zip("B T H K M".split(), shape)), "results": rows,
             "memory_floor_fwd_ms": floor_ms}
+
+
+def bench_decode(B, dtype, bandwidth, smoke=False, steps=256):
+    """Per-token latency of one-step GSA decoding (`gated_slot_attention_step`, XLA-fused) in a
+    jitted scan over `steps` tokens, beside a scan doing the least any decode kernel must do:
+    read the state, decay it with the step's gate, write it back, emit one row. If the two are
+    close, a hand-written decode kernel has nothing to win."""
+    from jax import lax
+
+    from gsa_jax.ops import gated_slot_attention_step
+
+    H, K, M = (2, 16, 16) if smoke else (16, 128, 64)
+    keys = jax.random.split(jax.random.PRNGKey(4), 5)
+    q, k, v = (jax.nn.swish(jax.random.normal(kk, (steps, B, H, K))).astype(dtype)
+               for kk in keys[:3])
+    g = (jax.nn.log_sigmoid(jax.random.normal(keys[3], (steps, B, H, M))) / 8).astype(dtype)
+    s = 1 - jnp.exp(g)
+    hk = jax.random.normal(keys[4], (B, H, K, M), jnp.float32)
+    hv = jax.random.normal(keys[4], (B, H, M, K), jnp.float32)
+
+    @jax.jit
+    def decode(hk, hv, q, k, v, s, g):
+        def body(state, x):
+            o, state = gated_slot_attention_step(*x, state)
+            return state, o
+        return lax.scan(body, (hk, hv), (q, k, v, s, g))
+
+    @jax.jit
+    def floor(hk, hv, q, k, v, s, g):
+        def body(state, x):
+            hk, hv = state
+            decay = jnp.exp(x[4].astype(jnp.float32))
+            hk, hv = hk * decay[:, :, None, :], hv * decay[..., None]
+            return (hk, hv), hv[:, :, 0, :].astype(dtype)
+        return lax.scan(body, (hk, hv), (q, k, v, s, g))
+
+    args = (hk, hv, q, k, v, s, g)
+    t_step = time_jax(decode, args, reps=5, rounds=5) / steps
+    t_floor = time_jax(floor, args, reps=5, rounds=5) / steps
+    state_bytes = hk.nbytes + hv.nbytes
+    out = {"B": B, "H": H, "K": K, "V": K, "M": M, "steps": steps,
+           "step_us": t_step * 1e6, "state_touch_us": t_floor * 1e6,
+           "state_rw_floor_us": 2 * state_bytes / bandwidth * 1e6 if bandwidth else None}
+    print("decode", out, flush=True)
+    return out
 
 
 def markdown(report):
@@ -267,6 +321,17 @@ def markdown(report):
                      if "fwd_ms" in p else "")
             lines.append(f"| {shape} | memory floor of fwd | {row['memory_floor_fwd_ms']:.3f} "
                          f"| | | | {ratio} |")
+    if report.get("decode"):
+        lines += ["", "## One-step decode (µs per token, jitted scan over tokens)", "",
+                  "XLA's fused `gated_slot_attention_step` beside a scan that only reads, decays "
+                  "and writes the state (what any decode kernel must do) and the bandwidth "
+                  "floor of that read and write.", "",
+                  "| B | H | K=V | M | GSA step | state read+decay+write | bandwidth floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in report["decode"]:
+            floor = f"{d['state_rw_floor_us']:.2f}" if d.get("state_rw_floor_us") else "-"
+            lines.append(f"| {d['B']} | {d['H']} | {d['K']} | {d['M']} | {d['step_us']:.1f} | "
+                         f"{d['state_touch_us']:.1f} | {floor} |")
     lines += ["", "## Targets (issue 5): fwd >= 1.5x peer, fwd+bwd >= 1.3x peer, memory <= peer, "
               "fwd <= 4x memory floor", ""]
     for row in report["rows"]:
@@ -294,22 +359,30 @@ def markdown(report):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="main", help="main | all")
+    ap.add_argument("--only", type=int, nargs="+", default=None,
+                    help="indices into the full shape list (split a sweep over runs)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows and checks of an existing results file of the same tag "
+                         "(rows of re-measured shapes are replaced)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--peer-shapes", type=int, default=3,
-                    help="time the peer on the first N shapes only (it autotunes per shape)")
     ap.add_argument("--chunk-shapes", type=int, default=1,
                     help="time the pure-JAX chunk form on the first N shapes only (slow compile)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--tag", default=jax.default_backend())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
-    shapes = ALL if args.shapes == "all" else [MAIN]
+    indices = args.only if args.only is not None else (
+        range(len(ALL)) if args.shapes == "all" else [0])
+    shapes = [ALL[i] for i in indices]
     check_shapes = [(2, 512, 4, 128, 64), (2, 300, 4, 64, 32)]
+    decode_batches = (1, 8, 64)
     if args.smoke:
-        shapes, check_shapes = [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]
+        indices, shapes, check_shapes = [0], [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]
+        decode_batches = (1,)
     dev = jax.devices()[0]
     report = {"tag": args.tag, "device": f"{dev.platform} {dev.device_kind}",
               "jax": jax.__version__, "python": platform.python_version(),
@@ -320,13 +393,25 @@ def main():
                                                    check(check_shapes[0], dtype, 0.05)])
     bw = copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
+    report["decode"] = [] if args.no_decode else [
+        bench_decode(B, dtype, bw, smoke=args.smoke) for B in decode_batches]
     use_peer = not args.no_peer and peer_available()
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench_kernels_{args.tag}")
     report["rows"] = []
-    for i, s in enumerate(shapes):  # results are rewritten after every shape
-        report["rows"].append(bench_shape(s, dtype, use_peer and i < args.peer_shapes, bw,
+    if args.merge and os.path.exists(base + ".json"):
+        with open(base + ".json") as f:
+            previous = json.load(f)
+        measured = [dict(zip("B T H K M".split(), s)) for s in shapes]
+        report["rows"] = [r for r in previous["rows"] if r["shape"] not in measured]
+        report["checks"] = previous["checks"] + report["checks"]
+        report["decode"] = report["decode"] or previous.get("decode", [])
+        report["command"] = previous["command"] + " ; then " + report["command"]
+    for i, s in zip(indices, shapes):  # results are rewritten after every shape
+        report["rows"].append(bench_shape(s, dtype, use_peer, bw,
                                           with_chunk=i < args.chunk_shapes))
+        report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
+                            if tuple(r["shape"].values()) in ALL else -1)
         with open(base + ".json", "w") as f:
             json.dump(report, f, indent=1)
         md = markdown(report)
