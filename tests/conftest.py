@@ -15,16 +15,11 @@ import pytest
 # `import reference` / `import ops_util` from the test files, whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _enable_x64():
-    if hasattr(jax, "enable_x64"):  # jax >= 0.8
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # older jax
-    return enable_x64()
+import ops_util  # noqa: E402
 
 
 @pytest.fixture
 def x64():
     """Run the test with `jax_enable_x64` on (float64 arrays stay float64)."""
-    with _enable_x64():
+    with ops_util.enable_x64():
         yield

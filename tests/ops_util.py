@@ -92,6 +92,14 @@ def step_fn(slot_activation: str = "softmax", scale: Optional[float] = None):
                                      slot_activation=slot_activation))
 
 
+def enable_x64():
+    """Context manager: `jax_enable_x64` on inside (float64 arrays stay float64)."""
+    if hasattr(jax, "enable_x64"):  # jax >= 0.8
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64 as legacy  # older jax
+    return legacy()
+
+
 def assert_close(actual, expected, *, rtol: float, atol: float, what: str = "") -> None:
     np.testing.assert_allclose(np.asarray(actual, dtype=np.float64),
                                np.asarray(expected, dtype=np.float64),

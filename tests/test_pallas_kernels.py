@@ -1,0 +1,184 @@
+"""The Pallas kernels (impl="pallas", run by Pallas' interpreter on the CPU) against the float64
+recurrent form: outputs, final states and the gradients of every input and both initial states.
+
+The kernels compute in float32 (states, accumulation), so they are compared with a float64
+reference by relative error, on float32 copies of fresh random inputs. Cases cover the kernel
+paths: several K/V/M, T not a multiple of the chunk, one step, grouped heads, packed segments,
+the fused and the split forward, recomputed chunk states, and gates strong enough for the exact
+in-kernel path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsa_jax.ops import gated_slot_attention
+from ops_util import enable_x64, gsa_inputs, relative_error
+from pallas_kernels import gla as pgla
+
+# name: (B, T, H, Hkv, K, V, M, chunk, segments, initial state)
+CASES = {
+    "K16_V32_M16_ragged": (1, 40, 2, 2, 16, 32, 16, 16, False, True),
+    "K32_V16_M32_gqa": (2, 37, 4, 2, 32, 16, 32, 16, False, True),
+    "K16_V16_M64_no_state": (1, 48, 2, 2, 16, 16, 64, 16, False, False),
+    "segments_C32": (2, 70, 2, 1, 16, 16, 16, 32, True, True),
+    "T1": (2, 1, 2, 2, 16, 16, 16, 16, False, True),
+}
+F32_REL = 2e-4  # float32 kernels vs the float64 recurrence
+
+
+def _segments(seed, B, T):
+    """Random packed-document ids [B, T]: non-decreasing, several documents per row."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((B, T)) < 0.12
+    starts[:, 0] = False
+    return np.cumsum(starts, axis=1).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grads(impl, chunk_size, with_state, with_segments, recompute=False):
+    """jit of (inputs, cotangents, segment_ids) -> (o, (Hk, Hv), grads of inputs and states)."""
+    def run(q, k, v, s, g, hk0, hv0, segment_ids):
+        kw = dict(recompute_states=True) if recompute else {}
+        return gated_slot_attention(
+            q, k, v, s, g, initial_state=(hk0, hv0) if with_state else None,
+            return_final_state=True, segment_ids=segment_ids if with_segments else None,
+            impl=impl, chunk_size=chunk_size, **kw)
+
+    def fn(args, cotangents, segment_ids):
+        out, vjp = jax.vjp(lambda *a: run(*a, segment_ids), *args)
+        return out, vjp(cotangents)
+
+    return jax.jit(fn)
+
+
+def _case_inputs(seed, case, dtype):
+    B, T, H, Hkv, K, V, M, C, segs, state = CASES[case]
+    x = gsa_inputs(seed, B, T, H, Hkv, K, V, M, dtype=np.float64)
+    rng = np.random.default_rng(seed + 1)
+    hk0 = x.hk0 if state else np.zeros((B, Hkv, K, M))  # unused without a state
+    hv0 = x.hv0 if state else np.zeros((B, Hkv, M, V))
+    args = (x.q, x.k, x.v, x.s, x.g, hk0, hv0)
+    cot = (rng.standard_normal((B, T, H, V)),
+           (rng.standard_normal((B, Hkv, K, M)), rng.standard_normal((B, Hkv, M, V))))
+    seg = _segments(seed + 2, B, T)
+    cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+    return cast(args), cast(cot), jnp.asarray(seg), (C, state, segs)
+
+
+def _reference(seed, case):
+    with enable_x64():
+        args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float64)
+        out, grads = _value_and_grads("recurrent", C, state, segs)(args, cot, seg)
+        return jax.tree.map(np.asarray, (out, grads))
+
+
+def _assert_rel(actual, expected, tol, what):
+    expected = np.asarray(expected, np.float64)
+    assert np.abs(expected).max() > 0, f"reference {what} is zero: test is vacuous"
+    assert np.all(np.isfinite(np.asarray(actual, np.float64))), what
+    err = relative_error(actual, expected)
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
+NAMES = ("dq", "dk", "dv", "ds", "dg", "dHk0", "dHv0")
+
+
+def _compare(out, grads, ref_out, ref_grads, tol, with_state, dg_atol=None):
+    """Relative errors below tol; dg by absolute error instead where dg_atol is given."""
+    (o, (hk, hv)), (ro, (rhk, rhv)) = out, ref_out
+    _assert_rel(o, ro, tol, "o")
+    _assert_rel(hk, rhk, tol, "final Hk")
+    _assert_rel(hv, rhv, tol, "final Hv")
+    names = NAMES if with_state else NAMES[:5]
+    for name, gp, gr in zip(names, grads, ref_grads):
+        if name == "dg" and dg_atol is not None:
+            err = np.abs(np.asarray(gp, np.float64) - gr).max()
+            assert err < dg_atol, f"dg: absolute error {err:.2e} >= {dg_atol:.0e}"
+            continue
+        _assert_rel(gp, gr, tol, name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_recurrent_float64(case):
+    seed = 100 + list(CASES).index(case)
+    ref_out, ref_grads = _reference(seed, case)
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+    out, grads = _value_and_grads("pallas", C, state, segs)(args, cot, seg)
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+
+
+@pytest.mark.parametrize("path", ["split_forward", "recompute_states"])
+def test_forward_paths_and_recomputation(path):
+    """The split forward (state pass + chunk-parallel output, taken past `fused_max_chunks`)
+    and recomputed chunk states give the reference values and gradients too."""
+    case = "segments_C32"
+    seed = 200
+    ref_out, ref_grads = _reference(seed, case)
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+    before = pgla.set_tuning()
+    try:
+        if path == "split_forward":
+            pgla.set_tuning(fused_max_chunks=0)
+            # a fresh jit (not the cached one): the tuning is read when the kernels are traced
+            fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
+        else:
+            fn = _value_and_grads("pallas", C, state, segs, recompute=True)
+        out, grads = fn(args, cot, seg)
+        # forward only, no gradient: the fused walk when the chunk count allows it
+        o_only = jax.jit(lambda *a: gated_slot_attention(
+            *a[:5], initial_state=(a[5], a[6]), segment_ids=a[7], impl="pallas",
+            chunk_size=C)[0])(*args, seg)
+    finally:
+        pgla.set_tuning(**{f: getattr(before, f) for f in before.__dataclass_fields__})
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+    _assert_rel(o_only, ref_out[0], F32_REL, "o without gradient")
+
+
+def test_strong_gates_take_the_exact_path():
+    """g = -20 per step: every chunk's decay exceeds the fast path's bound (MAX_CHUNK_DECAY);
+    values and gradients still match the reference, nothing overflows.
+
+    dg is then ~1e-9 of the other gradients: the chunked backward (kernels and the pure-JAX
+    chunk form alike) forms it as a reverse cumulative sum of O(1) terms, so float32 resolves
+    it to an absolute ~1e-7 only, which is what the test asks of it."""
+    case = "K16_V32_M16_ragged"
+    seed = 300
+    B, T, H, Hkv, K, V, M, C, _, _ = CASES[case]
+
+    def strong(args):
+        q, k, v, s, g, hk0, hv0 = args
+        return (q, k, v, s, g * 0 - 20.0 + 0.5 * jnp.tanh(g), hk0, hv0)
+
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        args = strong(args)
+        assert float(jnp.max(-jnp.sum(args[4][:, :C], axis=1))) > pgla.MAX_CHUNK_DECAY
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, True, False)(args, cot, seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    out, grads = _value_and_grads("pallas", C, True, False)(strong(args), cot, seg)
+    scale = max(np.abs(g).max() for g in ref_grads[:4])  # dq, dk, dv, ds: O(1)..O(10)
+    _compare(out, grads, ref_out, ref_grads, F32_REL, True, dg_atol=1e-7 * scale)
+
+
+def test_bfloat16_inputs_close_to_float64():
+    """bf16 inputs (f32 accumulation inside): output in bf16, within bf16 rounding of the
+    float64 reference computed on the same (rounded) inputs."""
+    case = "K32_V16_M32_gqa"
+    seed = 400
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.bfloat16)
+    o, _ = jax.jit(lambda *a: gated_slot_attention(
+        *a[:5], initial_state=(a[5], a[6]), impl="pallas", chunk_size=C))(*args)
+    assert o.dtype == jnp.bfloat16
+    with enable_x64():
+        ref = gated_slot_attention(*(jnp.asarray(a, jnp.float64) for a in args[:5]),
+                                   initial_state=tuple(jnp.asarray(a, jnp.float64)
+                                                       for a in args[5:]), impl="recurrent")[0]
+        ref = np.asarray(ref)
+    _assert_rel(o, ref, 2e-2, "bf16 o")
