@@ -1,0 +1,124 @@
+"""Train a model with the project's trainer and record its throughput, MFU and loss curve.
+
+    python experiments/train_throughput.py --config configs/gsa-340m-stdlib.yaml --tag h100
+    python experiments/train_throughput.py --config configs/tiny.yaml --tag cpu --set steps=40
+
+Runs `gsa_jax.train.train` (fresh run directory unless --resume), then reads the run's
+metrics.jsonl: tokens/s and MFU are the medians of the logged intervals (the compiling first step
+is never timed; intervals broken by evaluation or checkpoints restart their timer), the peak
+device memory is the backend's `peak_bytes_in_use` where it reports one. Results:
+experiments/results/train_throughput_<tag>.json and .md (device, versions, command, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+from gsa_jax.config import load_config  # noqa: E402
+from gsa_jax.train import train  # noqa: E402
+
+
+def summarize(records: list[dict]) -> dict:
+    """Medians of the timed train records, first/last loss and the final validation loss."""
+    timed = [r for r in records if "tokens_per_s" in r]
+    losses = [r for r in records if "loss" in r and "event" not in r]
+    vals = [r for r in records if "val_loss" in r]
+    out = {"logged_intervals": len(timed)}
+    if timed:
+        out["tokens_per_s_median"] = statistics.median(r["tokens_per_s"] for r in timed)
+        out["tokens_per_s_max"] = max(r["tokens_per_s"] for r in timed)
+        if all("mfu" in r for r in timed):
+            out["mfu_median"] = statistics.median(r["mfu"] for r in timed)
+    if losses:
+        out["loss_first"], out["loss_last"] = losses[0]["loss"], losses[-1]["loss"]
+        out["loss_curve"] = [[r["step"], r["loss"]] for r in losses]
+    if vals:
+        out["val_loss_last"], out["val_ppl_last"] = vals[-1]["val_loss"], vals[-1]["val_ppl"]
+    return out
+
+
+def markdown(report: dict) -> str:
+    s, c = report["summary"], report["config"]
+    m = c["model"]
+    lines = [f"# train_throughput ({report['tag']})", "",
+             f"{report['device']} x {report['device_count']}, jax {report['jax']}, "
+             f"Python {report['python']}, {report['date']}", "",
+             f"Command: `{report['command']}`", "",
+             f"Model: mixer {m.get('mixer')}, D={m.get('hidden_size')}, "
+             f"L={m.get('num_layers')}, vocab {m.get('vocab_size')}, {report['params']:,} "
+             f"parameters, compute {m.get('dtype')}, params {m.get('param_dtype')}; "
+             f"batch {c['data']['batch_size']} x {c['data']['seq_len']} tokens, "
+             f"{c['steps']} steps, mesh {c['mesh']}.", "",
+             "| tokens/s (median) | tokens/s (max) | MFU (median) | peak memory GiB | "
+             "loss first → last | val loss | wall s |",
+             "|---:|---:|---:|---:|---|---:|---:|"]
+    mfu = f"{100 * s['mfu_median']:.1f}%" if "mfu_median" in s else "-"
+    peak = (f"{report['peak_bytes'] / 2**30:.1f}" if report.get("peak_bytes") else "-")
+    val = f"{s['val_loss_last']:.3f}" if "val_loss_last" in s else "-"
+    lines.append(f"| {s.get('tokens_per_s_median', float('nan')):,.0f} | "
+                 f"{s.get('tokens_per_s_max', float('nan')):,.0f} | {mfu} | {peak} | "
+                 f"{s.get('loss_first', float('nan')):.3f} → {s.get('loss_last', float('nan')):.3f}"
+                 f" | {val} | {report['wall_s']:.0f} |")
+    lines += ["", "MFU counts 6·N + attention/mixer FLOPs per token (gsa_jax/flops.py) against "
+              "the device's dense bf16 peak."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p.add_argument("--resume", action="store_true", help="keep the run directory's checkpoints")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
+    args = p.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    run_dir = pathlib.Path(config.run_dir)
+    if not args.resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a throughput run starts fresh
+    t0 = datetime.datetime.now(datetime.timezone.utc)
+    final = train(config)
+    wall = (datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    start = next((r for r in records if r.get("event") in ("start", "resume")), {})
+    report = {
+        "tag": args.tag or jax.default_backend(),
+        "device": f"{dev.platform} {dev.device_kind}", "device_count": jax.device_count(),
+        "jax": jax.__version__, "python": platform.python_version(),
+        "date": t0.isoformat(timespec="seconds"),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]
+                                        if argv is None else ["train_throughput.py", *argv]),
+        "config": config.to_dict(), "params": start.get("params"),
+        "flops_per_token": start.get("flops_per_token"), "wall_s": wall,
+        "peak_bytes": (stats or {}).get("peak_bytes_in_use"),
+        "summary": summarize(records), "sample": final.get("sample"),
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, f"train_throughput_{report['tag']}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()
