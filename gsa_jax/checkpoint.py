@@ -6,6 +6,10 @@
 Orbax writes each save into a temporary directory and renames it when complete (and, with async
 saving, only after the background write finished), so a run killed at any moment, even while
 saving, leaves the previous complete checkpoints intact; `latest_step()` never sees a partial one.
+
+A params checkpoint (`save_params` / `restore_params`: what `gsa-jax convert` writes and
+`gsa-jax train --init-from` reads) has the same layout with state = {"params": tree} at step 0
+and meta {"kind": "params", "config": {"model": ...}, ...}: weights without optimizer state.
 """
 
 from __future__ import annotations
@@ -135,3 +139,47 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+PARAMS_KIND = "params"
+
+
+def save_params(directory: str | pathlib.Path, params: Any, meta: dict) -> None:
+    """Writes a params checkpoint (step 0, synchronously) into an empty `directory`.
+
+    params: a pytree of NumPy or jax arrays; meta: JSON-ready dict (should hold
+    {"config": {"model": ModelConfig.to_dict()}} for the shape-mismatch hints).
+    """
+    checkpointer = Checkpointer(directory, CheckpointConfig(keep=1, async_save=False))
+    try:
+        if checkpointer.latest_step() is not None:
+            raise ValueError(f"{checkpointer.directory} already holds a checkpoint; write the "
+                             f"converted weights into a new directory")
+        checkpointer.save(0, {"params": params}, {**meta, "kind": PARAMS_KIND, "step": 0})
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+
+
+def restore_params(directory: str | pathlib.Path, abstract_params: Any) -> tuple[Any, dict]:
+    """(params, meta) of the params checkpoint in `directory`, placed as `abstract_params`
+    (jax.ShapeDtypeStruct leaves with shardings) says.
+
+    Raises FileNotFoundError when there is no checkpoint, ValueError when it is not a params
+    checkpoint or its arrays have other shapes (naming them).
+    """
+    path = pathlib.Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no params checkpoint directory {str(path)!r}")
+    checkpointer = Checkpointer(path, read_only=True)
+    try:
+        meta = checkpointer.restore_meta()
+        if meta.get("kind") != PARAMS_KIND:
+            raise ValueError(f"{checkpointer.directory} is not a params checkpoint (the kind "
+                             f"`gsa-jax convert` writes); to start from a training run's "
+                             f"weights, convert them first: gsa-jax convert --run-dir RUN "
+                             f"--mixer attention --output DIR")
+        state, meta = checkpointer.restore({"params": abstract_params})
+    finally:
+        checkpointer.close()
+    return state["params"], meta

@@ -1,10 +1,13 @@
-"""The `gsa-jax` command: train, eval, generate, prepare.
+"""The `gsa-jax` command: train, eval, generate, prepare, convert.
 
     gsa-jax train --config configs/tiny.yaml [--set optim.lr=1e-3 --set run_dir=runs/x ...]
+                  [--init-from ckpt/converted]
     gsa-jax eval --run-dir runs/tiny [--step 600] [--batches all]
     gsa-jax generate --run-dir runs/tiny --prompt "def " [--max-new-tokens 200 --temperature 0.8]
     gsa-jax prepare --input a.txt b.jsonl --output data/train.bin [--val-output data/val.bin
                     --val-fraction 0.01] [--tokenizer tokenizer.json]
+    gsa-jax convert --hf mistral-7b/ --mixer gsa --output ckpt/mistral-gsa
+                    [--set model.num_slots=64 ...]   (or --run-dir runs/transformer)
 
 Bad config values, missing files and impossible meshes end with one line `gsa-jax: error: ...`
 and exit status 2 (--traceback shows the Python traceback instead).
@@ -53,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a model")
     _config_args(p, run_dir_source=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar or printed lines")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from the weights of this params checkpoint (gsa-jax convert "
+                        "output) with a fresh optimizer at step 0; ignored when the run "
+                        "directory already has checkpoints (the run resumes)")
 
     p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint")
     _config_args(p, run_dir_source=True)
@@ -82,7 +89,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bos-id", type=int, help="document separator id (default: the "
                    "tokenizer's end-of-text token)")
     p.add_argument("--text-field", default="text", help="field of the .jsonl records")
+
+    p = sub.add_parser("convert", help="convert a pretrained Transformer (Hugging Face "
+                       "Llama/Mistral, or a gsa-jax run) into GSA/GLA/RetNet weights (T2R)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face Llama/Mistral checkpoint "
+                        "directory (config.json + *.safetensors)")
+    source.add_argument("--run-dir", help="a gsa-jax training run (its latest checkpoint)")
+    p.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest)")
+    p.add_argument("--mixer", default="gsa", help="target token mixer: gsa (default) | gla | "
+                   "retnet | attention (unchanged)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="model.KEY=VALUE", help="target model field, e.g. --set "
+                   "model.num_slots=32 (repeatable)")
+    p.add_argument("--output", required=True, help="new directory for the params checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="initialisation of the new parameters")
+    p.add_argument("--unit-norm-scale", action="store_true",
+                   help="start GSA's output-norm scale at 1 (as from scratch) instead of the "
+                        "attention's value scale (see gsa_jax.convert)")
+    p.add_argument("--ignore-sliding-window", action="store_true",
+                   help="keep attention layers of a sliding-window (Mistral) checkpoint as "
+                        "full attention (exact on sequences up to the window)")
     return parser
+
+
+def _convert(args) -> dict:
+    from gsa_jax import convert
+    from gsa_jax.config import parse_override
+    overrides = {}
+    for item in args.overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 2 or keys[0] != "model":
+            raise ValueError(f"convert --set takes model fields (model.KEY=VALUE), got {item!r}")
+        overrides[keys[1]] = value
+    if args.hf is not None:
+        if args.step is not None:
+            raise ValueError("--step goes with --run-dir, not --hf")
+        target, params, meta = convert.convert_hf(
+            args.hf, args.mixer, seed=args.seed, match_scale=not args.unit_norm_scale,
+            ignore_sliding_window=args.ignore_sliding_window, **overrides)
+    else:
+        target, params, meta = convert.convert_run(args.run_dir, args.mixer, step=args.step,
+                                                   seed=args.seed,
+                                                   match_scale=not args.unit_norm_scale,
+                                                   **overrides)
+    output = convert.save_converted(args.output, params, target, meta)
+    return {"output": str(output), "mixer": target.mixer, **{
+        k: meta["conversion"][k] for k in ("reused_params", "new_params")},
+            "model_yaml": str(output / "model.yaml"),
+            "next": f"gsa-jax train --config CONFIG --init-from {output}  (CONFIG's model "
+                    f"section as in {output / 'model.yaml'})"}
 
 
 def _run(args) -> int:
@@ -93,12 +149,15 @@ def _run(args) -> int:
                          text_field=args.text_field)
         print(json.dumps(result, indent=1))
         return 0
+    if args.command == "convert":
+        print(json.dumps(_convert(args), indent=1))
+        return 0
 
     from gsa_jax import sharding
     sharding.maybe_initialize_distributed()
     if args.command == "train":
         from gsa_jax.train import train
-        train(_load(args, from_run_dir=False), quiet=args.quiet)
+        train(_load(args, from_run_dir=False), quiet=args.quiet, init_from=args.init_from)
         return 0
     config = _load(args, from_run_dir=True)
     if args.command == "eval":

@@ -10,8 +10,10 @@ import pathlib
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from gsa_jax import checkpoint as checkpoint_lib
 from gsa_jax import sharding as shd
 from gsa_jax import steps
 from gsa_jax.checkpoint import Checkpointer
@@ -84,10 +86,13 @@ def build(config: Config, *, read_only: bool = False, devices: Optional[list] = 
                    checkpointer)
 
 
-def restore_or_init(session: Session, step: Optional[int] = None, resume: bool = True
-                    ) -> tuple[steps.TrainState, Optional[dict]]:
+def restore_or_init(session: Session, step: Optional[int] = None, resume: bool = True,
+                    init_from: Optional[str] = None) -> tuple[steps.TrainState, Optional[dict]]:
     """(state, meta): the checkpoint's (latest, or `step`) when there is one and `resume`, else a
-    fresh state and None."""
+    fresh state and None; `init_from` (a params checkpoint) supplies a fresh state's params.
+
+    A run that already has checkpoints resumes from them and ignores `init_from`: a preempted
+    finetune continues where it stopped instead of starting over."""
     latest = session.checkpointer.latest_step()
     if not resume and latest is not None:
         # Fresh steps would interleave with the old run's checkpoints (and a later resume would
@@ -98,9 +103,52 @@ def restore_or_init(session: Session, step: Optional[int] = None, resume: bool =
     if resume and (latest is not None or step is not None):
         state, meta = _restore(session, step)
         log.info("restored step %d from %s", int(state.step), session.checkpoint_dir)
+        if init_from is not None:
+            log.warning("resuming %s at step %d: --init-from %s is not used",
+                        session.checkpoint_dir, int(state.step), init_from)
         return state, meta
+    if init_from is not None:
+        return init_from_params(session, init_from), None
     return steps.init_state(session.model, session.tx, session.config.seed, session.layout,
                             session.mesh), None
+
+
+def init_from_params(session: Session, directory: str) -> steps.TrainState:
+    """A fresh train state (step 0, zero optimizer moments, the seed's RNG) whose params are
+    those of the params checkpoint in `directory` (`gsa-jax convert` output), sharded as the
+    session's layout says.
+
+    Raises ValueError naming the differing arrays and model config fields when the checkpoint
+    was written for another model.
+    """
+    layout = session.layout
+    try:
+        params, _ = checkpoint_lib.restore_params(directory, layout.abstract.params)
+    except ValueError as err:
+        try:
+            reader = Checkpointer(directory, read_only=True)
+            saved = reader.restore_meta().get("config", {}).get("model", {})
+            reader.close()
+        except Exception:  # the message without the hint is still clear
+            raise err from None
+        diff = _model_diff(saved, session.config.model.to_dict()) if saved else []
+        if diff:
+            raise ValueError(f"{err}\nModel config fields that differ (set them in the "
+                             f"training config's model section): " + "; ".join(diff)) from None
+        raise
+    # The same RNG split as steps.init_state, so a run's RNG depends on its seed only.
+    _, k_state = jax.random.split(jax.random.key(session.config.seed))
+    with shd.sharding_context(session.mesh):
+        opt_state = jax.jit(session.tx.init, out_shardings=layout.shardings.opt_state)(params)
+    return steps.TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), layout.shardings.step),
+        params=params, opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(k_state), layout.shardings.rng))
+
+
+def _model_diff(saved: dict, mine: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
+            for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
 
 
 def restore_params(session: Session, step: Optional[int] = None) -> tuple[Any, dict]:
@@ -118,9 +166,7 @@ def _restore(session: Session, step: Optional[int]):
             saved = session.checkpointer.restore_meta(step).get("config", {}).get("model", {})
         except Exception:  # the message without the hint is still clear
             raise err from None
-        mine = session.config.model.to_dict()
-        diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
-                for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        diff = _model_diff(saved, session.config.model.to_dict())
         if diff:
             raise ValueError(f"{err}\nModel config fields that differ: " + "; ".join(diff)) from None
         raise

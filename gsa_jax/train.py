@@ -105,21 +105,32 @@ def sample_text(session, params, sample_cfg) -> str:
 
 
 def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[list] = None,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False, init_from: Optional[str] = None) -> dict[str, Any]:
     """Trains (resuming from the run directory's latest checkpoint) to `config.steps`.
 
     stop_at: leave the loop after this step without a final save (an interruption, for tests).
     quiet: no progress bar or printed lines (files are still written).
+    init_from: a params checkpoint (`gsa-jax convert` output) whose weights start a fresh run
+      (step 0, new optimizer state); the run is evaluated once before its first step. Ignored
+      when the run directory already has checkpoints (the run resumes).
     Returns the last train metrics and the final evaluation.
     """
     main = shd.is_main_process()
+    if init_from is not None and not pathlib.Path(init_from).is_dir():
+        raise FileNotFoundError(f"--init-from: no params checkpoint directory {str(init_from)!r}")
     session = session_lib.build(config, devices=devices)
     cfg, mesh = session.config, session.mesh
     run_dir = pathlib.Path(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    state, meta = session_lib.restore_or_init(session, resume=cfg.checkpoint.resume)
+    try:
+        state, meta = session_lib.restore_or_init(session, resume=cfg.checkpoint.resume,
+                                                  init_from=init_from)
+    except Exception:
+        session.checkpointer.close()  # stop orbax's background threads before the error exits
+        raise
+    initialised = init_from is not None and meta is None
     loader = PackedBatches(session.data.train, batch_size=cfg.data.batch_size,
                            seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                            bos_id=session.data.bos_id)
@@ -141,9 +152,11 @@ def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[li
                   f"mesh {dict(mesh.shape)} on {jax.device_count()} "
                   f"{jax.devices()[0].device_kind} device(s); train "
                   f"{loader.stream.size:,} tokens; "
-                  + (f"resumed at step {start}" if meta else "fresh start"))
+                  + (f"resumed at step {start}" if meta else
+                     f"initialised from {init_from}" if initialised else "fresh start"))
     writer.write({"step": start, "event": "resume" if meta else "start",
-                  "params": num_params, "flops_per_token": flops_per_token})
+                  "params": num_params, "flops_per_token": flops_per_token,
+                  **({"init_from": str(init_from)} if initialised else {})})
 
     def save(step: int) -> None:
         session.checkpointer.save(step, state, {"step": step, "data": loader.state_dict(),
@@ -156,6 +169,13 @@ def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[li
                           mesh)
         writer.write({"step": step, **result})
         return result
+
+    if initialised and cfg.eval.every:
+        # The converted model before any finetuning: the start of its validation curve.
+        result = run_eval(0)
+        if verbose and result:
+            _say(bar, f"step      0  val loss {result['val_loss']:.4f}  val ppl "
+                      f"{result['val_ppl']:.2f}  (initial weights)")
 
     last: dict[str, Any] = {}
     timer, timed_steps = None, 0
