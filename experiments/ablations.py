@@ -1,0 +1,286 @@
+"""The GSA ablations of the paper's Table 2 at a size one GPU trains in about a minute per
+variant: validation perplexity of GSA against its variants, over several seeds.
+
+    python experiments/ablations.py --tag h100          # the real size (see REAL below)
+    python experiments/ablations.py --smoke --tag cpu    # tiny, a CPU check of the pipeline
+
+Variants (model-config changes from the default GSA: data-dependent gate, softmax between the
+passes, 64 slots):
+
+    gsa               the default
+    abc               gate="none": no forget gate (ABC)
+    data_independent  gate="data_independent": a learned per-slot decay, not a function of x
+    swish|relu|relu2  slot_nonlinearity instead of softmax
+    slots32|slots128  num_slots 32 / 128 (64 is the default row)
+
+Each (variant, seed) is one run of the project's trainer, `gsa_jax.train.train(config)`, on the
+embedded default corpus (the Python standard library's sources, byte-level), with the config of
+configs/tiny.yaml plus the overrides below. For a seed s every variant gets the same
+initialisation seed and the same data order (config.seed = data.seed = s), hence the same training
+tokens, and all are scored on the same validation windows (the first eval.batches batches of the
+validation split). Reported: validation perplexity (exp of the mean per-byte cross-entropy) per
+run, and per variant the mean ± sample standard deviation over seeds and the change from the
+default GSA, beside the paper's Table 2 (340M parameters on 10B SlimPajama tokens: perplexities
+that are not comparable in value with byte-level ones here; compare the ordering).
+
+Results: experiments/results/ablations_<tag>.json / .md / .png (bar plot), rewritten after every
+run. Run directories (checkpoints, metrics.jsonl) go under --work-dir (default a temporary
+directory, removed at the end); with --work-dir an interrupted sweep resumes where it stopped.
+The persistent compilation cache under the work directory lets the second seed of a variant skip
+XLA's compile. Split a sweep over commands with --variants and --merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import common  # noqa: E402
+
+# name: (label, model config changes from the default GSA)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gsa": ("GSA (default)", {}),
+    "abc": ("w/o gate (ABC)", {"gate": "none"}),
+    "data_independent": ("data-independent decay", {"gate": "data_independent"}),
+    "swish": ("softmax -> Swish", {"slot_nonlinearity": "swish"}),
+    "relu": ("softmax -> ReLU", {"slot_nonlinearity": "relu"}),
+    "relu2": ("softmax -> ReLU²", {"slot_nonlinearity": "relu2"}),
+    "slots32": ("32 slots", {"num_slots": 32}),
+    "slots128": ("128 slots", {"num_slots": 128}),
+}
+
+# The paper's Table 2 (340M, 10B SlimPajama tokens), perplexity per row. PAPER.md does not record
+# the numbers and they could not be verified here: fill them in from the paper (arXiv 2409.07146
+# v2, Table 2); None prints as "-".
+PAPER_PPL: dict[str, Any] = {name: None for name in VARIANTS}
+
+# The real size: 8 variants x 2 seeds, about a minute per variant on one H100 (estimate: the
+# first seed compiles, the second finds the executables in the compile cache). 16M training
+# tokens per run (about half an epoch of the corpus), validation on 64 x 32 x 512 = 1M tokens.
+REAL = dict(seeds=[0, 1], steps=1000, overrides=[
+    "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.num_slots=64",
+    "model.dtype=bfloat16", "data.seq_len=512", "data.batch_size=32", "optim.lr=2e-3",
+    "optim.warmup_steps=100", "eval.batches=64",
+])
+# A CPU check (< 60 s on 2 cores): 1 layer, a few steps, a small corner of the stdlib.
+SMOKE = dict(seeds=[0, 1], steps=3, overrides=[
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_slots=64",
+    "data.seq_len=32", "data.batch_size=4", "optim.warmup_steps=1", "eval.batches=2",
+    "data.val_fraction=0.25", "data.stdlib_root={stdlib}/email",
+])
+# Always: evaluate once at the end, no intermediate checkpoints, no sample, no TensorBoard.
+FIXED = ["eval.every=0", "checkpoint.every=0", "sample.max_new_tokens=0",
+         "logging.tensorboard=false"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p.add_argument("--smoke", action="store_true", help="CPU-sized run")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 1000; smoke 3)")
+    p.add_argument("--config", default=str(common.ROOT / "configs" / "tiny.yaml"),
+                   help="base YAML config (default configs/tiny.yaml)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="more config overrides, after the size's (repeatable)")
+    p.add_argument("--work-dir", default=None,
+                   help="run directories and compile cache (default: a temporary directory, "
+                        "removed at the end); an existing one resumes its runs")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of the existing results of this tag that this command "
+                        "does not redo (settings must match)")
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    size = SMOKE if args.smoke else REAL
+    args.seeds = size["seeds"] if args.seeds is None else args.seeds
+    args.steps = size["steps"] if args.steps is None else args.steps
+    if args.steps < 1:
+        p.error("--steps must be positive")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
+    from gsa_jax.data import stdlib
+    args.overrides = [o.format(stdlib=stdlib.stdlib_root()) for o in size["overrides"]]
+    args.overrides += FIXED + list(args.extra)
+    return args
+
+
+def run_config(args, variant: str, seed: int, work_dir: pathlib.Path):
+    """The trainer config of one (variant, seed)."""
+    from gsa_jax.config import load_config
+    changes = [f"model.{k}={v}" for k, v in VARIANTS[variant][1].items()]
+    overrides = args.overrides + changes + [
+        f"steps={args.steps}", f"seed={seed}", f"data.seed={seed}",
+        f"run_dir={work_dir / f'{variant}_seed{seed}'}",
+        f"logging.progress={str(not args.no_progress).lower()}"]
+    return load_config(args.config, overrides)
+
+
+def settings(args) -> dict[str, Any]:
+    """What makes runs comparable (checked by --merge): the base config and overrides."""
+    return {"config": os.path.relpath(args.config, common.ROOT)
+            if args.config.startswith(str(common.ROOT)) else args.config,
+            "overrides": args.overrides, "steps": args.steps}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per variant (in VARIANTS order): mean, sample std, min, max of the validation perplexity
+    over seeds, and the mean's change from the default GSA (same seeds)."""
+    out = []
+    for name in VARIANTS:
+        ppl = [r["val_ppl"] for r in runs if r["variant"] == name]
+        if not ppl:
+            continue
+        out.append({"variant": name, "label": VARIANTS[name][0], "seeds": len(ppl),
+                    "ppl_mean": statistics.fmean(ppl),
+                    "ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else None,
+                    "ppl_min": min(ppl), "ppl_max": max(ppl), "paper_ppl": PAPER_PPL[name]})
+    base = next((s for s in out if s["variant"] == "gsa"), None)
+    for s in out:
+        s["delta_vs_gsa"] = None if base is None else s["ppl_mean"] - base["ppl_mean"]
+    return out
+
+
+def markdown(record: dict) -> str:
+    cfg = record["model"]
+    lines = [f"# Ablations of GSA, Table 2 ({record['tag']})", "",
+             f"Byte-level LM on the embedded stdlib corpus: L = {cfg['num_layers']}, width "
+             f"{cfg['hidden_size']}, {cfg['num_heads']} heads, {cfg['num_slots']} slots, "
+             f"{record['params_gsa']:,} parameters (default GSA); {record['steps']} steps x "
+             f"{record['tokens_per_step']:,} tokens = "
+             f"{record['steps'] * record['tokens_per_step']:,} training tokens "
+             f"per run, seeds {record['seeds']} (same init seed and data order for every "
+             f"variant); validation perplexity per byte on {record['val_tokens']:,} validation "
+             f"tokens, mean ± sample std over seeds.", "",
+             "The paper's column: 340M parameters, 10B SlimPajama tokens, Mistral tokenizer: "
+             "perplexities per token, not comparable in value with these per-byte ones; compare "
+             "the direction of each change from GSA."]
+    if all(v is None for v in PAPER_PPL.values()):
+        lines.append("(The paper's numbers are not filled in yet: `PAPER_PPL` in "
+                     "experiments/ablations.py.)")
+    rows = []
+    for s in record["summary"]:
+        spread = f" ± {s['ppl_std']:.3f}" if s["ppl_std"] is not None else ""
+        delta = "" if s["variant"] == "gsa" else f"{s['delta_vs_gsa']:+.3f}"
+        rows.append([s["label"], f"{s['ppl_mean']:.3f}{spread}", delta,
+                     f"{s['ppl_min']:.3f} – {s['ppl_max']:.3f}", s["seeds"],
+                     common.fmt(s["paper_ppl"], 2)])
+    lines += ["", common.markdown_table(
+        ["variant", "val ppl (ours)", "Δ vs GSA", "min – max", "seeds", "paper ppl (Table 2)"],
+        rows, "lrrrrr")]
+    per_run = [[r["variant"], r["seed"], f"{r['val_ppl']:.3f}", f"{r['val_loss']:.4f}",
+                f"{r['train_loss']:.4f}", f"{r['params']:,}", f"{r['time_s']:.0f}"]
+               for r in record["runs"]]
+    lines += ["", "Runs:", "", common.markdown_table(
+        ["variant", "seed", "val ppl", "val loss", "last train loss", "params", "time s"],
+        per_run, "lrrrrrr")]
+    return "\n".join(lines)
+
+
+def plot(record: dict):
+    plt = common.pyplot()
+    summary = record["summary"]
+    if plt is None or not summary:
+        return None
+    fig, ax = plt.subplots(figsize=(1.1 * len(summary) + 2, 3.6))
+    x = range(len(summary))
+    means = [s["ppl_mean"] for s in summary]
+    errs = [s["ppl_std"] or 0.0 for s in summary]
+    ax.bar(x, means, yerr=errs, capsize=4,
+           color=["tab:blue" if s["variant"] == "gsa" else "tab:gray" for s in summary])
+    for i, r in enumerate(summary):   # the seeds themselves
+        pts = [run["val_ppl"] for run in record["runs"] if run["variant"] == r["variant"]]
+        ax.plot([i] * len(pts), pts, "k.", ms=4)
+    ax.set_xticks(list(x), [s["variant"] for s in summary], rotation=30, ha="right")
+    low, high = min(means) - 2 * max(errs + [0.01]), max(means) + 2 * max(errs + [0.01])
+    ax.set_ylim(max(0.0, low - 0.1 * (high - low)), high + 0.1 * (high - low))
+    ax.set_ylabel("validation perplexity (per byte)")
+    ax.set_title(f"GSA ablations ({record['tag']}), mean ± std over {len(record['seeds'])} seeds")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def load_previous(args, paths) -> dict:
+    """The existing results of this tag (for --merge; empty without them); the settings must
+    match."""
+    if not paths["json"].exists():
+        return {}
+    old = json.loads(paths["json"].read_text())
+    if old.get("settings") != settings(args):
+        raise ValueError(f"--merge: {paths['json']} was run with other settings: "
+                         f"{old.get('settings')} vs {settings(args)}")
+    return old
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        common.fast_cpu_compile()
+    work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_ablations_"))
+    common.enable_compilation_cache(work_dir / "jax_cache")
+    import jax
+    from gsa_jax.models import count_params
+    from gsa_jax.train import train
+
+    tag = args.tag or jax.default_backend()
+    paths = common.results_paths(tag, "ablations", args.out_dir)
+    todo = [(v, s) for v in args.variants for s in args.seeds]
+    previous = load_previous(args, paths) if args.merge else {}
+    runs = [r for r in previous.get("runs", []) if (r["variant"], r["seed"]) not in set(todo)]
+    base = run_config(args, "gsa", args.seeds[0], work_dir)
+    record = {"tag": tag, "settings": settings(args), "seeds": sorted({*args.seeds,
+              *(r["seed"] for r in runs)}), "steps": args.steps,
+              "tokens_per_step": base.data.batch_size * base.data.seq_len,
+              "model": base.model.to_dict(), "params_gsa": count_params(base.model),
+              "paper_ppl": PAPER_PPL, "runs": runs,
+              "commands": previous.get("commands", []) + [common.command_line(argv, __file__)]}
+    print(f"GSA ablations: {len(todo)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
+          f"{args.steps} steps each, work dir {work_dir}", flush=True)
+    start = time.perf_counter()
+    try:
+        for i, (variant, seed) in enumerate(todo):
+            config = run_config(args, variant, seed, work_dir)
+            t0 = time.perf_counter()
+            out = train(config, quiet=args.no_progress)
+            row = {"variant": variant, "seed": seed, "val_loss": out["val_loss"],
+                   "val_ppl": out["val_ppl"], "val_bpt": out["val_bpt"],
+                   "val_tokens": out["val_tokens"], "train_loss": out.get("loss", math.nan),
+                   "params": count_params(config.model),
+                   "time_s": round(time.perf_counter() - t0, 1)}
+            print(f"[{i + 1}/{len(todo)}] {variant:>16} seed {seed}: val ppl "
+                  f"{row['val_ppl']:.3f} (loss {row['val_loss']:.4f}) in {row['time_s']:.0f} s",
+                  flush=True)
+            runs.append(row)
+            record.update(summary=summarize(runs), val_tokens=row["val_tokens"],
+                          elapsed_s=round(time.perf_counter() - start, 1))
+            common.write_results(tag, "ablations", record, markdown(record),
+                                 command=record["commands"][-1],
+                                 out_dir=args.out_dir)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    fig = plot(record)
+    written = common.write_results(tag, "ablations", record, markdown(record), fig=fig,
+                                   command=record["commands"][-1],
+                                   out_dir=args.out_dir)
+    print(markdown(record))
+    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
