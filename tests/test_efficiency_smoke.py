@@ -1,0 +1,229 @@
+"""experiments/efficiency.py (the paper's Figure 4) at tiny sizes on the CPU: the files it writes,
+finite measurements for every (model, T), and, from the numbers it records, GSA's decode state
+of constant size against attention's KV cache growing by exactly its per-token bytes; the
+hidden-state-recomputation wrapper (same gradients, a checkpoint in the graph); cases past the
+time budget and an unavailable peer are recorded, not fatal; the peer's fallback torch model is
+our model (same loss from the same weights)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _efficiency():
+    path = os.path.join(ROOT, "experiments", "efficiency.py")
+    spec = importlib.util.spec_from_file_location("efficiency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One `--smoke` run (a subprocess per case, as on the GPU); its record and directory."""
+    eff = _efficiency()
+    out = tmp_path_factory.mktemp("efficiency")
+    argv = ["--smoke", "--tag", "test", "--out-dir", str(out)]
+    assert eff.main(argv) == 0
+    return eff, json.loads((out / "efficiency_test.json").read_text()), out
+
+
+def test_smoke_files_and_train_rows(smoke):
+    eff, record, out = smoke
+    config = record["config"]
+    assert record["command"].endswith("experiments/efficiency.py --smoke --tag test --out-dir "
+                                      + str(out))
+    assert record["environment"]["backend"] == "cpu"
+    expected = {(m, T) for m in eff.JAX_TRAIN for T in config["seq_lens"]}
+    train = {(r["model"], r["T"]): r for r in record["rows"] if r["part"] == "train"}
+    assert set(train) == expected  # no peer in a smoke run
+    vocab = eff.model_config(eff.parse_args(["--smoke"]), "gsa").vocab_size
+    for (model, T), row in train.items():
+        assert row["status"] == "ok", row
+        assert row["B"] * T == config["tokens"]
+        for key in ("step_ms", "min_step_ms", "tokens_per_s", "compiled_bytes", "compile_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (model, T, key)
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / (row["step_ms"] / 1e3))
+        # A few AdamW steps from a 0.02-std init: the loss is still near log(V).
+        assert abs(row["loss"] - math.log(vocab)) < 0.5, row
+        assert row["peak_bytes"] is None  # the CPU reports no device memory stats
+    assert train[("gsa-recompute", 32)]["recompute"] == "jax.checkpoint around the chunk form"
+    assert train[("gsa", 32)]["form"] == "chunk"
+    md = (out / "efficiency_test.md").read_text()
+    assert md.count("| gsa-recompute |") == len(config["seq_lens"])
+    if eff.common.pyplot() is not None:  # matplotlib is the optional [plot] extra
+        for suffix in ("", "_throughput", "_memory", "_latency"):
+            assert (out / f"efficiency_test{suffix}.png").stat().st_size > 1000
+
+
+def test_smoke_decode_state_constant_vs_growing_kv_cache(smoke):
+    """GSA's cache is L·H·(K·M + M·V) float32 at every N; attention's grows by exactly
+    L·ΔN·(2·Hkv·d·itemsize + 1) bytes (k and v slots plus the valid flag) between lengths."""
+    eff, record, _ = smoke
+    config = record["config"]
+    args = eff.parse_args(["--smoke"])
+    decode = {(r["model"], r["N"]): r for r in record["rows"] if r["part"] == "decode"}
+    assert set(decode) == {(m, n) for m in eff.DECODE_MODELS for n in config["gen_lens"]}
+    for row in decode.values():
+        assert row["status"] == "ok", row
+        assert row["generated"] == row["N"] and row["prefix"] == config["prefix"]
+        for key in ("latency_ms", "prefill_ms", "ms_per_token"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (row["model"], key)
+        assert row["latency_ms"] > 0
+
+    gsa = eff.model_config(args, "gsa", decode=True)
+    H, M = gsa.num_heads, gsa.num_slots
+    dk = dv = gsa.hidden_size // H
+    state = gsa.num_layers * H * (dk * M + M * dv) * 4
+    assert [decode[("gsa", n)]["cache_bytes"] for n in config["gen_lens"]] == \
+        [state] * len(config["gen_lens"])
+
+    attn = eff.model_config(args, "transformer", decode=True)
+    d = attn.hidden_size // attn.attn_num_heads
+    per_token = attn.num_layers * (2 * attn.attn_num_heads * d *
+                                   jnp.dtype(config["decode_dtype"]).itemsize + 1)
+    sizes = [decode[("transformer", n)]["cache_bytes"] for n in config["gen_lens"]]
+    steps = np.diff(config["gen_lens"])
+    assert list(np.diff(sizes)) == list(steps * per_token)
+    assert sizes[0] > state  # already at the smallest N
+
+
+def test_state_recomputation_same_gradient_with_a_checkpoint():
+    """The wrapper leaves the op's gradients unchanged, puts a checkpoint in the graph of the
+    chunk form (its forward is recomputed in the backward: more matmuls), and is undone on exit.
+    Each trace uses a fresh function: jax caches traces by function, not by what it looks up."""
+    eff = _efficiency()
+    import gsa_jax.ops as ops_pkg
+    original = ops_pkg.gated_slot_attention
+    keys = jax.random.split(jax.random.key(3), 5)
+    B, T, H, K, M = 2, 40, 2, 8, 4
+    q, k, v = (jax.nn.swish(jax.random.normal(kk, (B, T, H, K))) for kk in keys[:3])
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, M))) / 8
+    s = -jnp.expm1(g)
+    c = jax.random.normal(keys[4], (B, T, H, K))
+    inputs = (q, k, v, s, g)
+
+    def make_loss():
+        def loss(q, k, v, s, g):  # looks the op up at call time, as the layer does
+            o, _ = ops_pkg.gated_slot_attention(q, k, v, s, g, scale=1.0, chunk_size=16)
+            return jnp.sum(o * c)
+        return loss
+
+    def matmuls(fn):
+        return str(jax.make_jaxpr(fn)(*inputs)).count("dot_general")
+
+    def has_checkpoint(fn):  # the primitive is "remat2" in jax 0.10, "checkpoint" elsewhere
+        return any(e.primitive.name in ("remat2", "checkpoint", "remat")
+                   for e in jax.make_jaxpr(fn)(*inputs).jaxpr.eqns)
+
+    grad = lambda: jax.jit(jax.grad(make_loss(), argnums=(0, 1, 2, 3, 4)))  # noqa: E731
+    want, plain = grad()(*inputs), matmuls(jax.grad(make_loss()))
+    with eff.state_recomputation(True) as how:
+        assert has_checkpoint(make_loss())
+        assert matmuls(jax.grad(make_loss())) > plain
+        got = grad()(*inputs)
+    assert how["method"] == "jax.checkpoint around the chunk form"
+    assert ops_pkg.gated_slot_attention is original
+    assert not has_checkpoint(make_loss())
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_budget_merge_and_unavailable_peer(tmp_path):
+    """--budget-s 0 records every case as skipped (nothing is compiled); --merge adds to a
+    report; the peer without a CUDA torch (none here) is 'unavailable', not an error."""
+    eff = _efficiency()
+    argv = ["--smoke", "--tag", "budget", "--out-dir", str(tmp_path), "--budget-s", "0",
+            "--seq-lens", "32", "--gen-lens", "4", "8"]
+    assert eff.main(argv) == 0
+    rows = json.loads((tmp_path / "efficiency_budget.json").read_text())["rows"]
+    assert len(rows) == len(eff.JAX_TRAIN) + 2 * len(eff.DECODE_MODELS)
+    assert all(r["status"] == "skipped" and "--merge" in r["reason"] for r in rows)
+    # --merge keeps the other cases' rows and unites the sweeps; other settings are refused.
+    more = ["--smoke", "--tag", "budget", "--out-dir", str(tmp_path), "--budget-s", "0",
+            "--seq-lens", "64", "--parts", "train", "--merge"]
+    assert eff.main(more) == 0
+    merged = json.loads((tmp_path / "efficiency_budget.json").read_text())
+    assert len(merged["rows"]) == len(rows) + len(eff.JAX_TRAIN)
+    assert merged["config"]["seq_lens"] == [32, 64] and len(merged["commands"]) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        eff.main(more + ["--tokens", "256"])
+    row = eff.peer_case(eff.parse_args(["--smoke"]), "fla-gsa", 32)
+    assert row["status"] == "unavailable" and row["reason"]
+
+
+def test_torch_fallback_peer_is_our_model():
+    """The peer's fallback model (torch blocks around fla's chunk_gsa, used on the GPU when
+    `fla.models` does not import) computes our model's loss from the same weights. fla's
+    kernels need a GPU: a naive torch loop of the recurrence stands in for chunk_gsa here."""
+    torch = pytest.importorskip("torch")
+    import sys
+    import types
+
+    import flax.linen as nn
+
+    from gsa_jax.models import CausalLM, get_preset
+
+    def naive_chunk_gsa(q, k, v, s, g, scale, checkpoint_level):
+        B, T, H, K = q.shape
+        hk = torch.zeros(B, H, K, s.shape[-1])
+        hv = torch.zeros(B, H, s.shape[-1], v.shape[-1])
+        out = []
+        for t in range(T):
+            decay = g[:, t].exp()                                        # [B, H, M]
+            hk = hk * decay[:, :, None, :] + k[:, t, :, :, None] * s[:, t, :, None, :]
+            p = torch.softmax(scale * torch.einsum("bhkm,bhk->bhm", hk, q[:, t]), -1)
+            hv = hv * decay[..., None] + s[:, t, :, :, None] * v[:, t, :, None, :]
+            out.append(torch.einsum("bhmv,bhm->bhv", hv, p))
+        return torch.stack(out, 1), None
+
+    stubs = {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"),
+             "fla.ops.gsa": types.ModuleType("fla.ops.gsa")}
+    stubs["fla.ops.gsa"].chunk_gsa = naive_chunk_gsa
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        eff = _efficiency()
+        cfg = get_preset("gsa-tiny", num_layers=2, initializer_range=0.1)
+        net = eff._torch_gsa_lm(cfg, level=2)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    model = CausalLM(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 1), jnp.int32)))
+    p = params["params"]
+    t = lambda x: torch.tensor(np.asarray(x))  # noqa: E731
+    with torch.no_grad():
+        net.embed.weight.copy_(t(p["embed"]["embedding"]))
+        net.norm.weight.copy_(t(p["norm"]["scale"]))
+        net.lm_head.weight.copy_(t(p["lm_head"]["kernel"]).T)
+        for i, block in enumerate(net.blocks):
+            layer = p[f"layer_{i}"]
+            block.attn_norm.weight.copy_(t(layer["attn_norm"]["scale"]))
+            block.mlp_norm.weight.copy_(t(layer["mlp_norm"]["scale"]))
+            block.g_norm.weight.copy_(t(layer["mixer"]["g_norm"]["scale"]))
+            for name in ("q_proj", "k_proj", "v_proj", "f_proj", "o_proj"):
+                getattr(block, name).weight.copy_(t(layer["mixer"][name]["kernel"]).T)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(block, name).weight.copy_(t(layer["mlp"][name]["kernel"]).T)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12))
+    logits = np.asarray(jax.jit(model.apply)(params, jnp.asarray(tokens)), np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+    with torch.no_grad():
+        got = float(net(torch.tensor(tokens), torch.tensor(tokens)))
+    assert got == pytest.approx(want, rel=1e-4)
