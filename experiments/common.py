@@ -129,8 +129,10 @@ def write_results(tag: str, name: str, record: dict[str, Any], markdown: str, fi
     paths = results_paths(tag, name, out_dir)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     record = dict(record)
-    record.setdefault("environment", environment())
-    record.setdefault("command", command or command_line())
+    if "environment" not in record:  # not setdefault: environment() starts jax's backend
+        record["environment"] = environment()
+    if "command" not in record:
+        record["command"] = command or command_line()
     paths["json"].write_text(json.dumps(_json_safe(record), indent=1) + "\n")
     commands = record.get("commands") or [record["command"]]
     if len(commands) > 1:   # results merged from several commands (a split sweep)
