@@ -274,11 +274,8 @@ def main(argv=None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     fig = plot(record)
-    written = common.write_results(tag, "ablations", record, markdown(record), fig=fig,
-                                   command=record["commands"][-1],
-                                   out_dir=args.out_dir)
-    print(markdown(record))
-    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    common.write_and_print(tag, "ablations", record, markdown(record), fig=fig,
+                           command=record["commands"][-1], out_dir=args.out_dir)
     return 0
 
 

@@ -149,6 +149,15 @@ def write_results(tag: str, name: str, record: dict[str, Any], markdown: str, fi
     return written
 
 
+def write_and_print(tag: str, name: str, record: dict[str, Any], markdown: str, fig=None,
+                    **kwargs) -> dict[str, pathlib.Path]:
+    """`write_results`, then print the table and the paths written (a script's last step)."""
+    written = write_results(tag, name, record, markdown, fig, **kwargs)
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    return written
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend, or None (with a printed note) when
     matplotlib is not installed (`pip install -e '.[plot]'`)."""

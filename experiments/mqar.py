@@ -499,11 +499,8 @@ def main(argv=None) -> int:
     bar.close()
     record["verdict"] = verdict(rows)
     fig = plot(record)
-    written = common.write_results(tag, "mqar", record, markdown(record), fig=fig,
-                                   command=record["commands"][-1],
-                                   out_dir=args.out_dir)
-    print(markdown(record))
-    print("wrote " + ", ".join(str(p) for p in written.values()), flush=True)
+    common.write_and_print(tag, "mqar", record, markdown(record), fig=fig,
+                           command=record["commands"][-1], out_dir=args.out_dir)
     return 0
 
 
