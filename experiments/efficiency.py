@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import functools
 import json
 import os
@@ -159,6 +158,7 @@ def model_config(args, model: str, decode: bool = False):
         changes["num_layers"] = args.layers
     if family == "gsa":
         changes["impl"] = args.gsa_impl
+        changes["recompute_states"] = model == "gsa-recompute"
         if args.gsa_num_heads:
             changes["num_heads"] = args.gsa_num_heads
     if family == "transformer":
@@ -187,42 +187,6 @@ def resolved_form(cfg) -> str:
         return resolve_impl(cfg.mixer, cfg.impl, dims, cfg.chunk_size, jnp.dtype(cfg.dtype))
     except ValueError as err:
         return f"invalid: {err}"
-
-
-@contextlib.contextmanager
-def state_recomputation(enabled: bool):
-    """While active, the GSA layer's op keeps no hidden states for the backward pass.
-
-    A stopgap: `GatedSlotAttention` does not pass `recompute_states` to the op, so the op it calls
-    (`gsa_jax.ops.gated_slot_attention`, looked up at trace time) is wrapped here. The Pallas form
-    gets `recompute_states=True`; other forms run under `jax.checkpoint` (nothing of the op is
-    saved; its forward is recomputed in the backward). Yields a dict naming the method used.
-    """
-    how: dict = {}
-    if not enabled:
-        yield how
-        return
-    import jax
-    import gsa_jax.ops as ops_pkg
-    from gsa_jax.ops.gla import resolve_impl
-    original = ops_pkg.gated_slot_attention
-
-    def op(q, k, v, s, g, *, impl="auto", chunk_size=64, **kw):
-        dims = (q.shape[-1], s.shape[-1], v.shape[-1])
-        form = resolve_impl("gated_slot_attention", impl, dims, chunk_size, q.dtype)
-        if form == "pallas":
-            how["method"] = "pallas recompute_states=True"
-            return original(q, k, v, s, g, impl=form, chunk_size=chunk_size,
-                            recompute_states=True, **kw)
-        how["method"] = f"jax.checkpoint around the {form} form"
-        inner = functools.partial(original, impl=form, chunk_size=chunk_size, **kw)
-        return jax.checkpoint(inner)(q, k, v, s, g)
-
-    ops_pkg.gated_slot_attention = op
-    try:
-        yield how
-    finally:
-        ops_pkg.gated_slot_attention = original
 
 
 # ------------------------------------------------------------------------ measurements
@@ -262,47 +226,47 @@ def train_case(args, model: str, T: int) -> dict:
     row = {"part": "train", "model": model, "preset": f"{FAMILY[model]}-{args.size}", "T": T,
            "B": B, "tokens": B * T, "form": resolved_form(cfg), "dtype": cfg.dtype,
            "remat": cfg.remat, "params": count_params(cfg)}
-    with state_recomputation(model == "gsa-recompute") as how:
-        try:
-            lm = CausalLM(cfg)
-            tx, _ = make_optimizer(OptimConfig(warmup_steps=10), total_steps=1000)
-            init = jax.jit(lambda key: nn.meta.unbox(
-                lm.init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
-            params = init(jax.random.key(0))
-            opt_state = jax.jit(tx.init)(params)
-            tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
+    try:
+        lm = CausalLM(cfg)
+        tx, _ = make_optimizer(OptimConfig(warmup_steps=10), total_steps=1000)
+        init = jax.jit(lambda key: nn.meta.unbox(
+            lm.init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
+        params = init(jax.random.key(0))
+        opt_state = jax.jit(tx.init)(params)
+        tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
 
-            def step(params, opt_state, tokens):
-                def loss_fn(p):
-                    logits = lm.apply({"params": p}, tokens[:, :-1])
-                    sums = loss_sums(logits, tokens[:, 1:], jnp.ones((B, T), jnp.float32))
-                    return sums.total / sums.count
-                loss, grads = jax.value_and_grad(loss_fn)(params)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
+        def step(params, opt_state, tokens):
+            def loss_fn(p):
+                logits = lm.apply({"params": p}, tokens[:, :-1])
+                sums = loss_sums(logits, tokens[:, 1:], jnp.ones((B, T), jnp.float32))
+                return sums.total / sums.count
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
 
-            start = time.perf_counter()
-            compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state,
-                                                                   tokens).compile()
-            row["compile_s"] = round(time.perf_counter() - start, 2)
-            row["compiled_bytes"] = _compiled_bytes(compiled)
-            state = [params, opt_state, None]
-            del params, opt_state
+        start = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state,
+                                                               tokens).compile()
+        row["compile_s"] = round(time.perf_counter() - start, 2)
+        row["compiled_bytes"] = _compiled_bytes(compiled)
+        state = [params, opt_state, None]
+        del params, opt_state
 
-            def run():
-                state[:] = compiled(state[0], state[1], tokens)
-                jax.block_until_ready(state)
+        def run():
+            state[:] = compiled(state[0], state[1], tokens)
+            jax.block_until_ready(state)
 
-            for _ in range(args.warmup):
-                run()
-            median, fastest = _median_s(run, args.repeats)
-            row.update(step_ms=1e3 * median, min_step_ms=1e3 * fastest,
-                       tokens_per_s=B * T / median, loss=float(state[2]),
-                       peak_bytes=_peak_bytes(device), status="ok")
-        except Exception as error:  # noqa: BLE001 - recorded; the next case goes on
-            row.update(_failure(error))
+        for _ in range(args.warmup):
+            run()
+        median, fastest = _median_s(run, args.repeats)
+        row.update(step_ms=1e3 * median, min_step_ms=1e3 * fastest,
+                   tokens_per_s=B * T / median, loss=float(state[2]),
+                   peak_bytes=_peak_bytes(device), status="ok")
+    except Exception as error:  # noqa: BLE001 - recorded; the next case goes on
+        row.update(_failure(error))
     if model == "gsa-recompute":
-        row["recompute"] = how.get("method")
+        row["recompute"] = ("pallas recompute_states=True" if row["form"] == "pallas"
+                            else f"jax.checkpoint around the {row['form']} form")
     return row
 
 

@@ -232,8 +232,8 @@ def test_tied_embeddings_use_the_embedding_matrix():
 
 
 def test_remat_and_bfloat16():
-    """remat recomputes the same function (logits and gradients); bf16 compute stays close to
-    f32 and returns float32 logits."""
+    """remat and the GSA layers' recompute_states compute the same function (loss and
+    gradients); bf16 compute stays close to f32 and returns float32 logits."""
     model, cfg = _model("gsa-tiny")
     tokens = _tokens(cfg, (2, 8))
     params = nn.meta.unbox(_init(model, tokens))
@@ -248,6 +248,15 @@ def test_remat_and_bfloat16():
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            g0, g1)
+    # The GSA layers' hidden-state recomputation: same loss and gradients, a checkpoint inside.
+    recompute = CausalLM(dataclasses.replace(cfg, recompute_states=True))
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(recompute, p)))(params)
+    np.testing.assert_allclose(l0, l2, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           g0, g2)
+    eqns = jax.make_jaxpr(jax.grad(lambda p: loss(recompute, p)))(params).jaxpr.eqns
+    names = {e.primitive.name for e in eqns}
+    assert names & {"remat2", "checkpoint", "remat"}, names
     bf16 = CausalLM(dataclasses.replace(cfg, dtype="bfloat16"))
     logits16 = _forward(bf16, params, tokens)
     logits32 = np.asarray(_forward(model, params, tokens))

@@ -140,3 +140,28 @@ def test_recurrent_gradient_finite_differences(with_segments):
     weights = (rng.standard_normal((1, 5, 2, 2)), rng.standard_normal(x.hk0.shape),
                rng.standard_normal(x.hv0.shape))
     check_grads(f, tuple(x), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def _has_checkpoint(jaxpr) -> bool:
+    """Whether a jaxpr holds a rematerialisation ("remat2" in jax 0.10, "checkpoint" later)."""
+    return any(e.primitive.name in ("remat2", "checkpoint", "remat") for e in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
+def test_recompute_states_same_vjp_with_a_checkpoint(impl):
+    """recompute_states=True keeps only the inputs for the backward (a checkpoint around both
+    passes) and gives the same gradients of every input and both states."""
+    B, T, H, Hkv, K, V, M, C, segment_ids = CASES["segments"]
+    x = gsa_inputs(30, B, T, H, Hkv, K, V, M)
+    ct = _cotangents(31, x)
+
+    def vjp(recompute):
+        def run(*args):
+            return gated_slot_attention(
+                *args[:5], initial_state=args[5:], return_final_state=True,
+                segment_ids=segment_ids, impl=impl, chunk_size=C, recompute_states=recompute)
+        return lambda *args: jax.vjp(run, *args)[1](ct)
+
+    assert _has_checkpoint(jax.make_jaxpr(vjp(True))(*x))
+    assert not _has_checkpoint(jax.make_jaxpr(vjp(False))(*x))
+    _assert_grads_close(jax.jit(vjp(True))(*x), jax.jit(vjp(False))(*x), GSA_ARGS)

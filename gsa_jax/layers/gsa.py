@@ -101,6 +101,8 @@ class GatedSlotAttention(nn.Module):
       norm_eps: eps of the output RMSNorm.
       scale: multiplies q·k in pass 1 (the paper uses 1).
       impl, chunk_size: the op's form ("auto" | "recurrent" | "parallel" | "chunk" | ...).
+      recompute_states: keep no hidden states of the op for the backward pass; recompute them
+        (the paper's hidden-state recomputation; see `gated_slot_attention`).
       std, out_std: init std of the projections, and of W_o (None = std).
       dtype, param_dtype: compute and parameter dtypes (the op accumulates in float32).
     """
@@ -121,6 +123,7 @@ class GatedSlotAttention(nn.Module):
     scale: float = 1.0
     impl: str = "auto"
     chunk_size: int = 64
+    recompute_states: bool = False
     std: float = 0.02
     out_std: Optional[float] = None
     dtype: Any = jnp.float32
@@ -209,7 +212,8 @@ class GatedSlotAttention(nn.Module):
             o, state = ops.gated_slot_attention(
                 q, k, v, s, g, scale=self.scale, initial_state=state,
                 return_final_state=mode != "train", segment_ids=segment_ids, impl=self.impl,
-                chunk_size=self.chunk_size, slot_activation=self.slot_nonlinearity)
+                chunk_size=self.chunk_size, slot_activation=self.slot_nonlinearity,
+                recompute_states=self.recompute_states and mode == "train")
         o = jax.nn.silu(o.reshape(B, T, H * dv))
         o = common.RMSNorm(self.norm_eps, self.elementwise_affine, "heads", dtype=self.dtype,
                            param_dtype=self.param_dtype, name="g_norm")(o)

@@ -71,6 +71,7 @@ class ModelConfig:
     remat: bool = False                # nn.remat around each block
     impl: str = "auto"                 # form of the gsa/gla/retnet ops
     chunk_size: int = 64               # C of the chunk form
+    recompute_states: bool = False     # GSA: recompute the op's hidden states in the backward
 
     def __post_init__(self):
         if isinstance(self.attn_layers, list):

@@ -57,7 +57,8 @@ def build_mixer(cfg: ModelConfig, layer: int, name: str = "mixer") -> nn.Module:
     if kind == "gsa":
         return GatedSlotAttention(cfg.hidden_size, num_slots=cfg.num_slots, gate=cfg.gate,
                                   slot_nonlinearity=cfg.slot_nonlinearity,
-                                  gate_logit_normalizer=cfg.gate_logit_normalizer, **shared)
+                                  gate_logit_normalizer=cfg.gate_logit_normalizer,
+                                  recompute_states=cfg.recompute_states, **shared)
     if kind == "gla":
         return GatedLinearAttention(cfg.hidden_size,
                                     gate_logit_normalizer=cfg.gate_logit_normalizer,

@@ -75,8 +75,9 @@ def gated_slot_attention(
         "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
       chunk_size: C of the chunk form.
       slot_activation: "softmax" (GSA) or the ablations "swish", "relu", "relu2".
-      recompute_states: Pallas form only: keep no chunk states between the forward and the
-        backward pass and recompute them (the paper's hidden-state recomputation).
+      recompute_states: keep no hidden states between the forward and the backward pass and
+        recompute them there (the paper's hidden-state recomputation): the Pallas kernels drop
+        their per-chunk states; the other forms run under `jax.checkpoint`.
     Returns:
       (o [B, T, H, V] in q's dtype, final state (Hk, Hv) in float32 — float64 for float64
       inputs — or None). Accumulation is in float32 whatever the input dtype.
@@ -105,11 +106,18 @@ def gated_slot_attention(
                                       chunk_size=chunk_size, slot_activation_fn=activation,
                                       recompute_states=recompute_states)
     else:
-        k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, s, g))
-        z, hk = run_form(impl, q.astype(dtype), k, s, g, gate_axis="value", scale=scale,
-                         initial_state=hk0, runs=runs, chunk_size=chunk_size)
-        o, hv = run_form(impl, activation(z), s, v, g, gate_axis="key", scale=1.0,
-                         initial_state=hv0, runs=runs, chunk_size=chunk_size)
+        def two_passes(q, k, v, s, g, hk0, hv0, runs):
+            k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=2)
+                          for x in (k, v, s, g))
+            z, hk = run_form(impl, q.astype(dtype), k, s, g, gate_axis="value", scale=scale,
+                             initial_state=hk0, runs=runs, chunk_size=chunk_size)
+            o, hv = run_form(impl, activation(z), s, v, g, gate_axis="key", scale=1.0,
+                             initial_state=hv0, runs=runs, chunk_size=chunk_size)
+            return o, hk, hv
+
+        if recompute_states:  # saves only the inputs; the backward reruns both passes
+            two_passes = jax.checkpoint(two_passes)
+        o, hk, hv = two_passes(q, k, v, s, g, hk0, hv0, runs)
     final_state = None
     if return_final_state:
         final_state = (common.first_of_group(hk, group), common.first_of_group(hv, group))
