@@ -15,8 +15,7 @@ Models (`--models`; the presets of `python -m gsa_jax.models` at `--size`, 1.3b 
   gsa-recompute        GSA keeping no hidden states for the backward pass (the paper's
                        recomputation): the Pallas kernels' `recompute_states=True`; where the
                        shapes resolve to the chunk form (head dims > 256, or no GPU) the op runs
-                       under `jax.checkpoint` instead. The layer has no switch for it (yet): the
-                       worker wraps `gsa_jax.ops.gated_slot_attention` for its own process only.
+                       under `jax.checkpoint` instead (ModelConfig.recompute_states=True).
   transformer          Transformer++ (RoPE softmax attention, cuDNN through
                        jax.nn.dot_product_attention on a GPU: `--attn-impl`)
   gla                  GLA
