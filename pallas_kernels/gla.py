@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -24,7 +25,10 @@ from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
 
-__all__ = ["KernelConfig", "Tuning", "gla_chunk_pallas", "MAX_CHUNK_DECAY", "set_tuning"]
+__all__ = ["KernelConfig", "Tuning", "gla_chunk_pallas", "MAX_CHUNK_DECAY", "MAX_KEY_DIM",
+           "set_tuning"]
+
+MAX_KEY_DIM = 256  # widest key dim one launch takes; wider keys run as slices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +152,31 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
       q: [B, T, H, K]; k: [B, T, Hkv, K]; v: [B, T, Hkv, V]; g: [B, T, Hkv, K] (key_gated) or
         [B, T, Hkv, V]; initial_state: [B, H, K, V] (one per query head); runs: [B, T] int32
         contiguous-segment index (`gsa_jax.ops.common.segment_runs`) or None.
-      K, V (and the gated dim) must be powers of two ≥ 16; chunk_size a power of two ≥ 16.
+      K and V: powers of two from 16 to 256, or multiples of 128 beyond: a key dim above
+        MAX_KEY_DIM is split into slices (see below), a value dim is tiled by the value block.
+        chunk_size: a power of two ≥ 16.
       block_v: value block of the launch; None takes the default tuning (`set_tuning`).
     Returns:
       (o [B, T, H, V] in out_dtype (default q's), final state [B, H, K, V] float32).
     """
+    K = q.shape[-1]
+    if K > MAX_KEY_DIM:
+        # A chunk's [C, K] q/k tiles live in registers, so wide keys go in slices. GLA is a sum
+        # over key channels (o_t = Σ_k q_tk · (state and intra terms of channel k); the gate of
+        # a key channel, if any, touches that channel only), so the slices' outputs add up
+        # exactly and their states stack along K.
+        width = MAX_KEY_DIM if K % MAX_KEY_DIM == 0 else 128
+        kw = dict(key_gated=key_gated, scale=scale, chunk_size=chunk_size, block_v=block_v,
+                  recompute_states=recompute_states, out_dtype=jnp.float32, interpret=interpret)
+        outs, states = [], []
+        for lo in range(0, K, width):
+            part = slice(lo, lo + width)
+            o_part, s_part = gla_chunk_pallas(
+                q[..., part], k[..., part], v, g[..., part] if key_gated else g,
+                initial_state[:, :, part], runs, **kw)
+            outs.append(o_part)
+            states.append(s_part)
+        return sum(outs).astype(out_dtype or q.dtype), jnp.concatenate(states, axis=2)
     B, T = q.shape[:2]
     C = chunk_size
     Tp = -(-T // C) * C
@@ -168,7 +192,8 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         tuning = dataclasses.replace(tuning, block_v=block_v)
     if tuning.stages is None:
         tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(q.dtype).itemsize >= 4 else 3)
-    tuning = dataclasses.replace(tuning, block_v=min(tuning.block_v, v.shape[-1]))
+    # the value block must divide V (V = 384 with a block of 256 takes 128)
+    tuning = dataclasses.replace(tuning, block_v=math.gcd(tuning.block_v, v.shape[-1]))
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),

@@ -3,9 +3,9 @@ recurrent form: outputs, final states and the gradients of every input and both 
 
 The kernels compute in float32 (states, accumulation), so they are compared with a float64
 reference by relative error, on float32 copies of fresh random inputs. Cases cover the kernel
-paths: several K/V/M, T not a multiple of the chunk, one step, grouped heads, packed segments,
-the fused and the split forward, recomputed chunk states, and gates strong enough for the exact
-in-kernel path.
+paths: several K/V/M (wide key dims in slices, wide value dims in blocks), T not a multiple of
+the chunk, one step, grouped heads, packed segments, the fused and the split forward, recomputed
+chunk states, and gates strong enough for the exact in-kernel path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ CASES = {
     "K16_V16_M64_no_state": (1, 48, 2, 2, 16, 16, 64, 16, False, False),
     "segments_C32": (2, 70, 2, 1, 16, 16, 16, 32, True, True),
     "T1": (2, 1, 2, 2, 16, 16, 16, 16, False, True),
+    # K above MAX_KEY_DIM (pass 1 in key slices), V = 3 value blocks, M = 128 + 128 slots
+    "wide_K512_V384_M256": (1, 20, 2, 1, 512, 384, 256, 16, False, True),
 }
 F32_REL = 2e-4  # float32 kernels vs the float64 recurrence
 

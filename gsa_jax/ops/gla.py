@@ -33,10 +33,12 @@ def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str
     supported = (pallas.kernel_supports(*dims, chunk_size=chunk_size)
                  and jnp.dtype(dtype) != jnp.float64)
     if impl == "auto":
-        return "pallas" if supported and pallas.on_gpu() else "chunk"
+        measured = pallas.kernel_supports(*dims, chunk_size=chunk_size, wide=False)
+        return "pallas" if supported and measured and pallas.on_gpu() else "chunk"
     if impl == "pallas" and not supported:
         raise ValueError(
-            f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS}, chunk_size in "
+            f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS} or multiples of "
+            f"128, chunk_size in "
             f"(16, 32, 64, 128) and no float64 inputs; got dims {dims}, chunk_size "
             f"{chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other shapes.")
     return impl
