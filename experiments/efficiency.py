@@ -19,8 +19,9 @@ Models (`--models`; the presets of `python -m gsa_jax.models` at `--size`, 1.3b 
   transformer          Transformer++ (RoPE softmax attention, cuDNN through
                        jax.nn.dot_product_attention on a GPU: `--attn-impl`)
   gla                  GLA
-The 1.3B/2.7B GSA presets have 4/5 heads of dim 512, outside the Pallas kernels' head dims
-(up to 256): "auto" resolves to the pure-JAX chunk form there (the row's "form" says which ran).
+The 1.3B/2.7B GSA presets have 4/5 heads of dim 512: "auto" resolves to the pure-JAX chunk form
+there (the kernels' GPU-timed dims end at 256; the row's "form" says which ran), `--gsa-impl
+pallas` runs the kernels with the key dim in slices.
 `--gsa-num-heads 8` gives head dims 256 at the same width and parameter count (but for the
 gate projection), which the kernels take.
   fla-gsa              the peer (flash-linear-attention, PyTorch/Triton): `fla.models`
