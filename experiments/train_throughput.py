@@ -7,7 +7,8 @@ Runs `gsa_jax.train.train` (fresh run directory unless --resume), then reads the
 metrics.jsonl: tokens/s and MFU are the medians of the logged intervals (the compiling first step
 is never timed; intervals broken by evaluation or checkpoints restart their timer), the peak
 device memory is the backend's `peak_bytes_in_use` where it reports one. Results:
-experiments/results/train_throughput_<tag>.json and .md (device, versions, command, config).
+experiments/results/train_throughput_<tag>.json and .md (with the machine, versions, command and
+config; experiments/common.write_results).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import sys
@@ -26,10 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-
-from gsa_jax.config import load_config  # noqa: E402
-from gsa_jax.train import train  # noqa: E402
+from experiments import common  # noqa: E402
 
 
 def summarize(records: list[dict]) -> dict:
@@ -55,9 +52,6 @@ def markdown(report: dict) -> str:
     s, c = report["summary"], report["config"]
     m = c["model"]
     lines = [f"# train_throughput ({report['tag']})", "",
-             f"{report['device']} x {report['device_count']}, jax {report['jax']}, "
-             f"Python {report['python']}, {report['date']}", "",
-             f"Command: `{report['command']}`", "",
              f"Model: mixer {m.get('mixer')}, D={m.get('hidden_size')}, "
              f"L={m.get('num_layers')}, vocab {m.get('vocab_size')}, {report['params']:,} "
              f"parameters, compute {m.get('dtype')}, params {m.get('param_dtype')}; "
@@ -84,8 +78,13 @@ def main(argv=None) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
     p.add_argument("--resume", action="store_true", help="keep the run directory's checkpoints")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
+    import jax
+
+    from gsa_jax.config import load_config
+    from gsa_jax.train import train
+
     config = load_config(args.config, args.overrides)
     run_dir = pathlib.Path(config.run_dir)
     if not args.resume and run_dir.exists():
@@ -99,24 +98,14 @@ def main(argv=None) -> dict:
     start = next((r for r in records if r.get("event") in ("start", "resume")), {})
     report = {
         "tag": args.tag or jax.default_backend(),
-        "device": f"{dev.platform} {dev.device_kind}", "device_count": jax.device_count(),
-        "jax": jax.__version__, "python": platform.python_version(),
-        "date": t0.isoformat(timespec="seconds"),
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]
-                                        if argv is None else ["train_throughput.py", *argv]),
+        "command": common.command_line(argv, __file__),
         "config": config.to_dict(), "params": start.get("params"),
         "flops_per_token": start.get("flops_per_token"), "wall_s": wall,
         "peak_bytes": (stats or {}).get("peak_bytes_in_use"),
         "summary": summarize(records), "sample": final.get("sample"),
     }
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"train_throughput_{report['tag']}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    common.write_and_print(report["tag"], "train_throughput", report, markdown(report),
+                           out_dir=args.out_dir)
     return report
 
 
