@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import jax
 import pytest
 
 # `import reference` / `import ops_util` from the test files, whatever pytest's import mode.

@@ -1,31 +1,23 @@
 """experiments/efficiency.py (the paper's Figure 4) at tiny sizes on the CPU: the files it writes,
 finite measurements for every (model, T), and, from the numbers it records, GSA's decode state
-of constant size against attention's KV cache growing by exactly its per-token bytes; the
-hidden-state-recomputation wrapper (same gradients, a checkpoint in the graph); cases past the
-time budget and an unavailable peer are recorded, not fatal; the peer's fallback torch model is
+of constant size against attention's KV cache growing by exactly its per-token bytes; cases
+past the time budget and an unavailable peer are recorded, not fatal; the peer's fallback torch model is
 our model (same loss from the same weights)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from script_util import load_experiment
 
 def _efficiency():
-    path = os.path.join(ROOT, "experiments", "efficiency.py")
-    spec = importlib.util.spec_from_file_location("efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("efficiency")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ chunk states, and gates strong enough for the exact in-kernel path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -137,7 +138,7 @@ def test_forward_paths_and_recomputation(path):
             *a[:5], initial_state=(a[5], a[6]), segment_ids=a[7], impl="pallas",
             chunk_size=C)[0])(*args, seg)
     finally:
-        pgla.set_tuning(**{f: getattr(before, f) for f in before.__dataclass_fields__})
+        pgla.set_tuning(**dataclasses.asdict(before))
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
     _assert_rel(o_only, ref_out[0], F32_REL, "o without gradient")
 

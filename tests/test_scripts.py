@@ -4,21 +4,13 @@ memory limit rules out."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 from gsa_jax import demo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from script_util import load_experiment
 
 def _bench_ops():
-    path = os.path.join(ROOT, "experiments", "bench_ops.py")
-    spec = importlib.util.spec_from_file_location("bench_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("bench_ops")
 
 
 def test_demo_forms_agree(capsys):
