@@ -49,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from experiments import common  # noqa: E402
+
 FORMS = ("recurrent", "parallel", "chunk")
 GIB = 2 ** 30
 ROW_PREFIX = "BENCH_OPS_ROW "
@@ -87,10 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "form:T", internal
     args = p.parse_args(argv)
     if args.smoke:
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in SMOKE.items():  # smoke sizes, unless given explicitly
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
+        common.apply_smoke_sizes(p, args, SMOKE)
     return args
 
 
@@ -298,8 +297,7 @@ def _previous_report(path: str, config: dict):
         return None
     with open(path) as f:
         previous = json.load(f)
-    mismatch = {key: (previous["config"].get(key), config[key]) for key in SHAPE_KEYS
-                if previous["config"].get(key) != config[key]}
+    mismatch = common.merge_mismatch(previous["config"], {k: config[k] for k in SHAPE_KEYS})
     if mismatch:
         raise SystemExit(f"--merge: {path} was run with other settings (old, new): {mismatch}")
     return previous

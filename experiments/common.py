@@ -149,6 +149,21 @@ def write_results(tag: str, name: str, record: dict[str, Any], markdown: str, fi
     return written
 
 
+def apply_smoke_sizes(parser, args, sizes: dict[str, Any]) -> None:
+    """--smoke: set each option of `sizes` to its small value unless given on the command line
+    (an option still at its parser default counts as not given)."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for key, value in sizes.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
+def merge_mismatch(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """{key: (old, new)} for each setting of `current` that the report a --merge adds to was
+    run with differently (empty when they agree)."""
+    return {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+
+
 def write_and_print(tag: str, name: str, record: dict[str, Any], markdown: str, fig=None,
                     **kwargs) -> dict[str, pathlib.Path]:
     """`write_results`, then print the table and the paths written (a script's last step)."""

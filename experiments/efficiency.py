@@ -137,10 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in SMOKE.items():  # smoke sizes, unless given explicitly
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
+        common.apply_smoke_sizes(p, args, SMOKE)
     if not args.peer:
         args.models = [m for m in args.models if m not in PEER]
     return args
@@ -669,8 +666,8 @@ def main(argv=None) -> int:
         elif args.plot_only:
             raise SystemExit(f"--plot-only: no {json_path}")
     if args.merge and previous is not None:
-        mismatch = {k: (previous["config"].get(k), getattr(args, k)) for k in SHAPE_KEYS
-                    if previous["config"].get(k) != getattr(args, k)}
+        mismatch = common.merge_mismatch(previous["config"],
+                                         {k: getattr(args, k) for k in SHAPE_KEYS})
         if mismatch:
             raise SystemExit(f"--merge: {json_path} was run with other settings (old, new): "
                              f"{mismatch}; use another --tag")

@@ -427,8 +427,7 @@ def load_previous(args, paths) -> dict:
     if not paths["json"].exists():
         return {}
     old = json.loads(paths["json"].read_text())
-    mine = task_config(args)
-    diff = {k: (old["config"].get(k), v) for k, v in mine.items() if old["config"].get(k) != v}
+    diff = common.merge_mismatch(old["config"], task_config(args))
     if diff:
         raise ValueError(f"--merge: {paths['json']} was run with other settings (old, new): "
                          f"{diff}")
