@@ -26,6 +26,7 @@ with its inputs already allocated. Both include the inputs and the gradients.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
+from pallas_kernels import gla as pgla  # noqa: E402
 
 TOKENS = 16384
 MAIN = (8, 2048, 16, 128, 64)
@@ -185,7 +187,9 @@ def bench_peer(shape, dtype_name):
             "autotune_s": round(tune_s, 1)}, o
 
 
-def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
+def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None):
+    """Time one shape. tunings: {row name: `pallas_kernels.gla.Tuning` changes}, extra pallas
+    rows each traced under its launch parameters (the defaults restored after)."""
     B, T, H, K, M = shape
     args = make_inputs(shape, dtype)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
@@ -194,9 +198,13 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
         "pallas": gsa_fn("pallas"),
         "pallas_recomp": gsa_fn("pallas", recompute_states=True),
     }
+    for name in tunings or {}:
+        variants[name] = gsa_fn("pallas")
     if with_chunk:
         variants["chunk"] = gsa_fn("chunk")
+    default_tuning = dataclasses.asdict(pgla.Tuning())
     for name, f in variants.items():
+        pgla.set_tuning(**{**default_tuning, **(tunings or {}).get(name, {})})
         try:
             fwd = jax.jit(f)
             fb = jax.jit(loss_grad(f, cot))
@@ -206,6 +214,7 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True):
         except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(shape, name, rows[name], flush=True)
+    pgla.set_tuning(**default_tuning)
 
     q, k, v = args[:3]
 
@@ -286,6 +295,7 @@ def markdown(report):
     lines = [f"# bench_kernels ({report['tag']})", "",
              f"{report['device']}, jax {report['jax']}, {report['date']}", "",
              f"Command: `{report['command']}`", "",
+             *[f"Note: {n}\n" for n in report.get("notes", [])],
              f"Measured copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s", "",
              "## Correctness (relative error vs the f32 chunk form)", "",
              "| shape | dtype | gates | o | dq | dk | dv | ds | dg | finite |",
@@ -372,9 +382,22 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--tag", default=jax.default_backend())
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help='an extra pallas row under other launch parameters, e.g. '
+                         '\'bv64={"block_v": 64}\' (pallas_kernels.gla.Tuning fields); repeatable')
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line for the report (how the run was made); repeatable")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
+    tunings = {}
+    for item in args.variant:
+        name, _, spec = item.partition("=")
+        try:
+            tunings["pallas " + name] = changes = json.loads(spec)
+            pgla.Tuning(**changes)
+        except (json.JSONDecodeError, TypeError) as e:
+            ap.error(f"--variant {item!r}: want NAME=JSON of Tuning fields ({e})")
     indices = args.only if args.only is not None else (
         range(len(ALL)) if args.shapes == "all" else [0])
     shapes = [ALL[i] for i in indices]
@@ -387,7 +410,8 @@ def main():
     report = {"tag": args.tag, "device": f"{dev.platform} {dev.device_kind}",
               "jax": jax.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "dtype": str(dtype)}
+              "command": "python " + " ".join(sys.argv), "dtype": str(dtype),
+              "notes": list(args.note)}
     report["checks"] = [] if args.no_check else (
         [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32),
                                                    check(check_shapes[0], dtype, 0.05)])
@@ -407,9 +431,10 @@ def main():
         report["checks"] = previous["checks"] + report["checks"]
         report["decode"] = report["decode"] or previous.get("decode", [])
         report["command"] = previous["command"] + " ; then " + report["command"]
+        report["notes"] = previous.get("notes", []) + report["notes"]
     for i, s in zip(indices, shapes):  # results are rewritten after every shape
         report["rows"].append(bench_shape(s, dtype, use_peer, bw,
-                                          with_chunk=i < args.chunk_shapes))
+                                          with_chunk=i < args.chunk_shapes, tunings=tunings))
         report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
                             if tuple(r["shape"].values()) in ALL else -1)
         with open(base + ".json", "w") as f:

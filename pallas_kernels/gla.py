@@ -35,7 +35,8 @@ MAX_KEY_DIM = 256  # widest key dim one launch takes; wider keys run as slices
 class Tuning:
     """Launch parameters: warps of the sequential (state) and parallel (chunk) kernels, Triton's
     pipelining depth (None: 3 for 16-bit inputs, measured best on an H100; 1 for float32,
-    whose tiles would not fit twice in shared memory), the value block, and whether forwards
+    whose tiles would not fit twice in shared memory), the value block (`block_v_bwd`: the
+    backward kernels' own; each is capped to a divisor of V), and whether forwards
     that keep no chunk states (no gradient wanted, or recompute_states) compute the outputs
     inside the sequential walk (one kernel, no states written) instead of state pass +
     chunk-parallel output pass.
@@ -43,18 +44,26 @@ class Tuning:
     The fused walk does all per-chunk work on one program's critical path, so it wins only
     while the walk is short: on an H100 at 16K tokens (experiments/results/
     tune_forward_h100.json) it is 25% faster at 32 chunks, 12% slower at 64 and 56% slower
-    at 128 chunks than the split pair. `fused_max_chunks` is that crossover."""
+    at 128 chunks than the split pair. `fused_max_chunks` is that crossover.
+
+    `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
+    (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
+    tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
+    M = 128 slots at (8, 2048, 16, 128) bf16: forward+backward 6.87 ms with 128, 5.94 ms
+    with 64 (experiments/results/bench_kernels_h100.md, shape 5, same run as the peer)."""
 
     warps_seq: int = 4
     warps_par: int = 8
     warps_fused: int = 8
     stages: Optional[int] = None
     block_v: int = 128
+    block_v_bwd: Optional[int] = None
     fused_forward: bool = True
     fused_max_chunks: int = 32
 
 
 _TUNING = Tuning()
+LARGE_STATE_BWD_BLOCK_V = 64
 
 
 def set_tuning(**changes) -> Tuning:
@@ -76,10 +85,12 @@ class KernelConfig:
     interpret: bool
     tuning: Tuning
 
-    def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False):
+    def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False,
+           backward: bool = False):
         t = self.tuning
         warps = t.warps_fused if fused else (t.warps_par if parallel else t.warps_seq)
-        kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=t.block_v,
+        block_v = t.block_v_bwd if backward and t.block_v_bwd else t.block_v
+        kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=block_v,
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
         if with_scale:
             kw["scale"] = self.scale
@@ -128,9 +139,10 @@ def _kernel_fn(cfg: KernelConfig):
         do, dsT = cotangents
         if chunk_states is None:
             chunk_states, _ = states(q, k, v, g, s0, runs)
-        dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT, **cfg.kw(parallel=False))
+        dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT,
+                                   **cfg.kw(parallel=False, backward=True))
         dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
-                                   **cfg.kw(parallel=True))
+                                   **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
         dk = _sum_groups(dk.sum(0, dtype=dk.dtype), groups)
@@ -194,6 +206,11 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(q.dtype).itemsize >= 4 else 3)
     # the value block must divide V (V = 384 with a block of 256 takes 128)
     tuning = dataclasses.replace(tuning, block_v=math.gcd(tuning.block_v, v.shape[-1]))
+    block_v_bwd = tuning.block_v_bwd
+    if block_v_bwd is None:  # auto: see Tuning
+        large_state = K >= 128 and v.shape[-1] >= 128
+        block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
+    tuning = dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, v.shape[-1]))
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),

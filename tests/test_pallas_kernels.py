@@ -116,18 +116,22 @@ def test_kernels_match_recurrent_float64(case):
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
-@pytest.mark.parametrize("path", ["split_forward", "recompute_states"])
+@pytest.mark.parametrize("path", ["split_forward", "recompute_states", "backward_value_block"])
 def test_forward_paths_and_recomputation(path):
-    """The split forward (state pass + chunk-parallel output, taken past `fused_max_chunks`)
-    and recomputed chunk states give the reference values and gradients too."""
-    case = "segments_C32"
+    """The split forward (state pass + chunk-parallel output, taken past `fused_max_chunks`),
+    recomputed chunk states and a backward value block smaller than the forward's
+    (`block_v_bwd`: pass 2's V = 32 in two blocks) give the reference values and gradients."""
+    case = "K16_V32_M16_ragged" if path == "backward_value_block" else "segments_C32"
     seed = 200
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     before = pgla.set_tuning()
     try:
-        if path == "split_forward":
-            pgla.set_tuning(fused_max_chunks=0)
+        if path in ("split_forward", "backward_value_block"):
+            if path == "split_forward":
+                pgla.set_tuning(fused_max_chunks=0)
+            else:
+                pgla.set_tuning(block_v_bwd=16)
             # a fresh jit (not the cached one): the tuning is read when the kernels are traced
             fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
         else:
@@ -135,7 +139,7 @@ def test_forward_paths_and_recomputation(path):
         out, grads = fn(args, cot, seg)
         # forward only, no gradient: the fused walk when the chunk count allows it
         o_only = jax.jit(lambda *a: gated_slot_attention(
-            *a[:5], initial_state=(a[5], a[6]), segment_ids=a[7], impl="pallas",
+            *a[:5], initial_state=(a[5], a[6]), segment_ids=a[7] if segs else None, impl="pallas",
             chunk_size=C)[0])(*args, seg)
     finally:
         pgla.set_tuning(**dataclasses.asdict(before))
