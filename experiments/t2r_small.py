@@ -82,7 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "removed at the end); an existing one resumes its runs")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--no-progress", action="store_true", help="no printed progress lines")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for the report (how the run was made); repeatable")
+    p.add_argument("--plot-only", action="store_true",
+                   help="rewrite the .md/.png of --tag from its JSON (adding any --note)")
     args = p.parse_args(argv)
+    if args.plot_only and not args.tag:
+        p.error("--plot-only needs --tag (the report to read)")
     size = dict(SMOKE if args.smoke else REAL)
     for name in ("pretrain_steps", "finetune_steps"):
         if getattr(args, name) is not None:
@@ -197,6 +203,7 @@ def markdown(record: dict) -> str:
         lines += ["", "Claim (paper, Table 3: GSA recovers the Transformer best): "
                   + "; ".join(f"{k} = {common.fmt(v, 3) if isinstance(v, float) else v}"
                               for k, v in c.items())]
+    lines += [f"\nNote: {note}" for note in record.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -218,10 +225,11 @@ def plot(record: dict):
     left.set(xlabel=f"pretraining tokens ({unit})", ylabel="validation perplexity (per byte)",
              title="Transformer++ pretraining")
     scale, unit = _unit(size["finetune_steps"] * tok)
-    # GSA from scratch starts far above the rest: the axis fits the T2R runs (and the
-    # Transformer), and the scratch run's label gives its final value when off the axis.
+    # The converted models start (step 0, before finetuning) and GSA from scratch ends far
+    # above the rest: the axis fits the T2R runs after their first finetuning steps (and the
+    # Transformer); a label gives the value of a run's start or end when it is off the axis.
     t2r = [p["val_ppl"] for n in ("gsa_t2r", "gla_t2r", "retnet_t2r") if n in runs
-           for p in runs[n]["curve"]]
+           for p in runs[n]["curve"] if p["step"] > 0]
     top = None
     if t2r:
         low = min(t2r + [runs.get("transformer", {}).get("final_val_ppl", min(t2r))])
@@ -234,6 +242,8 @@ def plot(record: dict):
         if name in runs:
             pts = runs[name]["curve"]
             label = runs[name]["label"]
+            if top is not None and pts and pts[0]["step"] == 0 and pts[0]["val_ppl"] > top:
+                label += f" (starts at {pts[0]['val_ppl']:.1f})"
             if top is not None and runs[name]["final_val_ppl"] > top:
                 label += f" (ends at {runs[name]['final_val_ppl']:.2f}, above the axis)"
             right.plot([p["tokens"] / scale for p in pts], [p["val_ppl"] for p in pts],
@@ -253,6 +263,15 @@ def plot(record: dict):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_only:
+        json_path = common.results_paths(args.tag, "t2r_small", args.out_dir)["json"]
+        if not json_path.exists():
+            raise SystemExit(f"--plot-only: no {json_path}")
+        record = json.loads(json_path.read_text())
+        record["notes"] = record.get("notes", []) + args.note
+        common.write_and_print(args.tag, "t2r_small", record, markdown(record),
+                               fig=plot(record), out_dir=args.out_dir)
+        return 0
     work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_t2r_"))
     common.enable_compilation_cache(work_dir / "jax_cache")
     import jax
@@ -266,7 +285,8 @@ def main(argv=None) -> int:
     tokens_per_step = size["batch_size"] * size["seq_len"]
     record: dict[str, Any] = {"tag": tag, "size": size, "impl": args.impl, "dtype": args.dtype,
                               "seed": args.seed, "tokens_per_step": tokens_per_step,
-                              "model": pre_model.to_dict(), "runs": {}}
+                              "model": pre_model.to_dict(), "runs": {},
+                              "notes": list(args.note)}
     print(f"T2R in miniature: pretrain {size['pretrain_steps']} steps, then 4 runs of "
           f"{size['finetune_steps']} steps ({tokens_per_step:,} tokens/step), work dir "
           f"{work_dir}", flush=True)
