@@ -5,10 +5,12 @@ after a 2K-token prefix over generation lengths.
     python experiments/efficiency.py --tag h100                      # the paper's sizes, a GPU
     python experiments/efficiency.py --smoke --tag cpu               # tiny models, a CPU check
 
-On one GPU the whole sweep takes longer than one 10-minute command: split it with --merge (and
---budget-s, which leaves time to write the results), e.g. --parts train --seq-lens 2048 4096;
-then --parts train --seq-lens 8192 16384 --merge; then --parts decode --merge (see
-experiments/README.md).
+On one GPU the whole sweep takes longer than one 10-minute command, mostly in XLA compiles (on an
+H100: about 200 s for one 1.3B GSA step in the chunk form). `--compile-only --jobs N
+--compile-cache DIR` compiles every train step side by side from shapes (no device memory, no
+timing); a timed run with the same --compile-cache then reads the executables. Split the timed
+runs with --merge (and --budget-s, which leaves time to write the results), e.g. --parts train;
+then --parts decode --merge (see experiments/README.md).
 
 Models (`--models`; the presets of `python -m gsa_jax.models` at `--size`, 1.3b by default):
   gsa                  GSA, the op's default form (impl "auto")
@@ -128,7 +130,12 @@ def parse_args(argv=None):
                    help="start no case after this many seconds (the rest is recorded skipped)")
     p.add_argument("--merge", action="store_true", help="add to the report of the same --tag")
     p.add_argument("--jobs", type=int, default=1,
-                   help="cases run at once (CPU checks only: on one GPU they share its memory)")
+                   help="cases run at once (CPU checks, or --compile-only: on one GPU timed "
+                        "cases would share it)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only compile each train step (from shapes, no device memory taken) "
+                        "into --compile-cache; with --jobs N the compiles run side by side, so "
+                        "that a timed run afterwards with the same cache starts at once")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocess per case (peak memory is then a running maximum)")
     p.add_argument("--plot-only", action="store_true", help="rewrite .md/.png from the JSON")
@@ -139,6 +146,14 @@ def parse_args(argv=None):
     if args.smoke:
         common.apply_smoke_sizes(p, args, SMOKE)
     if not args.peer:
+        args.models = [m for m in args.models if m not in PEER]
+    if args.compile_only:
+        if not args.compile_cache:
+            p.error("--compile-only needs --compile-cache (where the executables go)")
+        if args.worker is None and (args.merge or args.plot_only):
+            p.error("--compile-only writes no timings: it takes neither --merge nor --plot-only")
+        # the JAX train steps only: the peer (torch) and generation have nothing to keep
+        args.parts = [part for part in args.parts if part == "train"]
         args.models = [m for m in args.models if m not in PEER]
     return args
 
@@ -228,9 +243,14 @@ def train_case(args, model: str, T: int) -> dict:
         tx, _ = make_optimizer(OptimConfig(warmup_steps=10), total_steps=1000)
         init = jax.jit(lambda key: nn.meta.unbox(
             lm.init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
-        params = init(jax.random.key(0))
-        opt_state = jax.jit(tx.init)(params)
-        tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
+        if args.compile_only:  # shapes only: no device memory for parameters or data
+            params = jax.eval_shape(init, jax.random.key(0))
+            opt_state = jax.eval_shape(tx.init, params)
+            tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+        else:
+            params = init(jax.random.key(0))
+            opt_state = jax.jit(tx.init)(params)
+            tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
 
         def step(params, opt_state, tokens):
             def loss_fn(p):
@@ -246,6 +266,9 @@ def train_case(args, model: str, T: int) -> dict:
                                                                tokens).compile()
         row["compile_s"] = round(time.perf_counter() - start, 2)
         row["compiled_bytes"] = _compiled_bytes(compiled)
+        if args.compile_only:
+            row["status"] = "compiled"
+            return row
         state = [params, opt_state, None]
         del params, opt_state
 
@@ -491,7 +514,9 @@ def _failed_rows(args, case: tuple, status: str, reason: str) -> list[dict]:
 def run_isolated(argv, args, case: tuple, timeout: float) -> tuple[list[dict], dict | None]:
     """One case in a fresh interpreter with the same arguments."""
     env = dict(os.environ)
-    if args.mem_fraction and case[1] not in PEER:
+    if args.compile_only:  # several compiling workers share the device: take no memory
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    elif args.mem_fraction and case[1] not in PEER:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", args.mem_fraction)
     if args.fast_compile:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

@@ -113,6 +113,33 @@ def test_budget_merge_and_unavailable_peer(tmp_path):
     assert row["status"] == "unavailable" and row["reason"]
 
 
+def test_compile_only_fills_the_cache_that_a_timed_run_reads(tmp_path):
+    """--compile-only compiles every JAX train step from shapes (no timing, no decode, no
+    peer) into --compile-cache; a timed run on that cache writes no new executable."""
+    eff = _efficiency()
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit):  # without a cache there is nothing to keep
+        eff.parse_args(["--smoke", "--compile-only"])
+    argv = ["--smoke", "--tag", "warm", "--out-dir", str(tmp_path), "--seq-lens", "32",
+            "--compile-only", "--compile-cache", str(cache), "--in-process"]
+    assert eff.main(argv) == 0
+    rows = json.loads((tmp_path / "efficiency_warm.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == set(eff.JAX_TRAIN)
+    assert all(r["part"] == "train" and r["status"] == "compiled" and "step_ms" not in r
+               for r in rows), rows
+    def steps():  # the train steps' executables (jit of `step`) in the cache
+        return {path.name for path in cache.iterdir() if path.name.startswith("jit_step")}
+
+    compiled = steps()
+    assert len(compiled) == len(eff.JAX_TRAIN)
+    timed = ["--smoke", "--tag", "timed", "--out-dir", str(tmp_path), "--seq-lens", "32",
+             "--parts", "train", "--compile-cache", str(cache), "--in-process"]
+    assert eff.main(timed) == 0
+    rows = json.loads((tmp_path / "efficiency_timed.json").read_text())["rows"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert steps() == compiled, "a train step was compiled again, not read from the cache"
+
+
 def test_torch_fallback_peer_is_our_model():
     """The peer's fallback model (torch blocks around fla's chunk_gsa, used on the GPU when
     `fla.models` does not import) computes our model's loss from the same weights. fla's
