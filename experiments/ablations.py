@@ -27,18 +27,23 @@ Results: experiments/results/ablations_<tag>.json / .md / .png (bar plot), rewri
 run. Run directories (checkpoints, metrics.jsonl) go under --work-dir (default a temporary
 directory, removed at the end); with --work-dir an interrupted sweep resumes where it stopped.
 The persistent compilation cache under the work directory lets the second seed of a variant skip
-XLA's compile. Split a sweep over commands with --variants and --merge.
+XLA's compile. Split a sweep over commands with --variants and --merge. `--jobs N` trains N runs
+at once, each in its own process with 0.9/N of the device's memory: these models use a small
+part of a GPU, and a first H100 try one run at a time (beside two other experiments) took
+100-150 s a run, mostly compile and start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
 import pathlib
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,8 +70,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # v2, Table 2); None prints as "-".
 PAPER_PPL: dict[str, Any] = {name: None for name in VARIANTS}
 
-# The real size: 8 variants x 2 seeds, about a minute per variant on one H100 (estimate: the
-# first seed compiles, the second finds the executables in the compile cache). 16M training
+# The real size: 8 variants x 2 seeds; with --jobs 4 on one H100 about 5-8 minutes (estimate
+# from 100-150 s a run measured one at a time beside other jobs; each run's time is recorded). 16M training
 # tokens per run (about half an epoch of the corpus), validation on 64 x 32 x 512 = 1M tokens.
 REAL = dict(seeds=[0, 1], steps=1000, overrides=[
     "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.num_slots=64",
@@ -104,7 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "does not redo (settings must match)")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process sharing the device (its memory "
+                        "split evenly); the models are small, so a GPU has room for several")
+    # Internal: the one run a worker process does, "<variant>:<seed>".
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be positive")
     size = SMOKE if args.smoke else REAL
     args.seeds = size["seeds"] if args.seeds is None else args.seeds
     args.steps = size["steps"] if args.steps is None else args.steps
@@ -174,7 +186,8 @@ def markdown(record: dict) -> str:
     rows = []
     for s in record["summary"]:
         spread = f" ± {s['ppl_std']:.3f}" if s["ppl_std"] is not None else ""
-        delta = "" if s["variant"] == "gsa" else f"{s['delta_vs_gsa']:+.3f}"
+        delta = ("" if s["variant"] == "gsa" else "-" if s["delta_vs_gsa"] is None
+                 else f"{s['delta_vs_gsa']:+.3f}")  # no GSA row yet: a sweep in progress
         rows.append([s["label"], f"{s['ppl_mean']:.3f}{spread}", delta,
                      f"{s['ppl_min']:.3f} – {s['ppl_max']:.3f}", s["seeds"],
                      common.fmt(s["paper_ppl"], 2)])
@@ -226,15 +239,51 @@ def load_previous(args, paths) -> dict:
     return old
 
 
+ROW_PREFIX = "ABLATIONS_ROW "
+
+
+def one_run(args, variant: str, seed: int, work_dir: pathlib.Path) -> dict:
+    """Train one (variant, seed) with the project's trainer: its row of the report."""
+    from gsa_jax.models import count_params
+    from gsa_jax.train import train
+    config = run_config(args, variant, seed, work_dir)
+    t0 = time.perf_counter()
+    out = train(config, quiet=args.no_progress)
+    return {"variant": variant, "seed": seed, "val_loss": out["val_loss"],
+            "val_ppl": out["val_ppl"], "val_bpt": out["val_bpt"],
+            "val_tokens": out["val_tokens"], "train_loss": out.get("loss", math.nan),
+            "params": count_params(config.model), "time_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_in_worker(argv, variant: str, seed: int, work_dir: pathlib.Path, jobs: int) -> dict:
+    """`one_run` in a fresh interpreter (for --jobs): the device memory split `jobs` ways."""
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.3f}")
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--work-dir", str(work_dir),
+           "--worker", f"{variant}:{seed}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW_PREFIX):
+            return json.loads(line[len(ROW_PREFIX):])
+    raise RuntimeError(f"run {variant} seed {seed} failed (exit {proc.returncode}): "
+                       f"{(proc.stderr or proc.stdout)[-1500:]}")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.smoke:
         common.fast_cpu_compile()
+    if args.worker:
+        variant, seed = args.worker.split(":")
+        work_dir = pathlib.Path(args.work_dir)
+        common.enable_compilation_cache(work_dir / "jax_cache")
+        print(ROW_PREFIX + json.dumps(one_run(args, variant, int(seed), work_dir)), flush=True)
+        return 0
     work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_ablations_"))
     common.enable_compilation_cache(work_dir / "jax_cache")
     import jax
     from gsa_jax.models import count_params
-    from gsa_jax.train import train
 
     tag = args.tag or jax.default_backend()
     paths = common.results_paths(tag, "ablations", args.out_dir)
@@ -247,29 +296,39 @@ def main(argv=None) -> int:
               "tokens_per_step": base.data.batch_size * base.data.seq_len,
               "model": base.model.to_dict(), "params_gsa": count_params(base.model),
               "paper_ppl": PAPER_PPL, "runs": runs,
-              "commands": previous.get("commands", []) + [common.command_line(argv, __file__)]}
+              "commands": previous.get("commands", []) + [common.command_line(argv, __file__)],
+              "jobs": args.jobs}
     print(f"GSA ablations: {len(todo)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
-          f"{args.steps} steps each, work dir {work_dir}", flush=True)
+          f"{args.steps} steps each, {args.jobs} at a time, work dir {work_dir}", flush=True)
     start = time.perf_counter()
+
+    done_before = len(runs)
+
+    def finished(row):  # a run's row as it ends (in any order with --jobs): report rewritten
+        runs.append(row)
+        print(f"[{len(runs) - done_before}/{len(todo)}] {row['variant']:>16} seed "
+              f"{row['seed']}: val ppl {row['val_ppl']:.3f} (loss {row['val_loss']:.4f}) in "
+              f"{row['time_s']:.0f} s", flush=True)
+        runs.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
+        record.update(summary=summarize(runs), val_tokens=row["val_tokens"],
+                      elapsed_s=round(time.perf_counter() - start, 1))
+        common.write_results(tag, "ablations", record, markdown(record),
+                             command=record["commands"][-1], out_dir=args.out_dir)
+
+    # Seed order first (every variant's first seed, then the second ones), so that a sweep cut
+    # short has each variant once rather than some variants twice.
+    ordered = sorted(todo, key=lambda run: (args.seeds.index(run[1]),
+                                            args.variants.index(run[0])))
     try:
-        for i, (variant, seed) in enumerate(todo):
-            config = run_config(args, variant, seed, work_dir)
-            t0 = time.perf_counter()
-            out = train(config, quiet=args.no_progress)
-            row = {"variant": variant, "seed": seed, "val_loss": out["val_loss"],
-                   "val_ppl": out["val_ppl"], "val_bpt": out["val_bpt"],
-                   "val_tokens": out["val_tokens"], "train_loss": out.get("loss", math.nan),
-                   "params": count_params(config.model),
-                   "time_s": round(time.perf_counter() - t0, 1)}
-            print(f"[{i + 1}/{len(todo)}] {variant:>16} seed {seed}: val ppl "
-                  f"{row['val_ppl']:.3f} (loss {row['val_loss']:.4f}) in {row['time_s']:.0f} s",
-                  flush=True)
-            runs.append(row)
-            record.update(summary=summarize(runs), val_tokens=row["val_tokens"],
-                          elapsed_s=round(time.perf_counter() - start, 1))
-            common.write_results(tag, "ablations", record, markdown(record),
-                                 command=record["commands"][-1],
-                                 out_dir=args.out_dir)
+        if args.jobs == 1:  # in this process (the trainer's signal handlers want the main thread)
+            for variant, seed in ordered:
+                finished(one_run(args, variant, seed, work_dir))
+        else:
+            with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+                futures = [pool.submit(run_in_worker, argv, variant, seed, work_dir, args.jobs)
+                           for variant, seed in ordered]
+                for future in concurrent.futures.as_completed(futures):
+                    finished(future.result())
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -124,3 +124,20 @@ def test_ablations_smoke(tmp_path):
         assert math.isclose(s["delta_vs_gsa"], mean - summary["gsa"]["ppl_mean"], abs_tol=1e-12)
         assert s["label"] in md
     assert "paper ppl (Table 2)" in md
+
+
+def test_ablations_jobs_match_in_process_runs(tmp_path):
+    """--jobs 2 (each run in its own worker process, two at a time) reports the same
+    validation losses as the same runs done one after another in the driver's process."""
+    common = ["--smoke", "--variants", "gsa", "swish", "--no-progress"]
+    reports = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        _run("ablations.py", *common, "--tag", "test", "--out-dir", str(out), "--jobs", jobs)
+        reports[jobs] = json.loads((out / "ablations_test.json").read_text())
+    runs = {jobs: {(r["variant"], r["seed"]): r["val_loss"] for r in report["runs"]}
+            for jobs, report in reports.items()}
+    assert len(runs["1"]) == 4 and runs["1"].keys() == runs["2"].keys()
+    for key, loss in runs["1"].items():
+        assert math.isclose(runs["2"][key], loss, rel_tol=1e-5), (key, loss, runs["2"][key])
+    assert reports["2"]["jobs"] == 2
