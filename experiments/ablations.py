@@ -71,8 +71,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 PAPER_PPL: dict[str, Any] = {name: None for name in VARIANTS}
 
 # The real size: 8 variants x 2 seeds; with --jobs 4 on one H100 about 5-8 minutes (estimate
-# from 100-150 s a run measured one at a time beside other jobs; each run's time is recorded). 16M training
-# tokens per run (about half an epoch of the corpus), validation on 64 x 32 x 512 = 1M tokens.
+# from 100-150 s a run measured one at a time beside other jobs; each run's time is recorded).
+# 16M training tokens per run (about half an epoch of the corpus), validation on
+# 64 x 32 x 512 = 1M tokens.
 REAL = dict(seeds=[0, 1], steps=1000, overrides=[
     "model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.num_slots=64",
     "model.dtype=bfloat16", "data.seq_len=512", "data.batch_size=32", "optim.lr=2e-3",
