@@ -4,13 +4,31 @@ ABC and Transformer++ models against model width, one panel per sequence length.
     python experiments/mqar.py --tag h100        # the real sweep, one GPU (see REAL below)
     python experiments/mqar.py --smoke --tag cpu  # tiny, a CPU check of the whole pipeline
 
-Task: Zoology's multi-query associative recall (`gsa_jax.data.mqar`): vocabulary 8192, P = 64
-key-value pairs at T = 256 and 512, power-law query placement (α = 0.01), random filler tokens.
-Each (T, P) has one training set and one held-out set (other seed), shared by every model and
-width. Models: `gsa_jax.models.CausalLM` with L = 2 blocks [mixer, SwiGLU MLP] at width D; the
-linear mixers get the layers' short causal convolution on q/k/v (Zoology puts a short
-convolution before every mixer: it lets one layer bind a key to the value after it; off with
---no-short-conv):
+Task: Zoology's multi-query associative recall (`gsa_jax.data.mqar`): vocabulary 8192, power-law
+query placement (α = 0.01), random filler tokens; tested on P = 64 key-value pairs at T = 256
+and T = 512 (held-out sets, one per (T, P), other seeds). Training follows Zoology's recipe of a
+MIXTURE of difficulties (--train-mix): easy tasks let a model find the recall mechanism before
+the hard ones (Zoology: 100K sequences of (T, P) = (64, 4) and 20K each of (128, 8), (256, 16),
+(256, 32), (256, 64)). Here the components and their shares of the training tokens are
+
+    (64, 4) 25%, (128, 8) 10%, (256, 16) 15%, (256, 32) 15%, (256, 64) 15%, (512, 64) 20%
+
+(Zoology's proportions, plus the T = 512 test task so that no model is tested beyond its
+training length), packed into rows of 512 tokens: a row holds 512 / T sequences of one
+component as separate segments (states reset and attention masked between them;
+`gsa_jax.data.mqar.generate_packed`), and the rows of all components are shuffled together.
+One training run per model and width serves every test length.
+
+Models: `gsa_jax.models.CausalLM` with L = 2 blocks [mixer, SwiGLU MLP] at width D. Every mixer
+gets a short causal convolution (depthwise, width 4, + SiLU) on q/k/v, as Zoology puts a short
+convolution before every mixer, its attention baseline included (a Hybrid [BaseConv, MHA]): it
+lets one layer bind a key to the value after it. The linear mixers have it as the layers'
+use_short_conv (off with --no-short-conv); Transformer++ gets the same convolution through
+`conv_attention_lm` (off with --no-attention-conv: the project's plain attention layer, which
+must first learn a previous-token head and on CPU analogues stayed on the plateau where the
+conv version learned in a few hundred steps). The convolution kernels are drawn as PyTorch's
+Conv1d default, U(±1/sqrt(4)), which Zoology's models keep (--conv-init torch; "model" keeps the
+project's normal(0.02), fla's init, under which the mixers' q/k/v start ~50x smaller):
 
     gsa        GSA, 4 heads, 64 slots, swish features, τ = 8 (the paper's layer)
     gla        GLA, 4 heads, expand_k 0.5, τ = 16
@@ -19,23 +37,33 @@ convolution before every mixer: it lets one layer bind a key to the value after 
     attention  Transformer++ (softmax attention with RoPE), 4 heads
 
 Training: a compact jitted loop of our own (the project trainer packs LM text; MQAR needs the
-loss on query positions only): cross-entropy over the positions whose label is not -100, AdamW
-with warmup + cosine decay and clipping from `gsa_jax.optim`, the same seed and data order for
-every model. `--eval-every` steps run as one jitted `lax.scan` followed by the held-out accuracy
-(argmax at query positions == value, over all queries), so there is one compile per run and no
-Python in the inner loop; worker threads initialise and compile the next runs (--compile-ahead)
-while one trains.
+loss on query positions only): cross-entropy over the positions whose label is not -100 (mean
+over the queries of the batch), AdamW with warmup + cosine decay and clipping from
+`gsa_jax.optim`, the same seed, initialisation and data order for every model. Learning rates:
+a small grid (--lr), each model and width trained once per lr, and each test set reports the lr
+with the best final accuracy (Zoology sweeps 1e-4..1e-2 and keeps the best per model and width;
+the best lr differs by model: on CPU analogues GSA needed ~1e-2 while plain attention failed
+there). The lr is an input of the compiled program, so the grid costs training time, not
+compiles. `--eval-every` steps run as one jitted `lax.scan` followed by the held-out accuracy on
+every test set (argmax at query positions == value, over all queries), so there is one compile
+per model and width and no Python in the inner loop; worker threads initialise and compile the
+next runs (--compile-ahead) while one trains.
 
-Results: experiments/results/mqar_<tag>.json (config, one row per (model, width, T) with the
-accuracy curve) and .md (table per T, and whether GSA beats GLA and RetNet at equal width, the
-paper's claim), .png (accuracy vs width per model, one panel per T). Rewritten after every run,
-so a sweep cut short keeps what it finished; `--merge` adds runs to an existing tag (to split the
-sweep over several commands: `--seq-lens 256`, then `--seq-lens 512 --merge`).
+Results: experiments/results/mqar_<tag>.json (config with the training mixture, one row per
+(model, width, T) with the best lr's accuracy curve and every lr's results under "by_lr") and
+.md (table per T, and whether GSA beats GLA and RetNet at equal width, the paper's claim), .png
+(accuracy vs width per model, one panel per T). Rewritten after every run, so a sweep cut short
+keeps what it finished; `--merge` adds runs to an existing tag (to split the sweep over several
+commands: `--widths 64 128`, then `--widths 256 512 --merge`).
 
-Budget (real size, REAL below): 5 models x 4 widths x 2 lengths = 40 runs of 1500 steps at
-batch 64 (96k training sequences per T, each seen once; Zoology trains for far longer, so read
-the accuracies as a fixed, small budget); about 8 minutes on one H100 by estimate, the time of
-every run (init + compile, train) is printed and recorded.
+Budget (real size, REAL below): 5 models x 4 widths = 20 runs, each 2 lrs x 1500 steps of 64
+rows x 512 tokens (96K training rows, each seen once per lr: 49M tokens, ~2/3 of them in the
+easier components); about 9 minutes on one H100 by estimate (the earlier sweep of 40 runs x
+1500 steps of 64 x 256 or 64 x 512 tokens took 3-15 ms a step alone, the most at D = 512:
+20 x 3000 steps at ~7.5 ms on average ≈ 7.5 min of training, plus the data and the first
+compile, ~1 min; the other compiles overlap the training). The time of every run (init +
+compile, train) is printed and recorded. Zoology trains ~15x longer (32-64 epochs at batch 256),
+so read the accuracies as those of a fixed, small budget.
 """
 
 from __future__ import annotations
@@ -43,11 +71,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
 import time
+import zlib
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,17 +88,40 @@ MODELS = ("gsa", "gla", "retnet", "abc", "attention")
 LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "abc": "ABC",
           "attention": "Transformer++"}
 
-# The real sweep: ~8 minutes on one H100 (estimate; each run's time is recorded).
-REAL = dict(vocab_size=8192, seq_lens=[256, 512], kv_pairs=[64], widths=[64, 128, 256, 512],
-            steps=1500, batch_size=64, test_examples=1024, eval_every=250, lr=2e-3,
-            dtype="bfloat16")
+# The real sweep: ~9 minutes on one H100 (estimate; each run's time is recorded).
+REAL = dict(vocab_size=8192, seq_lens=[256, 512], kv_pairs=[64],
+            train_mix=["64:4:0.25", "128:8:0.1", "256:16:0.15", "256:32:0.15", "256:64:0.15",
+                       "512:64:0.2"],
+            widths=[64, 128, 256, 512], steps=1500, batch_size=64, test_examples=1024,
+            eval_every=250, lr=[3e-3, 1e-2], warmup_frac=0.05, attention_conv=True,
+            conv_init="torch", dtype="bfloat16")
 # A CPU check of the pipeline (about 20 s on 2 cores: one compile per run dominates): every
-# model at one width and one short length.
-SMOKE = dict(vocab_size=64, seq_lens=[32], kv_pairs=[4], widths=[16], steps=16,
-             batch_size=8, test_examples=32, eval_every=8, lr=3e-3, dtype="float32")
+# model at one width, trained on a two-task mixture and tested on the longer task.
+SMOKE = dict(vocab_size=64, seq_lens=[32], kv_pairs=[4], train_mix=["16:2", "32:4"],
+             widths=[16], steps=16, batch_size=8, test_examples=32, eval_every=8, lr=[3e-3],
+             warmup_frac=0.1, attention_conv=True, conv_init="torch", dtype="float32")
 
 
 # ------------------------------------------------------------------ arguments
+def parse_mix(specs) -> list[tuple[int, int, float]]:
+    """["T:P[:share]", ...] -> [(T, P, share)] (share default 1; shares are of training rows,
+    i.e. of tokens, and are normalised over the components)."""
+    out = []
+    for spec in specs:
+        parts = str(spec).split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            T, P = int(parts[0]), int(parts[1])
+            share = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            raise ValueError(f"--train-mix: {spec!r} is not T:P or T:P:share") from None
+        if T < 1 or P < 1 or not share > 0 or not math.isfinite(share):
+            raise ValueError(f"--train-mix: {spec!r} needs T, P >= 1 and a positive share")
+        out.append((T, P, share))
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     sizes = "; ".join(f"{k}={v}" for k, v in REAL.items())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -79,23 +132,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU-sized run (see below)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--widths", type=int, nargs="+", help="model widths D")
-    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths T")
+    p.add_argument("--seq-lens", type=int, nargs="+",
+                   help="sequence lengths T of the held-out test sets")
     p.add_argument("--kv-pairs", type=int, nargs="+",
-                   help="P per sequence length (one value: the same for all)")
+                   help="P of each test set (one value: the same for all)")
+    p.add_argument("--train-mix", nargs="+", metavar="T:P[:SHARE]",
+                   help="the training mixture: (T, P) components and their shares of the "
+                        "training rows (tokens), packed into rows as long as the longest "
+                        "component (default: Zoology's curriculum plus the test tasks, see REAL)")
     p.add_argument("--vocab-size", type=int, help="V (Zoology's is 8192)")
     p.add_argument("--power-a", type=float, default=0.01, help="query placement power law α")
     p.add_argument("--no-random-non-queries", action="store_true",
                    help="filler tokens 0 instead of random tokens")
     p.add_argument("--steps", type=int, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, help="sequences per step")
-    p.add_argument("--train-examples", type=int, default=None,
-                   help="size of the training set (default steps x batch: every sequence "
-                        "seen once; fewer are cycled through in epochs)")
-    p.add_argument("--test-examples", type=int, help="held-out sequences per T")
+    p.add_argument("--batch-size", type=int, help="training rows per step (and test batch)")
+    p.add_argument("--train-examples", type=int,
+                   help="training rows (default steps x batch: every row seen once; fewer are "
+                        "cycled through in epochs)")
+    p.add_argument("--test-examples", type=int, help="held-out sequences per test set")
     p.add_argument("--eval-every", type=int,
                    help="steps per jitted chunk; held-out accuracy after each")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-frac", type=float, default=0.1, help="warmup share of the steps")
+    p.add_argument("--lr", type=float, nargs="+",
+                   help="peak learning rate, or a grid of them: each model and width trains "
+                        "once per lr from the same initialisation and data (one compile: the lr "
+                        "is an input of the compiled program), and each test set reports the "
+                        "lr with the best final accuracy, as Zoology's sweeps do")
+    p.add_argument("--warmup-frac", type=float, help="warmup share of the steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine decay ends at lr x this")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (parameters stay float32)")
@@ -103,6 +167,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-short-conv", action="store_true",
                    help="no short convolution on q/k/v of the linear mixers (Zoology puts one "
                         "before every mixer; ours is the layers' use_short_conv)")
+    p.add_argument("--attention-conv", action=argparse.BooleanOptionalAction, default=None,
+                   help="the same short convolution on q/k/v of Transformer++'s attention (as "
+                        "Zoology's attention baseline, conv + MHA); --no-attention-conv: the "
+                        "project's plain attention layer")
+    p.add_argument("--conv-init", choices=["model", "torch"],
+                   help="initialisation of the short convolutions' kernels: 'model' keeps the "
+                        "model's (normal, std 0.02, as fla's _init_weights), 'torch' redraws "
+                        "them from PyTorch's Conv1d default U(±1/sqrt(width)), which Zoology's "
+                        "models keep")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the existing results of this tag that this run does "
@@ -124,6 +197,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--kv-pairs takes one value or one per sequence length ({len(args.seq_lens)})")
     if len(args.kv_pairs) == 1:
         args.kv_pairs = args.kv_pairs * len(args.seq_lens)
+    if len(set(args.seq_lens)) != len(args.seq_lens):
+        p.error("--seq-lens must be distinct")
+    try:
+        args.train_mix = parse_mix(args.train_mix)
+    except ValueError as err:
+        p.error(str(err))
     if args.compile_ahead is None:
         args.compile_ahead = max(1, min(4, (os.cpu_count() or 2) // 2))
     if args.compile_ahead < 0:
@@ -131,6 +210,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "test_examples", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if any(not lr > 0 for lr in args.lr):
+        p.error("--lr must be positive")
+    if not 0 <= args.warmup_frac <= 1 or not 0 <= args.min_lr_ratio <= 1:
+        p.error("--warmup-frac and --min-lr-ratio must be in [0, 1]")
     if args.steps % args.eval_every:
         p.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     if args.train_examples is not None and args.train_examples < args.batch_size:
@@ -138,27 +221,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def train_row_len(args) -> int:
+    """L: the length of a training row (the longest component of the mixture)."""
+    return max(T for T, _, _ in args.train_mix)
+
+
 def task_config(args) -> dict[str, Any]:
     """The settings that make runs comparable (checked by --merge)."""
     keys = ("vocab_size", "power_a", "steps", "batch_size", "train_examples", "test_examples",
-            "eval_every", "lr", "warmup_frac", "weight_decay", "dtype", "impl", "seed",
-            "no_short_conv")
+            "eval_every", "lr", "warmup_frac", "min_lr_ratio", "weight_decay", "dtype", "impl",
+            "seed", "no_short_conv", "attention_conv", "conv_init")
     out = {k: getattr(args, k) for k in keys}
     out["random_non_queries"] = not args.no_random_non_queries
+    total = sum(w for _, _, w in args.train_mix)
+    out["train_mix"] = [{"seq_len": T, "num_kv_pairs": P, "share": round(w / total, 6)}
+                        for T, P, w in args.train_mix]
+    out["train_row_len"] = train_row_len(args)
     return out
 
 
 # ------------------------------------------------------------------ models
 def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
-                 short_conv: bool = True):
+                 short_conv: bool = True, attention_conv: bool = False):
     """The ModelConfig of model `name` at width D (2 blocks, untied head). short_conv: the
-    causal depthwise convolution (width 4) on q/k/v of the gsa/gla/retnet/abc mixers."""
+    causal depthwise convolution (width 4) on q/k/v of the gsa/gla/retnet/abc mixers;
+    attention_conv: the same convolution on q/k/v of the attention mixer (`build_model` then
+    builds `conv_attention_lm`'s model; recorded as the attention config's use_short_conv)."""
     from gsa_jax.models import ModelConfig, get_preset
     base = {"gsa": "gsa-tiny", "abc": "gsa-tiny", "gla": "gla-tiny", "retnet": "retnet-tiny",
             "attention": "transformer-tiny"}[name]
+    conv = attention_conv if name == "attention" else short_conv
     over: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=width, num_layers=2,
                                 num_heads=4, attn_num_heads=4, dtype=dtype, impl=impl,
-                                tie_word_embeddings=False, use_short_conv=short_conv)
+                                tie_word_embeddings=False, use_short_conv=conv)
     if name in ("gsa", "abc"):
         over["num_slots"] = 64            # the paper's M (gsa-tiny has 8)
     if name == "abc":
@@ -167,13 +262,116 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
     return config
 
 
+def build_model(config):
+    """CausalLM(config); an attention model with use_short_conv gets the convolution on q/k/v
+    (`conv_attention_lm`), which the project's attention layer does not have."""
+    from gsa_jax.models import CausalLM
+    if config.mixer == "attention" and config.use_short_conv:
+        return conv_attention_lm()(config)
+    return CausalLM(config)
+
+
+@functools.lru_cache(maxsize=None)
+def conv_attention_lm():
+    """The CausalLM class whose attention layers put a short convolution (causal, depthwise,
+    width conv_size, + SiLU: the linear mixers' `common.short_convs`) on q, k and v before RoPE,
+    as every linear mixer here has one and as Zoology puts one before every mixer, attention
+    included (its attention baseline is a Hybrid [BaseConv, MHA]). Training forward only (no
+    cache); parameters as CausalLM's plus mixer/{q,k,v}_conv."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from gsa_jax.layers import common as lc
+    from gsa_jax.layers.attention import IMPLEMENTATIONS, Attention
+    from gsa_jax.models import CausalLM, lm
+
+    class ConvAttention(Attention):
+        conv_size: int = 4
+
+        @nn.compact
+        def __call__(self, x, *, segment_ids=None, positions=None, cache=None, mode="train",
+                     max_len=0):
+            if cache is not None or mode != "train":
+                raise ValueError("ConvAttention: training forward only")
+            kv, dh = self.dims()
+            B, T, _ = x.shape
+            H = self.num_heads
+            if positions is None:
+                positions = lc.positions_in_segment(segment_ids, B, T)
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            q = lc.dense(H * dh, ("embed", "heads"), std=self.std, name="q_proj", **kw)(x)
+            k = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="k_proj", **kw)(x)
+            v = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="v_proj", **kw)(x)
+            runs = lc.segment_runs(segment_ids)
+            q, k, v = lc.short_convs({"q": (q, "heads"), "k": (k, "kv_heads"),
+                                      "v": (v, "kv_heads")}, runs, None, {}, self.conv_size,
+                                     std=self.std, **kw)
+            q = lc.apply_rope(q.reshape(B, T, H, dh), positions, self.rope_theta)
+            k = lc.apply_rope(k.reshape(B, T, kv, dh), positions, self.rope_theta)
+            v = v.reshape(B, T, kv, dh)
+            mask = None if runs is None else (runs[:, :, None] == runs[:, None, :])[:, None]
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                             implementation=IMPLEMENTATIONS[self.implementation])
+            out_std = self.std if self.out_std is None else self.out_std
+            y = lc.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj",
+                         **kw)(o.reshape(B, T, H * dh))
+            return y, None
+
+    class ConvAttentionBlock(lm.Block):
+        @nn.compact
+        def __call__(self, x, segment_ids, positions, cache, mode: str, max_len: int):
+            cfg = self.config
+            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+            norm = dict(eps=cfg.norm_eps, axis_name="norm", dtype=dtype, param_dtype=pdtype)
+            h = lc.RMSNorm(name="attn_norm", **norm)(x)
+            h, cache = ConvAttention(
+                cfg.hidden_size, cfg.attn_num_heads, cfg.attn_num_kv_heads,
+                rope_theta=cfg.rope_theta, implementation=cfg.attn_implementation,
+                conv_size=cfg.conv_size, std=cfg.initializer_range, out_std=lm._out_std(cfg),
+                dtype=dtype, param_dtype=pdtype, name="mixer")(
+                    h, segment_ids=segment_ids, positions=positions, cache=cache, mode=mode,
+                    max_len=max_len)
+            x = x + h
+            h = lc.RMSNorm(name="mlp_norm", **norm)(x)
+            x = x + lc.SwiGLU(cfg.hidden_size, cfg.mlp_width, std=cfg.initializer_range,
+                              out_std=lm._out_std(cfg), dtype=dtype, param_dtype=pdtype,
+                              name="mlp")(h)
+            return x, cache
+
+    class ConvAttentionLM(CausalLM):
+        def setup(self):   # CausalLM.setup with ConvAttentionBlock (no remat: small models)
+            cfg = self.config
+            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+            self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=pdtype,
+                                  embedding_init=nn.with_logical_partitioning(
+                                      nn.initializers.normal(cfg.initializer_range),
+                                      ("vocab", "embed")))
+            self.blocks = [ConvAttentionBlock(cfg, i, name=f"layer_{i}")
+                           for i in range(cfg.num_layers)]
+            self.norm = lc.RMSNorm(cfg.norm_eps, axis_name="norm", dtype=dtype,
+                                   param_dtype=pdtype)
+            if not cfg.tie_word_embeddings:
+                self.lm_head = lc.dense(cfg.vocab_size, ("embed", "vocab"),
+                                        std=cfg.initializer_range, dtype=dtype,
+                                        param_dtype=pdtype, name="lm_head")
+
+    return ConvAttentionLM
+
+
 # ------------------------------------------------------------------ training
 def make_runner(model, tx, eval_every: int, batch_size: int):
-    """run(params, opt_state, step0, train_x, train_y, test_x, test_y) ->
-    (params, opt_state, mean train loss of the chunk, held-out accuracy), jitted.
+    """run(params, opt_state, step0, lr, train, tests) -> (params, opt_state, mean train loss of
+    the chunk, held-out accuracy per test set [n_tests]), jitted.
 
-    train_x/y: [N, T] int32 on the device, batch b = rows [b·B, (b+1)·B) mod N (N a multiple of
-    B); test_x/y: [n_test_batches, B, T]. Labels are -100 off the query positions.
+    tx: the optimizer at peak lr 1 (its updates are linear in the lr: AdamW's step and decoupled
+    weight decay are both multiplied by it), scaled here by the traced `lr`, so one compiled
+    program serves a whole lr grid.
+    train: (x, y, segment_ids or None), each [N, L] int32 on the device; batch b = rows
+    [b·B, (b+1)·B) mod N (N a multiple of B); segment_ids separate the sequences packed in a
+    row (None: one sequence per row). tests: ((x, y), ...) with x, y [n_batches, B, T] (one
+    sequence per row). Labels are -100 off the query positions; the loss is the mean over the
+    query positions of the batch.
     """
     import jax
     import jax.numpy as jnp
@@ -181,24 +379,27 @@ def make_runner(model, tx, eval_every: int, batch_size: int):
     from gsa_jax.data.mqar import IGNORE
     from gsa_jax.optim import loss_sums
 
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)                       # [B, T, V] f32
+    def loss_fn(params, x, y, seg):
+        logits = model.apply({"params": params}, x, segment_ids=seg)      # [B, L, V] f32
         mask = y != IGNORE
         sums = loss_sums(logits, jnp.where(mask, y, 0), mask)
         return sums.ce / jnp.maximum(sums.count, 1.0)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def run(params, opt_state, step0, train_x, train_y, test_x, test_y):
+    def run(params, opt_state, step0, lr, train, tests):
+        train_x, train_y, train_seg = train
         num_batches = train_x.shape[0] // batch_size
 
         def train_step(carry, i):
             params, opt_state = carry
             start = ((step0 + i) % num_batches) * batch_size
-            x = jax.lax.dynamic_slice_in_dim(train_x, start, batch_size)
-            y = jax.lax.dynamic_slice_in_dim(train_y, start, batch_size)
-            loss, grads = grad_fn(params, x, y)
+            x, y = (jax.lax.dynamic_slice_in_dim(a, start, batch_size) for a in (train_x, train_y))
+            seg = (None if train_seg is None else
+                   jax.lax.dynamic_slice_in_dim(train_seg, start, batch_size))
+            loss, grads = grad_fn(params, x, y, seg)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
             return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state),
@@ -210,9 +411,11 @@ def make_runner(model, tx, eval_every: int, batch_size: int):
             mask = y != IGNORE
             return jnp.sum((pred == y) & mask), jnp.sum(mask)
 
-        hits, count = jax.lax.map(correct, (test_x, test_y))
-        accuracy = jnp.sum(hits) / jnp.maximum(jnp.sum(count), 1)
-        return params, opt_state, jnp.mean(losses), accuracy
+        accuracies = []
+        for test in tests:
+            hits, count = jax.lax.map(correct, test)
+            accuracies.append(jnp.sum(hits) / jnp.maximum(jnp.sum(count), 1))
+        return params, opt_state, jnp.mean(losses), jnp.stack(accuracies)
 
     return jax.jit(run, donate_argnums=(0, 1))
 
@@ -230,15 +433,27 @@ class Prepared:
     compile_s: float
 
 
-def data_shapes(args, seq_len: int) -> tuple:
-    """Shapes of make_data's arrays (train_x, train_y, test_x, test_y), for compiling ahead."""
+def torch_conv_init(params, key):
+    """Redraws every short-convolution kernel ("<q|k|v>_conv/kernel", [W, C]) from PyTorch's
+    Conv1d default for a depthwise conv, U(−1/sqrt(W), 1/sqrt(W))."""
     import jax
-    import jax.numpy as jnp
-    n_train, n_test = set_sizes(args)
-    B = args.batch_size
-    train = jax.ShapeDtypeStruct((n_train, seq_len), jnp.int32)
-    test = jax.ShapeDtypeStruct((n_test // B, B, seq_len), jnp.int32)
-    return train, train, test, test
+
+    def redraw(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if len(names) >= 2 and names[-1] == "kernel" and names[-2].endswith("_conv"):
+            bound = 1.0 / math.sqrt(x.shape[0])
+            sub = jax.random.fold_in(key, zlib.crc32("/".join(names).encode()) % (2 ** 31))
+            return jax.random.uniform(sub, x.shape, x.dtype, -bound, bound)
+        return x
+
+    return jax.tree_util.tree_map_with_path(redraw, params)
+
+
+def data_shapes(data: dict) -> tuple:
+    """Shapes of the runner's data operands (train, tests), for compiling ahead."""
+    import jax
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        (data["train"], data["tests"]))
 
 
 def prepare(args, name: str, width: int, shapes: tuple) -> Prepared:
@@ -248,76 +463,118 @@ def prepare(args, name: str, width: int, shapes: tuple) -> Prepared:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from gsa_jax.models import CausalLM
     from gsa_jax.optim import OptimConfig, make_optimizer
 
     start = time.perf_counter()
     config = model_config(name, width, args.vocab_size, args.dtype, args.impl,
-                          not args.no_short_conv)
-    model = CausalLM(config)
+                          not args.no_short_conv, args.attention_conv)
+    model = build_model(config)
     params = nn.meta.unbox(model.init(jax.random.key(args.seed),
                                       jnp.zeros((1, 1), jnp.int32))["params"])
-    optim = OptimConfig(lr=args.lr, warmup_steps=int(args.warmup_frac * args.steps),
-                        min_lr_ratio=0.1, weight_decay=args.weight_decay, grad_clip=1.0)
+    if args.conv_init == "torch":
+        params = torch_conv_init(params, jax.random.key(args.seed + 1))
+    optim = OptimConfig(lr=1.0, warmup_steps=int(args.warmup_frac * args.steps),
+                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+                        grad_clip=1.0)
     tx, _ = make_optimizer(optim, args.steps)
     opt_state = tx.init(params)
     runner = make_runner(model, tx, args.eval_every, args.batch_size)
-    compiled = runner.lower(params, opt_state, jnp.int32(0), *shapes).compile()
+    compiled = runner.lower(params, opt_state, jnp.int32(0), jnp.float32(0), *shapes).compile()
     return Prepared(name, width, config, params, opt_state, compiled,
                     int(sum(x.size for x in jax.tree.leaves(params))),
                     time.perf_counter() - start)
 
 
-def fit(args, prep: Prepared, data: dict, on_chunk=None) -> dict[str, Any]:
-    """Trains a prepared model on data["train_*"], measuring held-out accuracy every
-    args.eval_every steps. Returns the run's row."""
+def fit(args, prep: Prepared, data: dict, on_chunk=None) -> list[dict[str, Any]]:
+    """Trains a prepared model on data["train"] once per lr of args.lr (each from the same
+    initial parameters), measuring the held-out accuracy on every test set each
+    args.eval_every steps. Returns one row per test set: the lr with the best final accuracy
+    on that set (ties: the lower final training loss), with every lr's results under "by_lr"."""
+    import jax
     import jax.numpy as jnp
 
-    operands = (data["train_x"], data["train_y"], data["test_x"], data["test_y"])
-    params, opt_state = prep.params, prep.opt_state
-    prep.params = prep.opt_state = None   # donated to the runner below
-    curve, step = [], 0
+    init = (prep.params, prep.opt_state)
+    prep.params = prep.opt_state = None
+    runs = []
     start = time.perf_counter()
-    while step < args.steps:   # steps is a multiple of eval_every (checked)
-        params, opt_state, loss, acc = prep.compiled(params, opt_state, jnp.int32(step),
-                                                     *operands)
-        step += args.eval_every
-        point = {"step": step, "loss": float(loss), "accuracy": float(acc)}
-        curve.append(point)
-        if on_chunk is not None:
-            on_chunk(point)
+    for n, lr in enumerate(args.lr):
+        if n == len(args.lr) - 1:
+            params, opt_state = init   # the last run may consume (donate) the initial state
+        else:
+            params, opt_state = jax.tree.map(jnp.copy, init)
+        curve, step = [], 0
+        while step < args.steps:   # steps is a multiple of eval_every (checked)
+            params, opt_state, loss, acc = prep.compiled(
+                params, opt_state, jnp.int32(step), jnp.float32(lr), data["train"],
+                data["tests"])
+            step += args.eval_every
+            point = {"step": step, "loss": float(loss), "accuracy": [float(a) for a in acc]}
+            curve.append(point)
+            if on_chunk is not None:
+                on_chunk(point)
+        runs.append((lr, curve))
+        del params, opt_state
+    init = None
     train_s = time.perf_counter() - start
-    final = curve[-1]
-    return {"model": prep.name, "width": prep.width, "params": prep.num_params,
-            "accuracy": final["accuracy"], "best_accuracy": max(p["accuracy"] for p in curve),
-            "final_loss": final["loss"], "steps": step, "compile_s": round(prep.compile_s, 2),
-            "train_s": round(train_s, 2), "curve": curve, "model_config": prep.config.to_dict()}
+    rows = []
+    for i, (T, P) in enumerate(zip(args.seq_lens, args.kv_pairs)):
+        by_lr = []
+        for lr, curve in runs:
+            sub = [{"step": p["step"], "loss": p["loss"], "accuracy": p["accuracy"][i]}
+                   for p in curve]
+            by_lr.append({"lr": lr, "accuracy": sub[-1]["accuracy"],
+                          "best_accuracy": max(p["accuracy"] for p in sub),
+                          "final_loss": sub[-1]["loss"], "curve": sub})
+        best = max(by_lr, key=lambda r: (r["accuracy"], -r["final_loss"]))
+        rows.append({"model": prep.name, "width": prep.width, "seq_len": T, "num_kv_pairs": P,
+                     "test_queries": data["n_test"] * P, "params": prep.num_params,
+                     "lr": best["lr"], "accuracy": best["accuracy"],
+                     "best_accuracy": best["best_accuracy"], "final_loss": best["final_loss"],
+                     "steps": args.steps, "compile_s": round(prep.compile_s, 2),
+                     "train_s": round(train_s, 2), "curve": best["curve"],
+                     "by_lr": by_lr if len(by_lr) > 1 else [],
+                     "model_config": prep.config.to_dict()})
+    return rows
 
 
 def set_sizes(args) -> tuple[int, int]:
-    """(training, held-out) set sizes, rounded up to whole batches."""
+    """(training rows, held-out sequences per test set), rounded up to whole batches."""
     B = args.batch_size
     n_train = args.train_examples or args.steps * B
     return B * math.ceil(n_train / B), B * math.ceil(args.test_examples / B)
 
 
-def make_data(args, seq_len: int, kv_pairs: int) -> dict:
-    """Training and held-out sets of one (T, P) on the device (shared by every run)."""
-    import jax.numpy as jnp
-    from gsa_jax.data.mqar import MQARConfig, generate
-
-    task = MQARConfig(vocab_size=args.vocab_size, seq_len=seq_len, num_kv_pairs=kv_pairs,
+def task(args, seq_len: int, kv_pairs: int):
+    from gsa_jax.data.mqar import MQARConfig
+    return MQARConfig(vocab_size=args.vocab_size, seq_len=seq_len, num_kv_pairs=kv_pairs,
                       power_a=args.power_a, random_non_queries=not args.no_random_non_queries)
+
+
+def make_data(args) -> dict:
+    """The training mixture (packed rows) and the held-out set of each (T, P) to test, on the
+    device (shared by every run)."""
+    import jax.numpy as jnp
+    from gsa_jax.data.mqar import generate, generate_packed
+
     B = args.batch_size
     n_train, n_test = set_sizes(args)
-    # Independent draws for the two sets (and per T). Zoology warns of train/test overlap: at
-    # V = 8192 a repeated sequence is astronomically unlikely (not so at smoke sizes).
-    train = generate(task, n_train, seed=args.seed * 1_000_003 + 2 * seq_len + 0)
-    test = generate(task, n_test, seed=args.seed * 1_000_003 + 2 * seq_len + 1)
-    return {"train_x": jnp.asarray(train.inputs), "train_y": jnp.asarray(train.labels),
-            "test_x": jnp.asarray(test.inputs.reshape(-1, B, seq_len)),
-            "test_y": jnp.asarray(test.labels.reshape(-1, B, seq_len)),
-            "n_train": n_train, "n_test": n_test, "task": dataclasses.asdict(task)}
+    L = train_row_len(args)
+    # Independent draws for training and each test set (other seeds). Zoology warns of
+    # train/test overlap: at V = 8192 a repeated sequence is astronomically unlikely (not so at
+    # smoke sizes).
+    train = generate_packed([task(args, T, P) for T, P, _ in args.train_mix],
+                            [w for _, _, w in args.train_mix], n_train, L,
+                            seed=args.seed * 1_000_003)
+    packed = bool(any(T < L for T, _, _ in args.train_mix))
+    tests = []
+    for T, P in zip(args.seq_lens, args.kv_pairs):
+        test = generate(task(args, T, P), n_test, seed=args.seed * 1_000_003 + 2 * T + 1)
+        tests.append((jnp.asarray(test.inputs.reshape(-1, B, T)),
+                      jnp.asarray(test.labels.reshape(-1, B, T))))
+    return {"train": (jnp.asarray(train.inputs), jnp.asarray(train.labels),
+                      jnp.asarray(train.segment_ids) if packed else None),
+            "tests": tuple(tests), "n_train": n_train, "n_test": n_test,
+            "train_queries_per_row": float(train.mask.sum(axis=1).mean())}
 
 
 # ------------------------------------------------------------------ reporting
@@ -353,15 +610,20 @@ def verdict(rows: list[dict]) -> dict[str, Any]:
 
 def markdown(record: dict) -> str:
     rows, cfg = record["rows"], record["config"]
+    mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
+                    for c in cfg["train_mix"])
     lines = [f"# MQAR: accuracy vs model width ({record['tag']})", "",
              f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
              f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
-             f"models (short convolution in the linear mixers: {not cfg['no_short_conv']}); "
-             f"{cfg['steps']} steps x {cfg['batch_size']} sequences, lr {cfg['lr']} "
-             f"(warmup {cfg['warmup_frac']:.0%}, cosine), weight decay {cfg['weight_decay']}, "
-             f"{cfg['dtype']} compute; accuracy = share of held-out queries "
-             f"({cfg['test_examples']} sequences per T) whose argmax is the bound value, after "
-             f"the last step (best over evaluations in the JSON).", ""]
+             f"models (short convolution in the linear mixers: {not cfg['no_short_conv']}). "
+             f"Trained on a mixture of (T, P) tasks (share of the training tokens): {mix}, "
+             f"packed into rows of {cfg['train_row_len']} tokens; {cfg['steps']} steps x "
+             f"{cfg['batch_size']} rows, lr {cfg['lr']} (warmup {cfg['warmup_frac']:.0%}, "
+             f"cosine to x{cfg['min_lr_ratio']}), weight decay {cfg['weight_decay']}, "
+             f"{cfg['dtype']} compute. One training run per model and width, tested on every "
+             f"(T, P) below: accuracy = share of held-out queries ({cfg['test_examples']} "
+             f"sequences per T) whose argmax is the bound value, after the last step (best over "
+             f"evaluations in the JSON).", ""]
     v = record["verdict"]
     if v["holds"] is None:
         lines.append("**Claim (GSA beats GLA and RetNet at equal width):** not testable here "
@@ -385,9 +647,11 @@ def markdown(record: dict) -> str:
             table.append([LABELS[m]] + [common.fmt(100 * acc[w], 1) if w in acc else "-"
                                         for w in widths])
         lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], table))
-    compile_s = sum(r["compile_s"] for r in rows)
-    train_s = sum(r["train_s"] for r in rows)
-    lines += ["", f"Accuracy in %. {len(rows)} runs: {train_s:.0f} s of training and "
+    # The rows of one training run (one per test set) share its times.
+    runs = {(r["model"], r["width"], r["compile_s"], r["train_s"]) for r in rows}
+    compile_s = sum(r[2] for r in runs)
+    train_s = sum(r[3] for r in runs)
+    lines += ["", f"Accuracy in %. {len(runs)} runs: {train_s:.0f} s of training and "
                   f"{compile_s:.0f} s of init + compile (in worker threads, overlapping the "
                   f"training) summed over runs; per run in the JSON. Wall time of the last "
                   f"command: {record.get('elapsed_s', 0):.0f} s."]
@@ -444,17 +708,24 @@ def main(argv=None) -> int:
     tag = args.tag or jax.default_backend()
     paths = common.results_paths(tag, "mqar", args.out_dir)
     previous = load_previous(args, paths) if args.merge else {}
-    runs = [(T, P, D, m) for T, P in zip(args.seq_lens, args.kv_pairs)
-            for D in args.widths for m in args.models]
-    redo = {(T, D, m) for T, _, D, m in runs}
+    runs = [(D, m) for D in args.widths for m in args.models]
+    redo = {(T, D, m) for T in args.seq_lens for D, m in runs}
     rows = [r for r in previous.get("rows", [])
             if (r["seq_len"], r["width"], r["model"]) not in redo]
     record = {"tag": tag, "config": task_config(args), "rows": rows,
               "commands": previous.get("commands", []) + [common.command_line(argv, __file__)]}
-    print(f"MQAR sweep: {len(runs)} runs ({', '.join(args.models)}; widths {args.widths}; "
-          f"(T, P) {list(zip(args.seq_lens, args.kv_pairs))}) on {jax.device_count()} "
-          f"{jax.devices()[0].device_kind}", flush=True)
-    bar = tqdm(total=len(runs) * args.steps, unit="step", dynamic_ncols=True,
+    tests = list(zip(args.seq_lens, args.kv_pairs))
+    mix = ", ".join(f"{T}:{P}" for T, P, _ in args.train_mix)
+    print(f"MQAR sweep: {len(runs)} runs ({', '.join(args.models)}; widths {args.widths}) "
+          f"trained on the (T, P) mixture [{mix}] in rows of {train_row_len(args)}, tested on "
+          f"{tests}, on {jax.device_count()} {jax.devices()[0].device_kind}", flush=True)
+    data_start = time.perf_counter()
+    data = make_data(args)
+    shapes = data_shapes(data)
+    record["config"]["train_queries_per_row"] = round(data["train_queries_per_row"], 3)
+    print(f"data: {data['n_train']} training rows, {data['n_test']} test sequences per (T, P) "
+          f"({time.perf_counter() - data_start:.1f} s)", flush=True)
+    bar = tqdm(total=len(runs) * len(args.lr) * args.steps, unit="step", dynamic_ncols=True,
                disable=args.no_progress)
     # Compiling is the larger part of a run at these sizes: `compile_ahead` worker threads
     # prepare (init + compile) the next runs while the current one trains.
@@ -463,30 +734,31 @@ def main(argv=None) -> int:
 
     def submit(i: int) -> None:
         if i < len(runs) and i not in pending:
-            T, _, D, m = runs[i]
-            pending[i] = pool.submit(prepare, args, m, D, data_shapes(args, T))
+            D, m = runs[i]
+            pending[i] = pool.submit(prepare, args, m, D, shapes)
 
-    data, start = None, time.perf_counter()
+    start = time.perf_counter()
     try:
-        for i, (T, P, D, m) in enumerate(runs):
+        for i, (D, m) in enumerate(runs):
             for j in range(i, i + args.compile_ahead + 1):
                 submit(j)
-            if data is None or data["task"]["seq_len"] != T:
-                data = None  # free the previous length's arrays first
-                data = make_data(args, T, P)
-            bar.set_description(f"{m} D={D} T={T}")
+            bar.set_description(f"{m} D={D}")
 
             def on_chunk(point, bar=bar):
                 bar.update(args.eval_every)
-                bar.set_postfix(loss=f"{point['loss']:.3f}", acc=f"{point['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{point['loss']:.3f}",
+                                acc="/".join(f"{a:.3f}" for a in point["accuracy"]))
 
-            row = fit(args, pending.pop(i).result(), data, on_chunk)
-            row.update(seq_len=T, num_kv_pairs=P, test_queries=data["n_test"] * P)
-            bar.write(f"{LABELS[m]:>13} D={D:<4} T={T:<4} P={P:<3}: accuracy "
-                      f"{100 * row['accuracy']:5.1f}%  loss {row['final_loss']:.3f}  "
-                      f"({row['params']:,} params; init + compile {row['compile_s']:.1f} s, "
-                      f"train {row['train_s']:.1f} s)")
-            rows.append(row)
+            new_rows = fit(args, pending.pop(i).result(), data, on_chunk)
+            for row in new_rows:
+                bar.write(f"{LABELS[m]:>13} D={D:<4} T={row['seq_len']:<4} "
+                          f"P={row['num_kv_pairs']:<3}: accuracy {100 * row['accuracy']:5.1f}% "
+                          f"(lr {row['lr']:g}"
+                          + "".join(f"; {r['lr']:g}: {100 * r['accuracy']:.1f}%"
+                                    for r in row["by_lr"] if r["lr"] != row["lr"]) + ")  "
+                          f"train loss {row['final_loss']:.3f}  ({row['params']:,} params; "
+                          f"init + compile {row['compile_s']:.1f} s, train {row['train_s']:.1f} s)")
+            rows.extend(new_rows)
             record["verdict"] = verdict(rows)
             record["elapsed_s"] = round(time.perf_counter() - start, 1)
             common.write_results(tag, "mqar", record, markdown(record), out_dir=args.out_dir,

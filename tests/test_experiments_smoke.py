@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:   # `experiments` is not an installed package
     sys.path.insert(0, ROOT)
@@ -49,6 +51,15 @@ def test_mqar_smoke(tmp_path):
     report = json.loads((tmp_path / "mqar_test.json").read_text())
     _check_common(report, argv, tmp_path, "mqar")
     rows = report["rows"]
+    # The config records the training mixture: (T, P) and normalised shares of the rows.
+    mix = [spec.split(":") for spec in SMOKE["train_mix"]]
+    shares = [float(s[2]) if len(s) == 3 else 1.0 for s in mix]
+    assert [(c["seq_len"], c["num_kv_pairs"]) for c in report["config"]["train_mix"]] == \
+        [(int(s[0]), int(s[1])) for s in mix]
+    assert [c["share"] for c in report["config"]["train_mix"]] == \
+        pytest.approx([w / sum(shares) for w in shares], abs=1e-6)
+    assert report["config"]["train_row_len"] == max(int(s[0]) for s in mix)
+    assert report["config"]["lr"] == SMOKE["lr"]
     expected = {(m, w, t) for m in MODELS for w in SMOKE["widths"] for t in SMOKE["seq_lens"]}
     assert {(r["model"], r["width"], r["seq_len"]) for r in rows} == expected
     chunks = SMOKE["steps"] // SMOKE["eval_every"]
@@ -58,7 +69,7 @@ def test_mqar_smoke(tmp_path):
         assert [p["step"] for p in r["curve"]] == [SMOKE["eval_every"] * (i + 1)
                                                     for i in range(chunks)]
         assert all(_finite(p["loss"]) and 0 <= p["accuracy"] <= 1 for p in r["curve"])
-        assert r["num_kv_pairs"] == SMOKE["kv_pairs"][0]
+        assert r["num_kv_pairs"] == SMOKE["kv_pairs"][0] and r["lr"] in SMOKE["lr"]
     # The claim is judged on every (T, width) that has GSA, GLA and RetNet.
     verdict = report["verdict"]
     assert len(verdict["cells"]) == len(SMOKE["widths"]) * len(SMOKE["seq_lens"])

@@ -155,3 +155,83 @@ def test_smallest_valid_sizes():
     data = generate(cfg, 30, seed=0)
     assert np.all(data.mask.sum(axis=1) == 4)
     assert np.all(np.sort(data.inputs[:, 0:8:2], axis=1) == np.arange(1, 5))
+
+
+# ------------------------------------------------------------------ training mixtures
+def _mixture(seed=3, num_rows=240, row_len=64):
+    from gsa_jax.data.mqar import generate_packed
+    configs = [MQARConfig(vocab_size=96, seq_len=16, num_kv_pairs=2),
+               MQARConfig(vocab_size=96, seq_len=24, num_kv_pairs=4),   # 64 = 2 x 24 + 16 pad
+               MQARConfig(vocab_size=96, seq_len=64, num_kv_pairs=8, power_a=1.0)]
+    return configs, generate_packed(configs, [0.5, 0.25, 0.25], num_rows, row_len, seed=seed)
+
+
+def test_packed_mixture_answers_only_at_queries():
+    """Every packed sequence is a valid MQAR example on its own: labels sit only on its query
+    positions, each query asks a key bound earlier in the same segment and is labelled with the
+    value bound to it there; padding has no labels; the shares set the rows per component."""
+    configs, data = _mixture()
+    N, L = 240, 64
+    assert data.inputs.shape == data.labels.shape == data.segment_ids.shape == (N, L)
+    assert data.inputs.dtype == data.labels.dtype == data.segment_ids.dtype == np.int32
+    assert np.bincount(data.component, minlength=3).tolist() == [120, 60, 60]
+    for n in range(N):
+        cfg = configs[data.component[n]]
+        T, P, C = cfg.seq_len, cfg.num_kv_pairs, cfg.context_len
+        per_row = L // T
+        seg = data.segment_ids[n]
+        assert seg.tolist() == np.repeat(np.arange(per_row), T).tolist() + \
+            [per_row] * (L - per_row * T)
+        assert np.all(data.labels[n, per_row * T:] == IGNORE)      # padding: never a query
+        assert np.all(data.inputs[n, per_row * T:] == 0)
+        for j in range(per_row):
+            x = data.inputs[n, j * T:(j + 1) * T]
+            y = data.labels[n, j * T:(j + 1) * T]
+            assert np.all(seg[j * T:(j + 1) * T] == j)
+            bound, queries = _pairs_and_queries(x, y, C)
+            assert len(bound) == P and len(queries) == P
+            for pos, key, label in queries:
+                assert pos >= C and (pos - C) % 2 == 0
+                assert key in bound and bound[key][1] < pos and label == bound[key][0]
+            assert {q[1] for q in queries} == set(bound)
+    # Rows of the components are shuffled together, not in blocks.
+    assert len(set(data.component[:40].tolist())) == 3
+
+
+def test_packed_mixture_determinism_and_checks():
+    from gsa_jax.data.mqar import generate_packed, rows_per_component
+    _, a = _mixture(seed=5)
+    _, b = _mixture(seed=5)
+    _, c = _mixture(seed=6)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.inputs, c.inputs)
+    assert rows_per_component([1, 1, 1], 10) == [4, 3, 3]
+    assert rows_per_component([1000, 1], 5) == [4, 1]   # a positive share keeps a row
+    assert sum(rows_per_component([0.26, 0.1, 0.21, 0.21, 0.21], 777)) == 777
+    cfg = MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        generate_packed([cfg], [1.0], 4, row_len=16, seed=0)
+    with pytest.raises(ValueError, match="one share"):
+        generate_packed([cfg], [1.0, 2.0], 4, row_len=32, seed=0)
+    with pytest.raises(ValueError, match="shares"):
+        generate_packed([cfg], [0.0], 4, row_len=32, seed=0)
+    with pytest.raises(ValueError, match="num_rows"):
+        generate_packed([cfg], [1.0], 0, row_len=32, seed=0)
+
+
+def test_keys_and_values_uniform_without_replacement():
+    """The keys and values (the rejection path when P(P − 1) ≤ the number of tokens): each
+    position of the context is uniform over its half of the vocabulary, and the order is random
+    (the first key is the smaller one half of the time)."""
+    cfg = MQARConfig(vocab_size=64, seq_len=16, num_kv_pairs=4, random_non_queries=False)
+    data = generate(cfg, 30000, seed=9)
+    first_key, first_value = data.inputs[:, 0], data.inputs[:, 1]
+    n_keys, n_values = cfg.num_keys, cfg.num_values        # 31 and 32 (P(P-1) = 12 <= both)
+    for counts, n in ((np.bincount(first_key - 1, minlength=n_keys), n_keys),
+                      (np.bincount(first_value - 32, minlength=n_values), n_values)):
+        assert len(counts) == n
+        bound = (n - 1) + 6 * np.sqrt(2 * (n - 1))
+        assert _chi2(counts, np.full(n, 1.0 / n)) < bound
+    share = np.mean(data.inputs[:, 0] < data.inputs[:, 2])
+    assert abs(share - 0.5) < 0.02

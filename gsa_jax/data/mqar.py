@@ -25,12 +25,20 @@ the sequence (the value itself never follows the query in the input).
 Unlike Zoology this checks its arguments with ValueErrors and does not require T even or V > T:
 only what the definition needs (P ≥ 1, 2P + 2P ≤ T so the query region has room for P queries,
 and enough distinct keys and values).
+
+Training mixtures (`generate_packed`): Zoology trains on several (T, P) at once (e.g. 100K
+sequences of (64, 4) and 20K each of (128, 8), (256, 16), (256, 32), (256, 64)); the easy ones let
+a model find the recall mechanism before the hard ones. Here a mixture is packed into rows of one
+length L: a row holds L // T sequences of one component (T, P), each its own segment (the model
+resets its state / masks attention between segments, so each is a separate run), and the rest of
+the row (L mod T positions) is padding with label IGNORE. Rows of all components are shuffled
+together, so every batch mixes difficulties while every step has the same shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -109,10 +117,13 @@ def _ordered_sample(rng: np.random.Generator, n: int, n_rows: int, k: int,
 
     Gumbel top-k: the k largest of log_w + Gumbel noise, sorted descending, have the law of k
     sequential weighted draws without replacement; with equal weights any i.i.d. continuous noise
-    will do, so uniform draws use cheaper float32 uniforms. Rows go in blocks of about
+    will do, so uniform draws use cheaper float32 uniforms (or, when k(k − 1) ≤ n, rejection of
+    rows with a repeat: `_distinct_by_rejection`). Rows go in blocks of about
     `block_elems` noise values to bound memory (100k examples with n = 4096 would otherwise hold
     400M floats).
     """
+    if log_w is None and k * (k - 1) <= n:
+        return _distinct_by_rejection(rng, n, n_rows, k)
     out = np.empty((n_rows, k), np.int64)
     rows_per_block = max(1, block_elems // n)
     for start in range(0, n_rows, rows_per_block):
@@ -127,6 +138,28 @@ def _ordered_sample(rng: np.random.Generator, n: int, n_rows: int, k: int,
             top = np.broadcast_to(np.arange(n), (rows, n)).copy()
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
         out[start:start + rows] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def _distinct_by_rejection(rng: np.random.Generator, n: int, n_rows: int, k: int) -> np.ndarray:
+    """[n_rows, k] int64: per row k distinct uniform indices of [0, n) in random order.
+
+    Rows of k independent uniform draws, redrawn while they hold a repeat: conditioning i.i.d.
+    uniform k-tuples on being distinct gives exactly the law of k sequential draws without
+    replacement. With k(k − 1) ≤ n a row is accepted with probability ≥ e^(−1/2) ≈ 0.6, so this
+    costs O(k) per row instead of the O(n) noise of the top-k path (the keys and values of a
+    mixture of millions of sequences at V = 8192).
+    """
+    out = rng.integers(0, n, size=(n_rows, k), dtype=np.int64)
+
+    def repeats(a):
+        a = np.sort(a, axis=1)
+        return np.any(a[:, 1:] == a[:, :-1], axis=1)
+
+    todo = np.flatnonzero(repeats(out))
+    while len(todo):
+        out[todo] = rng.integers(0, n, size=(len(todo), k), dtype=np.int64)
+        todo = todo[repeats(out[todo])]
     return out
 
 
@@ -163,3 +196,78 @@ def generate(config: MQARConfig, num_examples: int, seed: int) -> MQARData:
         filler = inputs == 0   # 0 is neither a key nor a value: exactly the filler positions
         inputs[filler] = rng.integers(0, cfg.vocab_size, size=int(filler.sum()))
     return MQARData(inputs.astype(np.int32), labels.astype(np.int32))
+
+
+class PackedMQAR(NamedTuple):
+    inputs: np.ndarray        # [N, L] int32 token ids (0 on padding)
+    labels: np.ndarray        # [N, L] int32: values at query positions, IGNORE elsewhere
+    segment_ids: np.ndarray   # [N, L] int32: 0, 1, ... per packed sequence; padding its own id
+    component: np.ndarray     # [N] int32: index of the mixture component of each row
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[N, L] bool, True at the query positions."""
+        return self.labels != IGNORE
+
+
+def rows_per_component(shares: Sequence[float], num_rows: int) -> list[int]:
+    """Splits `num_rows` by `shares` (largest remainder; every component with a positive share
+    gets at least one row when there are enough rows)."""
+    w = np.asarray(shares, np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"MQAR: mixture shares must be non-negative with a positive sum, got "
+                         f"{list(shares)}")
+    exact = w / w.sum() * num_rows
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[:num_rows - counts.sum()]:
+        counts[i] += 1
+    for i in np.flatnonzero((w > 0) & (counts == 0)):   # no positive share left out
+        j = int(np.argmax(counts))
+        if counts[j] > 1:
+            counts[j] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+def generate_packed(configs: Sequence[MQARConfig], shares: Sequence[float], num_rows: int,
+                    row_len: int, seed: int) -> PackedMQAR:
+    """A training mixture of MQAR tasks packed into `num_rows` rows of length `row_len`.
+
+    Component c (configs[c], seq_len T_c <= row_len) fills round(shares[c] / Σ shares · num_rows)
+    rows (`rows_per_component`: the shares are shares of rows, i.e. of tokens), each holding
+    row_len // T_c sequences of it as consecutive segments, then padding. Every component draws
+    its sequences with `generate` from its own seed (derived from `seed` and the component's
+    index), and the rows are shuffled with `seed`. The same arguments give the same data.
+    """
+    if len(configs) != len(shares) or not configs:
+        raise ValueError(f"MQAR: need one share per mixture component, got {len(configs)} "
+                         f"components and {len(shares)} shares")
+    if not isinstance(num_rows, (int, np.integer)) or isinstance(num_rows, bool) or num_rows < 1:
+        raise ValueError(f"MQAR: num_rows must be a positive int, got {num_rows!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"MQAR: seed must be an int, got {seed!r}")
+    for cfg in configs:
+        if cfg.seq_len > row_len:
+            raise ValueError(f"MQAR: a mixture component of seq_len {cfg.seq_len} does not fit "
+                             f"rows of length {row_len}")
+    counts = rows_per_component(shares, num_rows)
+    inputs = np.zeros((num_rows, row_len), np.int32)
+    labels = np.full((num_rows, row_len), IGNORE, np.int32)
+    segments = np.zeros((num_rows, row_len), np.int32)
+    component = np.zeros(num_rows, np.int32)
+    row = 0
+    for c, (cfg, n) in enumerate(zip(configs, counts)):
+        if n == 0:
+            continue
+        T = cfg.seq_len
+        per_row = row_len // T
+        data = generate(cfg, n * per_row, seed=int(seed) * 7919 + 104729 * (c + 1))
+        used = per_row * T
+        inputs[row:row + n, :used] = data.inputs.reshape(n, used)
+        labels[row:row + n, :used] = data.labels.reshape(n, used)
+        segments[row:row + n, :used] = np.repeat(np.arange(per_row, dtype=np.int32), T)
+        segments[row:row + n, used:] = per_row        # padding: a segment of its own
+        component[row:row + n] = c
+        row += n
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return PackedMQAR(inputs[order], labels[order], segments[order], component[order])
