@@ -201,6 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seq-lens must be distinct")
     try:
         args.train_mix = parse_mix(args.train_mix)
+        for T, P in [(T, P) for T, P, _ in args.train_mix] + list(zip(args.seq_lens,
+                                                                      args.kv_pairs)):
+            task(args, T, P)   # a valid MQAR task (raises ValueError otherwise)
     except ValueError as err:
         p.error(str(err))
     if args.compile_ahead is None:
@@ -612,18 +615,22 @@ def markdown(record: dict) -> str:
     rows, cfg = record["rows"], record["config"]
     mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
                     for c in cfg["train_mix"])
+    lrs = ", ".join(f"{lr:g}" for lr in cfg["lr"])
     lines = [f"# MQAR: accuracy vs model width ({record['tag']})", "",
              f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
              f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
-             f"models (short convolution in the linear mixers: {not cfg['no_short_conv']}). "
+             f"models (short convolution on q/k/v: linear mixers {not cfg['no_short_conv']}, "
+             f"Transformer++ {bool(cfg.get('attention_conv'))}; kernels initialised as "
+             f"{cfg.get('conv_init', 'model')}). "
              f"Trained on a mixture of (T, P) tasks (share of the training tokens): {mix}, "
              f"packed into rows of {cfg['train_row_len']} tokens; {cfg['steps']} steps x "
-             f"{cfg['batch_size']} rows, lr {cfg['lr']} (warmup {cfg['warmup_frac']:.0%}, "
+             f"{cfg['batch_size']} rows per lr of {lrs} (warmup {cfg['warmup_frac']:.0%}, "
              f"cosine to x{cfg['min_lr_ratio']}), weight decay {cfg['weight_decay']}, "
-             f"{cfg['dtype']} compute. One training run per model and width, tested on every "
-             f"(T, P) below: accuracy = share of held-out queries ({cfg['test_examples']} "
-             f"sequences per T) whose argmax is the bound value, after the last step (best over "
-             f"evaluations in the JSON).", ""]
+             f"{cfg['dtype']} compute. One training run per model, width and lr, tested on "
+             f"every (T, P) below: accuracy = share of held-out queries "
+             f"({cfg['test_examples']} sequences per T) whose argmax is the bound value, after "
+             f"the last step, at the lr that is best for that test set (every lr's and the "
+             f"best over evaluations in the JSON).", ""]
     v = record["verdict"]
     if v["holds"] is None:
         lines.append("**Claim (GSA beats GLA and RetNet at equal width):** not testable here "
@@ -647,6 +654,12 @@ def markdown(record: dict) -> str:
             table.append([LABELS[m]] + [common.fmt(100 * acc[w], 1) if w in acc else "-"
                                         for w in widths])
         lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], table))
+        if len(cfg["lr"]) > 1:
+            chosen = "; ".join(
+                f"{LABELS[m]} " + ", ".join(f"{r['lr']:g}" for r in sorted(
+                    (r for r in sub if r["model"] == m), key=lambda r: r["width"]))
+                for m in MODELS if any(r["model"] == m for r in sub))
+            lines += ["", f"Best lr per model (by width): {chosen}."]
     # The rows of one training run (one per test set) share its times.
     runs = {(r["model"], r["width"], r["compile_s"], r["train_s"]) for r in rows}
     compile_s = sum(r[2] for r in runs)

@@ -38,7 +38,7 @@ def test_parse_args_mixture_and_config():
                                 {"seq_len": 32, "num_kv_pairs": 4, "share": 0.142857}]
     assert cfg["train_row_len"] == 32 and cfg["lr"] == [1e-3, 3e-3]
     for bad in (["--train-mix", "16"], ["--train-mix", "16:2:0"], ["--train-mix", "a:b"],
-                ["--lr", "0"]):
+                ["--train-mix", "16:8"], ["--kv-pairs", "9"], ["--lr", "0"]):
         with pytest.raises(SystemExit):
             mqar.parse_args(ARGV + bad)
 
