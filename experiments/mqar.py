@@ -452,11 +452,23 @@ def torch_conv_init(params, key):
     return jax.tree_util.tree_map_with_path(redraw, params)
 
 
-def data_shapes(data: dict) -> tuple:
-    """Shapes of the runner's data operands (train, tests), for compiling ahead."""
+def data_shapes(args) -> tuple:
+    """Shapes of make_data's operands of the runner (train, tests), for compiling ahead (before
+    the data exist)."""
     import jax
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                        (data["train"], data["tests"]))
+    import jax.numpy as jnp
+    n_train, n_test = set_sizes(args)
+    B, L = args.batch_size, train_row_len(args)
+    row = jax.ShapeDtypeStruct((n_train, L), jnp.int32)
+    train = (row, row, row if is_packed(args) else None)
+    tests = tuple((jax.ShapeDtypeStruct((n_test // B, B, T), jnp.int32),) * 2
+                  for T in args.seq_lens)
+    return train, tests
+
+
+def is_packed(args) -> bool:
+    """Whether training rows hold several sequences (then the model gets segment ids)."""
+    return any(T < train_row_len(args) for T, _, _ in args.train_mix)
 
 
 def prepare(args, name: str, width: int, shapes: tuple) -> Prepared:
@@ -568,14 +580,13 @@ def make_data(args) -> dict:
     train = generate_packed([task(args, T, P) for T, P, _ in args.train_mix],
                             [w for _, _, w in args.train_mix], n_train, L,
                             seed=args.seed * 1_000_003)
-    packed = bool(any(T < L for T, _, _ in args.train_mix))
     tests = []
     for T, P in zip(args.seq_lens, args.kv_pairs):
         test = generate(task(args, T, P), n_test, seed=args.seed * 1_000_003 + 2 * T + 1)
         tests.append((jnp.asarray(test.inputs.reshape(-1, B, T)),
                       jnp.asarray(test.labels.reshape(-1, B, T))))
     return {"train": (jnp.asarray(train.inputs), jnp.asarray(train.labels),
-                      jnp.asarray(train.segment_ids) if packed else None),
+                      jnp.asarray(train.segment_ids) if is_packed(args) else None),
             "tests": tuple(tests), "n_train": n_train, "n_test": n_test,
             "train_queries_per_row": float(train.mask.sum(axis=1).mean())}
 
@@ -732,12 +743,7 @@ def main(argv=None) -> int:
     print(f"MQAR sweep: {len(runs)} runs ({', '.join(args.models)}; widths {args.widths}) "
           f"trained on the (T, P) mixture [{mix}] in rows of {train_row_len(args)}, tested on "
           f"{tests}, on {jax.device_count()} {jax.devices()[0].device_kind}", flush=True)
-    data_start = time.perf_counter()
-    data = make_data(args)
-    shapes = data_shapes(data)
-    record["config"]["train_queries_per_row"] = round(data["train_queries_per_row"], 3)
-    print(f"data: {data['n_train']} training rows, {data['n_test']} test sequences per (T, P) "
-          f"({time.perf_counter() - data_start:.1f} s)", flush=True)
+    shapes = data_shapes(args)
     bar = tqdm(total=len(runs) * len(args.lr) * args.steps, unit="step", dynamic_ncols=True,
                disable=args.no_progress)
     # Compiling is the larger part of a run at these sizes: `compile_ahead` worker threads
@@ -752,6 +758,12 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     try:
+        for j in range(args.compile_ahead + 1):   # the first compiles overlap the data
+            submit(j)
+        data = make_data(args)
+        record["config"]["train_queries_per_row"] = round(data["train_queries_per_row"], 3)
+        bar.write(f"data: {data['n_train']} training rows, {data['n_test']} test sequences per "
+                  f"(T, P) ({time.perf_counter() - start:.1f} s)")
         for i, (D, m) in enumerate(runs):
             for j in range(i, i + args.compile_ahead + 1):
                 submit(j)

@@ -114,7 +114,10 @@ def test_traced_lr_matches_the_optimizer_and_accuracy():
 def test_lr_grid_reports_the_best_per_test_set():
     args = mqar.parse_args(ARGV + ["--lr", "1e-4", "3e-2", "--conv-init", "torch"])
     data = mqar.make_data(args)
-    prep = mqar.prepare(args, "attention", 16, mqar.data_shapes(data))
+    shapes = mqar.data_shapes(args)   # known before the data exist: compiles start first
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype), (data["train"], data["tests"]))
+    prep = mqar.prepare(args, "attention", 16, shapes)
     rows = mqar.fit(args, prep, data)
     assert [(r["seq_len"], r["num_kv_pairs"]) for r in rows] == [(16, 2), (32, 4)]
     for r in rows:
