@@ -195,6 +195,11 @@ def markdown(record: dict) -> str:
     lines += ["", common.markdown_table(
         ["variant", "val ppl (ours)", "Δ vs GSA", "min – max", "seeds", "paper ppl (Table 2)"],
         rows, "lrrrrr")]
+    if record.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in record["notes"]]
+    if record.get("failures"):
+        lines += ["", "Failed runs (no row above):", ""] + [
+            f"- {f['variant']} seed {f['seed']}: {f['error']}" for f in record["failures"]]
     per_run = [[r["variant"], r["seed"], f"{r['val_ppl']:.3f}", f"{r['val_loss']:.4f}",
                 f"{r['train_loss']:.4f}", f"{r['params']:,}", f"{r['time_s']:.0f}"]
                for r in record["runs"]]
@@ -298,7 +303,8 @@ def main(argv=None) -> int:
               "model": base.model.to_dict(), "params_gsa": count_params(base.model),
               "paper_ppl": PAPER_PPL, "runs": runs,
               "commands": previous.get("commands", []) + [common.command_line(argv, __file__)],
-              "jobs": args.jobs}
+              "jobs": args.jobs, "summary": summarize(runs),
+              "val_tokens": previous.get("val_tokens", 0)}
     print(f"GSA ablations: {len(todo)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
           f"{args.steps} steps each, {args.jobs} at a time, work dir {work_dir}", flush=True)
     start = time.perf_counter()
@@ -316,6 +322,16 @@ def main(argv=None) -> int:
         common.write_results(tag, "ablations", record, markdown(record),
                              command=record["commands"][-1], out_dir=args.out_dir)
 
+    def failed(variant, seed, error):
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        last = ([ln for ln in lines if "Error:" in ln] or lines or ["?"])[-1]
+        record.setdefault("failures", []).append(
+            {"variant": variant, "seed": seed, "error": last[:300]})
+        print(f"run {variant} seed {seed} FAILED: {last[:300]}", flush=True)
+        if runs:  # else the report is first written by the next finished run
+            common.write_results(tag, "ablations", record, markdown(record),
+                                 command=record["commands"][-1], out_dir=args.out_dir)
+
     # Seed order first (every variant's first seed, then the second ones), so that a sweep cut
     # short has each variant once rather than some variants twice.
     ordered = sorted(todo, key=lambda run: (args.seeds.index(run[1]),
@@ -328,8 +344,12 @@ def main(argv=None) -> int:
             with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
                 futures = [pool.submit(run_in_worker, argv, variant, seed, work_dir, args.jobs)
                            for variant, seed in ordered]
+                by_future = dict(zip(futures, ordered))
                 for future in concurrent.futures.as_completed(futures):
-                    finished(future.result())
+                    try:
+                        finished(future.result())
+                    except RuntimeError as e:  # one run's failure ends no other run
+                        failed(*by_future[future], e)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Optional
 
 import jax
@@ -62,7 +64,21 @@ class Tuning:
     fused_max_chunks: int = 32
 
 
-_TUNING = Tuning()
+def _tuning_from_env() -> Tuning:
+    """The default launch parameters, with the JSON object of $GSA_PALLAS_TUNING applied
+    (e.g. '{"block_v_bwd": 64}'): a way to try launches in a run without code changes."""
+    text = os.environ.get("GSA_PALLAS_TUNING", "").strip()
+    if not text:
+        return Tuning()
+    changes = json.loads(text)
+    fields = {f.name for f in dataclasses.fields(Tuning)}
+    if not isinstance(changes, dict) or not set(changes) <= fields:
+        raise ValueError(f"GSA_PALLAS_TUNING must be a JSON object with keys among "
+                         f"{sorted(fields)}, got {text!r}")
+    return Tuning(**changes)
+
+
+_TUNING = _tuning_from_env()
 LARGE_STATE_BWD_BLOCK_V = 64
 
 

@@ -152,3 +152,34 @@ def test_ablations_jobs_match_in_process_runs(tmp_path):
     for key, loss in runs["1"].items():
         assert math.isclose(runs["2"][key], loss, rel_tol=1e-5), (key, loss, runs["2"][key])
     assert reports["2"]["jobs"] == 2
+
+
+def test_ablations_failed_run_is_reported_and_the_others_finish(tmp_path, monkeypatch):
+    """With --jobs, a run whose worker fails (as slots128 did on an H100: a kernel launch over
+    the shared-memory limit) becomes a 'failed' line of the report; the other runs still end
+    and are summarised. The workers are replaced by stand-ins: this checks the driver."""
+    from experiments import ablations
+
+    def fake_worker(argv, variant, seed, work_dir, jobs):
+        if variant == "swish":
+            raise RuntimeError("run swish failed (exit 1): Traceback ...\n"
+                               "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Shared memory "
+                               "size limit exceeded\n----\nFor simplicity, JAX has removed ...")
+        loss = 1.0 + 0.1 * seed
+        return {"variant": variant, "seed": seed, "val_loss": loss, "val_ppl": math.exp(loss),
+                "val_bpt": loss / math.log(2), "val_tokens": 64, "train_loss": loss,
+                "params": 1, "time_s": 0.0}
+
+    monkeypatch.setattr(ablations, "run_in_worker", fake_worker)
+    ablations.main(["--smoke", "--variants", "gsa", "swish", "--jobs", "2", "--tag", "test",
+                    "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"),
+                    "--no-progress"])
+    report = json.loads((tmp_path / "ablations_test.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in report["runs"]} == {("gsa", 0), ("gsa", 1)}
+    assert sorted((f["variant"], f["seed"]) for f in report["failures"]) == [("swish", 0),
+                                                                            ("swish", 1)]
+    assert all("Shared memory size limit exceeded" in f["error"] for f in report["failures"])
+    md = (tmp_path / "ablations_test.md").read_text()
+    assert "Failed runs" in md and "- swish seed 1: " in md
+    [gsa] = [s for s in report["summary"] if s["variant"] == "gsa"]
+    assert math.isclose(gsa["ppl_mean"], (math.exp(1.0) + math.exp(1.1)) / 2)

@@ -189,3 +189,17 @@ def test_bfloat16_inputs_close_to_float64():
                                                        for a in args[5:]), impl="recurrent")[0]
         ref = np.asarray(ref)
     _assert_rel(o, ref, 2e-2, "bf16 o")
+
+
+def test_tuning_from_the_environment(monkeypatch):
+    """$GSA_PALLAS_TUNING (a JSON object) changes the default launch; unknown keys are refused
+    with the list of known ones."""
+    monkeypatch.setenv("GSA_PALLAS_TUNING", '{"stages": 1, "block_v": 32}')
+    tuning = pgla._tuning_from_env()
+    assert (tuning.stages, tuning.block_v) == (1, 32)
+    assert tuning.warps_par == pgla.Tuning().warps_par   # the rest stays the default
+    monkeypatch.setenv("GSA_PALLAS_TUNING", "")
+    assert pgla._tuning_from_env() == pgla.Tuning()
+    monkeypatch.setenv("GSA_PALLAS_TUNING", '{"block": 32}')
+    with pytest.raises(ValueError, match="block_v_bwd"):
+        pgla._tuning_from_env()
