@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--parts", nargs="+", default=["train", "decode"], choices=["train", "decode"])
     p.add_argument("--size", default="1.3b", help="preset size: 340m | 1.3b | 2.7b | tiny")
     p.add_argument("--models", nargs="+", default=list(JAX_TRAIN) + ["fla-gsa"], choices=MODELS,
-                   help="train-part models (decode: gsa and transformer)")
+                   help="models (the decode part takes gsa and transformer among them)")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="leave out fla-gsa*")
     p.add_argument("--tokens", type=int, default=16384, help="B · T per train step")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -539,7 +539,9 @@ def cases(args) -> list[tuple]:
     if "train" in args.parts:
         out += [("train", m, T) for T in args.seq_lens for m in args.models]
     if "decode" in args.parts:
-        out += [("decode", m) for m in DECODE_MODELS]
+        # gsa-recompute counts as gsa here: generation has no backward to recompute for
+        wanted = {FAMILY.get(m, m) for m in args.models}
+        out += [("decode", m) for m in DECODE_MODELS if m in wanted]
     return out
 
 

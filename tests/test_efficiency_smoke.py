@@ -205,3 +205,13 @@ def test_torch_fallback_peer_is_our_model():
     with torch.no_grad():
         got = float(net(torch.tensor(tokens), torch.tensor(tokens)))
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_models_choose_the_decode_cases_too():
+    """--models narrows the decode part as it does the train part (a rerun of one model's
+    generation does not redo the other's); the default keeps both decode models."""
+    eff = _efficiency()
+    decode = lambda argv: [c for c in eff.cases(eff.parse_args(argv)) if c[0] == "decode"]  # noqa: E731
+    assert decode(["--parts", "decode", "--models", "transformer"]) == [("decode", "transformer")]
+    assert decode(["--parts", "decode", "--models", "gsa-recompute", "gla"]) == [("decode", "gsa")]
+    assert decode(["--parts", "decode"]) == [("decode", "gsa"), ("decode", "transformer")]
