@@ -632,7 +632,11 @@ def figure(record: dict, out_base: str | None = None):
               ("memory", "train", "T", None, 1 / GIB,
                "training memory (GiB; XLA footprint where no device peak)"),
               ("latency", "decode", "N", "latency_ms", 1e-3, "generation latency (s)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # A train-only or decode-only report draws only its own panels (no empty axes).
+    parts = {r["part"] for r in record["rows"]} or {"train", "decode"}
+    panels = [p for p in panels if p[1] in parts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
     for ax_all, (name, part, x, y, scale, label) in zip(axes, panels):
         targets = [ax_all]
         single = None

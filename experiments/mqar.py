@@ -56,14 +56,14 @@ Results: experiments/results/mqar_<tag>.json (config with the training mixture, 
 keeps what it finished; `--merge` adds runs to an existing tag (to split the sweep over several
 commands: `--widths 64 128`, then `--widths 256 512 --merge`).
 
-Budget (real size, REAL below): 5 models x 4 widths = 20 runs, each 2 lrs x 1500 steps of 64
-rows x 512 tokens (96K training rows, each seen once per lr: 49M tokens, ~2/3 of them in the
-easier components); about 9 minutes on one H100 by estimate (the earlier sweep of 40 runs x
-1500 steps of 64 x 256 or 64 x 512 tokens took 3-15 ms a step alone, the most at D = 512:
-20 x 3000 steps at ~7.5 ms on average ≈ 7.5 min of training, plus the data and the first
-compile, ~1 min; the other compiles overlap the training). The time of every run (init +
-compile, train) is printed and recorded. Zoology trains ~15x longer (32-64 epochs at batch 256),
-so read the accuracies as those of a fixed, small budget.
+Budget (real size, REAL below): 5 models x 4 widths = 20 runs of 6000 steps x 64 rows x 512
+tokens at lr 3e-3 (384K training rows, each seen once: 197M tokens). On one H100 a run trained in
+40-260 s (D = 64 .. 512, 3-4 runs sharing the GPU), plus ~45 s of init + compile that overlaps
+the previous run's training: about 40 minutes for the sweep alone, so split it over commands of
+under 10 minutes with --models/--widths and --merge. Why 6000 steps: at 1500 (two lrs, 3e-3 and
+1e-2) GSA, GLA and RetNet had not yet left the initial loss plateau (ln of the value-vocabulary
+size) at any width (results/mqar_h100short.md); 3e-3 was the better lr for all three. Zoology
+trains longer still, with an lr sweep; read the accuracies as those of a fixed budget.
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ MODELS = ("gsa", "gla", "retnet", "abc", "attention")
 LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "abc": "ABC",
           "attention": "Transformer++"}
 
-# The real sweep: ~9 minutes on one H100 (estimate; each run's time is recorded).
+# The real sweep (results/mqar_h100.md): ~40 minutes of training on one H100.
 REAL = dict(vocab_size=8192, seq_lens=[256, 512], kv_pairs=[64],
             train_mix=["64:4:0.25", "128:8:0.1", "256:16:0.15", "256:32:0.15", "256:64:0.15",
                        "512:64:0.2"],
-            widths=[64, 128, 256, 512], steps=1500, batch_size=64, test_examples=1024,
-            eval_every=250, lr=[3e-3, 1e-2], warmup_frac=0.05, attention_conv=True,
+            widths=[64, 128, 256, 512], steps=6000, batch_size=64, test_examples=1024,
+            eval_every=1000, lr=[3e-3], warmup_frac=0.05, attention_conv=True,
             conv_init="torch", dtype="bfloat16")
 # A CPU check of the pipeline (about 20 s on 2 cores: one compile per run dominates): every
 # model at one width, trained on a two-task mixture and tested on the longer task.

@@ -215,3 +215,22 @@ def test_models_choose_the_decode_cases_too():
     assert decode(["--parts", "decode", "--models", "transformer"]) == [("decode", "transformer")]
     assert decode(["--parts", "decode", "--models", "gsa-recompute", "gla"]) == [("decode", "gsa")]
     assert decode(["--parts", "decode"]) == [("decode", "gsa"), ("decode", "transformer")]
+
+
+def test_figure_draws_only_the_parts_a_report_has(smoke):
+    """A train-only report (e.g. a sweep merged from train runs) gets the two train panels, not
+    an empty latency axis; the full smoke report gets all three."""
+    eff, record, _ = smoke
+    if eff.common.pyplot() is None:
+        pytest.skip("matplotlib (the [plot] extra) is not installed")
+    full = eff.figure(record)
+    train_only = eff.figure(dict(record, rows=[r for r in record["rows"] if r["part"] == "train"]))
+    try:
+        assert [a.get_xlabel() for a in full.axes] == [
+            "sequence length T", "sequence length T",
+            f"generated tokens N (after {record['config']['prefix']})"]
+        assert [a.get_xlabel() for a in train_only.axes] == ["sequence length T"] * 2
+        assert all(a.has_data() for a in train_only.axes)
+    finally:
+        eff.common.pyplot().close(full)
+        eff.common.pyplot().close(train_only)
