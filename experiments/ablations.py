@@ -195,8 +195,7 @@ def markdown(record: dict) -> str:
     lines += ["", common.markdown_table(
         ["variant", "val ppl (ours)", "Δ vs GSA", "min – max", "seeds", "paper ppl (Table 2)"],
         rows, "lrrrrr")]
-    if record.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in record["notes"]]
+    lines += common.notes_lines(record)
     if record.get("failures"):
         lines += ["", "Failed runs (no row above):", ""] + [
             f"- {f['variant']} seed {f['seed']}: {f['error']}" for f in record["failures"]]

@@ -200,6 +200,13 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     return "\n".join(lines)
 
 
+def notes_lines(record: dict[str, Any]) -> list[str]:
+    """Markdown lines for a report's `record["notes"]` (how the run was made, added by whoever
+    merged it); none without notes."""
+    notes = record.get("notes") or []
+    return ["", "Notes:", ""] + [f"- {n}" for n in notes] if notes else []
+
+
 def fmt(value: Optional[float], digits: int = 2) -> str:
     """A number for a table; '-' for None/NaN."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

@@ -616,8 +616,7 @@ def markdown(record: dict) -> str:
           common.fmt(r.get("ms_per_token"), 2), common.fmt(r.get("prefill_ms"), 1),
           common.fmt(None if r.get("cache_bytes") is None else r["cache_bytes"] / 2 ** 20, 3),
           _gib(r.get("peak_bytes_so_far")), note(r)] for r in decode], align="lrrrrrrl"))
-    if record.get("notes"):  # how the run was made, added by whoever merged it
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in record["notes"]]
+    lines += common.notes_lines(record)
     return "\n".join(lines) + "\n"
 
 

@@ -679,8 +679,7 @@ def markdown(record: dict) -> str:
                   f"{compile_s:.0f} s of init + compile (in worker threads, overlapping the "
                   f"training) summed over runs; per run in the JSON. Wall time of the last "
                   f"command: {record.get('elapsed_s', 0):.0f} s."]
-    if record.get("notes"):  # how the run was made, added by whoever merged it
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in record["notes"]]
+    lines += common.notes_lines(record)
     return "\n".join(lines)
 
 
