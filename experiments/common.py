@@ -221,7 +221,12 @@ def enable_compilation_cache(directory: Optional[str | os.PathLike]) -> None:
     if directory is None:
         return
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
     pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != str(directory):
+        # jax opens its cache once per process, at the first compile: without a reset, a second
+        # directory in one process (in-process runs, the tests) would still be written to the first.
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
