@@ -1,54 +1,343 @@
-"""Chunkwise-parallel form of gated linear attention, in pure JAX.
+"""Chunkwise-parallel form of gated linear attention, in pure JAX, with its FLOPs in matmuls.
 
 The sequence is cut into chunks of C steps. With b_t the log gate accumulated inside the chunk
-(b_t = Σ_{chunk start ≤ j ≤ t} g_j, so b is non-increasing), S_0 the state entering the chunk and
-S_C the state leaving it (gate on the key axis shown; on the value axis the decays multiply v
+(b_t = Σ_{chunk start ≤ j ≤ t} g_j, non-increasing), S the state entering the chunk and S' the
+state leaving it (gate on the key axis shown; on the value axis the decays multiply v and o
 instead of k and q):
 
-    inter-chunk:  o_t ⊇ scale · (q_t ⊙ exp b_t)ᵀ S_0
-    state:        S_C = diag(exp b_C) S_0 + Σ_i (k_i ⊙ exp(b_C − b_i)) v_iᵀ
+    inter-chunk:  o_t ⊇ scale · (q_t ⊙ exp b_t)ᵀ S
+    state:        S'  = diag(exp b_C) S + Σ_i (k_i ⊙ exp(b_C − b_i)) v_iᵀ
     intra-chunk:  o_t ⊇ scale · Σ_{i≤t} Σ_k q_tk k_ik exp(b_tk − b_ik) · v_i
 
-The per-chunk state contributions are computed in parallel; only the cheap elementwise carry
-S ← decay ⊙ S + ΔS runs sequentially (a `lax.scan` over chunks).
+Intra-chunk, exact for any gate. A chunk (padded to a power of two) is cut into diagonal
+blocks of c = 8 steps, and for h = c, 2c, …, C/2 into blocks of 2h steps. A pair i ≤ t either
+lies in one diagonal block, where exp(b_t − b_i) is taken directly ([c, c, D] products that
+only feed sums: XLA reduces them without storing them), or in exactly one block of 2h steps
+with i in the first half and t in the second. There, through the reference r = the first
+half's last step (i ≤ r < t), the decay factors into two terms that are both ≤ 1,
 
-Numerical safety: a decay is only ever exponentiated as a difference whose minuend is later in
-time (exp(b_C − b_i), exp(b_t − b_i), i ≤ t) or relative to a reference point that lies between
-the two positions. The intra-chunk term is split into sub-chunks of c ≤ 16 steps: a pair in the
-same sub-chunk takes exp(b_t − b_i) directly from a [c, c, D] tensor; a pair (t, i) with i in an
-earlier sub-chunk factors through the reference r = end of the sub-chunk before t's,
-exp(b_t − b_i) = exp(b_t − b_r) · exp(b_r − b_i), both factors ≤ 1. Nothing overflows however
-strong the gate or long the chunk; a factor that underflows stands for a product that does too.
+    exp(b_t − b_i) = exp(b_t − b_r) · exp(b_r − b_i),
+
+so each level is two batched matmuls per block, [h, K]·[K, h] then [h, h]·[h, V], on
+q ⊙ exp(b − b_r) and k ⊙ exp(b_r − b) (value gate: on v, and on the output). No exponent is
+ever positive, so nothing overflows however strong the gate; a factor that underflows stands
+for a product that does too. No tensor but those summed products exceeds the inputs' size.
+
+States, by blocked matmul instead of a sequential scan (a loop over chunks costs ~13 µs per
+iteration on a GPU). With a_n = b_C of chunk n (−inf where a segment starts inside it), the
+state entering chunk n of a block of chunks is
+
+    S_n = Σ_{w<n} exp(Σ_{w<x<n} a_x) ⊙ Δ_w + exp(Σ_{x<n} a_x) ⊙ S_block
+
+a matmul over w with the exponent built from partial sums (never differences of running
+sums, which cancel); the blocks' own entering states come from the same recurrence one level
+up. Segments (`runs`) mask pairs across a segment start and the state terms.
+
+Backward: a `jax.custom_vjp` that keeps only the inputs. The backward pass recomputes the
+chunk states (a matmul per chunk and the blocked scan) and takes the vjp of each part, whose
+transposes are matmuls again. The intra-chunk reference b_r enters only through differences,
+so its gradient is exactly zero and is not formed (`stop_gradient`): the gradient of b is then
+the GLA identity q ⊙ dq − k ⊙ dk term by term, with no cancelling pair.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-SUB_CHUNK = 16
+DIAGONAL = 8  # steps per diagonal block, whose pairs take their decays directly
+SCAN_BLOCK = 16  # chunks per block of the state scan
 
 
-def _sub_chunk_size(chunk_size: int) -> int:
-    """Largest divisor of the chunk size not above SUB_CHUNK."""
-    return max(d for d in range(1, min(chunk_size, SUB_CHUNK) + 1) if chunk_size % d == 0)
+class _Masks(NamedTuple):
+    """Segment masks of the chunked sequence (see `_masks`)."""
+
+    runs: Array  # [B, 1, N, C] run index of each step
+    from_state: Array  # [B, 1, N, C] step t sees the state entering its chunk
+    into_state: Array  # [B, 1, N, C] step i writes into the state leaving its chunk
+    survives: Array  # [B, 1, N] the entering state survives the chunk
 
 
-def _to_chunks(x: Array, num_chunks: int, chunk_size: int) -> Array:
-    """[B, T, H, D] -> [B, H, N, C, D], zero-padded at the end of time."""
+def _chunked(x: Array, num_chunks: int, chunk_size: int, padded: int) -> Array:
+    """[B, T, H, D] -> [B, H, N, C', D]: time zero-padded to N·C, each chunk to C' steps."""
     B, T, H, D = x.shape
     x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - T), (0, 0), (0, 0)))
-    return x.transpose(0, 2, 1, 3).reshape(B, H, num_chunks, chunk_size, D)
+    x = x.reshape(B, num_chunks, chunk_size, H, D)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - chunk_size), (0, 0), (0, 0)))
+    return x.transpose(0, 3, 1, 2, 4)
 
 
-def _masked_exp(mask: Array, exponent: Array) -> Array:
-    """exp(exponent) where mask, exactly 0 elsewhere; the masked exponent never reaches exp."""
-    return jnp.exp(jnp.where(mask, exponent, -jnp.inf))
+def _unchunked(y: Array, length: int, chunk_size: int) -> Array:
+    """Inverse of `_chunked`: [B, H, N, C', D] -> [B, T, H, D]."""
+    B, H, N, _, D = y.shape
+    y = y[:, :, :, :chunk_size].transpose(0, 2, 3, 1, 4)
+    return y.reshape(B, N * chunk_size, H, D)[:, :length]
+
+
+def _chunked_runs(runs: Array, num_chunks: int, chunk_size: int, padded: int) -> Array:
+    """[B, T] -> [B, 1, N, C']; padding joins the last run (of the sequence, of each chunk)."""
+    B, T = runs.shape
+    runs = jnp.pad(runs, ((0, 0), (0, num_chunks * chunk_size - T)), mode="edge")
+    runs = jnp.pad(runs.reshape(B, num_chunks, chunk_size),
+                   ((0, 0), (0, 0), (0, padded - chunk_size)), mode="edge")
+    return runs[:, None]
+
+
+def _masks(runs: Optional[Array]) -> Optional[_Masks]:
+    if runs is None:
+        return None
+    run_last = runs[..., -1]  # [B, 1, N]
+    run_prev = jnp.concatenate([jnp.zeros_like(run_last[..., :1]), run_last[..., :-1]], -1)
+    return _Masks(runs=runs, from_state=runs == run_prev[..., None],
+                  into_state=runs == run_last[..., None], survives=run_last == run_prev)
+
+
+def _decay_state(decay: Array, state: Array, key_gated: bool) -> Array:
+    """diag(decay) · state (key gate) or state · diag(decay) (value gate); decay [..., Dg]."""
+    return decay[..., :, None] * state if key_gated else state * decay[..., None, :]
+
+
+# ---- intra-chunk: diagonal blocks, then one level of cross terms per block size.
+
+def _blocks(x: Array, c: int) -> Array:
+    """Axis 3 (C steps) into blocks of c: [B, H, N, C, ...] -> [B, H, N, C/c, c, ...]."""
+    return x.reshape(x.shape[:3] + (x.shape[3] // c, c) + x.shape[4:])
+
+
+def _halves(x: Array, h: int) -> tuple[Array, Array]:
+    """Axis 3 (C steps) into blocks of 2h: the first halves and second halves,
+    [B, H, N, C, ...] -> 2 × [B, H, N, C/2h, h, ...]."""
+    x = _blocks(x, 2 * h)
+    x = x.reshape(x.shape[:4] + (2, h) + x.shape[5:])
+    return x[:, :, :, :, 0], x[:, :, :, :, 1]
+
+
+def _diagonal_size(chunk: int) -> int:
+    return min(DIAGONAL, chunk)
+
+
+def _diagonal_blocks(q, k, v, b, masks: Optional[_Masks], key_gated: bool) -> Array:
+    """The pairs i ≤ t inside blocks of c = DIAGONAL steps, with exp(b_t − b_i) taken directly
+    (masked pairs get exponent −inf, never a positive one): [B, H, N, C, V].
+
+    The [G, c, c, D] products below only ever feed a sum, so XLA computes each sum in one
+    reduction over the inputs without storing the product (c times the inputs' size)."""
+    c = _diagonal_size(q.shape[3])
+    if c == 1:
+        return jnp.sum(q * k, axis=-1, keepdims=True) * v
+    # Blocks of all chunks, heads and rows on one axis G: besides being simpler, rank-4
+    # products avoid a crash of jaxlib 0.10's CPU fusion runtime on the rank-7 ones (seen
+    # with one head and two rows).
+    qb, kb, vb, bb = (x.reshape((-1, c) + x.shape[4:]) for x in (q, k, v, b))  # [G, c, D]
+    pairs = jnp.tril(jnp.ones((c, c), dtype=bool))  # [t, i]
+    if masks is not None:
+        runs = jnp.broadcast_to(masks.runs, q.shape[:4]).reshape(-1, c)
+        pairs = pairs & (runs[:, :, None] == runs[:, None, :])  # [G, t, i]
+    decay = jnp.exp(jnp.where(pairs[..., None], bb[:, :, None, :] - bb[:, None, :, :],
+                              -jnp.inf))  # [G, t, i, Dg], ≤ 1
+    if key_gated:
+        scores = jnp.sum(qb[:, :, None, :] * kb[:, None, :, :] * decay, axis=-1)
+        o = jnp.sum(scores[..., None] * vb[:, None, :, :], axis=-2)
+    else:
+        scores = jnp.sum(qb[:, :, None, :] * kb[:, None, :, :], axis=-1)
+        o = jnp.sum(scores[..., None] * decay * vb[:, None, :, :], axis=-2)
+    return o.reshape(q.shape[:4] + o.shape[-1:])
+
+
+def _cross_level(q, k, v, b, masks: Optional[_Masks], h: int, key_gated: bool) -> Array:
+    """Contributions of first-half sources to second-half targets in blocks of 2h steps,
+    placed into the chunk (zeros at the sources' halves): [B, H, N, C, V].
+
+    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; b: [B, H, N, C, Dg].
+    """
+    (_, q2), (k1, _), (v1, _), (b1, b2) = (_halves(x, h) for x in (q, k, v, b))
+    # The reference: the last source step, b_t ≤ b_r ≤ b_i. The output depends on b only
+    # through b_t − b_i, so b_r gets no gradient (exactly), and none is formed.
+    b_ref = jax.lax.stop_gradient(b1[..., -1:, :])
+    to_target = jnp.exp(b2 - b_ref)  # exp(b_t − b_r) ≤ 1
+    from_source = jnp.exp(b_ref - b1)  # exp(b_r − b_i) ≤ 1
+    if key_gated:
+        scores = jnp.einsum("...tk,...ik->...ti", q2 * to_target, k1 * from_source)
+    else:
+        scores = jnp.einsum("...tk,...ik->...ti", q2, k1)
+    if masks is not None:
+        r1, r2 = _halves(masks.runs, h)
+        scores = jnp.where(r2[..., :, None] == r1[..., None, :], scores, 0.0)
+    if key_gated:
+        cross = jnp.einsum("...ti,...iv->...tv", scores, v1)
+    else:
+        cross = to_target * jnp.einsum("...ti,...iv->...tv", scores, v1 * from_source)
+    placed = jnp.stack([jnp.zeros_like(cross), cross], axis=4)
+    return placed.reshape(q.shape[:4] + cross.shape[-1:])
+
+
+def _level_sizes(chunk: int) -> list[int]:
+    """Half-block sizes h = c, 2c, …, C/2 of the cross levels (c = the diagonal block)."""
+    c = _diagonal_size(chunk)
+    return [c << e for e in range((chunk // c).bit_length() - 1)]
+
+
+def _after(done, operands):
+    """`operands`, available only once `done` is computed: XLA then runs the intra-chunk parts
+    one after the other, and each part's temporaries (a few input-sized arrays) are freed
+    before the next part's are made, instead of all being alive at once."""
+    return jax.lax.optimization_barrier((done, operands))[1]
+
+
+def _intra(q, k, v, b, masks: Optional[_Masks], key_gated: bool) -> Array:
+    """Σ_{i≤t, same run} (decayed q_t·k_i) v_i within each chunk: [B, H, N, C, V]."""
+    parts = [_diagonal_blocks(q, k, v, b, masks, key_gated)]
+    for h in _level_sizes(q.shape[3]):
+        q, k, v, b = _after(parts[-1], (q, k, v, b))
+        parts.append(_cross_level(q, k, v, b, masks, h, key_gated))
+    return sum(parts)
+
+
+def _intra_vjp(q, k, v, b, masks: Optional[_Masks], key_gated: bool, do: Array):
+    """Gradients of Σ ⟨do, `_intra`⟩ w.r.t. (q, k, v, b), one part after the other."""
+    diagonal = functools.partial(_diagonal_blocks, masks=masks, key_gated=key_gated)
+    parts = [jax.vjp(diagonal, q, k, v, b)[1](do)]
+    for h in _level_sizes(q.shape[3]):
+        q, k, v, b, do = _after(parts[-1], (q, k, v, b, do))
+        level = functools.partial(_cross_level, masks=masks, h=h, key_gated=key_gated)
+        parts.append(jax.vjp(level, q, k, v, b)[1](do))
+    return tuple(sum(grads) for grads in zip(*parts))
+
+
+# ---- chunk states.
+
+def _chunk_delta(k, v, b, masks: Optional[_Masks], key_gated: bool) -> tuple[Array, Array]:
+    """What each chunk adds to the state, Δ [B, H, N, K, V], and the log decay of the state
+    across it, a [B, H, N, Dg] (−inf where a segment starts inside the chunk)."""
+    b_last = b[..., -1, :]
+    to_end = jnp.exp(b_last[..., None, :] - b)  # exp(b_C − b_i) ≤ 1
+    if masks is not None:
+        to_end = jnp.where(masks.into_state[..., None], to_end, 0.0)
+    if key_gated:
+        delta = jnp.einsum("...ck,...cv->...kv", k * to_end, v)
+    else:
+        delta = jnp.einsum("...ck,...cv->...kv", k, v * to_end)
+    if masks is not None:
+        b_last = jnp.where(masks.survives[..., None], b_last, -jnp.inf)
+    return delta, b_last
+
+
+def _scan(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Array, Array]:
+    """States entering each chunk and the final state of S_{n+1} = exp(a_n) ⊙ S_n + Δ_n.
+
+    delta: [B, H, N, K, V]; a: [B, H, N, Dg] log decays (≤ 0 or −inf); s0: [B, H, K, V].
+    Returns (S_in [B, H, N, K, V], S_N [B, H, K, V]). Blocks of up to SCAN_BLOCK chunks are one
+    matmul each (module docstring); the blocks' entering states recurse on the block totals.
+    """
+    B, H, N = delta.shape[:3]
+    if N == 1:
+        return s0[:, :, None], _decay_state(jnp.exp(a[:, :, 0]), s0, key_gated) + delta[:, :, 0]
+    ns = min(N, SCAN_BLOCK)
+    nb = -(-N // ns)
+    pad = nb * ns - N  # padded chunks add nothing and keep the state (Δ = 0, a = 0)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+    delta = delta.reshape((B, H, nb, ns) + delta.shape[3:])
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, H, nb, ns, -1)
+
+    # P[u, c] = Σ_{c ≤ x < u} a_x for rows u = 0..ns (the state entering chunk u of the block,
+    # u = ns leaving it) and columns c = 0..ns (c = 0 the block's entering state, c = w + 1
+    # the chunk w's Δ); summed from the terms themselves so nothing cancels.
+    x_idx = jnp.arange(ns)[:, None]
+    c_idx = jnp.arange(ns + 1)[None, :]
+    terms = jnp.where((x_idx >= c_idx)[..., None], a[..., :, None, :], 0.0)  # [.., x, c, Dg]
+    partial = jnp.cumsum(terms, axis=-3)
+    partial = jnp.concatenate([jnp.zeros_like(partial[..., :1, :, :]), partial], axis=-3)
+    u_idx = jnp.arange(ns + 1)[:, None]
+    weights = jnp.exp(jnp.where((c_idx <= u_idx)[..., None], partial, -jnp.inf))  # ≤ 1
+
+    if key_gated:
+        local = jnp.einsum("...uck,...ckv->...ukv", weights[..., 1:, :], delta)
+    else:
+        local = jnp.einsum("...ucv,...ckv->...ukv", weights[..., 1:, :], delta)
+    block_in, final = _scan(local[:, :, :, ns], partial[:, :, :, ns, 0], s0, key_gated)
+    s_in = local[:, :, :, :ns] + _decay_state(weights[:, :, :, :ns, 0],
+                                              block_in[:, :, :, None], key_gated)
+    return s_in.reshape((B, H, nb * ns) + s_in.shape[4:])[:, :, :N], final
+
+
+def _inter(q, b, s_in, masks: Optional[_Masks], key_gated: bool) -> Array:
+    """(q_t ⊙ exp b_t)ᵀ S_in of each chunk (value gate: exp b_t ⊙ q_tᵀ S_in): [B,H,N,C,V]."""
+    from_start = jnp.exp(b)  # ≤ 1
+    if masks is not None:
+        from_start = jnp.where(masks.from_state[..., None], from_start, 0.0)
+    if key_gated:
+        return jnp.einsum("...ck,...kv->...cv", q * from_start, s_in)
+    return from_start * jnp.einsum("...ck,...kv->...cv", q, s_in)
+
+
+# ---- the chunk form, with its backward.
+
+def _prepare(q, k, v, g, scale: float, chunk_size: int):
+    """Chunked (scale · q, k, v) and b = Σ g inside each chunk, all [B, H, N, C', D], with
+    C' = C rounded up to a power of two (the chunk's tail padded like T's: k = v = 0, g = 0)."""
+    C = chunk_size
+    N = math.ceil(q.shape[1] / C)
+    padded = 1 << (C - 1).bit_length()
+    q, k, v, g = (_chunked(x, N, C, padded) for x in (q * scale, k, v, g))
+    return q, k, v, jnp.cumsum(g, axis=3)
+
+
+def _chunk_masks(runs: Optional[Array], chunk_size: int, q_chunked: Array):
+    if runs is None:
+        return None
+    N, padded = q_chunked.shape[2:4]
+    return _masks(_chunked_runs(runs, N, chunk_size, padded))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gla_chunk(q, k, v, g, s0, runs, key_gated: bool, scale: float, chunk_size: int):
+    """`gla_chunk` on checked arguments; see there."""
+    qc, kc, vc, b = _prepare(q, k, v, g, scale, chunk_size)
+    masks = _chunk_masks(runs, chunk_size, qc)
+    delta, a = _chunk_delta(kc, vc, b, masks, key_gated)
+    s_in, final = _scan(delta, a, s0, key_gated)
+    o = _inter(qc, b, s_in, masks, key_gated) + _intra(qc, kc, vc, b, masks, key_gated)
+    return _unchunked(o, q.shape[1], chunk_size), final
+
+
+def _gla_chunk_fwd(q, k, v, g, s0, runs, key_gated, scale, chunk_size):
+    # Only the inputs are kept: where they are casts of bf16 arrays, XLA can fuse the cast
+    # into the backward's own chunking instead of keeping float32 copies.
+    out = _gla_chunk(q, k, v, g, s0, runs, key_gated, scale, chunk_size)
+    return out, (q, k, v, g, s0, runs)
+
+
+def _gla_chunk_bwd(key_gated, scale, chunk_size, residuals, cotangents):
+    """Recompute the chunked inputs and the chunk states, then take each part's vjp."""
+    # Through a barrier, so that XLA cannot merge the recomputation below with the forward
+    # pass's own values (common subexpressions) and keep those alive until here instead.
+    q, k, v, g, s0, runs = jax.lax.optimization_barrier(residuals)
+    do, ds_final = cotangents
+    (qc, kc, vc, b), prepare_vjp = jax.vjp(
+        lambda q, k, v, g: _prepare(q, k, v, g, scale, chunk_size), q, k, v, g)
+    masks = _chunk_masks(runs, chunk_size, qc)
+    do = _chunked(do, qc.shape[2], chunk_size, qc.shape[3])  # the transpose of `_unchunked`
+    (delta, a), delta_vjp = jax.vjp(
+        lambda k, v, b: _chunk_delta(k, v, b, masks, key_gated), kc, vc, b)
+    (s_in, _), scan_vjp = jax.vjp(lambda d, a, s0: _scan(d, a, s0, key_gated), delta, a, s0)
+    _, inter_vjp = jax.vjp(lambda q, b, s: _inter(q, b, s, masks, key_gated), qc, b, s_in)
+    dq, db, ds_in = inter_vjp(do)
+    d_delta, da, ds0 = scan_vjp((ds_in, ds_final))
+    dk, dv, db_state = delta_vjp((d_delta, da))
+    state_grads = (dq, dk, dv, db + db_state)
+    qc, kc, vc, b, do = _after(state_grads, (qc, kc, vc, b, do))
+    intra = _intra_vjp(qc, kc, vc, b, masks, key_gated, do)
+    grads = prepare_vjp(tuple(a + d for a, d in zip(state_grads, intra)))
+    return grads + (ds0, None)
+
+
+_gla_chunk.defvjp(_gla_chunk_fwd, _gla_chunk_bwd)
 
 
 def gla_chunk(q: Array, k: Array, v: Array, g: Array, *, gate_axis: str, scale: float,
@@ -57,104 +346,8 @@ def gla_chunk(q: Array, k: Array, v: Array, g: Array, *, gate_axis: str, scale: 
     """GLA chunkwise. Args and returns as `recurrent.gla_recurrent`, plus `chunk_size` (C).
 
     T need not be a multiple of C: the tail is padded with k = v = 0 and g = 0, which leaves the
-    state untouched.
+    state untouched. A C that is not a power of two is padded to one inside every chunk the same
+    way (so 36 computes like 64: a power of two is the efficient choice).
     """
-    B, T, H, _ = q.shape
-    C = chunk_size
-    N = math.ceil(T / C)
-    c = _sub_chunk_size(C)
-    P = C // c
-    key_gated = gate_axis == "key"
-
-    q, k, v, g = (_to_chunks(x, N, C) for x in (q, k, v, g))  # [B, H, N, C, D]
-    b = jnp.cumsum(g, axis=3)  # [B, H, N, C, Dg], non-increasing along C
-    b_last = b[..., -1, :]  # [B, H, N, Dg]
-
-    # Segment masks (all True without segments). Padding joins the last run.
-    if runs is None:
-        from_state = into_state = state_survives = None
-    else:
-        runs = jnp.pad(runs, ((0, 0), (0, N * C - T)), mode="edge").reshape(B, 1, N, C)
-        run_last = runs[..., -1]  # [B, 1, N]
-        run_prev = jnp.concatenate([jnp.zeros_like(run_last[..., :1]), run_last[..., :-1]], -1)
-        from_state = runs == run_prev[..., None]  # t sees the state entering its chunk
-        into_state = runs == run_last[..., None]  # i writes into the state leaving its chunk
-        state_survives = run_last == run_prev  # the entering state survives the chunk
-
-    # ---- chunk states: S_in[n] enters chunk n; the carry is elementwise.
-    to_end = jnp.exp(b_last[..., None, :] - b)  # exp(b_C − b_i) ≤ 1
-    if into_state is not None:
-        to_end = to_end * into_state[..., None]
-    if key_gated:
-        delta = jnp.einsum("bhnck,bhncv->bhnkv", k * to_end, v)
-    else:
-        delta = jnp.einsum("bhnck,bhncv->bhnkv", k, v * to_end)
-    chunk_decay = jnp.exp(b_last)
-    if state_survives is not None:
-        chunk_decay = chunk_decay * state_survives[..., None]
-
-    def carry(state, xs):
-        decay_n, delta_n = xs
-        if key_gated:
-            new_state = decay_n[..., :, None] * state + delta_n
-        else:
-            new_state = state * decay_n[..., None, :] + delta_n
-        return new_state, state
-
-    final_state, states_in = jax.lax.scan(
-        carry, initial_state, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(delta, 2, 0)))
-    states_in = jnp.moveaxis(states_in, 0, 2)  # [B, H, N, K, V]
-
-    # ---- inter-chunk output, from the entering state.
-    from_start = jnp.exp(b)  # exp(b_t) ≤ 1
-    if from_state is not None:
-        from_start = from_start * from_state[..., None]
-    if key_gated:
-        o = jnp.einsum("bhnck,bhnkv->bhncv", q * from_start, states_in)
-    else:
-        o = from_start * jnp.einsum("bhnck,bhnkv->bhncv", q, states_in)
-
-    # ---- intra-chunk output, by sub-chunks of c steps (P per chunk).
-    def subs(x):  # [B, H, N, C, D] -> [B, H, N, P, c, D]
-        return x.reshape(x.shape[:3] + (P, c) + x.shape[4:])
-
-    qs, ks, vs, bs = subs(q), subs(k), subs(v), subs(b)
-    # Reference of sub-chunk p: the accumulated gate just before it (0 for the first).
-    b_ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, 0, :]), bs[..., :-1, -1, :]], axis=3)
-    sub_of = jnp.arange(C) // c
-    earlier = sub_of[None, :] < jnp.arange(P)[:, None]  # [P, C]: i before sub-chunk p
-    to_ref = _masked_exp(earlier[:, :, None],
-                         b_ref[..., :, None, :] - b[..., None, :, :])  # [B,H,N,P,C,Dg]
-    from_ref = jnp.exp(bs - b_ref[..., None, :])  # [B, H, N, P, c, Dg]
-    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    diag_decay = _masked_exp(causal[:, :, None],
-                             bs[..., :, None, :] - bs[..., None, :, :])  # [B,H,N,P,c,c,Dg]
-
-    if runs is not None:
-        runs_s = runs.reshape(B, 1, N, P, c)
-        rows = runs_s[..., :, None] == runs[:, :, :, None, None, :]  # [B,1,N,P,t,i over C]
-        diag_same = runs_s[..., :, None] == runs_s[..., None, :]  # [B,1,N,P,t,i over c]
-    else:
-        rows = diag_same = None
-
-    if key_gated:
-        scores_off = jnp.einsum("bhnptk,bhnpik->bhnpti", qs * from_ref, k[:, :, :, None] * to_ref)
-        scores_diag = jnp.einsum("bhnptk,bhnpik,bhnptik->bhnpti", qs, ks, diag_decay)
-        if rows is not None:
-            scores_off = scores_off * rows
-            scores_diag = scores_diag * diag_same
-        o_intra = (jnp.einsum("bhnpti,bhniv->bhnptv", scores_off, v)
-                   + jnp.einsum("bhnpti,bhnpiv->bhnptv", scores_diag, vs))
-    else:
-        scores = jnp.einsum("bhnck,bhnik->bhnci", q, k).reshape(B, H, N, P, c, C)
-        scores_diag = jnp.einsum("bhnptk,bhnpik->bhnpti", qs, ks)
-        if rows is not None:
-            scores = scores * rows
-            scores_diag = scores_diag * diag_same
-        o_intra = (from_ref * jnp.einsum("bhnpti,bhnpiv->bhnptv", scores,
-                                         v[:, :, :, None] * to_ref)
-                   + jnp.einsum("bhnpti,bhnptiv,bhnpiv->bhnptv", scores_diag, diag_decay, vs))
-    o = scale * (o + o_intra.reshape(o.shape))
-
-    o = o.reshape(B, H, N * C, -1)[:, :, :T].transpose(0, 2, 1, 3)
-    return o, final_state
+    return _gla_chunk(q, k, v, g, initial_state, runs, gate_axis == "key", float(scale),
+                      chunk_size)
