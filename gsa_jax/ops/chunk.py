@@ -23,13 +23,14 @@ q ⊙ exp(b − b_r) and k ⊙ exp(b_r − b) (value gate: on v, and on the outp
 ever positive, so nothing overflows however strong the gate; a factor that underflows stands
 for a product that does too. No tensor but those summed products exceeds the inputs' size.
 
-States, by blocked matmul instead of a sequential scan (a loop over chunks costs ~13 µs per
-iteration on a GPU). With a_n = b_C of chunk n (−inf where a segment starts inside it), the
-state entering chunk n of a block of chunks is
+States, by blocks of chunks instead of a sequential scan (a loop over chunks costs ~13 µs per
+iteration on a GPU). With a_n = b_C of chunk n (−inf where a segment starts inside it) and
+Δ_w = Σ_i (k_i ⊙ exp(b_C − b_i)) v_iᵀ what chunk w adds, the state entering chunk n of a
+block of up to 8 chunks is
 
     S_n = Σ_{w<n} exp(Σ_{w<x<n} a_x) ⊙ Δ_w + exp(Σ_{x<n} a_x) ⊙ S_block
 
-a matmul over w with the exponent built from partial sums (never differences of running
+a weighted sum with the exponents built from partial sums (never differences of running
 sums, which cancel); the blocks' own entering states come from the same recurrence one level
 up. Segments (`runs`) mask pairs across a segment start and the state terms.
 
@@ -52,50 +53,58 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DIAGONAL = 8  # steps per diagonal block, whose pairs take their decays directly
-SCAN_BLOCK = 16  # chunks per block of the state scan
+SCAN_BLOCK = 8  # chunks per block of the state scan (the work per state element)
 
 
 class _Masks(NamedTuple):
-    """Segment masks of the chunked sequence (see `_masks`)."""
+    """Segment masks of the chunked sequence, one row per chunk (see `_masks`)."""
 
-    runs: Array  # [B, 1, N, C] run index of each step
-    from_state: Array  # [B, 1, N, C] step t sees the state entering its chunk
-    into_state: Array  # [B, 1, N, C] step i writes into the state leaving its chunk
-    survives: Array  # [B, 1, N] the entering state survives the chunk
+    runs: Array  # [G, C] run index of each step
+    from_state: Array  # [G, C] step t sees the state entering its chunk
+    into_state: Array  # [G, C] step i writes into the state leaving its chunk
+    survives: Array  # [G] the entering state survives the chunk
 
 
 def _chunked(x: Array, num_chunks: int, chunk_size: int, padded: int) -> Array:
-    """[B, T, H, D] -> [B, H, N, C', D]: time zero-padded to N·C, each chunk to C' steps."""
+    """[B, T, H, D] -> [G = B·H·N, C', D], one row per chunk: time zero-padded to N·C, each
+    chunk to C' steps. (All arrays of the form have rank 5 at most: some rank-7 broadcast
+    products crashed jaxlib 0.10's CPU fusion runtime.)"""
     B, T, H, D = x.shape
     x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - T), (0, 0), (0, 0)))
     x = x.reshape(B, num_chunks, chunk_size, H, D)
     x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - chunk_size), (0, 0), (0, 0)))
-    return x.transpose(0, 3, 1, 2, 4)
+    return x.transpose(0, 3, 1, 2, 4).reshape(B * H * num_chunks, padded, D)
 
 
-def _unchunked(y: Array, length: int, chunk_size: int) -> Array:
-    """Inverse of `_chunked`: [B, H, N, C', D] -> [B, T, H, D]."""
-    B, H, N, _, D = y.shape
-    y = y[:, :, :, :chunk_size].transpose(0, 2, 3, 1, 4)
-    return y.reshape(B, N * chunk_size, H, D)[:, :length]
+def _unchunked(y: Array, shape: tuple, chunk_size: int) -> Array:
+    """Inverse of `_chunked`: [G, C', D] -> [B, T, H, D] for shape = (B, T, H)."""
+    B, T, H = shape
+    N = math.ceil(T / chunk_size)
+    y = y.reshape((B, H, N) + y.shape[1:])[:, :, :, :chunk_size].transpose(0, 2, 3, 1, 4)
+    return y.reshape(B, N * chunk_size, H, -1)[:, :T]
 
 
-def _chunked_runs(runs: Array, num_chunks: int, chunk_size: int, padded: int) -> Array:
-    """[B, T] -> [B, 1, N, C']; padding joins the last run (of the sequence, of each chunk)."""
-    B, T = runs.shape
-    runs = jnp.pad(runs, ((0, 0), (0, num_chunks * chunk_size - T)), mode="edge")
-    runs = jnp.pad(runs.reshape(B, num_chunks, chunk_size),
-                   ((0, 0), (0, 0), (0, padded - chunk_size)), mode="edge")
-    return runs[:, None]
-
-
-def _masks(runs: Optional[Array]) -> Optional[_Masks]:
+def _masks(runs: Optional[Array], heads: int, chunk_size: int, padded: int
+           ) -> Optional[_Masks]:
+    """Masks from the run index [B, T] (None: no segments); padding joins the last run (of the
+    sequence, of each chunk)."""
     if runs is None:
         return None
-    run_last = runs[..., -1]  # [B, 1, N]
-    run_prev = jnp.concatenate([jnp.zeros_like(run_last[..., :1]), run_last[..., :-1]], -1)
-    return _Masks(runs=runs, from_state=runs == run_prev[..., None],
-                  into_state=runs == run_last[..., None], survives=run_last == run_prev)
+    B, T = runs.shape
+    N = math.ceil(T / chunk_size)
+    runs = jnp.pad(runs, ((0, 0), (0, N * chunk_size - T)), mode="edge")
+    runs = jnp.pad(runs.reshape(B, N, chunk_size), ((0, 0), (0, 0), (0, padded - chunk_size)),
+                   mode="edge")
+    run_last = runs[..., -1]  # [B, N]
+    run_prev = jnp.concatenate([jnp.zeros_like(run_last[:, :1]), run_last[:, :-1]], axis=1)
+
+    def rows(x):  # [B, N, ...] -> [G, ...], the same for every head
+        x = jnp.broadcast_to(x[:, None], (B, heads) + x.shape[1:])
+        return x.reshape((B * heads * N,) + x.shape[3:])
+
+    return _Masks(runs=rows(runs), from_state=rows(runs == run_prev[..., None]),
+                  into_state=rows(runs == run_last[..., None]),
+                  survives=rows(run_last == run_prev))
 
 
 def _decay_state(decay: Array, state: Array, key_gated: bool) -> Array:
@@ -105,17 +114,11 @@ def _decay_state(decay: Array, state: Array, key_gated: bool) -> Array:
 
 # ---- intra-chunk: diagonal blocks, then one level of cross terms per block size.
 
-def _blocks(x: Array, c: int) -> Array:
-    """Axis 3 (C steps) into blocks of c: [B, H, N, C, ...] -> [B, H, N, C/c, c, ...]."""
-    return x.reshape(x.shape[:3] + (x.shape[3] // c, c) + x.shape[4:])
-
-
 def _halves(x: Array, h: int) -> tuple[Array, Array]:
-    """Axis 3 (C steps) into blocks of 2h: the first halves and second halves,
-    [B, H, N, C, ...] -> 2 × [B, H, N, C/2h, h, ...]."""
-    x = _blocks(x, 2 * h)
-    x = x.reshape(x.shape[:4] + (2, h) + x.shape[5:])
-    return x[:, :, :, :, 0], x[:, :, :, :, 1]
+    """Axis 1 (C steps) into blocks of 2h: the first halves and second halves,
+    [G, C, ...] -> 2 × [G, C/2h, h, ...]."""
+    x = x.reshape((x.shape[0], x.shape[1] // (2 * h), 2, h) + x.shape[2:])
+    return x[:, :, 0], x[:, :, 1]
 
 
 def _diagonal_size(chunk: int) -> int:
@@ -124,37 +127,34 @@ def _diagonal_size(chunk: int) -> int:
 
 def _diagonal_blocks(q, k, v, b, masks: Optional[_Masks], key_gated: bool) -> Array:
     """The pairs i ≤ t inside blocks of c = DIAGONAL steps, with exp(b_t − b_i) taken directly
-    (masked pairs get exponent −inf, never a positive one): [B, H, N, C, V].
+    (masked pairs get exponent −inf, never a positive one): [G, C, V].
 
-    The [G, c, c, D] products below only ever feed a sum, so XLA computes each sum in one
+    The [blocks, c, c, D] products below only ever feed a sum, so XLA computes each sum in one
     reduction over the inputs without storing the product (c times the inputs' size)."""
-    c = _diagonal_size(q.shape[3])
+    c = _diagonal_size(q.shape[1])
     if c == 1:
         return jnp.sum(q * k, axis=-1, keepdims=True) * v
-    # Blocks of all chunks, heads and rows on one axis G: besides being simpler, rank-4
-    # products avoid a crash of jaxlib 0.10's CPU fusion runtime on the rank-7 ones (seen
-    # with one head and two rows).
-    qb, kb, vb, bb = (x.reshape((-1, c) + x.shape[4:]) for x in (q, k, v, b))  # [G, c, D]
+    qb, kb, vb, bb = (x.reshape((-1, c) + x.shape[2:]) for x in (q, k, v, b))  # [.., c, D]
     pairs = jnp.tril(jnp.ones((c, c), dtype=bool))  # [t, i]
     if masks is not None:
-        runs = jnp.broadcast_to(masks.runs, q.shape[:4]).reshape(-1, c)
-        pairs = pairs & (runs[:, :, None] == runs[:, None, :])  # [G, t, i]
+        runs = masks.runs.reshape(-1, c)
+        pairs = pairs & (runs[:, :, None] == runs[:, None, :])  # [blocks, t, i]
     decay = jnp.exp(jnp.where(pairs[..., None], bb[:, :, None, :] - bb[:, None, :, :],
-                              -jnp.inf))  # [G, t, i, Dg], ≤ 1
+                              -jnp.inf))  # [blocks, t, i, Dg], ≤ 1
     if key_gated:
         scores = jnp.sum(qb[:, :, None, :] * kb[:, None, :, :] * decay, axis=-1)
         o = jnp.sum(scores[..., None] * vb[:, None, :, :], axis=-2)
     else:
         scores = jnp.sum(qb[:, :, None, :] * kb[:, None, :, :], axis=-1)
         o = jnp.sum(scores[..., None] * decay * vb[:, None, :, :], axis=-2)
-    return o.reshape(q.shape[:4] + o.shape[-1:])
+    return o.reshape(v.shape)
 
 
 def _cross_level(q, k, v, b, masks: Optional[_Masks], h: int, key_gated: bool) -> Array:
     """Contributions of first-half sources to second-half targets in blocks of 2h steps,
-    placed into the chunk (zeros at the sources' halves): [B, H, N, C, V].
+    placed into the chunk (zeros at the sources' halves): [G, C, V].
 
-    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; b: [B, H, N, C, Dg].
+    q, k: [G, C, K]; v: [G, C, V]; b: [G, C, Dg].
     """
     (_, q2), (k1, _), (v1, _), (b1, b2) = (_halves(x, h) for x in (q, k, v, b))
     # The reference: the last source step, b_t ≤ b_r ≤ b_i. The output depends on b only
@@ -173,8 +173,8 @@ def _cross_level(q, k, v, b, masks: Optional[_Masks], h: int, key_gated: bool) -
         cross = jnp.einsum("...ti,...iv->...tv", scores, v1)
     else:
         cross = to_target * jnp.einsum("...ti,...iv->...tv", scores, v1 * from_source)
-    placed = jnp.stack([jnp.zeros_like(cross), cross], axis=4)
-    return placed.reshape(q.shape[:4] + cross.shape[-1:])
+    placed = jnp.stack([jnp.zeros_like(cross), cross], axis=2)
+    return placed.reshape(v.shape)
 
 
 def _level_sizes(chunk: int) -> list[int]:
@@ -183,132 +183,146 @@ def _level_sizes(chunk: int) -> list[int]:
     return [c << e for e in range((chunk // c).bit_length() - 1)]
 
 
-def _after(done, operands):
-    """`operands`, available only once `done` is computed: XLA then runs the intra-chunk parts
-    one after the other, and each part's temporaries (a few input-sized arrays) are freed
-    before the next part's are made, instead of all being alive at once."""
-    return jax.lax.optimization_barrier((done, operands))[1]
+def _after(done, operands, keep: bool = False):
+    """`operands`, available only once `done` is computed (with keep, both): XLA then runs the
+    intra-chunk parts one after the other, and each part's temporaries (a few input-sized
+    arrays) are freed before the next part's are made, instead of all being alive at once."""
+    done, operands = jax.lax.optimization_barrier((done, operands))
+    return (done, operands) if keep else operands
+
+
+def _add(xs, ys):
+    return tuple(x + y for x, y in zip(xs, ys))
 
 
 def _intra(q, k, v, b, masks: Optional[_Masks], key_gated: bool) -> Array:
-    """Σ_{i≤t, same run} (decayed q_t·k_i) v_i within each chunk: [B, H, N, C, V]."""
+    """Σ_{i≤t, same run} (decayed q_t·k_i) v_i within each chunk: [G, C, V]."""
     parts = [_diagonal_blocks(q, k, v, b, masks, key_gated)]
-    for h in _level_sizes(q.shape[3]):
+    for h in _level_sizes(q.shape[1]):
         q, k, v, b = _after(parts[-1], (q, k, v, b))
         parts.append(_cross_level(q, k, v, b, masks, h, key_gated))
     return sum(parts)
 
 
-def _intra_vjp(q, k, v, b, masks: Optional[_Masks], key_gated: bool, do: Array):
-    """Gradients of Σ ⟨do, `_intra`⟩ w.r.t. (q, k, v, b), one part after the other."""
+def _intra_vjp(q, k, v, b, masks: Optional[_Masks], key_gated: bool, do: Array, grads):
+    """`grads` (for q, k, v, b) plus those of Σ ⟨do, `_intra`⟩, one part after the other: a
+    single set of gradient arrays is alive, not one per part."""
     diagonal = functools.partial(_diagonal_blocks, masks=masks, key_gated=key_gated)
-    parts = [jax.vjp(diagonal, q, k, v, b)[1](do)]
-    for h in _level_sizes(q.shape[3]):
-        q, k, v, b, do = _after(parts[-1], (q, k, v, b, do))
+    grads = _add(grads, jax.vjp(diagonal, q, k, v, b)[1](do))
+    for h in _level_sizes(q.shape[1]):
+        grads, (q, k, v, b, do) = _after(grads, (q, k, v, b, do), keep=True)
         level = functools.partial(_cross_level, masks=masks, h=h, key_gated=key_gated)
-        parts.append(jax.vjp(level, q, k, v, b)[1](do))
-    return tuple(sum(grads) for grads in zip(*parts))
+        grads = _add(grads, jax.vjp(level, q, k, v, b)[1](do))
+    return grads
 
 
 # ---- chunk states.
 
 def _chunk_delta(k, v, b, masks: Optional[_Masks], key_gated: bool) -> tuple[Array, Array]:
-    """What each chunk adds to the state, Δ [B, H, N, K, V], and the log decay of the state
-    across it, a [B, H, N, Dg] (−inf where a segment starts inside the chunk)."""
-    b_last = b[..., -1, :]
-    to_end = jnp.exp(b_last[..., None, :] - b)  # exp(b_C − b_i) ≤ 1
+    """What each chunk adds to the state, Δ [G, K, V], and the log decay of the state across
+    it, a [G, Dg] (−inf where a segment starts inside the chunk)."""
+    b_last = b[:, -1]
+    to_end = jnp.exp(b_last[:, None] - b)  # exp(b_C − b_i) ≤ 1
     if masks is not None:
         to_end = jnp.where(masks.into_state[..., None], to_end, 0.0)
     if key_gated:
-        delta = jnp.einsum("...ck,...cv->...kv", k * to_end, v)
+        delta = jnp.einsum("gck,gcv->gkv", k * to_end, v)
     else:
-        delta = jnp.einsum("...ck,...cv->...kv", k, v * to_end)
+        delta = jnp.einsum("gck,gcv->gkv", k, v * to_end)
     if masks is not None:
-        b_last = jnp.where(masks.survives[..., None], b_last, -jnp.inf)
+        b_last = jnp.where(masks.survives[:, None], b_last, -jnp.inf)
     return delta, b_last
 
 
 def _scan(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Array, Array]:
     """States entering each chunk and the final state of S_{n+1} = exp(a_n) ⊙ S_n + Δ_n.
 
-    delta: [B, H, N, K, V]; a: [B, H, N, Dg] log decays (≤ 0 or −inf); s0: [B, H, K, V].
-    Returns (S_in [B, H, N, K, V], S_N [B, H, K, V]). Blocks of up to SCAN_BLOCK chunks are one
-    matmul each (module docstring); the blocks' entering states recurse on the block totals.
+    delta: [G, K, V] and a: [G, Dg] log decays (≤ 0 or −inf), rows in (B, H, N) order;
+    s0: [B, H, K, V]. Returns (S_in [G, K, V], S_N [B, H, K, V]).
     """
-    B, H, N = delta.shape[:3]
+    rows = s0.shape[0] * s0.shape[1]
+    s_in, final = _scan_flat(delta.reshape((rows, -1) + delta.shape[1:]),
+                             a.reshape(rows, -1, a.shape[-1]),
+                             s0.reshape((rows,) + s0.shape[2:]), key_gated)
+    return s_in.reshape(delta.shape), final.reshape(s0.shape)
+
+
+def _scan_flat(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Array, Array]:
+    """`_scan` with the chunks on axis 1: delta [R, N, K, V], a [R, N, Dg], s0 [R, K, V] for
+    R = B·H sequences. Within blocks of up to SCAN_BLOCK chunks the states are weighted sums of the
+    blocks' Δ (module docstring); the blocks' entering states recurse on the block totals."""
+    G, N = delta.shape[:2]
     if N == 1:
-        return s0[:, :, None], _decay_state(jnp.exp(a[:, :, 0]), s0, key_gated) + delta[:, :, 0]
+        return s0[:, None], _decay_state(jnp.exp(a[:, 0]), s0, key_gated) + delta[:, 0]
     ns = min(N, SCAN_BLOCK)
     nb = -(-N // ns)
     pad = nb * ns - N  # padded chunks add nothing and keep the state (Δ = 0, a = 0)
-    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-    delta = delta.reshape((B, H, nb, ns) + delta.shape[3:])
-    a = jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, H, nb, ns, -1)
+    delta = jnp.pad(delta, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    delta = delta.reshape((G * nb, ns) + delta.shape[2:])  # [G·nb, ns, K, V]
+    a = jnp.pad(a, ((0, 0), (0, pad), (0, 0))).reshape(G * nb, ns, -1)
 
     # P[u, c] = Σ_{c ≤ x < u} a_x for rows u = 0..ns (the state entering chunk u of the block,
     # u = ns leaving it) and columns c = 0..ns (c = 0 the block's entering state, c = w + 1
     # the chunk w's Δ); summed from the terms themselves so nothing cancels.
     x_idx = jnp.arange(ns)[:, None]
     c_idx = jnp.arange(ns + 1)[None, :]
-    terms = jnp.where((x_idx >= c_idx)[..., None], a[..., :, None, :], 0.0)  # [.., x, c, Dg]
-    partial = jnp.cumsum(terms, axis=-3)
-    partial = jnp.concatenate([jnp.zeros_like(partial[..., :1, :, :]), partial], axis=-3)
+    terms = jnp.where((x_idx >= c_idx)[..., None], a[:, :, None, :], 0.0)  # [G·nb, x, c, Dg]
+    partial = jnp.cumsum(terms, axis=1)
+    partial = jnp.concatenate([jnp.zeros_like(partial[:, :1]), partial], axis=1)  # [.., u, c, Dg]
     u_idx = jnp.arange(ns + 1)[:, None]
     weights = jnp.exp(jnp.where((c_idx <= u_idx)[..., None], partial, -jnp.inf))  # ≤ 1
 
-    if key_gated:
-        local = jnp.einsum("...uck,...ckv->...ukv", weights[..., 1:, :], delta)
-    else:
-        local = jnp.einsum("...ucv,...ckv->...ukv", weights[..., 1:, :], delta)
-    block_in, final = _scan(local[:, :, :, ns], partial[:, :, :, ns, 0], s0, key_gated)
-    s_in = local[:, :, :, :ns] + _decay_state(weights[:, :, :, :ns, 0],
-                                              block_in[:, :, :, None], key_gated)
-    return s_in.reshape((B, H, nb * ns) + s_in.shape[4:])[:, :, :N], final
+    # Σ_c over at most SCAN_BLOCK chunks, as a sum of products (a matmul batched over the
+    # gated dim would make XLA transpose the states to and from [.., Dg, n, ·] first).
+    local = jnp.sum(_decay_state(weights[:, :, 1:], delta[:, None], key_gated), axis=2)
+    local = local.reshape((G, nb, ns + 1) + local.shape[2:])  # [G, nb, u, K, V]
+    block_in, final = _scan_flat(local[:, :, ns], partial[:, ns, 0].reshape(G, nb, -1), s0,
+                                 key_gated)
+    carry = weights[:, :ns, 0].reshape(G, nb, ns, -1)  # decay from the block's start
+    s_in = local[:, :, :ns] + _decay_state(carry, block_in[:, :, None], key_gated)
+    return s_in.reshape((G, nb * ns) + s_in.shape[3:])[:, :N], final
 
 
 def _inter(q, b, s_in, masks: Optional[_Masks], key_gated: bool) -> Array:
-    """(q_t ⊙ exp b_t)ᵀ S_in of each chunk (value gate: exp b_t ⊙ q_tᵀ S_in): [B,H,N,C,V]."""
+    """(q_t ⊙ exp b_t)ᵀ S_in of each chunk (value gate: exp b_t ⊙ q_tᵀ S_in): [G, C, V]."""
     from_start = jnp.exp(b)  # ≤ 1
     if masks is not None:
         from_start = jnp.where(masks.from_state[..., None], from_start, 0.0)
     if key_gated:
-        return jnp.einsum("...ck,...kv->...cv", q * from_start, s_in)
-    return from_start * jnp.einsum("...ck,...kv->...cv", q, s_in)
+        return jnp.einsum("gck,gkv->gcv", q * from_start, s_in)
+    return from_start * jnp.einsum("gck,gkv->gcv", q, s_in)
 
 
 # ---- the chunk form, with its backward.
 
-def _prepare(q, k, v, g, scale: float, chunk_size: int):
-    """Chunked (scale · q, k, v) and b = Σ g inside each chunk, all [B, H, N, C', D], with
-    C' = C rounded up to a power of two (the chunk's tail padded like T's: k = v = 0, g = 0)."""
+def _prepare(q, k, v, g, dtype, scale: float, chunk_size: int):
+    """Chunked (scale · q, k, v) and b = Σ g inside each chunk, all [G, C', D] in `dtype`, with
+    C' = C rounded up to a power of two (the chunk's tail padded like T's: k = v = 0, g = 0).
+    Cast after chunking, so that a bf16 input is moved as bf16."""
     C = chunk_size
     N = math.ceil(q.shape[1] / C)
-    padded = 1 << (C - 1).bit_length()
-    q, k, v, g = (_chunked(x, N, C, padded) for x in (q * scale, k, v, g))
-    return q, k, v, jnp.cumsum(g, axis=3)
+    padded = _padded(C)
+    q, k, v, g = (_chunked(x, N, C, padded).astype(dtype) for x in (q, k, v, g))
+    return q * scale, k, v, jnp.cumsum(g, axis=1)
 
 
-def _chunk_masks(runs: Optional[Array], chunk_size: int, q_chunked: Array):
-    if runs is None:
-        return None
-    N, padded = q_chunked.shape[2:4]
-    return _masks(_chunked_runs(runs, N, chunk_size, padded))
+def _padded(chunk_size: int) -> int:
+    return 1 << (chunk_size - 1).bit_length()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _gla_chunk(q, k, v, g, s0, runs, key_gated: bool, scale: float, chunk_size: int):
     """`gla_chunk` on checked arguments; see there."""
-    qc, kc, vc, b = _prepare(q, k, v, g, scale, chunk_size)
-    masks = _chunk_masks(runs, chunk_size, qc)
+    qc, kc, vc, b = _prepare(q, k, v, g, s0.dtype, scale, chunk_size)
+    masks = _masks(runs, q.shape[2], chunk_size, _padded(chunk_size))
     delta, a = _chunk_delta(kc, vc, b, masks, key_gated)
     s_in, final = _scan(delta, a, s0, key_gated)
     o = _inter(qc, b, s_in, masks, key_gated) + _intra(qc, kc, vc, b, masks, key_gated)
-    return _unchunked(o, q.shape[1], chunk_size), final
+    return _unchunked(o, q.shape[:3], chunk_size), final
 
 
 def _gla_chunk_fwd(q, k, v, g, s0, runs, key_gated, scale, chunk_size):
-    # Only the inputs are kept: where they are casts of bf16 arrays, XLA can fuse the cast
-    # into the backward's own chunking instead of keeping float32 copies.
+    # Only the inputs are kept (as given: bf16 stays bf16).
     out = _gla_chunk(q, k, v, g, s0, runs, key_gated, scale, chunk_size)
     return out, (q, k, v, g, s0, runs)
 
@@ -320,9 +334,10 @@ def _gla_chunk_bwd(key_gated, scale, chunk_size, residuals, cotangents):
     q, k, v, g, s0, runs = jax.lax.optimization_barrier(residuals)
     do, ds_final = cotangents
     (qc, kc, vc, b), prepare_vjp = jax.vjp(
-        lambda q, k, v, g: _prepare(q, k, v, g, scale, chunk_size), q, k, v, g)
-    masks = _chunk_masks(runs, chunk_size, qc)
-    do = _chunked(do, qc.shape[2], chunk_size, qc.shape[3])  # the transpose of `_unchunked`
+        lambda q, k, v, g: _prepare(q, k, v, g, s0.dtype, scale, chunk_size), q, k, v, g)
+    masks = _masks(runs, q.shape[2], chunk_size, _padded(chunk_size))
+    N = math.ceil(q.shape[1] / chunk_size)
+    do = _chunked(do, N, chunk_size, _padded(chunk_size))  # the transpose of `_unchunked`
     (delta, a), delta_vjp = jax.vjp(
         lambda k, v, b: _chunk_delta(k, v, b, masks, key_gated), kc, vc, b)
     (s_in, _), scan_vjp = jax.vjp(lambda d, a, s0: _scan(d, a, s0, key_gated), delta, a, s0)
@@ -330,11 +345,10 @@ def _gla_chunk_bwd(key_gated, scale, chunk_size, residuals, cotangents):
     dq, db, ds_in = inter_vjp(do)
     d_delta, da, ds0 = scan_vjp((ds_in, ds_final))
     dk, dv, db_state = delta_vjp((d_delta, da))
-    state_grads = (dq, dk, dv, db + db_state)
-    qc, kc, vc, b, do = _after(state_grads, (qc, kc, vc, b, do))
-    intra = _intra_vjp(qc, kc, vc, b, masks, key_gated, do)
-    grads = prepare_vjp(tuple(a + d for a, d in zip(state_grads, intra)))
-    return grads + (ds0, None)
+    grads, (qc, kc, vc, b, do) = _after((dq, dk, dv, db + db_state), (qc, kc, vc, b, do),
+                                        keep=True)
+    grads = _intra_vjp(qc, kc, vc, b, masks, key_gated, do, grads)
+    return prepare_vjp(grads) + (ds0, None)
 
 
 _gla_chunk.defvjp(_gla_chunk_fwd, _gla_chunk_bwd)
@@ -343,11 +357,12 @@ _gla_chunk.defvjp(_gla_chunk_fwd, _gla_chunk_bwd)
 def gla_chunk(q: Array, k: Array, v: Array, g: Array, *, gate_axis: str, scale: float,
               initial_state: Array, runs: Optional[Array], chunk_size: int = 64
               ) -> tuple[Array, Array]:
-    """GLA chunkwise. Args and returns as `recurrent.gla_recurrent`, plus `chunk_size` (C).
+    """GLA chunkwise. Args and returns as `recurrent.gla_recurrent`, plus `chunk_size` (C);
+    computes in the dtype of `initial_state` whatever the inputs' floating dtype.
 
     T need not be a multiple of C: the tail is padded with k = v = 0 and g = 0, which leaves the
     state untouched. A C that is not a power of two is padded to one inside every chunk the same
     way (so 36 computes like 64: a power of two is the efficient choice).
     """
     return _gla_chunk(q, k, v, g, initial_state, runs, gate_axis == "key", float(scale),
-                      chunk_size)
+                      int(chunk_size))

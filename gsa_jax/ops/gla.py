@@ -44,11 +44,22 @@ def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str
     return impl
 
 
+def kv_heads_for_forms(x, group: int, dtype):
+    """k/v/g-like input [B, T, Hkv, D] with its heads repeated to the query heads (internal).
+    Left in its dtype for `run_form` to cast, unless grouped: the gradient sums the copies,
+    and that sum should be in the compute dtype."""
+    return common.repeat_heads(x.astype(dtype) if group > 1 else x, group, axis=2)
+
+
 def run_form(impl: str, q, k, v, g, *, gate_axis, scale, initial_state, runs, chunk_size):
-    """Call one pure-JAX form on checked, same-head, compute-dtype inputs (internal)."""
+    """Call one pure-JAX form on checked, same-head inputs; it computes in the dtype of
+    `initial_state` (internal). The chunk form casts after its chunking: its backward then
+    keeps the inputs as given (bf16) instead of float32 copies."""
     kwargs = dict(gate_axis=gate_axis, scale=scale, initial_state=initial_state, runs=runs)
     if impl == "chunk":
         kwargs["chunk_size"] = chunk_size
+    else:
+        q, k, v, g = (x.astype(initial_state.dtype) for x in (q, k, v, g))
     return _FORMS[impl](q, k, v, g, **kwargs)
 
 
@@ -109,8 +120,8 @@ def gated_linear_attention(
         o, final_state = pallas.gla_pallas(q, k, v, g, state, runs, gate_axis=gate_axis,
                                            scale=scale, chunk_size=chunk_size)
     else:
-        k, v, g = (common.repeat_heads(x.astype(dtype), group, axis=2) for x in (k, v, g))
-        o, final_state = run_form(impl, q.astype(dtype), k, v, g, gate_axis=gate_axis,
+        k, v, g = (kv_heads_for_forms(x, group, dtype) for x in (k, v, g))
+        o, final_state = run_form(impl, q, k, v, g, gate_axis=gate_axis,
                                   scale=scale, initial_state=state, runs=runs,
                                   chunk_size=chunk_size)
     final_state = common.first_of_group(final_state, group) if return_final_state else None

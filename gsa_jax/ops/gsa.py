@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gsa_jax.ops import common, pallas
-from gsa_jax.ops.gla import IMPLS, resolve_impl, run_form
+from gsa_jax.ops.gla import IMPLS, kv_heads_for_forms, resolve_impl, run_form
 from gsa_jax.ops.recurrent import gla_step
 
 Array = jax.Array
@@ -107,9 +107,8 @@ def gated_slot_attention(
                                       recompute_states=recompute_states)
     else:
         def two_passes(q, k, v, s, g, hk0, hv0, runs):
-            k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=2)
-                          for x in (k, v, s, g))
-            z, hk = run_form(impl, q.astype(dtype), k, s, g, gate_axis="value", scale=scale,
+            k, v, s, g = (kv_heads_for_forms(x, group, dtype) for x in (k, v, s, g))
+            z, hk = run_form(impl, q, k, s, g, gate_axis="value", scale=scale,
                              initial_state=hk0, runs=runs, chunk_size=chunk_size)
             o, hv = run_form(impl, activation(z), s, v, g, gate_axis="key", scale=1.0,
                              initial_state=hv0, runs=runs, chunk_size=chunk_size)
