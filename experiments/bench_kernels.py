@@ -17,6 +17,8 @@ generation instead of a decode kernel.
 
 Usage (GPU): python experiments/bench_kernels.py --tag h100 [--shapes main|all] [--no-peer]
 A sweep can be split over runs: `--only 0 1 2`, then `--only 3 --merge --no-check --no-decode`.
+`--impls pallas chunk` times only those rows (the chunk form against the kernels, issue 15:
+`--shapes all --impls pallas chunk --no-peer --no-check --no-decode`, a few minutes).
 The peer autotunes on its first call per (H, K, V, M), minutes each; shapes 0-2 share one tuning.
 Memory: JAX numbers are XLA's compiled footprint of the jitted forward+backward (arguments +
 outputs + temporaries); the peer's is torch.cuda.max_memory_allocated over one forward+backward
@@ -187,9 +189,13 @@ def bench_peer(shape, dtype_name):
             "autotune_s": round(tune_s, 1)}, o
 
 
-def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None):
+IMPLS = ("pallas", "pallas_recomp", "chunk", "cudnn_attn", "peer")
+
+
+def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None, impls=IMPLS):
     """Time one shape. tunings: {row name: `pallas_kernels.gla.Tuning` changes}, extra pallas
-    rows each traced under its launch parameters (the defaults restored after)."""
+    rows each traced under its launch parameters (the defaults restored after). impls: the rows
+    to time (of IMPLS; the peer also needs use_peer)."""
     B, T, H, K, M = shape
     args = make_inputs(shape, dtype)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
@@ -200,7 +206,8 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
     }
     for name in tunings or {}:
         variants[name] = gsa_fn("pallas")
-    if with_chunk:
+    variants = {name: f for name, f in variants.items() if name.split()[0] in impls}
+    if with_chunk and "chunk" in impls:
         variants["chunk"] = gsa_fn("chunk")
     default_tuning = dataclasses.asdict(pgla.Tuning())
     for name, f in variants.items():
@@ -221,16 +228,17 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
     def attn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    try:
-        fb = jax.jit(loss_grad(lambda q, k, v, s, g: attn(q, k, v), cot))
-        rows["cudnn_attn"] = {"fwd_ms": time_jax(jax.jit(attn), (q, k, v)) * 1e3,
-                              "fwd_bwd_ms": time_jax(fb, args) * 1e3,
-                              "mem_bytes": compiled_bytes(fb, args)}
-    except Exception as e:  # noqa: BLE001
-        rows["cudnn_attn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    print(shape, "cudnn_attn", rows["cudnn_attn"], flush=True)
+    if "cudnn_attn" in impls:
+        try:
+            fb = jax.jit(loss_grad(lambda q, k, v, s, g: attn(q, k, v), cot))
+            rows["cudnn_attn"] = {"fwd_ms": time_jax(jax.jit(attn), (q, k, v)) * 1e3,
+                                  "fwd_bwd_ms": time_jax(fb, args) * 1e3,
+                                  "mem_bytes": compiled_bytes(fb, args)}
+        except Exception as e:  # noqa: BLE001
+            rows["cudnn_attn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(shape, "cudnn_attn", rows["cudnn_attn"], flush=True)
 
-    if use_peer:
+    if use_peer and "peer" in impls:
         try:
             rows["peer"], o_peer = bench_peer(shape, str(jnp.dtype(dtype)))
             # Same inputs, so the two implementations must agree to bf16 rounding.
@@ -363,32 +371,68 @@ def markdown(report):
             fl = p["fwd_ms"] / row["memory_floor_fwd_ms"]
             items.append(f"fwd {fl:.1f}x floor ({'met' if fl <= 4 else 'MISSED'})")
         lines.append(f"- {shape}: " + "; ".join(items))
+    lines += chunk_target_lines(report["rows"])
     return "\n".join(lines) + "\n"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="main", help="main | all")
+def chunk_target_lines(rows):
+    """Issue 15's targets for the pure-JAX chunk form, per shape timed with both rows: forward
+    and forward+backward within 2x of the Pallas kernels, compiled forward+backward memory
+    within 2x, and the forward no slower than forward+backward."""
+    lines = []
+    for row in rows:
+        p, c = row["results"].get("pallas", {}), row["results"].get("chunk", {})
+        if "fwd_ms" not in p or "fwd_ms" not in c:
+            continue
+        f, fb = c["fwd_ms"] / p["fwd_ms"], c["fwd_bwd_ms"] / p["fwd_bwd_ms"]
+        items = [f"fwd {f:.2f}x pallas ({'met' if f <= 2 else 'MISSED'})",
+                 f"fwd+bwd {fb:.2f}x ({'met' if fb <= 2 else 'MISSED'})"]
+        if p.get("mem_bytes") and c.get("mem_bytes"):
+            m = c["mem_bytes"] / p["mem_bytes"]
+            items.append(f"memory {m:.2f}x ({'met' if m <= 2 else 'MISSED'})")
+        ok = c["fwd_ms"] <= c["fwd_bwd_ms"]
+        items.append(f"fwd {'<=' if ok else '>'} fwd+bwd ({'met' if ok else 'MISSED'})")
+        shape = ",".join(str(v) for v in row["shape"].values())
+        lines.append(f"- {shape}: " + "; ".join(items))
+    if not lines:
+        return []
+    return ["", "## Chunk form targets (issue 15): fwd, fwd+bwd and memory <= 2x pallas, "
+            "fwd <= fwd+bwd", ""] + lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="main", choices=["main", "all"],
+                    help="main: shape 0 only; all: the six shapes " + ", ".join(
+                        f"{i}={s}" for i, s in enumerate(ALL)) + " (B,T,H,K=V,M)")
     ap.add_argument("--only", type=int, nargs="+", default=None,
                     help="indices into the full shape list (split a sweep over runs)")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                    help="the rows to time (default: all; the peer only where it imports)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows and checks of an existing results file of the same tag "
                          "(rows of re-measured shapes are replaced)")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--chunk-shapes", type=int, default=1,
-                    help="time the pure-JAX chunk form on the first N shapes only (slow compile)")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--no-decode", action="store_true")
-    ap.add_argument("--tag", default=jax.default_backend())
+    ap.add_argument("--dtype", default="bfloat16", help="input dtype (default bfloat16)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the peer (same as leaving "
+                    "'peer' out of --impls)")
+    ap.add_argument("--chunk-shapes", type=int, default=None,
+                    help="time the pure-JAX chunk form on the first N shapes of the list only "
+                         "(default: every shape timed)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the correctness checks of the kernels against the chunk form")
+    ap.add_argument("--no-decode", action="store_true", help="skip the one-step decode timing")
+    ap.add_argument("--tag", default=jax.default_backend(),
+                    help="results file suffix: bench_kernels_<tag>.json/.md")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help='an extra pallas row under other launch parameters, e.g. '
                          '\'bv64={"block_v": 64}\' (pallas_kernels.gla.Tuning fields); repeatable')
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the report (how the run was made); repeatable")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                    help="results folder")
+    args = ap.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     tunings = {}
     for item in args.variant:
@@ -407,11 +451,12 @@ def main():
         indices, shapes, check_shapes = [0], [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]
         decode_batches = (1,)
     dev = jax.devices()[0]
+    command = ["python", "experiments/bench_kernels.py"] + list(
+        sys.argv[1:] if argv is None else argv)
     report = {"tag": args.tag, "device": f"{dev.platform} {dev.device_kind}",
               "jax": jax.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "dtype": str(dtype),
-              "notes": list(args.note)}
+              "command": " ".join(command), "dtype": str(dtype), "notes": list(args.note)}
     report["checks"] = [] if args.no_check else (
         [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32),
                                                    check(check_shapes[0], dtype, 0.05)])
@@ -419,7 +464,7 @@ def main():
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["decode"] = [] if args.no_decode else [
         bench_decode(B, dtype, bw, smoke=args.smoke) for B in decode_batches]
-    use_peer = not args.no_peer and peer_available()
+    use_peer = not args.no_peer and "peer" in args.impls and peer_available()
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench_kernels_{args.tag}")
     report["rows"] = []
@@ -433,8 +478,9 @@ def main():
         report["command"] = previous["command"] + " ; then " + report["command"]
         report["notes"] = previous.get("notes", []) + report["notes"]
     for i, s in zip(indices, shapes):  # results are rewritten after every shape
-        report["rows"].append(bench_shape(s, dtype, use_peer, bw,
-                                          with_chunk=i < args.chunk_shapes, tunings=tunings))
+        with_chunk = args.chunk_shapes is None or i < args.chunk_shapes
+        report["rows"].append(bench_shape(s, dtype, use_peer, bw, with_chunk=with_chunk,
+                                          tunings=tunings, impls=args.impls))
         report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
                             if tuple(r["shape"].values()) in ALL else -1)
         with open(base + ".json", "w") as f:
@@ -443,7 +489,8 @@ def main():
         with open(base + ".md", "w") as f:
             f.write(md)
     print(md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -62,3 +62,37 @@ def test_bench_ops_skips_parallel_over_the_limit():
     for mode in ("fwd", "fwd_bwd"):
         assert row[mode]["status"] == "skipped"
         assert "materialises [B,H,T,T,M]" in row[mode]["reason"]
+
+
+def test_bench_kernels_times_the_chunk_form_alone(tmp_path):
+    """--impls chunk at the smoke shape (CPU): one chunk row with its times and compiled memory,
+    and no other row."""
+    bench = load_experiment("bench_kernels")
+    argv = ["--smoke", "--impls", "chunk", "--no-check", "--no-decode", "--tag", "test",
+            "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench_kernels_test.json").read_text())
+    assert report["command"].endswith(" ".join(argv))
+    (row,) = report["rows"]
+    assert list(row["results"]) == ["chunk"]
+    chunk = row["results"]["chunk"]
+    assert chunk["fwd_ms"] > 0 and chunk["fwd_bwd_ms"] > 0 and chunk["mem_bytes"] > 0
+    assert "| chunk |" in (tmp_path / "bench_kernels_test.md").read_text()
+
+
+def test_bench_kernels_chunk_targets():
+    """Issue 15's targets read off a hand-made report: 2x the kernels is met, above is missed,
+    and a forward slower than forward+backward is flagged."""
+    bench = load_experiment("bench_kernels")
+
+    def row(chunk_fwd, chunk_fb, chunk_mem):
+        return {"shape": dict(zip("B T H K M".split(), (1, 2, 3, 4, 5))),
+                "results": {"pallas": {"fwd_ms": 1.0, "fwd_bwd_ms": 4.0, "mem_bytes": 100},
+                            "chunk": {"fwd_ms": chunk_fwd, "fwd_bwd_ms": chunk_fb,
+                                      "mem_bytes": chunk_mem}}}
+
+    met, missed = bench.chunk_target_lines([row(2.0, 8.0, 200), row(5.0, 4.5, 201)])[3:]
+    assert met.count("(met)") == 4 and "MISSED" not in met
+    assert "fwd 5.00x pallas (MISSED)" in missed and "fwd+bwd 1.12x (met)" in missed
+    assert "memory 2.01x (MISSED)" in missed and "fwd > fwd+bwd (MISSED)" in missed
+    assert bench.chunk_target_lines([{"shape": {}, "results": {"chunk": {}}}]) == []
