@@ -5,9 +5,10 @@ XLA fuses a chain of elementwise ops into the op that consumes it, so an element
 larger than the inputs (the chunk form's 8x8 diagonal blocks, its sums over up to 8 chunk
 states) is computed inside the reduction that sums it, never stored, unless a matmul, a
 data-movement op or a call boundary needs it whole. What is checked:
-  - every dot_general is a matmul: both free sides and the contraction are at least 8 long
-    (the form this replaced did 16.7M dot products of two vectors at the benchmark shape);
-  - most of the arithmetic (at least 75%, measured 81-85%) is in those matmuls;
+  - the arithmetic is in matmuls (dot_generals whose free sides and contraction are all at
+    least 8 long): at least 80% of it (measured 84.5-89.6%), and under 1% in smaller
+    dot_generals (measured 0-0.4%: the state scan's last blocks of fewer than 8 chunks; the form
+    this replaced had 5.8% in 16.7M dot products of two vectors at the benchmark shape);
   - every value larger than the larger of 2x the largest input and 9/8 of the chunk states
     (K·M/C per step, which any chunked form keeps: 2x the input at K = M = 128, C = 64; the
     8-chunk blocks of the state scan add one row per block) comes from an elementwise or
@@ -32,7 +33,8 @@ BENCH_SHAPES = [(8, 2048, 16, 128, 64), (2, 8192, 16, 128, 64), (8, 2048, 4, 256
                 (8, 2048, 16, 128, 128)]
 
 MIN_MATMUL_SIDE = 8
-MIN_MATMUL_SHARE = 0.75
+MIN_MATMUL_SHARE = 0.80
+MAX_SMALL_DOT_SHARE = 0.01
 MAX_INPUT_RATIO = 2.0
 MAX_STATE_RATIO = 9 / 8
 
@@ -92,8 +94,8 @@ def _gsa_jaxprs(shape):
 
 
 def _cost(jaxpr):
-    """(matmul FLOPs, other arithmetic FLOPs, dot_generals that are not matmuls)."""
-    matmul, other, not_matmuls = 0, 0, []
+    """(matmul FLOPs, smaller dot_generals' FLOPs, other arithmetic FLOPs)."""
+    matmul, small, other = 0, 0, 0
     for eqn, calls in _equations(jaxpr):
         if calls:
             continue
@@ -108,23 +110,23 @@ def _cost(jaxpr):
             if min(m, n, contraction) >= MIN_MATMUL_SIDE:
                 matmul += flops
             else:
-                not_matmuls.append((m, n, contraction, flops))
+                small += flops
         elif name in REDUCTIONS:
             other += math.prod(eqn.invars[0].aval.shape)
         elif name in FUSIBLE - {"broadcast_in_dim", "convert_element_type", "reshape",
                                 "squeeze", "expand_dims"}:
             other += math.prod(eqn.outvars[0].aval.shape)
-    return matmul, other, not_matmuls
+    return matmul, small, other
 
 
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_chunk_arithmetic_is_in_matmuls(shape):
     _, jaxprs = _gsa_jaxprs(shape)
     for what, jaxpr in jaxprs.items():
-        matmul, other, not_matmuls = _cost(jaxpr)
-        assert not not_matmuls, f"{what}: dot_generals that are not matmuls {not_matmuls[:3]}"
-        share = matmul / (matmul + other)
-        assert share >= MIN_MATMUL_SHARE, f"{what}: {share:.1%} of the arithmetic in matmuls"
+        matmul, small, other = _cost(jaxpr)
+        total = matmul + small + other
+        assert small / total < MAX_SMALL_DOT_SHARE, f"{what}: {small / total:.1%} in small dots"
+        assert matmul / total >= MIN_MATMUL_SHARE, f"{what}: {matmul / total:.1%} in matmuls"
 
 
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -12,7 +12,8 @@ instead of k and q):
 Intra-chunk, exact for any gate. A chunk (padded to a power of two) is cut into diagonal
 blocks of c = 8 steps, and for h = c, 2c, …, C/2 into blocks of 2h steps. A pair i ≤ t either
 lies in one diagonal block, where exp(b_t − b_i) is taken directly ([c, c, D] products that
-only feed sums: XLA reduces them without storing them), or in exactly one block of 2h steps
+only feed sums, which XLA's GPU fusion computes inside the reductions; its CPU fusions store
+them), or in exactly one block of 2h steps
 with i in the first half and t in the second. There, through the reference r = the first
 half's last step (i ≤ r < t), the decay factors into two terms that are both ≤ 1,
 
@@ -21,7 +22,8 @@ half's last step (i ≤ r < t), the decay factors into two terms that are both �
 so each level is two batched matmuls per block, [h, K]·[K, h] then [h, h]·[h, V], on
 q ⊙ exp(b − b_r) and k ⊙ exp(b_r − b) (value gate: on v, and on the output). No exponent is
 ever positive, so nothing overflows however strong the gate; a factor that underflows stands
-for a product that does too. No tensor but those summed products exceeds the inputs' size.
+for a product that does too. No tensor but those summed products exceeds twice the inputs'
+size or (by 1/8) the chunk states' (K·V/C per step), which any chunked form keeps.
 
 States, by blocks of chunks instead of a sequential scan (a loop over chunks costs ~13 µs per
 iteration on a GPU). With a_n = b_C of chunk n (−inf where a segment starts inside it) and
@@ -30,9 +32,10 @@ block of up to 8 chunks is
 
     S_n = Σ_{w<n} exp(Σ_{w<x<n} a_x) ⊙ Δ_w + exp(Σ_{x<n} a_x) ⊙ S_block
 
-a weighted sum with the exponents built from partial sums (never differences of running
-sums, which cancel); the blocks' own entering states come from the same recurrence one level
-up. Segments (`runs`) mask pairs across a segment start and the state terms.
+a matmul over w (batched over the gated dim) with the exponents built from partial sums
+(never differences of running sums, which cancel); the blocks' own entering states come from
+the same recurrence one level up. Segments (`runs`) mask pairs across a segment start and the
+state terms.
 
 Backward: a `jax.custom_vjp` that keeps only the inputs. The backward pass recomputes the
 chunk states (a matmul per chunk and the blocked scan) and takes the vjp of each part, whose
@@ -53,7 +56,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 DIAGONAL = 8  # steps per diagonal block, whose pairs take their decays directly
-SCAN_BLOCK = 8  # chunks per block of the state scan (the work per state element)
+SCAN_BLOCK = 8  # chunks per block of the state scan (its matmuls' contraction)
 
 
 class _Masks(NamedTuple):
@@ -129,8 +132,8 @@ def _diagonal_blocks(q, k, v, b, masks: Optional[_Masks], key_gated: bool) -> Ar
     """The pairs i ≤ t inside blocks of c = DIAGONAL steps, with exp(b_t − b_i) taken directly
     (masked pairs get exponent −inf, never a positive one): [G, C, V].
 
-    The [blocks, c, c, D] products below only ever feed a sum, so XLA computes each sum in one
-    reduction over the inputs without storing the product (c times the inputs' size)."""
+    The [blocks, c, c, D] products below (c times the inputs' size) only ever feed a sum, so
+    that XLA can compute each sum in one reduction over the inputs without storing them."""
     c = _diagonal_size(q.shape[1])
     if c == 1:
         return jnp.sum(q * k, axis=-1, keepdims=True) * v
@@ -249,8 +252,8 @@ def _scan(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Array, Ar
 
 def _scan_flat(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Array, Array]:
     """`_scan` with the chunks on axis 1: delta [R, N, K, V], a [R, N, Dg], s0 [R, K, V] for
-    R = B·H sequences. Within blocks of up to SCAN_BLOCK chunks the states are weighted sums of the
-    blocks' Δ (module docstring); the blocks' entering states recurse on the block totals."""
+    R = B·H sequences. Within blocks of up to SCAN_BLOCK chunks the states are weighted sums of
+    the blocks' Δ (module docstring); the blocks' entering states recurse on the block totals."""
     G, N = delta.shape[:2]
     if N == 1:
         return s0[:, None], _decay_state(jnp.exp(a[:, 0]), s0, key_gated) + delta[:, 0]
@@ -272,9 +275,13 @@ def _scan_flat(delta: Array, a: Array, s0: Array, key_gated: bool) -> tuple[Arra
     u_idx = jnp.arange(ns + 1)[:, None]
     weights = jnp.exp(jnp.where((c_idx <= u_idx)[..., None], partial, -jnp.inf))  # ≤ 1
 
-    # Σ_c over at most SCAN_BLOCK chunks, as a sum of products (a matmul batched over the
-    # gated dim would make XLA transpose the states to and from [.., Dg, n, ·] first).
-    local = jnp.sum(_decay_state(weights[:, :, 1:], delta[:, None], key_gated), axis=2)
+    # Σ_c over at most SCAN_BLOCK chunks: a matmul batched over the gated dim. (The same sum
+    # as products summed over c, with no transposes, came out wrong in float32 on jaxlib
+    # 0.10's CPU fusion runtime, 0.9 relative error.)
+    if key_gated:
+        local = jnp.einsum("guck,gckv->gukv", weights[:, :, 1:], delta)
+    else:
+        local = jnp.einsum("gucv,gckv->gukv", weights[:, :, 1:], delta)
     local = local.reshape((G, nb, ns + 1) + local.shape[2:])  # [G, nb, u, K, V]
     block_in, final = _scan_flat(local[:, :, ns], partial[:, ns, 0].reshape(G, nb, -1), s0,
                                  key_gated)
