@@ -23,6 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
@@ -113,7 +114,7 @@ class KernelConfig:
         return kw
 
 
-def _sum_groups(x, groups: int):
+def sum_groups(x, groups: int):
     """[B, T, H, D] per query head -> [B, T, H / groups, D], summing each group."""
     if groups == 1:
         return x
@@ -161,9 +162,9 @@ def _kernel_fn(cfg: KernelConfig):
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
-        dk = _sum_groups(dk.sum(0, dtype=dk.dtype), groups)
-        dv = _sum_groups(dv, groups)
-        dg = _sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
+        dk = sum_groups(dk.sum(0, dtype=dk.dtype), groups)
+        dv = sum_groups(dv, groups)
+        dg = sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
@@ -205,16 +206,9 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
             outs.append(o_part)
             states.append(s_part)
         return sum(outs).astype(out_dtype or q.dtype), jnp.concatenate(states, axis=2)
-    B, T = q.shape[:2]
+    T = q.shape[1]
     C = chunk_size
-    Tp = -(-T // C) * C
-    if Tp != T:  # zero k, v and g past the end leave the state untouched
-        pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-        q, k, v, g = (jnp.pad(x, pad) for x in (q, k, v, g))
-        if runs is not None:
-            runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge")
-    if runs is not None:
-        runs = runs.astype(jnp.int32)
+    q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C)
     tuning = _TUNING
     if block_v is not None:
         tuning = dataclasses.replace(tuning, block_v=block_v)
