@@ -29,12 +29,13 @@ _FORMS = {"recurrent": gla_recurrent, "parallel": gla_parallel, "chunk": gla_chu
 
 
 def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str:
-    """"auto" -> "pallas" on a GPU where the kernels support the shapes, else "chunk"."""
+    """"auto" -> "pallas" on a GPU or TPU where the kernels support the shapes, else "chunk"."""
     supported = (pallas.kernel_supports(*dims, chunk_size=chunk_size)
                  and jnp.dtype(dtype) != jnp.float64)
     if impl == "auto":
         measured = pallas.kernel_supports(*dims, chunk_size=chunk_size, wide=False)
-        return "pallas" if supported and measured and pallas.on_gpu() else "chunk"
+        on_device = pallas.on_gpu() or pallas.on_tpu()
+        return "pallas" if supported and measured and on_device else "chunk"
     if impl == "pallas" and not supported:
         raise ValueError(
             f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS} or multiples of "
@@ -76,8 +77,8 @@ def gated_linear_attention(
       segment_ids: [B, T] integer ids of packed sequences; the state is reset wherever the id
         changes, so each segment equals a separate run (the first one starts from
         `initial_state`).
-      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
-        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
+      impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
+        "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
       chunk_size: C of the chunk form.
     Returns:
       (o [B, T, H, V] in q's dtype, final state [B, Hkv, K, V] in float32 (float64 for float64

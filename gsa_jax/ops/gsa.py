@@ -71,8 +71,8 @@ def gated_slot_attention(
       return_final_state: also return the state after the last step.
       segment_ids: [B, T] integer ids of packed sequences: the state is reset wherever the id
         changes, so each segment equals a separate run; the first starts from `initial_state`.
-      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
-        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
+      impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
+        "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
       chunk_size: C of the chunk form.
       slot_activation: "softmax" (GSA) or the ablations "swish", "relu", "relu2".
       recompute_states: keep no hidden states between the forward and the backward pass and

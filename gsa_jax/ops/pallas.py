@@ -1,8 +1,10 @@
-"""The Pallas form of GLA and GSA: the GPU kernels of `pallas_kernels`, wired for the ops.
+"""The Pallas form of GLA and GSA: the kernels of `pallas_kernels`, wired for the ops.
 
-Any gate is safe: each chunk whose accumulated gate is stronger than the kernels' fast path
-accepts takes an exact (slower) path inside the kernel. On a backend without a GPU the kernels run
-in Pallas' interpreter (slow; for tests).
+On a TPU backend impl="pallas" runs the TPU (Mosaic) kernels (pallas_kernels/tpu_gla.py), on
+every other backend the GPU (Triton) kernels (pallas_kernels/gla.py): compiled on a GPU, in
+Pallas' interpreter (slow; for tests) on a CPU. Any gate is safe: each chunk whose accumulated
+gate is stronger than the kernels' fast path accepts takes an exact (slower) path inside the
+kernel.
 """
 
 from __future__ import annotations
@@ -25,23 +27,38 @@ def kernel_supports(*dims: int, chunk_size: int, wide: bool = True) -> bool:
             and chunk_size in KERNEL_CHUNKS)
 
 
+def backend() -> str:
+    """The backend the kernels are chosen for (the one check; tests fake a TPU here)."""
+    return jax.default_backend()
+
+
 def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return backend() == "gpu"
+
+
+def on_tpu() -> bool:
+    return backend() == "tpu"
 
 
 def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axis: str,
                scale: float, chunk_size: int, out_dtype=None, recompute_states: bool = False,
                interpret: Optional[bool] = None):
-    """GLA by the kernels. Args as `pallas_kernels.gla.gla_chunk_pallas` (initial_state per
-    query head, [B, H, K, V]); returns (o [B, T, H, V], final state [B, H, K, V] f32)."""
-    from pallas_kernels.gla import gla_chunk_pallas
-
+    """GLA by the kernels of this backend. Args as `pallas_kernels.gla.gla_chunk_pallas`
+    (initial_state per query head, [B, H, K, V]); returns (o [B, T, H, V], final state
+    [B, H, K, V] f32). interpret=None: interpreted unless jax really runs on the kernels'
+    backend (so a faked TPU runs the TPU kernels in TPU interpret mode)."""
+    if on_tpu():
+        from pallas_kernels.tpu_gla import gla_chunk_pallas_tpu as kernels
+        platform = "tpu"
+    else:
+        from pallas_kernels.gla import gla_chunk_pallas as kernels
+        platform = "gpu"
     if interpret is None:
-        interpret = not on_gpu()
+        interpret = jax.default_backend() != platform
     out_dtype = jnp.dtype(out_dtype or q.dtype)
-    o, s = gla_chunk_pallas(q, k, v, g, initial_state, runs, key_gated=gate_axis == "key",
-                            scale=scale, chunk_size=chunk_size, out_dtype=out_dtype,
-                            recompute_states=recompute_states, interpret=interpret)
+    o, s = kernels(q, k, v, g, initial_state, runs, key_gated=gate_axis == "key", scale=scale,
+                   chunk_size=chunk_size, out_dtype=out_dtype,
+                   recompute_states=recompute_states, interpret=interpret)
     return o.astype(out_dtype), s
 
 
