@@ -51,6 +51,34 @@ class Dot:
         return self._dot(a, b, ((0,), (0,)))
 
 
+def keep_or_recompute_vjp(forward, states, backward, *, recompute_states: bool):
+    """fn(*args) -> (o, final state), differentiable by custom_vjp, for both kernel families.
+
+    forward(*args, keep_states) -> (o, final state, chunk states or None);
+    states(*args) -> the chunk states (the backward's recomputation);
+    backward(args, chunk states, (do, dsT)) -> the cotangents of args.
+    Between the passes the chunk states are kept, or (recompute_states) only the inputs.
+    """
+    @jax.custom_vjp
+    def fn(*args):
+        o, sT, _ = forward(*args, keep_states=False)
+        return o, sT
+
+    def fn_fwd(*args):
+        keep = not recompute_states
+        o, sT, chunk_states = forward(*args, keep_states=keep)
+        return (o, sT), (args, chunk_states if keep else None)
+
+    def fn_bwd(res, cotangents):
+        args, chunk_states = res
+        if chunk_states is None:
+            chunk_states = states(*args)
+        return backward(args, chunk_states, cotangents)
+
+    fn.defvjp(fn_fwd, fn_bwd)
+    return fn
+
+
 def pad_to_chunks(q, k, v, g, runs, C: int):
     """Pad the time axis (1) of [B, T, heads, D] inputs to a multiple of C. Zero k, v and g
     past the end leave the state untouched; runs [B, T] (or None) repeat their last run."""

@@ -141,21 +141,9 @@ def _kernel_fn(cfg: KernelConfig):
                        **cfg.kw(parallel=True))
         return o, sT, chunk_states
 
-    @jax.custom_vjp
-    def fn(q, k, v, g, s0, runs):
-        o, sT, _ = forward(q, k, v, g, s0, runs, keep_states=False)
-        return o, sT
-
-    def fn_fwd(q, k, v, g, s0, runs):
-        keep = not cfg.recompute_states
-        o, sT, chunk_states = forward(q, k, v, g, s0, runs, keep_states=keep)
-        return (o, sT), (q, k, v, g, s0, runs, chunk_states if keep else None)
-
-    def fn_bwd(res, cotangents):
-        q, k, v, g, s0, runs, chunk_states = res
+    def backward(args, chunk_states, cotangents):
+        q, k, v, g, s0, runs = args
         do, dsT = cotangents
-        if chunk_states is None:
-            chunk_states, _ = states(q, k, v, g, s0, runs)
         dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT,
                                    **cfg.kw(parallel=False, backward=True))
         dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
@@ -168,8 +156,8 @@ def _kernel_fn(cfg: KernelConfig):
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
-    fn.defvjp(fn_fwd, fn_bwd)
-    return fn
+    return common.keep_or_recompute_vjp(forward, lambda *args: states(*args)[0], backward,
+                                        recompute_states=cfg.recompute_states)
 
 
 def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, key_gated: bool,

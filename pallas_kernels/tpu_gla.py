@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.gla import sum_groups
-from pallas_kernels.tpu_gla_bwd import backward
+from pallas_kernels.tpu_gla_bwd import backward as backward_kernel
 from pallas_kernels.tpu_gla_fwd import forward
 from pallas_kernels.tpu_plan import SCOPED_VMEM_BYTES, Plan
 
@@ -66,37 +66,30 @@ def _kernel_fn(cfg: _Config):
     kw = dict(scale=cfg.scale, interpret=cfg.interpret)
 
     def run_forward(q, k, v, g, s0, rel, keep_states):
+        """(o, final state, chunk states or None)."""
         o, states, sT = forward(plan, *(plan.to_kernel(x) for x in (q, k, v, g)), s0, rel,
                                 keep_states=keep_states, out_dtype=cfg.out_dtype, **kw)
-        return plan.from_kernel(o, plan.V), states, sT
+        return plan.from_kernel(o, plan.V), sT, states
 
-    @jax.custom_vjp
-    def fn(q, k, v, g, s0, rel):
-        o, _, sT = run_forward(q, k, v, g, s0, rel, keep_states=False)
-        return o, sT
+    def states(q, k, v, g, s0, rel):
+        _, chunk_states, _ = forward(plan, None, *(plan.to_kernel(x) for x in (k, v, g)), s0,
+                                     rel, with_output=False, keep_states=True, **kw)
+        return chunk_states
 
-    def fn_fwd(q, k, v, g, s0, rel):
-        keep = not cfg.recompute_states
-        o, states, sT = run_forward(q, k, v, g, s0, rel, keep_states=keep)
-        return (o, sT), (q, k, v, g, s0, rel, states)
-
-    def fn_bwd(res, cotangents):
-        q, k, v, g, s0, rel, states = res
+    def backward(args, chunk_states, cotangents):
+        q, k, v, g, s0, rel = args
         do, dsT = cotangents
-        qk, kk, vk, gk = (plan.to_kernel(x) for x in (q, k, v, g))
-        if states is None:
-            _, states, _ = forward(plan, None, kk, vk, gk, s0, rel, with_output=False,
-                                   keep_states=True, **kw)
-        dq, dk, dv, dg, ds0 = backward(plan, qk, kk, vk, gk, rel, states, plan.to_kernel(do),
-                                       dsT, **kw)
+        dq, dk, dv, dg, ds0 = backward_kernel(
+            plan, *(plan.to_kernel(x) for x in (q, k, v, g)), rel, chunk_states,
+            plan.to_kernel(do), dsT, **kw)
         dq, dk, dv, dg = (plan.from_kernel(x, x_in.shape[-1])
                           for x, x_in in zip((dq, dk, dv, dg), (q, k, v, g)))
         dk, dv, dg = (sum_groups(x, plan.group) for x in (dk, dv, dg))
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0, None)
 
-    fn.defvjp(fn_fwd, fn_bwd)
-    return fn
+    return common.keep_or_recompute_vjp(run_forward, states, backward,
+                                        recompute_states=cfg.recompute_states)
 
 
 def make_plan(q, k, v, *, key_gated: bool, chunk_size: int, out_dtype=None) -> Plan:
