@@ -31,6 +31,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import test_pallas_kernels as kernel_tests
+from gsa_jax import sharding as shd
 from gsa_jax.ops import gated_slot_attention
 from gsa_jax.ops import pallas as ops_pallas
 from gsa_jax.ops.gla import resolve_impl
@@ -39,6 +40,7 @@ from ops_util import enable_x64, gla_inputs, gsa_inputs, relative_error
 from pallas_kernels import tpu_gla, tpu_plan
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from reference import gla_reference
+from test_sharding import run_with_devices
 
 # name: (B, T, H, Hkv, K, V, M, chunk, segments, initial state), as in test_pallas_kernels
 CASES = {
@@ -188,6 +190,20 @@ def test_auto_picks_the_kernels_of_the_backend(monkeypatch, backend, expected):
         assert _kernel_names(functools.partial(fn, impl="pallas"), *x[:5]) == expected
 
 
+@pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+def test_kernels_run_per_device_slice_under_a_mesh(tier):
+    """tests/test_pallas_sharded_devices.py on 8 simulated devices (a subprocess): the TPU
+    kernels here, the GPU kernels (interpreted) in the slow tier."""
+    run_with_devices("test_pallas_sharded_devices.py", markers=tier)
+
+
+def test_mesh_axes_are_the_training_mesh_axes():
+    """per_shard splits over the axes that training's logical rules give batch and heads."""
+    rules = dict(shd.LOGICAL_AXIS_RULES)
+    assert tuple(rules["batch"]) == ops_pallas.BATCH_AXES == shd.BATCH_AXES
+    assert rules["heads"] == rules["kv_heads"] == ops_pallas.HEAD_AXIS
+
+
 # -- lowering to Mosaic -----------------------------------------------------------------------
 
 def _out_dtype(key_gated):
@@ -290,11 +306,22 @@ def _block_dims(block_mapping):
     return (*dims[-2:], block_mapping.array_aval.dtype.itemsize)
 
 
+def _moved_bytes(block_mapping, grid) -> int:
+    """HBM bytes a block moves over the grid: fetched (or written back) at every step if its
+    index follows the chunk (the last grid axis), else once per (batch, head)."""
+    index = block_mapping.index_map_jaxpr
+    at = lambda n: jax.core.eval_jaxpr(index.jaxpr, index.consts, 0, 0, n)
+    rows, cols, itemsize = _block_dims(block_mapping)
+    steps = math.prod(grid) if at(0) != at(1) else math.prod(grid[:2])
+    return rows * cols * itemsize * steps
+
+
 @pytest.mark.parametrize("key_gated", [False, True], ids=["pass1", "pass2"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["heads", "grouped"])
 def test_block_plan_matches_the_traced_kernels(key_gated, grouped):
     """The VMEM budget's block list is the traced kernels' BlockSpecs, and the roofline's
-    FLOPs per token are the matmuls of their bodies times the grid."""
+    FLOPs and HBM bytes per token are the matmuls of their bodies times the grid and the
+    bytes their blocks move."""
     shapes = _gsa_pass_shapes(key_gated, Hkv=2 if grouped else 4)
     q, k, v = shapes[:3]
     plan = tpu_gla.make_plan(q, k, v, key_gated=key_gated, chunk_size=64,
@@ -315,6 +342,9 @@ def test_block_plan_matches_the_traced_kernels(key_gated, grouped):
             kind, segments=True), name
         flops = _dot_flops(eqn.params["jaxpr"]) * math.prod(gm.grid)
         assert flops / tokens == plan.flops_per_token(kind), name
+        moved = sum(_moved_bytes(bm, gm.grid) for bm in gm.block_mappings)
+        assert moved / tokens == pytest.approx(
+            plan.hbm_bytes_per_token(kind, segments=True), rel=1e-12), name
 
 
 def test_vmem_budget_fits_the_smallest_tpu():
