@@ -15,7 +15,12 @@ It also times one-step decoding (`gated_slot_attention_step` in a jitted scan) b
 only reads, decays and writes the state: the measurement behind using XLA's fused step for
 generation instead of a decode kernel.
 
+On a TPU the same command times the TPU kernels (impl="pallas" dispatches by backend) against
+the chunk form at every shape, XLA's softmax attention in place of cuDNN's, and adds the
+kernels' roofline estimate for the chip (pallas_kernels/tpu_plan.py).
+
 Usage (GPU): python experiments/bench_kernels.py --tag h100 [--shapes main|all] [--no-peer]
+Usage (TPU): python experiments/bench_kernels.py --tag v5e --shapes all
 A sweep can be split over runs: `--only 0 1 2`, then `--only 3 --merge --no-check --no-decode`.
 The peer autotunes on its first call per (H, K, V, M), minutes each; shapes 0-2 share one tuning.
 Memory: JAX numbers are XLA's compiled footprint of the jitted forward+backward (arguments +
@@ -135,7 +140,7 @@ def _check(shape, dtype, gate_scale):
 
 
 def copy_bandwidth():
-    x = jnp.ones((256 if jax.default_backend() == "gpu" else 4, 1024, 1024), jnp.float32)
+    x = jnp.ones((4 if jax.default_backend() == "cpu" else 256, 1024, 1024), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
     t = time_jax(f, (x,), reps=10, rounds=5)
     return 2 * x.nbytes / t
@@ -217,18 +222,22 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
     pgla.set_tuning(**default_tuning)
 
     q, k, v = args[:3]
+    # softmax attention on the same q/k/v: cuDNN's on a GPU, XLA's elsewhere (a TPU)
+    attn_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    attn_row = f"{attn_impl}_attn"
 
     def attn(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attn_impl)
 
     try:
         fb = jax.jit(loss_grad(lambda q, k, v, s, g: attn(q, k, v), cot))
-        rows["cudnn_attn"] = {"fwd_ms": time_jax(jax.jit(attn), (q, k, v)) * 1e3,
-                              "fwd_bwd_ms": time_jax(fb, args) * 1e3,
-                              "mem_bytes": compiled_bytes(fb, args)}
+        rows[attn_row] = {"fwd_ms": time_jax(jax.jit(attn), (q, k, v)) * 1e3,
+                          "fwd_bwd_ms": time_jax(fb, args) * 1e3,
+                          "mem_bytes": compiled_bytes(fb, args)}
     except Exception as e:  # noqa: BLE001
-        rows["cudnn_attn"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    print(shape, "cudnn_attn", rows["cudnn_attn"], flush=True)
+        rows[attn_row] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(shape, attn_row, rows[attn_row], flush=True)
+    tpu_roofline(rows, shape, dtype)
 
     if use_peer:
         try:
@@ -244,6 +253,21 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
     floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
     return {"shape": dict(zip("B T H K M".split(), shape)), "results": rows,
             "memory_floor_fwd_ms": floor_ms}
+
+
+def tpu_roofline(rows, shape, dtype):
+    """On a TPU, a 'roofline' row: the TPU kernels' estimated floor on this chip
+    (pallas_kernels/tpu_plan.py: FLOPs and HBM bytes per token at the published peaks)."""
+    from pallas_kernels import tpu_plan
+
+    chip = tpu_plan.chip_of(jax.devices()[0].device_kind)
+    if jax.default_backend() != "tpu" or chip is None:
+        return
+    B, T, H, K, M = shape
+    kw = dict(B=B, T=T, H=H, K=K, V=K, M=M, itemsize=jnp.dtype(dtype).itemsize)
+    rows[f"roofline {chip}"] = {"fwd_ms": tpu_plan.gsa_roofline_ms(chip, backward=False, **kw),
+                                "fwd_bwd_ms": tpu_plan.gsa_roofline_ms(chip, **kw),
+                                "mem_bytes": None}
 
 
 def bench_decode(B, dtype, bandwidth, smoke=False, steps=256):
@@ -432,9 +456,11 @@ def main():
         report["decode"] = report["decode"] or previous.get("decode", [])
         report["command"] = previous["command"] + " ; then " + report["command"]
         report["notes"] = previous.get("notes", []) + report["notes"]
+    on_tpu = jax.default_backend() == "tpu"  # TPU rows: the TPU kernels and the chunk form
     for i, s in zip(indices, shapes):  # results are rewritten after every shape
         report["rows"].append(bench_shape(s, dtype, use_peer, bw,
-                                          with_chunk=i < args.chunk_shapes, tunings=tunings))
+                                          with_chunk=i < args.chunk_shapes or on_tpu,
+                                          tunings=tunings))
         report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
                             if tuple(r["shape"].values()) in ALL else -1)
         with open(base + ".json", "w") as f:

@@ -24,14 +24,19 @@ M = 64, bf16 inputs, chunk states kept, with segments (`python -m pallas_kernels
 
     | pass (state)          | forward  | backward  |
     |-----------------------|----------|-----------|
-    | 1: Hk [128, 64]       | 0.74 MiB | 1.38 MiB  |
-    | 2: Hvᵀ [128, 64]      | 0.74 MiB | 1.38 MiB  |
+    | 1: Hk [128, 64]       | 1.10 MiB | 1.57 MiB  |
+    | 2: Hvᵀ [128, 64]      | 1.07 MiB | 1.54 MiB  |
 
 against SCOPED_VMEM_BYTES = 16 MiB, the default scoped VMEM limit of v4 and v5e, the smallest
 of the current generations (physical VMEM per TensorCore: v4 16 MiB, v5e 128 MiB, v5p 64 MiB,
 v6e 128 MiB, 7x 64 MiB: jax/_src/pallas/mosaic/tpu_info.py of jax 0.10.2; the 16 MiB default
 scoped limit of v4/v5e and 32 MiB of v6e: XLA's --xla_tpu_scoped_vmem_limit_kib). The widest
-shapes the kernels accept (K, V ≤ 256, chunk 128, float32) stay below 6 MiB.
+shapes the kernels take without slicing need at most 7.2 MiB (K = V = 256, chunk 128, float32,
+backward; tests/test_pallas_tpu.py checks every one against the 16 MiB).
+
+Cost per token (`flops_per_token`, `hbm_bytes_per_token`, `gsa_cost`; the roofline in the
+README's "TPU" section): matmul FLOPs of the fast path and the bytes every block moves, both
+checked against the traced kernels; plus XLA's layout transposes around the kernels.
 """
 
 from __future__ import annotations
@@ -262,6 +267,25 @@ class Plan:
 # jax/_src/pallas/mosaic/tpu_info.py).
 TPU_CHIPS = {"v4": (275e12, 1.2e12), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9),
              "v6e": (918e12, 1640e9), "7x (Ironwood)": (2307e12, 7370e9)}
+
+
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5e": "v5e", "TPU v5 lite": "v5e", "TPU v5": "v5p",
+                 "TPU v5p": "v5p", "TPU v6e": "v6e", "TPU v6 lite": "v6e", "TPU7": "7x (Ironwood)",
+                 "TPU7x": "7x (Ironwood)"}
+
+
+def chip_of(device_kind: str):
+    """The TPU_CHIPS key of a jax device_kind ("TPU v5 lite" -> "v5e"), None if unknown."""
+    return _DEVICE_KINDS.get(device_kind)
+
+
+def gsa_roofline_ms(chip: str, *, B: int, T: int, H: int, K: int, V: int, M: int, C: int = 64,
+                    itemsize: int = 2, backward: bool = True) -> float:
+    """Roofline time of GSA on one chip: the larger of compute and HBM time (kernels' and
+    XLA's bytes around them), at the chip's published peaks."""
+    peak, bandwidth = TPU_CHIPS[chip]
+    c = gsa_cost(T=T, H=H, K=K, V=V, M=M, C=C, itemsize=itemsize, backward=backward)
+    return B * T * max(c["flops"] / peak, (c["kernel_bytes"] + c["xla_bytes"]) / bandwidth) * 1e3
 
 
 def gsa_cost(*, T: int, H: int, K: int, V: int, M: int, C: int = 64, itemsize: int = 2,
