@@ -325,8 +325,9 @@ def main():
     print("| chip | fwd: compute / kernels' HBM / + XLA's HBM (ms) | "
           "fwd+bwd: compute / kernels' HBM / + XLA's HBM (ms) |")
     for chip, (peak, bw) in TPU_CHIPS.items():
-        cells = [f"{B * T * c['flops'] / peak * 1e3:.2f} / {B * T * c['kernel_bytes'] / bw * 1e3:.2f}"
-                 f" / {B * T * (c['kernel_bytes'] + c['xla_bytes']) / bw * 1e3:.2f}"
+        ms = B * T * 1e3
+        cells = [f"{ms * c['flops'] / peak:.2f} / {ms * c['kernel_bytes'] / bw:.2f}"
+                 f" / {ms * (c['kernel_bytes'] + c['xla_bytes']) / bw:.2f}"
                  for c in costs.values()]
         print(f"| {chip} | " + " | ".join(cells) + " |")
 

@@ -310,7 +310,10 @@ def _moved_bytes(block_mapping, grid) -> int:
     """HBM bytes a block moves over the grid: fetched (or written back) at every step if its
     index follows the chunk (the last grid axis), else once per (batch, head)."""
     index = block_mapping.index_map_jaxpr
-    at = lambda n: jax.core.eval_jaxpr(index.jaxpr, index.consts, 0, 0, n)
+
+    def at(n):
+        return jax.core.eval_jaxpr(index.jaxpr, index.consts, 0, 0, n)
+
     rows, cols, itemsize = _block_dims(block_mapping)
     steps = math.prod(grid) if at(0) != at(1) else math.prod(grid[:2])
     return rows * cols * itemsize * steps
