@@ -23,6 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import two_level
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
@@ -48,6 +49,11 @@ class Tuning:
     tune_forward_h100.json) it is 25% faster at 32 chunks, 12% slower at 64 and 56% slower
     at 128 chunks than the split pair. `fused_max_chunks` is that crossover.
 
+    The sequential state passes (forward and backward) run B·H·(V/block) programs; where that
+    is fewer than `split_min_programs` (0: never), the time axis is cut into big chunks of at
+    least `split_min_chunks` chunks that walk in parallel, combined afterwards
+    (two_level.py): a long single sequence then fills the GPU.
+
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
     tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
@@ -62,6 +68,8 @@ class Tuning:
     block_v_bwd: Optional[int] = None
     fused_forward: bool = True
     fused_max_chunks: int = 32
+    split_min_programs: int = 512
+    split_min_chunks: int = 8
 
 
 def _tuning_from_env() -> Tuning:
@@ -124,8 +132,29 @@ def _sum_groups(x, groups: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_fn(cfg: KernelConfig):
     """The custom_vjp function of padded inputs for one static configuration."""
+    def split_plan(q, v, block_v):
+        t = cfg.tuning
+        programs = q.shape[0] * q.shape[2] * (v.shape[3] // min(block_v, v.shape[3]))
+        return two_level.plan(programs, q.shape[1] // cfg.chunk_size,
+                              min_programs=t.split_min_programs, min_chunks=t.split_min_chunks)
+
     def states(q, k, v, g, s0, runs):
-        return states_fwd(q, k, v, g, s0, runs, **cfg.kw(parallel=False, with_scale=False))
+        kw = cfg.kw(parallel=False, with_scale=False)
+        kernel = functools.partial(states_fwd, **kw)
+        sp = split_plan(q, v, kw["block_v"])
+        if sp is None:
+            return kernel(q, k, v, g, s0, runs)
+        return two_level.split_states(kernel, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
+                                      key_gated=cfg.key_gated)
+
+    def state_grads(q, v, g, runs, do, dsT):
+        kw = cfg.kw(parallel=False, backward=True)
+        kernel = functools.partial(dstates_bwd, **kw)
+        sp = split_plan(q, v, kw["block_v"])
+        if sp is None:
+            return kernel(q, v, g, runs, do, dsT)
+        return two_level.split_dstates(kernel, q, v, g, runs, do, dsT, sp=sp, C=cfg.chunk_size,
+                                       key_gated=cfg.key_gated)
 
     def forward(q, k, v, g, s0, runs, keep_states: bool):
         """(o, final state, entering states or None)."""
@@ -155,8 +184,7 @@ def _kernel_fn(cfg: KernelConfig):
         do, dsT = cotangents
         if chunk_states is None:
             chunk_states, _ = states(q, k, v, g, s0, runs)
-        dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT,
-                                   **cfg.kw(parallel=False, backward=True))
+        dstates, ds0 = state_grads(q, v, g, runs, do, dsT)
         dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
