@@ -50,9 +50,13 @@ class Tuning:
     at 128 chunks than the split pair. `fused_max_chunks` is that crossover.
 
     The sequential state passes (forward and backward) run B·H·(V/block) programs; where that
-    is fewer than `split_min_programs` (0: never), the time axis is cut into big chunks of at
-    least `split_min_chunks` chunks that walk in parallel, combined afterwards
-    (two_level.py): a long single sequence then fills the GPU.
+    is fewer than `split_below_programs` (0: never), the time axis is cut into big chunks of at
+    least `split_min_chunks` chunks that walk in parallel, combined afterwards (two_level.py),
+    enough of them for `split_programs` programs: a long single sequence then fills the GPU.
+    On an H200 (experiments/results/bench_kernels_h200probe.md, bf16, H = 16, K = V = 128,
+    M = 64): 1 x 16384 fwd+bwd 3.81 -> 2.15 ms, 1 x 65536 15.1 -> 7.9 ms; at 8 x 2048 (128
+    programs) splitting cost 0.21 ms of 1.87, hence no split from 128 programs up. 2048 target
+    programs instead of 512 were slower at 1 x 65536 (8.6 ms).
 
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
@@ -68,7 +72,8 @@ class Tuning:
     block_v_bwd: Optional[int] = None
     fused_forward: bool = True
     fused_max_chunks: int = 32
-    split_min_programs: int = 512
+    split_below_programs: int = 128
+    split_programs: int = 512
     split_min_chunks: int = 8
 
 
@@ -136,7 +141,8 @@ def _kernel_fn(cfg: KernelConfig):
         t = cfg.tuning
         programs = q.shape[0] * q.shape[2] * (v.shape[3] // min(block_v, v.shape[3]))
         return two_level.plan(programs, q.shape[1] // cfg.chunk_size,
-                              min_programs=t.split_min_programs, min_chunks=t.split_min_chunks)
+                              below=t.split_below_programs, target=t.split_programs,
+                              min_chunks=t.split_min_chunks)
 
     def states(q, k, v, g, s0, runs):
         kw = cfg.kw(parallel=False, with_scale=False)

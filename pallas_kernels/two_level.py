@@ -53,14 +53,15 @@ class SplitPlan:
         return self.NB * self.L
 
 
-def plan(num_programs: int, num_chunks: int, *, min_programs: int,
+def plan(num_programs: int, num_chunks: int, *, below: int, target: int,
          min_chunks: int) -> Optional[SplitPlan]:
-    """The split that gives at least `min_programs` programs (NB a power of two) with big chunks
-    of at least `min_chunks` chunks; None where no split is needed or none is worth it."""
-    if min_programs <= 0 or num_programs >= min_programs:
+    """Split only where the walk runs fewer than `below` programs (0: never): then into the
+    fewest big chunks (NB a power of two) that give `target` programs, none shorter than
+    `min_chunks` chunks; None where no split is needed or none is worth it."""
+    if below <= 0 or num_programs >= below:
         return None
     nb = 1
-    while num_programs * nb < min_programs:
+    while num_programs * nb < target:
         nb *= 2
     while nb > 1 and -(-num_chunks // nb) < min_chunks:
         nb //= 2

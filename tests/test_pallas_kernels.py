@@ -120,7 +120,8 @@ TUNED_PATHS = {
     "split_forward": dict(fused_max_chunks=0),
     "backward_value_block": dict(block_v_bwd=16),
     # two-level state passes: 3 chunks in 2 big chunks of 2 (one padding chunk), segments
-    "two_level_states": dict(split_min_programs=10 ** 6, split_min_chunks=2),
+    "two_level_states": dict(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                             split_min_chunks=2),
 }
 
 
@@ -162,8 +163,8 @@ def test_two_level_state_passes_on_more_cases(case):
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     min_chunks = 1 if case == "K32_V16_M32_gqa" else 2
-    before = pgla.set_tuning(split_min_programs=10 ** 6, split_min_chunks=min_chunks,
-                             fused_max_chunks=0)
+    before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                             split_min_chunks=min_chunks, fused_max_chunks=0)
     try:
         out, grads = _value_and_grads.__wrapped__("pallas", C, state, segs)(args, cot, seg)
     finally:
@@ -175,13 +176,14 @@ def test_two_level_plan():
     """Enough big chunks for the wanted programs (a power of two), none shorter than the minimum
     chunk count, no big chunk of padding only, and no split where it is not needed."""
     from pallas_kernels.two_level import plan
-    assert plan(512, 64, min_programs=512, min_chunks=8) is None      # already enough programs
-    assert plan(16, 64, min_programs=0, min_chunks=8) is None         # switched off
-    sp = plan(16, 1024, min_programs=512, min_chunks=8)               # 1 x 65536, H = 16
+    kw = dict(below=128, target=512, min_chunks=8)
+    assert plan(128, 64, **kw) is None                                # already enough programs
+    assert plan(16, 64, **{**kw, "below": 0}) is None                 # switched off
+    sp = plan(16, 1024, **kw)                                         # 1 x 65536, H = 16
     assert (sp.NB, sp.L) == (32, 32)
-    sp = plan(16, 100, min_programs=512, min_chunks=8)                # capped by the chunk count
+    sp = plan(16, 100, **kw)                                          # capped by the chunk count
     assert sp.L >= 8 and sp.NB * sp.L >= 100 and (sp.NB - 1) * sp.L < 100
-    assert plan(16, 12, min_programs=512, min_chunks=8) is None       # too short to split
+    assert plan(16, 12, **kw) is None                                 # too short to split
 
 
 def test_strong_gates_take_the_exact_path():
