@@ -36,9 +36,12 @@ def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axi
     query head, [B, H, K, V]); returns (o [B, T, H, V], final state [B, H, K, V] f32)."""
     from pallas_kernels.gla import gla_chunk_pallas
 
+    out_dtype = jnp.dtype(out_dtype or q.dtype)
+    if q.shape[1] == 0:  # no chunk to launch: an empty output, the state unchanged
+        return (jnp.zeros(q.shape[:3] + v.shape[3:], out_dtype),
+                initial_state.astype(jnp.float32))
     if interpret is None:
         interpret = not on_gpu()
-    out_dtype = jnp.dtype(out_dtype or q.dtype)
     o, s = gla_chunk_pallas(q, k, v, g, initial_state, runs, key_gated=gate_axis == "key",
                             scale=scale, chunk_size=chunk_size, out_dtype=out_dtype,
                             recompute_states=recompute_states, interpret=interpret)
