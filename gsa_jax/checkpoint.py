@@ -153,7 +153,7 @@ class Checkpointer:
         when no checkpoint is intact, or when the `step` asked for is not. Raises
         CheckpointShapeError naming the differing arrays when the checkpoint holds another shape.
         """
-        self.skipped: list[tuple[int, str]] = []
+        self.skipped = []
         if step is not None:
             return self._restore_step(abstract_state, self._step(step))
         candidates = sorted(self.all_steps(), reverse=True)

@@ -202,24 +202,26 @@ def train(config: Config, *, stop_at: Optional[int] = None, devices: Optional[li
         raise FileNotFoundError(f"--init-from: no params checkpoint directory {str(init_from)!r}")
     _check_run_dirs(config)
     session = session_lib.build(config, devices=devices, read_only=True)
-    finished = lambda state: int(state.step) >= session.config.steps and stop_at is None
+
+    def finished(state) -> bool:
+        return int(state.step) >= session.config.steps and stop_at is None
+
     try:
         state, meta, loader = _open(session, init_from)
         if finished(state):
             return _finished(session, state, quiet)
         with _run_dir_lock(pathlib.Path(config.run_dir), main):
-            seen = session.checkpointer.all_steps()
             skipped = list(session.checkpointer.skipped)
+            intact = [s for s in session.checkpointer.all_steps() if s not in dict(skipped)]
             if main:
-                for step, why in skipped:
+                for step, _ in skipped:  # out of the way of this run's own save of that step
                     moved = session.checkpointer.set_aside(step)
                     log.warning("moved the unreadable checkpoint step %d to %s", step, moved)
             if jax.process_count() > 1:  # the others list the steps after the renames
                 from jax.experimental import multihost_utils
                 multihost_utils.sync_global_devices("gsa_jax.train: checkpoints set aside")
             session_lib.open_for_writing(session)
-            if session.checkpointer.all_steps() != [s for s in seen
-                                                    if s not in dict(skipped)]:
+            if session.checkpointer.all_steps() != intact:
                 # Another trainer saved between our read and our lock: start from its state.
                 state, meta, loader = _open(session, init_from)
                 if finished(state):
