@@ -70,7 +70,8 @@ def gated_linear_attention(
       k: [B, T, Hkv, K] keys; H must be a multiple of Hkv (grouped heads share k, v, g, state).
       v: [B, T, Hkv, V] values.
       g: [B, T, Hkv, K] (gate_axis="key") or [B, T, Hkv, V] (gate_axis="value"): log forget
-        gate, g ≤ 0.
+        gate, g ≤ 0 (checked on concrete arrays; under jit a positive g is not caught and
+        gives undefined results).
       scale: multiplies q·k; None means K ** -0.5.
       initial_state: [B, Hkv, K, V] or None (zeros).
       return_final_state: also return the state after the last step.
@@ -79,10 +80,11 @@ def gated_linear_attention(
         `initial_state`).
       impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
         "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
-      chunk_size: C of the chunk form.
+      chunk_size: C of the chunked forms: any positive int for the chunk form (exact for
+        every C; see `gated_slot_attention`), 16, 32, 64 or 128 for impl="pallas".
     Returns:
       (o [B, T, H, V] in q's dtype, final state [B, Hkv, K, V] in float32 (float64 for float64
-      inputs) or None).
+      inputs) or None). T = 0 gives an empty o and the initial state as the final state.
     """
     fn = "gated_linear_attention"
     common.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
@@ -97,6 +99,7 @@ def gated_linear_attention(
     if initial_state is not None:
         common.check_state(fn, "initial_state", initial_state, (B, Hkv, K, V))
     common.check_segment_ids(fn, segment_ids, B, T)
+    common.check_log_gate(fn, g)
 
     dtype = common.compute_dtype(q, k, v, g, initial_state)
     impl = resolve_impl(fn, impl, (K, V), chunk_size, dtype)
@@ -104,6 +107,9 @@ def gated_linear_attention(
         scale = K ** -0.5
     if initial_state is None:
         initial_state = jnp.zeros((B, Hkv, K, V), dtype)
+    if T == 0:  # nothing to scan (every form assumes T >= 1): the state passes unchanged
+        final_state = initial_state.astype(dtype) if return_final_state else None
+        return jnp.zeros((B, 0, q.shape[2], V), q.dtype), final_state
     runs = common.segment_runs(segment_ids)
     state = common.repeat_heads(initial_state.astype(dtype), group, axis=1)
     if impl == "pallas":

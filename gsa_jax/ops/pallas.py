@@ -88,9 +88,12 @@ def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axi
     else:
         from pallas_kernels.gla import gla_chunk_pallas as kernels
         platform = "gpu"
+    out_dtype = jnp.dtype(out_dtype or q.dtype)
+    if q.shape[1] == 0:  # no chunk to launch: an empty output, the state unchanged
+        return (jnp.zeros(q.shape[:3] + v.shape[3:], out_dtype),
+                initial_state.astype(jnp.float32))
     if interpret is None:
         interpret = jax.default_backend() != platform
-    out_dtype = jnp.dtype(out_dtype or q.dtype)
 
     def run(q, k, v, g, state, runs=None):
         return kernels(q, k, v, g, state, runs, key_gated=gate_axis == "key", scale=scale,
