@@ -12,8 +12,7 @@ import sys
 HERE = pathlib.Path(__file__).parent
 
 
-def run_with_devices(test_file: str, devices: int = 8, timeout: int = 600,
-                     markers: str = "") -> None:
+def run_with_devices(test_file: str, devices: int = 8, markers: str = "") -> None:
     """Run a test file in a subprocess with `devices` simulated CPU devices (and only the tests
     matching the -m expression `markers`, if given)."""
     env = dict(os.environ)
@@ -24,7 +23,7 @@ def run_with_devices(test_file: str, devices: int = 8, timeout: int = 600,
     select = ["-m", markers] if markers else []
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            "-rs", *select, str(HERE / test_file)], env=env, cwd=HERE.parent,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True)  # pytest-timeout bounds it
     assert proc.returncode == 0, f"{test_file} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout
 
