@@ -7,6 +7,12 @@ Orbax writes each save into a temporary directory and renames it when complete (
 saving, only after the background write finished), so a run killed at any moment, even while
 saving, leaves the previous complete checkpoints intact; `latest_step()` never sees a partial one.
 
+A complete checkpoint can still be damaged afterwards (a truncated array file, a deleted
+`state/_METADATA`, a cut `meta/metadata`): `restore()` without a step then skips it with a
+warning naming the file and the cause and restores the newest intact one
+(`CorruptCheckpointError` when none is); a checkpoint of another model shape is a
+`CheckpointShapeError`, never taken for a damaged one.
+
 A params checkpoint (`save_params` / `restore_params`: what `gsa-jax convert` writes and
 `gsa-jax train --init-from` reads) has the same layout with state = {"params": tree} at step 0
 and meta {"kind": "params", "config": {"model": ...}, ...}: weights without optimizer state.
@@ -23,6 +29,40 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read (damaged or missing files); the message names them."""
+
+
+class CheckpointShapeError(ValueError):
+    """A readable checkpoint saved from a model of another shape; `meta` is its meta dict."""
+
+    def __init__(self, message: str, meta: dict):
+        super().__init__(message)
+        self.meta = meta
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notes that a read-only manager is read-only (three lines on every eval)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def _cause(err: BaseException, limit: int = 400) -> str:
+    """The first line of the innermost error of a chain (tensorstore's is the informative one),
+    with its type, cut to `limit` characters."""
+    while err.__cause__ is not None or (err.__context__ is not None
+                                        and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +110,13 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
+        self.skipped: list[tuple[int, str]] = []   # (step, why) skipped by the last restore()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -84,24 +128,71 @@ class Checkpointer:
                           force=True)
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
+        """The meta dict of `step` (default: latest); CorruptCheckpointError names the file
+        when it cannot be read."""
         step = self._step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        item = self.step_dir(step) / "meta"
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # JSON, I/O or orbax errors alike: the file is unusable
+            name = item / "metadata" if (item / "metadata").is_file() else item
+            raise CorruptCheckpointError(f"{name}: {_cause(err)}") from err
+        if not isinstance(meta, dict):
+            raise CorruptCheckpointError(f"{item}: expected a JSON object, got "
+                                         f"{type(meta).__name__}")
+        return meta
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-        """(state, meta) of `step` (default: latest), placed as `abstract_state` says.
+        """(state, meta) of `step`, or without a step of the newest intact checkpoint, placed as
+        `abstract_state` says.
 
         abstract_state: the state pytree as jax.ShapeDtypeStruct with `sharding` set.
-        Raises ValueError naming the differing arrays when the checkpoint holds another shape.
+        Without a step, a newer checkpoint that cannot be read is skipped with a warning naming
+        its file and the cause (`self.skipped` lists the steps skipped); CorruptCheckpointError
+        when no checkpoint is intact, or when the `step` asked for is not. Raises
+        CheckpointShapeError naming the differing arrays when the checkpoint holds another shape.
         """
-        step = self._step(step)
-        self.check_shapes(abstract_state, step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        self.skipped = []
+        if step is not None:
+            return self._restore_step(abstract_state, self._step(step))
+        candidates = sorted(self.all_steps(), reverse=True)
+        if not candidates:
+            self._step(None)  # raises FileNotFoundError naming the directory
+        for candidate in candidates:
+            try:
+                return self._restore_step(abstract_state, candidate)
+            except CorruptCheckpointError as err:
+                log.warning("skipping checkpoint step %d: %s", candidate, err)
+                self.skipped.append((candidate, str(err)))
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.directory}: steps {candidates} cannot be read "
+            f"(newest: {self.skipped[0][1]})")
 
-    def check_shapes(self, abstract_state: Any, step: int) -> None:
-        saved = self.manager.item_metadata(step)["state"]
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
+        meta = self.restore_meta(step)
+        self.check_shapes(abstract_state, step, meta)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as err:  # tensorstore/orbax read errors: a damaged array file
+            raise CorruptCheckpointError(f"{self.step_dir(step) / 'state'}: "
+                                         f"{_cause(err)}") from err
+        return restored["state"], meta
+
+    def check_shapes(self, abstract_state: Any, step: int, meta: Optional[dict] = None) -> None:
+        """CheckpointShapeError when `step` holds arrays of other shapes than `abstract_state`;
+        CorruptCheckpointError when its array metadata cannot be read."""
+        state_dir = self.step_dir(step) / "state"
+        if not (state_dir / "_METADATA").is_file():
+            raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: missing (the list of "
+                                         f"the checkpoint's arrays)")
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as err:
+            raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: {_cause(err)}") from err
+        if saved is None:  # orbax returns None where it cannot parse the metadata
+            raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: cannot be read")
         saved_shapes = {_path(p): tuple(getattr(x, "shape", ()))
                         for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
         want = {_path(p): tuple(x.shape)
@@ -119,10 +210,24 @@ class Checkpointer:
         if problems:
             shown = "\n  ".join(problems[:8])
             more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise ValueError(f"checkpoint {self.directory} step {step} was saved from a model "
-                             f"of another shape ({len(problems)} arrays differ):\n  {shown}{more}"
-                             f"\nUse the config it was trained with (see its meta/config), or "
-                             f"another run directory.")
+            raise CheckpointShapeError(
+                f"checkpoint {self.directory} step {step} was saved from a model of another "
+                f"shape ({len(problems)} arrays differ):\n  {shown}{more}\nUse the config it "
+                f"was trained with (see its meta/config), or another run directory.",
+                meta if meta is not None else {})
+
+    def set_aside(self, step: int) -> pathlib.Path:
+        """Renames an unreadable step directory to `<step>.corrupt` (orbax ignores the name), so
+        the run can save that step again; returns the new path. Nothing is deleted."""
+        src = self.step_dir(step)
+        dst = src.with_name(f"{step}.corrupt")
+        n = 0
+        while dst.exists():
+            n += 1
+            dst = src.with_name(f"{step}.corrupt{n}")
+        src.rename(dst)
+        self.manager.reload()
+        return dst
 
     def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step

@@ -9,8 +9,9 @@
     gsa-jax convert --hf mistral-7b/ --mixer gsa --output ckpt/mistral-gsa
                     [--set model.num_slots=64 ...]   (or --run-dir runs/transformer)
 
-Bad config values, missing files and impossible meshes end with one line `gsa-jax: error: ...`
-and exit status 2 (--traceback shows the Python traceback instead).
+Bad config values, malformed YAML, missing or unreadable files and checkpoints, impossible
+meshes, a run directory held by another trainer and a diverged run end with one line
+`gsa-jax: error: ...` and exit status 2 (--traceback shows the Python traceback instead).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
-from gsa_jax.config import Config, load_config
+from gsa_jax.config import Config, SampleConfig, load_config
+from gsa_jax.errors import RunError
 
 
 def _config_args(p: argparse.ArgumentParser, run_dir_source: bool) -> None:
@@ -48,6 +50,19 @@ def _load(args, from_run_dir: bool) -> Config:
     return load_config(path, overrides)
 
 
+def _batches(text: str) -> Optional[int]:
+    """'all' -> None (every batch), else a positive int."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsa-jax", description=__doc__.split("\n\n")[0])
     parser.add_argument("--traceback", action="store_true", help="show tracebacks on errors")
@@ -64,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint")
     _config_args(p, run_dir_source=True)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--batches", default="all",
+    p.add_argument("--batches", default="all", type=_batches,
                    help="validation batches to score, or 'all' (default)")
 
     p = sub.add_parser("generate", help="sample from a checkpoint")
@@ -159,23 +174,29 @@ def _run(args) -> int:
         from gsa_jax.train import train
         train(_load(args, from_run_dir=False), quiet=args.quiet, init_from=args.init_from)
         return 0
+    if args.command == "generate":  # the sampling settings are checked before any loading
+        from gsa_jax.generation import check_sampling
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       where="generate: ")
+        sample = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
     config = _load(args, from_run_dir=True)
     if args.command == "eval":
         from gsa_jax.evaluate import evaluate_checkpoint
-        batches = None if args.batches == "all" else int(args.batches)
-        result = evaluate_checkpoint(config, args.step, batches)
+        result = evaluate_checkpoint(config, args.step, args.batches,
+                                     progress=sharding.is_main_process())
         if sharding.is_main_process():
             print(json.dumps(result))
         return 0
     # generate
     from gsa_jax import session as session_lib
-    from gsa_jax.config import SampleConfig
     from gsa_jax.train import sample_text
     session = session_lib.build(config, read_only=True)
-    params, meta = session_lib.restore_params(session, args.step)
-    sample = SampleConfig(prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed)
+    try:
+        params, meta = session_lib.restore_params(session, args.step)
+    finally:
+        session.checkpointer.close()
     text = sample_text(session, params, sample)
     if sharding.is_main_process():
         print(text)
@@ -189,7 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError, RunError) as err:
+        # OSError: a path that is a file, a permission, a full disk; its message names the file.
         print(f"gsa-jax: error: {err}", file=sys.stderr)
         return 2
 

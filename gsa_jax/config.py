@@ -24,6 +24,7 @@ import yaml
 
 from gsa_jax.checkpoint import CheckpointConfig
 from gsa_jax.data.datasets import DataConfig
+from gsa_jax.generation import check_sampling
 from gsa_jax.models.config import ModelConfig, get_preset
 from gsa_jax.optim import OptimConfig
 from gsa_jax.sharding import MeshConfig
@@ -68,6 +69,12 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 0.95
     seed: int = 0
+
+    def __post_init__(self):
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                       min_new_tokens=0, where="sample: ")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"sample: seed must be an int, got {self.seed!r}")
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig,
@@ -198,7 +205,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = key.strip().split(".")
     if not all(keys):
         raise ValueError(f"--set: bad key {key!r}")
-    return keys, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return keys, None
+    try:
+        return keys, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {item}: the value is not valid YAML ({_yaml_problem(err)})"
+                         ) from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here' from a YAML error."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
@@ -222,7 +244,14 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}"
+                         ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start})") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r}: expected a mapping at the top level")
     return values

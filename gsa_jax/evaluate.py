@@ -16,13 +16,24 @@ from gsa_jax import steps
 from gsa_jax.data import sequential_batches
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh) -> dict:
-    """Mean loss over the masked tokens of `batches` (host NumPy batches, see data.loader)."""
-    sums = []
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh,
+             progress: Optional[Any] = None) -> dict:
+    """Mean loss over the masked tokens of `batches` (host NumPy batches, see data.loader).
+
+    progress: a tqdm-like bar, advanced by one per batch scored."""
+    total = count = 0.0          # Python floats: float64 accumulation
+    pending = None
     for batch in batches:
-        sums.append(eval_step(params, steps.device_batch(batch, mesh)))  # async dispatch
-    total = sum(float(ce) for ce, _ in sums)     # Python floats: float64 accumulation
-    count = sum(float(n) for _, n in sums)
+        result = eval_step(params, steps.device_batch(batch, mesh))   # async dispatch
+        if pending is not None:  # fetch the previous batch while this one runs
+            total, count = total + float(pending[0]), count + float(pending[1])
+            if progress is not None:
+                progress.update(1)
+        pending = result
+    if pending is not None:
+        total, count = total + float(pending[0]), count + float(pending[1])
+        if progress is not None:
+            progress.update(1)
     if count == 0:
         raise ValueError("evaluate: no validation tokens (is the validation set shorter than "
                          "one sequence?)")
@@ -44,13 +55,26 @@ def validation_batches(session, max_batches: Optional[int] = -1) -> Iterable[dic
 
 
 def evaluate_checkpoint(config, step: Optional[int] = None,
-                        max_batches: Optional[int] = None) -> dict:
-    """Standalone evaluation of a run's checkpoint (default: latest) on its validation data.
+                        max_batches: Optional[int] = None, progress: bool = False) -> dict:
+    """Standalone evaluation of a run's checkpoint (default: the newest intact one) on its
+    validation data.
 
-    max_batches None: the whole validation set. Returns the metrics plus "step"."""
+    max_batches None: the whole validation set. progress: a progress bar on stderr.
+    Returns the metrics plus "step"."""
     from gsa_jax import session as session_lib  # session imports the steps; keep this light
     session = session_lib.build(config, read_only=True)
-    params, meta = session_lib.restore_params(session, step)
-    metrics = evaluate(session.eval_step, params, validation_batches(session, max_batches),
-                       session.mesh)
+    try:
+        params, meta = session_lib.restore_params(session, step)
+    finally:
+        session.checkpointer.close()
+    batches = validation_batches(session, max_batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(batches), unit="batch", desc="eval", dynamic_ncols=True)
+    try:
+        metrics = evaluate(session.eval_step, params, batches, session.mesh, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     return {"step": int(meta["step"]), **metrics}

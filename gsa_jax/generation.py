@@ -38,14 +38,22 @@ class SamplingConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   min_new_tokens: int = 1, where: str = "") -> None:
+    """ValueError (prefixed by `where`) for sampling settings that cannot work."""
+    if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+            or max_new_tokens < min_new_tokens):
+        raise ValueError(f"{where}max_new_tokens must be an int >= {min_new_tokens}, got "
+                         f"{max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"{where}temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"{where}top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{where}top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 class GenerationOutput(NamedTuple):

@@ -49,10 +49,24 @@ def checkpoint_dir(config: Config) -> pathlib.Path:
 
 def check_compatible(config: Config, data: Datasets, num_batch_shards: int) -> None:
     """Clear errors for settings that cannot work together."""
+    V = config.model.vocab_size
+    for path, max_id in data.max_ids.items():
+        if max_id >= V:
+            understated = (f" (its sidecar's vocab_size {data.vocab_size} understates the "
+                           f"vocabulary)" if data.vocab_size is not None
+                           and data.vocab_size <= max_id else "")
+            raise ValueError(f"token file {str(path)!r} holds ids up to {max_id}, but "
+                             f"model.vocab_size = {V} (ids >= {V} have no embedding){understated}"
+                             f"; set model.vocab_size >= {max_id + 1}")
     if data.vocab_size is not None and data.vocab_size > config.model.vocab_size:
         raise ValueError(f"model.vocab_size = {config.model.vocab_size} is smaller than the "
                          f"data's vocabulary ({data.vocab_size} ids, tokenizer "
                          f"{data.tokenizer!r}); set model.vocab_size >= {data.vocab_size}")
+    T = config.data.seq_len
+    if data.val is not None and len(data.val) < T + 1:
+        where = f"{config.data.val_path!r}" if config.data.val_path else "of the stdlib source"
+        raise ValueError(f"the validation data {where} has {len(data.val)} tokens, fewer than "
+                         f"one sequence of data.seq_len + 1 = {T + 1}")
     B, A = config.data.batch_size, config.optim.grad_accum
     if B % A:
         raise ValueError(f"data.batch_size {B} is not divisible by optim.grad_accum {A}")
@@ -67,7 +81,10 @@ def check_compatible(config: Config, data: Datasets, num_batch_shards: int) -> N
 
 
 def build(config: Config, *, read_only: bool = False, devices: Optional[list] = None) -> Session:
-    """Builds the session (compiles nothing yet; the steps compile on first call)."""
+    """Builds the session (compiles nothing yet; the steps compile on first call).
+
+    read_only: the checkpointer only reads (nothing is created or cleaned up; a missing
+    checkpoint directory reads as one without checkpoints)."""
     mesh = shd.make_mesh(config.mesh, devices)
     data = load_datasets(config.data)
     check_compatible(config, data, shd.data_parallel_size(mesh))
@@ -78,12 +95,17 @@ def build(config: Config, *, read_only: bool = False, devices: Optional[list] = 
                                        grad_accum=config.optim.grad_accum,
                                        z_loss=config.optim.z_loss)
     eval_step = steps.make_eval_step(model, layout, mesh)
-    ckpt_dir = checkpoint_dir(config)
-    if read_only and not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory {str(ckpt_dir)!r}")
-    checkpointer = Checkpointer(ckpt_dir, config.checkpoint, read_only=read_only)
+    checkpointer = Checkpointer(checkpoint_dir(config), config.checkpoint, read_only=read_only)
     return Session(config, mesh, data, model, tx, schedule, layout, train_step, eval_step,
                    checkpointer)
+
+
+def open_for_writing(session: Session) -> None:
+    """Replaces a read-only session's checkpointer by a writing one (which creates the
+    directory and removes the temporary directories of saves cut short): for a trainer that
+    holds the run directory's lock."""
+    session.checkpointer.close()
+    session.checkpointer = Checkpointer(session.checkpoint_dir, session.config.checkpoint)
 
 
 def restore_or_init(session: Session, step: Optional[int] = None, resume: bool = True,
@@ -124,18 +146,9 @@ def init_from_params(session: Session, directory: str) -> steps.TrainState:
     layout = session.layout
     try:
         params, _ = checkpoint_lib.restore_params(directory, layout.abstract.params)
-    except ValueError as err:
-        try:
-            reader = Checkpointer(directory, read_only=True)
-            saved = reader.restore_meta().get("config", {}).get("model", {})
-            reader.close()
-        except Exception:  # the message without the hint is still clear
-            raise err from None
-        diff = _model_diff(saved, session.config.model.to_dict()) if saved else []
-        if diff:
-            raise ValueError(f"{err}\nModel config fields that differ (set them in the "
-                             f"training config's model section): " + "; ".join(diff)) from None
-        raise
+    except checkpoint_lib.CheckpointShapeError as err:
+        raise with_model_diff(err, session.config.model.to_dict(), " (set them in the training "
+                              "config's model section)") from None
     # The same RNG split as steps.init_state, so a run's RNG depends on its seed only.
     _, k_state = jax.random.split(jax.random.key(session.config.seed))
     with shd.sharding_context(session.mesh):
@@ -161,15 +174,19 @@ def _restore(session: Session, step: Optional[int]):
     """Checkpointer.restore, with the model config fields that differ added to a shape error."""
     try:
         return session.checkpointer.restore(session.layout.abstract, step)
-    except ValueError as err:
-        try:
-            saved = session.checkpointer.restore_meta(step).get("config", {}).get("model", {})
-        except Exception:  # the message without the hint is still clear
-            raise err from None
-        diff = _model_diff(saved, session.config.model.to_dict())
-        if diff:
-            raise ValueError(f"{err}\nModel config fields that differ: " + "; ".join(diff)) from None
-        raise
+    except checkpoint_lib.CheckpointShapeError as err:
+        raise with_model_diff(err, session.config.model.to_dict(), "") from None
+
+
+def with_model_diff(err: checkpoint_lib.CheckpointShapeError, mine: dict,
+                    where: str) -> ValueError:
+    """The shape error with the model config fields that differ from the checkpoint's config
+    appended (`where` says where to set them); the error itself when the meta has no config."""
+    saved = err.meta.get("config", {}).get("model", {})
+    diff = _model_diff(saved, mine) if saved else []
+    if not diff:
+        return err
+    return ValueError(f"{err}\nModel config fields that differ{where}: " + "; ".join(diff))
 
 
 def replicated_params(params: Any, mesh: Mesh) -> Any:

@@ -1,1 +1,1 @@
-"""GPU kernels (Pallas) for gsa-jax."""
+"""Pallas kernels for gsa-jax: GPU (Triton: gla*.py) and TPU (Mosaic: tpu_*.py)."""

@@ -44,7 +44,7 @@ class Gates:
     """Decay factors of one chunk."""
 
     b: jax.Array  # [C, D] cumulative log gate inside the chunk
-    b_last: jax.Array  # [D]
+    b_last: jax.Array  # [D] (the TPU kernels: [1, D], likewise rho and decay_last)
     rho: jax.Array  # [D] the midpoint b_C / 2
     decay_last: jax.Array  # [D] e^{b_C} · survive
     to_end: jax.Array  # [C, D] e^{b_C − b} · into
@@ -71,7 +71,7 @@ def _scores(q, k, gt: Gates, masks, key_gated, scale, dot):
     return scale * jnp.where(masks.intra, raw, 0.0), q_hat, k_hat
 
 
-def _is_extreme(gt: Gates):
+def is_extreme(gt: Gates):
     """Whether some gated channel of this tile decays beyond the fast path's bound."""
     return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
 
@@ -83,7 +83,7 @@ def _pair_decay(gt: Gates, masks, i):
     return jnp.exp(jnp.where(reach, gt.b - b_i[None, :], -jnp.inf))
 
 
-def _intra_output_fast(q, k, v, gt, masks, *, key_gated, scale, dot):
+def intra_output_fast(q, k, v, gt, masks, *, key_gated, scale, dot):
     A, _, _ = _scores(q, k, gt, masks, key_gated, scale, dot)
     if key_gated:
         return dot.nn(A, v)
@@ -109,9 +109,9 @@ def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
 def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot):
     """The within-chunk part of o [C, BV] (fast or exact path, chosen per tile)."""
     kw = dict(key_gated=key_gated, scale=scale)
-    return lax.cond(_is_extreme(gt),
+    return lax.cond(is_extreme(gt),
                     lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
-                    lambda q, k, v: _intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
+                    lambda q, k, v: intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
                     q, k, v)
 
 
@@ -141,7 +141,7 @@ def dstate_update(q, do, dS, gt: Gates, masks, *, key_gated, scale, dot):
     return dS * gt.decay_last[None, :] + scale * dot.tn(q, dX)
 
 
-def _intra_grads_fast(q, k, v, do, gt, masks, *, key_gated, scale, dot):
+def intra_grads_fast(q, k, v, do, gt, masks, *, key_gated, scale, dot):
     A, q_hat, k_hat = _scores(q, k, gt, masks, key_gated, scale, dot)
     if key_gated:
         dA = scale * jnp.where(masks.intra, dot.nt(do, v), 0.0)
@@ -207,9 +207,9 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot):
     from_ = masks.from_state[:, None]
     kw = dict(key_gated=key_gated, scale=scale)
     dq, dk, dv, db = lax.cond(
-        _is_extreme(gt),
+        is_extreme(gt),
         lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
-        lambda q, k, v, do: _intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
+        lambda q, k, v, do: intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
         q, k, v, do)
     if key_gated:  # the state terms: q̄ = q e^{b}·from reads S, k̄ = k e^{b_C−b}·into writes it
         e_b = jnp.exp(gt.b) * from_

@@ -22,17 +22,20 @@ class Dot:
 
     Operands are cast to the inputs' dtype: bf16/f16 inputs run on the tensor cores; float32
     inputs use three-pass TF32 on the GPU (close to float32 accuracy) and exact float32 when
-    interpreted on the CPU.
+    interpreted on the CPU. `f32_precision` overrides the float32 choice: the TPU kernels pass
+    HIGHEST (Mosaic takes DEFAULT or HIGHEST only, and DEFAULT would round to bf16).
     """
 
     dtype: Any
     interpret: bool = False
+    f32_precision: Any = None
 
     def _dot(self, a, b, contract):
         dtype = jnp.dtype(self.dtype)
         if dtype == jnp.float32:
-            precision = (lax.Precision.HIGHEST if self.interpret
-                         else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+            precision = self.f32_precision or (
+                lax.Precision.HIGHEST if self.interpret
+                else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
         else:
             precision = None
         return lax.dot_general(a.astype(dtype), b.astype(dtype), (contract, ((), ())),
@@ -46,6 +49,49 @@ class Dot:
 
     def tn(self, a, b):  # aᵀ @ b
         return self._dot(a, b, ((0,), (0,)))
+
+
+def keep_or_recompute_vjp(forward, states, backward, *, recompute_states: bool):
+    """fn(*args) -> (o, final state), differentiable by custom_vjp, for both kernel families.
+
+    forward(*args, keep_states) -> (o, final state, chunk states or None);
+    states(*args) -> the chunk states (the backward's recomputation);
+    backward(args, chunk states, (do, dsT)) -> the cotangents of args.
+    Between the passes the chunk states are kept, or (recompute_states) only the inputs.
+    """
+    @jax.custom_vjp
+    def fn(*args):
+        o, sT, _ = forward(*args, keep_states=False)
+        return o, sT
+
+    def fn_fwd(*args):
+        keep = not recompute_states
+        o, sT, chunk_states = forward(*args, keep_states=keep)
+        return (o, sT), (args, chunk_states if keep else None)
+
+    def fn_bwd(res, cotangents):
+        args, chunk_states = res
+        if chunk_states is None:
+            chunk_states = states(*args)
+        return backward(args, chunk_states, cotangents)
+
+    fn.defvjp(fn_fwd, fn_bwd)
+    return fn
+
+
+def pad_to_chunks(q, k, v, g, runs, C: int):
+    """Pad the time axis (1) of [B, T, heads, D] inputs to a multiple of C. Zero k, v and g
+    past the end leave the state untouched; runs [B, T] (or None) repeat their last run."""
+    T = q.shape[1]
+    Tp = -(-T // C) * C
+    if Tp != T:
+        pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+        q, k, v, g = (jnp.pad(x, pad) for x in (q, k, v, g))
+        if runs is not None:
+            runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge")
+    if runs is not None:
+        runs = runs.astype(jnp.int32)
+    return q, k, v, g, runs
 
 
 def causal_mask(C: int):

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common, two_level
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
@@ -48,6 +49,15 @@ class Tuning:
     tune_forward_h100.json) it is 25% faster at 32 chunks, 12% slower at 64 and 56% slower
     at 128 chunks than the split pair. `fused_max_chunks` is that crossover.
 
+    The sequential state passes (forward and backward) run B·H·(V/block) programs; where that
+    is fewer than `split_below_programs` (0: never), the time axis is cut into big chunks of at
+    least `split_min_chunks` chunks that walk in parallel, combined afterwards (two_level.py),
+    enough of them for `split_programs` programs: a long single sequence then fills the GPU.
+    On an H200 (experiments/results/bench_kernels_h200probe.md, bf16, H = 16, K = V = 128,
+    M = 64): 1 x 16384 fwd+bwd 3.81 -> 2.15 ms, 1 x 65536 15.1 -> 7.9 ms; at 8 x 2048 (128
+    programs) splitting cost 0.21 ms of 1.87, hence no split from 128 programs up. 2048 target
+    programs instead of 512 were slower at 1 x 65536 (8.6 ms).
+
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
     tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
@@ -62,6 +72,9 @@ class Tuning:
     block_v_bwd: Optional[int] = None
     fused_forward: bool = True
     fused_max_chunks: int = 32
+    split_below_programs: int = 128
+    split_programs: int = 512
+    split_min_chunks: int = 8
 
 
 def _tuning_from_env() -> Tuning:
@@ -113,7 +126,7 @@ class KernelConfig:
         return kw
 
 
-def _sum_groups(x, groups: int):
+def sum_groups(x, groups: int):
     """[B, T, H, D] per query head -> [B, T, H / groups, D], summing each group."""
     if groups == 1:
         return x
@@ -124,8 +137,30 @@ def _sum_groups(x, groups: int):
 @functools.lru_cache(maxsize=None)
 def _kernel_fn(cfg: KernelConfig):
     """The custom_vjp function of padded inputs for one static configuration."""
+    def split_plan(q, v, block_v):
+        t = cfg.tuning
+        programs = q.shape[0] * q.shape[2] * (v.shape[3] // min(block_v, v.shape[3]))
+        return two_level.plan(programs, q.shape[1] // cfg.chunk_size,
+                              below=t.split_below_programs, target=t.split_programs,
+                              min_chunks=t.split_min_chunks)
+
     def states(q, k, v, g, s0, runs):
-        return states_fwd(q, k, v, g, s0, runs, **cfg.kw(parallel=False, with_scale=False))
+        kw = cfg.kw(parallel=False, with_scale=False)
+        kernel = functools.partial(states_fwd, **kw)
+        sp = split_plan(q, v, kw["block_v"])
+        if sp is None:
+            return kernel(q, k, v, g, s0, runs)
+        return two_level.split_states(kernel, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
+                                      key_gated=cfg.key_gated)
+
+    def state_grads(q, v, g, runs, do, dsT):
+        kw = cfg.kw(parallel=False, backward=True)
+        kernel = functools.partial(dstates_bwd, **kw)
+        sp = split_plan(q, v, kw["block_v"])
+        if sp is None:
+            return kernel(q, v, g, runs, do, dsT)
+        return two_level.split_dstates(kernel, q, v, g, runs, do, dsT, sp=sp, C=cfg.chunk_size,
+                                       key_gated=cfg.key_gated)
 
     def forward(q, k, v, g, s0, runs, keep_states: bool):
         """(o, final state, entering states or None)."""
@@ -140,35 +175,22 @@ def _kernel_fn(cfg: KernelConfig):
                        **cfg.kw(parallel=True))
         return o, sT, chunk_states
 
-    @jax.custom_vjp
-    def fn(q, k, v, g, s0, runs):
-        o, sT, _ = forward(q, k, v, g, s0, runs, keep_states=False)
-        return o, sT
-
-    def fn_fwd(q, k, v, g, s0, runs):
-        keep = not cfg.recompute_states
-        o, sT, chunk_states = forward(q, k, v, g, s0, runs, keep_states=keep)
-        return (o, sT), (q, k, v, g, s0, runs, chunk_states if keep else None)
-
-    def fn_bwd(res, cotangents):
-        q, k, v, g, s0, runs, chunk_states = res
+    def backward(args, chunk_states, cotangents):
+        q, k, v, g, s0, runs = args
         do, dsT = cotangents
-        if chunk_states is None:
-            chunk_states, _ = states(q, k, v, g, s0, runs)
-        dstates, ds0 = dstates_bwd(q, v, g, runs, do, dsT,
-                                   **cfg.kw(parallel=False, backward=True))
+        dstates, ds0 = state_grads(q, v, g, runs, do, dsT)
         dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
-        dk = _sum_groups(dk.sum(0, dtype=dk.dtype), groups)
-        dv = _sum_groups(dv, groups)
-        dg = _sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
+        dk = sum_groups(dk.sum(0, dtype=dk.dtype), groups)
+        dv = sum_groups(dv, groups)
+        dg = sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
-    fn.defvjp(fn_fwd, fn_bwd)
-    return fn
+    return common.keep_or_recompute_vjp(forward, lambda *args: states(*args)[0], backward,
+                                        recompute_states=cfg.recompute_states)
 
 
 def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, key_gated: bool,
@@ -205,16 +227,9 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
             outs.append(o_part)
             states.append(s_part)
         return sum(outs).astype(out_dtype or q.dtype), jnp.concatenate(states, axis=2)
-    B, T = q.shape[:2]
+    T = q.shape[1]
     C = chunk_size
-    Tp = -(-T // C) * C
-    if Tp != T:  # zero k, v and g past the end leave the state untouched
-        pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-        q, k, v, g = (jnp.pad(x, pad) for x in (q, k, v, g))
-        if runs is not None:
-            runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge")
-    if runs is not None:
-        runs = runs.astype(jnp.int32)
+    q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C)
     tuning = _TUNING
     if block_v is not None:
         tuning = dataclasses.replace(tuning, block_v=block_v)

@@ -1,7 +1,12 @@
-"""Shared pytest set-up: the tests folder on sys.path and an opt-in float64 fixture.
+"""Shared pytest set-up: the tests folder on sys.path, an opt-in float64 fixture, and the
+reference tier's guard.
 
 float64 is switched on per test (fixture `x64`), never globally, so that test files which want
 the default float32 behaviour are not affected by the ones that compare forms in float64.
+
+Tests marked `reference` compare against heavy libraries (torch, transformers, lm-eval, fla) and
+skip without them. With GSA_REQUIRE_REFERENCE=1 (CI's second step, which installs them) such a
+skip is a failure instead: the reference tier cannot pass by skipping.
 """
 
 from __future__ import annotations
@@ -15,6 +20,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ops_util  # noqa: E402
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if (report.skipped and os.environ.get("GSA_REQUIRE_REFERENCE") == "1"
+            and item.get_closest_marker("reference") is not None):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: a reference test skipped with "
+                           f"GSA_REQUIRE_REFERENCE=1: {report.longrepr}")
+    return report
 
 
 @pytest.fixture

@@ -140,6 +140,7 @@ def test_compile_only_fills_the_cache_that_a_timed_run_reads(tmp_path):
     assert steps() == compiled, "a train step was compiled again, not read from the cache"
 
 
+@pytest.mark.reference
 def test_torch_fallback_peer_is_our_model():
     """The peer's fallback model (torch blocks around fla's chunk_gsa, used on the GPU when
     `fla.models` does not import) computes our model's loss from the same weights. fla's

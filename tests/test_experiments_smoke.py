@@ -25,7 +25,7 @@ HAVE_PLOT = importlib.util.find_spec("matplotlib") is not None
 def _run(script: str, *args: str) -> str:
     cmd = [sys.executable, os.path.join(ROOT, "experiments", script), *args]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

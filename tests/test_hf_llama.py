@@ -86,6 +86,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.reference
 def test_logits_match_transformers(case, torch, transformers, tmp_path):
     kw = dict(CASES[case])
     config = hf_config(transformers, kw.pop("arch"), **kw)
@@ -108,6 +109,7 @@ def test_logits_match_transformers(case, torch, transformers, tmp_path):
     np.testing.assert_allclose(our_logits(ours, params, tokens), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.reference
 def test_sharded_checkpoint_loads(torch, transformers, tmp_path):
     model = random_model(torch, transformers, hf_config(transformers))
     model.save_pretrained(tmp_path / "single")
@@ -129,6 +131,7 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
+@pytest.mark.reference
 def test_bfloat16_checkpoint(torch, transformers, tmp_path):
     """A bf16 file is upcast exactly: our f32 model equals HF's f32 model of the same weights."""
     model = random_model(torch, transformers, hf_config(transformers))
@@ -147,6 +150,7 @@ def test_bfloat16_checkpoint(torch, transformers, tmp_path):
                                hf_logits(torch, model, tokens), atol=ATOL, rtol=0)
 
 
+@pytest.mark.reference
 def test_mistral_sliding_window(torch, transformers, tmp_path):
     """Refused by default; allowed, it is exact up to the window (and HF's window is real)."""
     config = hf_config(transformers, "mistral", sliding_window=4)
@@ -178,6 +182,7 @@ def _train_tokenizer(path):
     return tok
 
 
+@pytest.mark.reference
 def test_tokenizer_loads(tmp_path, transformers):
     tok = _train_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1}))

@@ -142,6 +142,7 @@ def test_rolling_windows_worked_example():
     assert rolling_windows([], B, 4) == []
 
 
+@pytest.mark.reference
 def test_rolling_windows_match_lm_eval():
     utils = pytest.importorskip("lm_eval.utils")
     rng = np.random.default_rng(1)
@@ -247,6 +248,7 @@ metric_list:
 """
 
 
+@pytest.mark.reference
 def test_lm_eval_runs_a_local_task(tmp_path, monkeypatch):
     """lm_eval (if installed) finds "gsa-jax" in its registry and runs a local multiple-choice
     task through it; its accuracy equals the one from hand-computed log-likelihoods."""

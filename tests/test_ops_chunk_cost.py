@@ -30,7 +30,7 @@ from gsa_jax.ops import gated_linear_attention, gated_slot_attention
 
 # The shapes of experiments/bench_kernels.py: (B, T, H, K = V, M).
 BENCH_SHAPES = [(8, 2048, 16, 128, 64), (2, 8192, 16, 128, 64), (8, 2048, 4, 256, 64),
-                (8, 2048, 16, 128, 128)]
+                (8, 2048, 16, 128, 128), (1, 65536, 16, 128, 64)]
 
 MIN_MATMUL_SIDE = 8
 MIN_MATMUL_SHARE = 0.80

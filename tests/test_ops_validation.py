@@ -96,6 +96,8 @@ def test_gsa_state_errors(name, state, fragments):
     ("segments_float", dict(segment_ids=jnp.zeros((B, T), jnp.float32)),
      ["segment_ids", "integer", "float32"]),
     ("segments_list", dict(segment_ids=[[0] * T] * B), ["segment_ids", str((B, T)), "list"]),
+    ("pallas_chunk", dict(impl="pallas", chunk_size=5), ["impl='pallas'", "chunk_size 5",
+                                                          "(16, 32, 64, 128)", "impl='chunk'"]),
 ], ids=lambda c: c if isinstance(c, str) else None)
 def test_gsa_option_errors(name, kwargs, fragments):
     _raises(gated_slot_attention, {**_gsa_args(), **kwargs}, *fragments)
@@ -169,3 +171,55 @@ def test_step_shapes_in_messages_are_the_callers():
     with pytest.raises(ValueError) as info:
         gated_slot_attention_step(**{**_step_args(), "k": _arr(B + 1, HKV, K)})
     assert str((B, 1, H, K)) not in str(info.value)
+
+
+# ---- the log gate: g > 0 is refused where it is concrete (eager calls)
+def _with_one_positive(g, rng):
+    """g with one random entry set to a fresh positive value; returns (g, that value)."""
+    g = np.array(g)
+    index = tuple(rng.integers(0, n) for n in g.shape)
+    g[index] = rng.uniform(0.01, 2.0)
+    return jnp.asarray(g), float(np.asarray(g, np.float32)[index])
+
+
+@pytest.mark.parametrize("op", ["gsa", "gla_key", "gla_value", "step"])
+def test_positive_log_gate_is_refused_eagerly(op):
+    rng = np.random.default_rng()
+    fn, args = {"gsa": (gated_slot_attention, _gsa_args()),
+                "gla_key": (gated_linear_attention, _gla_args("key")),
+                "gla_value": (gated_linear_attention, _gla_args("value")),
+                "step": (gated_slot_attention_step, _step_args())}[op]
+    args["g"], bad = _with_one_positive(args["g"], rng)
+    _raises(fn, args, fn.__name__, "g is a log forget gate", "<= 0", f"{bad:g}")
+    args["g"] = jnp.minimum(args["g"], 0.0)   # g = 0 (no decay) is a valid gate
+    fn(**args)
+
+
+# ---- T = 0: an empty output and the initial state, unchanged, in every form
+@pytest.mark.parametrize("impl", ["recurrent", "parallel", "chunk", "pallas", "auto"])
+def test_empty_sequence_returns_the_initial_state(impl):
+    rng = np.random.default_rng()
+    Kp = Vp = Mp = 16                 # dims the kernels take, so impl="pallas" is valid
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    q, k, v, s = normal(B, 0, H, Kp), normal(B, 0, HKV, Kp), normal(B, 0, HKV, Vp), \
+        normal(B, 0, HKV, Mp)
+    g = -jnp.abs(normal(B, 0, HKV, Mp))
+    hk0, hv0 = normal(B, HKV, Kp, Mp), normal(B, HKV, Mp, Vp)
+    o, (hk, hv) = gated_slot_attention(q, k, v, s, g, initial_state=(hk0, hv0),
+                                       return_final_state=True, impl=impl, chunk_size=16)
+    assert o.shape == (B, 0, H, Vp) and o.dtype == q.dtype
+    assert hk.dtype == hv.dtype == jnp.float32
+    np.testing.assert_array_equal(hk, np.asarray(hk0, np.float32))
+    np.testing.assert_array_equal(hv, np.asarray(hv0, np.float32))
+    for gate_axis, gated in (("key", k), ("value", v)):
+        S0 = normal(B, HKV, Kp, Vp)
+        o, S = gated_linear_attention(q, k, v, -jnp.abs(gated),
+                                      gate_axis=gate_axis, initial_state=S0,
+                                      return_final_state=True, impl=impl, chunk_size=16)
+        assert o.shape == (B, 0, H, Vp) and o.dtype == q.dtype
+        np.testing.assert_array_equal(S, np.asarray(S0, np.float32))
+    # Without an initial state the final state is the zero state of the right shape.
+    _, (hk, hv) = gated_slot_attention(q, k, v, s, g, return_final_state=True, impl=impl,
+                                       chunk_size=16)
+    assert hk.shape == (B, HKV, Kp, Mp) and hv.shape == (B, HKV, Mp, Vp)
+    assert not np.any(hk) and not np.any(hv)

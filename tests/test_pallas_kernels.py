@@ -116,22 +116,29 @@ def test_kernels_match_recurrent_float64(case):
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
-@pytest.mark.parametrize("path", ["split_forward", "recompute_states", "backward_value_block"])
+TUNED_PATHS = {
+    "split_forward": dict(fused_max_chunks=0),
+    "backward_value_block": dict(block_v_bwd=16),
+    # two-level state passes: 3 chunks in 2 big chunks of 2 (one padding chunk), segments
+    "two_level_states": dict(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                             split_min_chunks=2),
+}
+
+
+@pytest.mark.parametrize("path", [*TUNED_PATHS, "recompute_states"])
 def test_forward_paths_and_recomputation(path):
     """The split forward (state pass + chunk-parallel output, taken past `fused_max_chunks`),
-    recomputed chunk states and a backward value block smaller than the forward's
-    (`block_v_bwd`: pass 2's V = 32 in two blocks) give the reference values and gradients."""
+    recomputed chunk states, a backward value block smaller than the forward's
+    (`block_v_bwd`: pass 2's V = 32 in two blocks) and the two-level state passes (big chunks
+    walked in parallel, then combined) give the reference values and gradients."""
     case = "K16_V32_M16_ragged" if path == "backward_value_block" else "segments_C32"
     seed = 200
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     before = pgla.set_tuning()
     try:
-        if path in ("split_forward", "backward_value_block"):
-            if path == "split_forward":
-                pgla.set_tuning(fused_max_chunks=0)
-            else:
-                pgla.set_tuning(block_v_bwd=16)
+        if path in TUNED_PATHS:
+            pgla.set_tuning(**TUNED_PATHS[path])
             # a fresh jit (not the cached one): the tuning is read when the kernels are traced
             fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
         else:
@@ -145,6 +152,38 @@ def test_forward_paths_and_recomputation(path):
         pgla.set_tuning(**dataclasses.asdict(before))
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
     _assert_rel(o_only, ref_out[0], F32_REL, "o without gradient")
+
+
+@pytest.mark.parametrize("case", ["K32_V16_M32_gqa", "K16_V16_M64_no_state"])
+def test_two_level_state_passes_on_more_cases(case):
+    """Grouped heads with an initial state (3 chunks, each its own big chunk) and no initial
+    state (3 chunks, big chunks of 2 with padding) through the two-level state passes, forward
+    split so that the entering states are used."""
+    seed = 210
+    ref_out, ref_grads = _reference(seed, case)
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+    min_chunks = 1 if case == "K32_V16_M32_gqa" else 2
+    before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                             split_min_chunks=min_chunks, fused_max_chunks=0)
+    try:
+        out, grads = _value_and_grads.__wrapped__("pallas", C, state, segs)(args, cot, seg)
+    finally:
+        pgla.set_tuning(**dataclasses.asdict(before))
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+
+
+def test_two_level_plan():
+    """Enough big chunks for the wanted programs (a power of two), none shorter than the minimum
+    chunk count, no big chunk of padding only, and no split where it is not needed."""
+    from pallas_kernels.two_level import plan
+    kw = dict(below=128, target=512, min_chunks=8)
+    assert plan(128, 64, **kw) is None                                # already enough programs
+    assert plan(16, 64, **{**kw, "below": 0}) is None                 # switched off
+    sp = plan(16, 1024, **kw)                                         # 1 x 65536, H = 16
+    assert (sp.NB, sp.L) == (32, 32)
+    sp = plan(16, 100, **kw)                                          # capped by the chunk count
+    assert sp.L >= 8 and sp.NB * sp.L >= 100 and (sp.NB - 1) * sp.L < 100
+    assert plan(16, 12, **kw) is None                                 # too short to split
 
 
 def test_strong_gates_take_the_exact_path():

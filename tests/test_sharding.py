@@ -12,15 +12,18 @@ import sys
 HERE = pathlib.Path(__file__).parent
 
 
-def run_with_devices(test_file: str, devices: int = 8, timeout: int = 600) -> None:
+def run_with_devices(test_file: str, devices: int = 8, markers: str = "") -> None:
+    """Run a test file in a subprocess with `devices` simulated CPU devices (and only the tests
+    matching the -m expression `markers`, if given)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    select = ["-m", markers] if markers else []
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           "-rs", str(HERE / test_file)], env=env, cwd=HERE.parent,
-                          capture_output=True, text=True, timeout=timeout)
+                           "-rs", *select, str(HERE / test_file)], env=env, cwd=HERE.parent,
+                          capture_output=True, text=True)  # pytest-timeout bounds it
     assert proc.returncode == 0, f"{test_file} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout
 

@@ -48,7 +48,7 @@ def test_two_processes_train_like_one(tmp_path):
     ref_dir = tmp_path / "one"
     env = {**base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     ref = subprocess.run(command(corpus, ref_dir), env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+                         text=True)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
 
     run_dir = tmp_path / "two"
@@ -61,13 +61,13 @@ def test_two_processes_train_like_one(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
+    try:  # no time limit of its own: pytest-timeout's (pyproject) ends a hung run
+        for proc in procs:
+            outputs.append(proc.communicate()[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
                 p.kill()
-            raise
     if any(p.returncode for p in procs):
         text = "\n".join(outputs)
         if "not supported" in text.lower() or "unimplemented" in text.lower():

@@ -126,8 +126,7 @@ def test_resume_after_sigkill_equals_uninterrupted(corpus, tmp_path):
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # pytest-timeout (pyproject) ends a run that never gets there
         if metrics.exists() and max(losses(run_dir) or [0]) >= kill_after:
             proc.send_signal(signal.SIGKILL)
             break
@@ -136,7 +135,7 @@ def test_resume_after_sigkill_equals_uninterrupted(corpus, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-3000:]
     reached = max(losses(run_dir))
     assert kill_after <= reached < steps
-    rerun = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     resumed_from = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
                     if '"resume"' in l]

@@ -59,6 +59,7 @@ class Datasets:
     vocab_size: Optional[int]         # ids are < vocab_size (None: unknown)
     tokenizer: Optional[str]          # "bytes" or a tokenizers JSON path (None: unknown)
     info: dict
+    max_ids: dict = dataclasses.field(default_factory=dict)  # token file -> its largest id
 
 
 def load_datasets(config: DataConfig) -> Datasets:
@@ -80,5 +81,10 @@ def load_datasets(config: DataConfig) -> Datasets:
         log.warning("data: no bos_id (config or sidecar): sequences are not split into "
                     "documents (segment_ids all 0)")
     info = {"train_tokens": int(train.size), "val_tokens": None if val is None else int(val.size)}
+    # Every id is checked against the model's vocabulary (`session.check_compatible`): an id
+    # without an embedding row makes the loss NaN, and a sidecar may understate the vocabulary.
+    max_ids = {config.train_path: token_files.max_token_id(train)}
+    if val is not None:
+        max_ids[config.val_path] = token_files.max_token_id(val)
     return Datasets(train, val, bos_id, meta.get("vocab_size"),
-                    config.tokenizer or meta.get("tokenizer"), info)
+                    config.tokenizer or meta.get("tokenizer"), info, max_ids)

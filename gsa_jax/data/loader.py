@@ -152,16 +152,34 @@ class PackedBatches:
         self.position = int(state["position"])
 
 
-def sequential_batches(stream: np.ndarray, *, batch_size: int, seq_len: int,
-                       bos_id: Optional[int], max_batches: Optional[int] = None
-                       ) -> Iterator[Batch]:
+class SequentialBatches:
     """Evaluation batches: windows 0, 1, 2, ... in order; the last batch is padded (mask 0).
 
-    Every window is scored once (the < T tokens after the last full window are not)."""
-    total = num_windows(len(stream), seq_len)
-    count = -(-total // batch_size)
-    if max_batches is not None:
-        count = min(count, max_batches)
-    for b in range(count):
-        windows = np.arange(b * batch_size, (b + 1) * batch_size)
-        yield gather_windows(stream, np.where(windows < total, windows, -1), seq_len, bos_id)
+    Every window is scored once (the < T tokens after the last full window are not).
+    `len()` is the number of batches (at most `max_batches`); each iteration starts over."""
+
+    def __init__(self, stream: np.ndarray, *, batch_size: int, seq_len: int,
+                 bos_id: Optional[int], max_batches: Optional[int] = None):
+        self.stream, self.batch_size, self.seq_len, self.bos_id = (stream, batch_size, seq_len,
+                                                                   bos_id)
+        self.total = num_windows(len(stream), seq_len)
+        self.count = -(-self.total // batch_size)
+        if max_batches is not None:
+            self.count = min(self.count, max_batches)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Batch]:
+        for b in range(self.count):
+            windows = np.arange(b * self.batch_size, (b + 1) * self.batch_size)
+            yield gather_windows(self.stream, np.where(windows < self.total, windows, -1),
+                                 self.seq_len, self.bos_id)
+
+
+def sequential_batches(stream: np.ndarray, *, batch_size: int, seq_len: int,
+                       bos_id: Optional[int], max_batches: Optional[int] = None
+                       ) -> SequentialBatches:
+    """The evaluation batches of `stream` (see SequentialBatches)."""
+    return SequentialBatches(stream, batch_size=batch_size, seq_len=seq_len, bos_id=bos_id,
+                             max_batches=max_batches)

@@ -32,7 +32,16 @@ def read_token_file(path: str | os.PathLike, dtype: Optional[str] = None) -> tup
                                 f"`gsa-jax prepare`, or use data.source=stdlib)")
     meta = {}
     if sidecar_path(path).is_file():
-        meta = json.loads(sidecar_path(path).read_text())
+        try:
+            meta = json.loads(sidecar_path(path).read_text())
+        except ValueError as err:
+            raise ValueError(f"token file sidecar {str(sidecar_path(path))!r} is not valid JSON "
+                             f"({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"token file sidecar {str(sidecar_path(path))!r}: expected a JSON "
+                             f"object, got {type(meta).__name__}")
+    if path.suffix != ".npy" and path.stat().st_size == 0:
+        raise ValueError(f"token file {str(path)!r} is empty (0 tokens)")
     if path.suffix == ".npy":
         ids = np.load(path, mmap_mode="r")
         if ids.ndim != 1:
@@ -48,7 +57,15 @@ def read_token_file(path: str | os.PathLike, dtype: Optional[str] = None) -> tup
         ids = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
     if ids.dtype.kind != "u":
         raise ValueError(f"token file {str(path)!r}: ids must be unsigned ints, got {ids.dtype}")
+    if ids.size == 0:
+        raise ValueError(f"token file {str(path)!r} is empty (0 tokens)")
     return ids, meta
+
+
+def max_token_id(ids: np.ndarray, block: int = 1 << 24) -> int:
+    """The largest id of a (memory-mapped) token array, read block by block: one pass over the
+    file at disk speed, without holding it in memory."""
+    return max(int(ids[i:i + block].max()) for i in range(0, len(ids), block))
 
 
 def write_token_file(path: str | os.PathLike, ids: np.ndarray, *, vocab_size: int,

@@ -79,7 +79,10 @@ def abc_slot_gates(e: Array, runs: Optional[Array] = None,
         z_prev = jnp.concatenate([z0[:, None], z[:, :-1]], axis=1)
     else:
         z_prev = jnp.concatenate([z[:, :1], z[:, :-1]], axis=1)
-    g = jnp.where(has_prev[:, :, None, None], z_prev - z, 0.0)
+    # z_t = logaddexp(z_{t-1}, e_t), so g_t = z_{t-1} − z_t = −softplus(e_t − z_{t-1}): the same
+    # value without the cancellation, and never above 0 (the difference of two scanned sums
+    # can be by a rounding error, which the ops refuse as an invalid gate).
+    g = jnp.where(has_prev[:, :, None, None], -jax.nn.softplus(e - z_prev), 0.0)
     return jnp.exp(e - z), g, z[:, -1]
 
 

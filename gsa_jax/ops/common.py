@@ -78,6 +78,22 @@ def check_state(fn: str, name: str, state, expected: tuple) -> None:
         raise ValueError(f"{fn}: {name} must have shape {tuple(expected)}, got {_shape(state)}")
 
 
+def check_log_gate(fn: str, g) -> None:
+    """ValueError when a concrete log gate g has an entry > 0 (a forget gate exp g > 1 makes the
+    state grow without bound, and the forms' decay factorisations assume g <= 0).
+
+    Only concrete arrays (eager calls) are checked, at the cost of one reduction and a host
+    sync; under `jax.jit`, `grad` or `vmap` g is a tracer and nothing can be checked cheaply, so
+    a positive g there gives undefined (possibly NaN) results.
+    """
+    if isinstance(g, jax.core.Tracer) or not hasattr(g, "shape") or not g.size:
+        return
+    g_max = float(jnp.max(g))
+    if g_max > 0:
+        raise ValueError(f"{fn}: g is a log forget gate and must be <= 0 everywhere (e.g. "
+                         f"logsigmoid(x)), got a maximum of {g_max:g}")
+
+
 def check_chunk_size(fn: str, chunk_size) -> None:
     # numbers.Integral: NumPy integers (a chunk size read from a config) are ints too.
     if (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, (bool, np.bool_))

@@ -29,12 +29,13 @@ _FORMS = {"recurrent": gla_recurrent, "parallel": gla_parallel, "chunk": gla_chu
 
 
 def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str:
-    """"auto" -> "pallas" on a GPU where the kernels support the shapes, else "chunk"."""
+    """"auto" -> "pallas" on a GPU or TPU where the kernels support the shapes, else "chunk"."""
     supported = (pallas.kernel_supports(*dims, chunk_size=chunk_size)
                  and jnp.dtype(dtype) != jnp.float64)
     if impl == "auto":
         measured = pallas.kernel_supports(*dims, chunk_size=chunk_size, wide=False)
-        return "pallas" if supported and measured and pallas.on_gpu() else "chunk"
+        on_device = pallas.on_gpu() or pallas.on_tpu()
+        return "pallas" if supported and measured and on_device else "chunk"
     if impl == "pallas" and not supported:
         raise ValueError(
             f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS} or multiples of "
@@ -80,19 +81,21 @@ def gated_linear_attention(
       k: [B, T, Hkv, K] keys; H must be a multiple of Hkv (grouped heads share k, v, g, state).
       v: [B, T, Hkv, V] values.
       g: [B, T, Hkv, K] (gate_axis="key") or [B, T, Hkv, V] (gate_axis="value"): log forget
-        gate, g ≤ 0.
+        gate, g ≤ 0 (checked on concrete arrays; under jit a positive g is not caught and
+        gives undefined results).
       scale: multiplies q·k; None means K ** -0.5.
       initial_state: [B, Hkv, K, V] or None (zeros).
       return_final_state: also return the state after the last step.
       segment_ids: [B, T] integer ids of packed sequences; the state is reset wherever the id
         changes, so each segment equals a separate run (the first one starts from
         `initial_state`).
-      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
-        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
-      chunk_size: C of the chunk form.
+      impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
+        "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
+      chunk_size: C of the chunked forms: any positive int for the chunk form (exact for
+        every C; see `gated_slot_attention`), 16, 32, 64 or 128 for impl="pallas".
     Returns:
       (o [B, T, H, V] in q's dtype, final state [B, Hkv, K, V] in float32 (float64 for float64
-      inputs) or None).
+      inputs) or None). T = 0 gives an empty o and the initial state as the final state.
     """
     fn = "gated_linear_attention"
     common.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
@@ -107,6 +110,7 @@ def gated_linear_attention(
     if initial_state is not None:
         common.check_state(fn, "initial_state", initial_state, (B, Hkv, K, V))
     common.check_segment_ids(fn, segment_ids, B, T)
+    common.check_log_gate(fn, g)
 
     dtype = common.compute_dtype(q, k, v, g, initial_state)
     impl = resolve_impl(fn, impl, (K, V), chunk_size, dtype)
@@ -114,6 +118,9 @@ def gated_linear_attention(
         scale = K ** -0.5
     if initial_state is None:
         initial_state = jnp.zeros((B, Hkv, K, V), dtype)
+    if T == 0:  # nothing to scan (every form assumes T >= 1): the state passes unchanged
+        final_state = initial_state.astype(dtype) if return_final_state else None
+        return jnp.zeros((B, 0, q.shape[2], V), q.dtype), final_state
     runs = common.segment_runs(segment_ids)
     state = common.repeat_heads(initial_state.astype(dtype), group, axis=1)
     if impl == "pallas":

@@ -65,22 +65,27 @@ def gated_slot_attention(
         the state).
       v: [B, T, Hkv, V] values.
       s: [B, T, Hkv, M] slot write weights (the layer uses s = 1 − exp g).
-      g: [B, T, Hkv, M] log forget gate, g ≤ 0.
+      g: [B, T, Hkv, M] log forget gate, g ≤ 0 (checked on concrete arrays; under jit a
+        positive g is not caught and gives undefined results).
       scale: multiplies q·k in pass 1; None means K ** -0.5 (the GSA layer passes 1.0).
       initial_state: (Hk [B, Hkv, K, M], Hv [B, Hkv, M, V]) or None (zeros).
       return_final_state: also return the state after the last step.
       segment_ids: [B, T] integer ids of packed sequences: the state is reset wherever the id
         changes, so each segment equals a separate run; the first starts from `initial_state`.
-      impl: "auto" ("pallas" on a GPU where the kernels support the shapes, else "chunk"),
-        "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, off the GPU).
-      chunk_size: C of the chunk form.
+      impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
+        "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
+      chunk_size: C of the chunked forms. The chunk form takes any positive int and is exact
+        for every C (its intra-chunk term runs in sub-chunks of C's largest divisor up to 16,
+        so a C above 16 with only small divisors, a prime say, is slow); impl="pallas" takes
+        16, 32, 64 or 128 and refuses others; impl="auto" uses the kernels only for those.
       slot_activation: "softmax" (GSA) or the ablations "swish", "relu", "relu2".
       recompute_states: keep no hidden states between the forward and the backward pass and
         recompute them there (the paper's hidden-state recomputation): the Pallas kernels drop
         their per-chunk states; the other forms run under `jax.checkpoint`.
     Returns:
       (o [B, T, H, V] in q's dtype, final state (Hk, Hv) in float32 — float64 for float64
-      inputs — or None). Accumulation is in float32 whatever the input dtype.
+      inputs — or None). Accumulation is in float32 whatever the input dtype. T = 0 gives an
+      empty o and the initial state as the final state.
     """
     fn = "gated_slot_attention"
     common.check_choice(fn, "impl", impl, IMPLS)
@@ -90,6 +95,7 @@ def gated_slot_attention(
     K, M, V = _check_dims(fn, q, k, v, s, g)
     _check_state(fn, initial_state, B, Hkv, K, M, V)
     common.check_segment_ids(fn, segment_ids, B, T)
+    common.check_log_gate(fn, g)
 
     dtype = common.compute_dtype(q, k, v, s, g, *(initial_state or ()))
     impl = resolve_impl(fn, impl, (K, M, V), chunk_size, dtype)
@@ -97,6 +103,9 @@ def gated_slot_attention(
         scale = K ** -0.5
     if initial_state is None:
         initial_state = (jnp.zeros((B, Hkv, K, M), dtype), jnp.zeros((B, Hkv, M, V), dtype))
+    if T == 0:  # nothing to scan (every form assumes T >= 1): the state passes unchanged
+        final_state = tuple(x.astype(dtype) for x in initial_state) if return_final_state else None
+        return jnp.zeros((B, 0, q.shape[2], V), q.dtype), final_state
     hk0, hv0 = (common.repeat_heads(x.astype(dtype), group, axis=1) for x in initial_state)
     runs = common.segment_runs(segment_ids)
     activation = functools.partial(common.slot_activation, kind=slot_activation)
@@ -142,6 +151,7 @@ def gated_slot_attention_step(
     B, _, Hkv, group = common.check_sequence_inputs(fn, time_axis=False, **inputs)
     K, M, V = _check_dims(fn, q, k, v, s, g)
     _check_state(fn, state, B, Hkv, K, M, V)
+    common.check_log_gate(fn, g)
 
     dtype = common.compute_dtype(q, k, v, s, g, *(state or ()))
     if scale is None:

@@ -1,19 +1,31 @@
-"""The Pallas form of GLA and GSA: the GPU kernels of `pallas_kernels`, wired for the ops.
+"""The Pallas form of GLA and GSA: the kernels of `pallas_kernels`, wired for the ops.
 
-Any gate is safe: each chunk whose accumulated gate is stronger than the kernels' fast path
-accepts takes an exact (slower) path inside the kernel. On a backend without a GPU the kernels run
-in Pallas' interpreter (slow; for tests).
+On a TPU backend impl="pallas" runs the TPU (Mosaic) kernels (pallas_kernels/tpu_gla.py), on
+every other backend the GPU (Triton) kernels (pallas_kernels/gla.py): compiled on a GPU, in
+Pallas' interpreter (slow; for tests) on a CPU. Any gate is safe: each chunk whose accumulated
+gate is stronger than the kernels' fast path accepts takes an exact (slower) path inside the
+kernel.
+
+Under a device mesh (`jax.set_mesh`, as training traces the model) each device runs the kernels
+on its own slice of the batch and of the heads (`per_shard`): XLA cannot split a Pallas kernel,
+a custom call, and would otherwise gather the whole batch onto every device.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 KERNEL_DIMS = (16, 32, 64, 128, 256)
 KERNEL_CHUNKS = (16, 32, 64, 128)
+# The mesh axes of gsa_jax.sharding (checked equal in the tests; ops import nothing above them):
+# activations split their batch over BATCH_AXES and their heads over HEAD_AXIS.
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
 
 
 def kernel_supports(*dims: int, chunk_size: int, wide: bool = True) -> bool:
@@ -25,23 +37,71 @@ def kernel_supports(*dims: int, chunk_size: int, wide: bool = True) -> bool:
             and chunk_size in KERNEL_CHUNKS)
 
 
+def backend() -> str:
+    """The backend the kernels are chosen for (the one check; tests fake a TPU here)."""
+    return jax.default_backend()
+
+
 def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return backend() == "gpu"
+
+
+def on_tpu() -> bool:
+    return backend() == "tpu"
+
+
+def per_shard(fn, B: int, Hkv: int, with_runs: bool):
+    """fn(q, k, v, g, state[, runs]) -> (o, state), run by every device on its slice of the
+    batch (over BATCH_AXES) and heads (over HEAD_AXIS) of the current mesh; fn itself without a
+    mesh of several devices. Each (batch, head) is independent, so the slices' results are the
+    whole result. An axis that does not divide B (or the kv heads, and with them the query
+    heads of each group) is left whole.
+
+    Layouts: q, k, v, g, o [B, T, heads, D]; state [B, H, K, V]; runs [B, T].
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    if B % math.prod(sizes[a] for a in batch):
+        batch = ()
+    heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and Hkv % sizes[HEAD_AXIS] == 0 else None
+    if not batch and heads is None:
+        return fn
+    b = batch or None
+    seq, state = P(b, None, heads, None), P(b, heads, None, None)
+    in_specs = (seq, seq, seq, seq, state) + ((P(b, None),) if with_runs else ())
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=(seq, state), check_vma=False)
 
 
 def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axis: str,
                scale: float, chunk_size: int, out_dtype=None, recompute_states: bool = False,
                interpret: Optional[bool] = None):
-    """GLA by the kernels. Args as `pallas_kernels.gla.gla_chunk_pallas` (initial_state per
-    query head, [B, H, K, V]); returns (o [B, T, H, V], final state [B, H, K, V] f32)."""
-    from pallas_kernels.gla import gla_chunk_pallas
-
-    if interpret is None:
-        interpret = not on_gpu()
+    """GLA by the kernels of this backend. Args as `pallas_kernels.gla.gla_chunk_pallas`
+    (initial_state per query head, [B, H, K, V]); returns (o [B, T, H, V], final state
+    [B, H, K, V] f32). interpret=None: interpreted unless jax really runs on the kernels'
+    backend (so a faked TPU runs the TPU kernels in TPU interpret mode)."""
+    if on_tpu():
+        from pallas_kernels.tpu_gla import gla_chunk_pallas_tpu as kernels
+        platform = "tpu"
+    else:
+        from pallas_kernels.gla import gla_chunk_pallas as kernels
+        platform = "gpu"
     out_dtype = jnp.dtype(out_dtype or q.dtype)
-    o, s = gla_chunk_pallas(q, k, v, g, initial_state, runs, key_gated=gate_axis == "key",
-                            scale=scale, chunk_size=chunk_size, out_dtype=out_dtype,
-                            recompute_states=recompute_states, interpret=interpret)
+    if q.shape[1] == 0:  # no chunk to launch: an empty output, the state unchanged
+        return (jnp.zeros(q.shape[:3] + v.shape[3:], out_dtype),
+                initial_state.astype(jnp.float32))
+    if interpret is None:
+        interpret = jax.default_backend() != platform
+
+    def run(q, k, v, g, state, runs=None):
+        return kernels(q, k, v, g, state, runs, key_gated=gate_axis == "key", scale=scale,
+                       chunk_size=chunk_size, out_dtype=out_dtype,
+                       recompute_states=recompute_states, interpret=interpret)
+
+    args = (q, k, v, g, initial_state) + (() if runs is None else (runs,))
+    o, s = per_shard(run, q.shape[0], k.shape[2], runs is not None)(*args)
     return o.astype(out_dtype), s
 
 

@@ -1,0 +1,201 @@
+"""Two-level state passes: the sequential walk over chunks split into rows that run in parallel.
+
+The sequential kernels (`states_fwd`, `dstates_bwd`) run one program per (batch, head, value
+block) and walk all N chunks; with few sequences (batch 1 of a long document) that is a handful
+of programs on a GPU of 132 multiprocessors, each with N chunk steps on its critical path.
+Here the time axis is cut into NB "big chunks" of L chunks each, and the same kernels run on the
+[B·NB, L·C] reshaped problem, so B·H·NV·NB programs each walk only L chunks:
+
+    1. local pass (kernels, parallel over big chunks): each big chunk j from a zero state
+       (big chunk 0 from the true initial state) gives the local states entering its chunks
+       and its local final state F_j.
+    2. combine (XLA, log2 NB steps): with D_j the decay of the whole big chunk (the product of
+       its chunks' decays e^{Σ g}·survive), the state entering big chunk j beyond the local part is
+           E_0 = 0,   E_{j+1} = D_j ⊙ E_j + F_j        (an associative scan of affine maps),
+       and the final state is E_NB.
+    3. fix-up (XLA, elementwise): the state entering chunk l of big chunk j is
+           local_{j,l} + P_{j,l} ⊙ E_j,   P_{j,l} = Π_{m<l} decay_{j,m}.
+The decays multiply the key axis (key-gated) or the value axis (value-gated) of the [K, V]
+state. Every factor is a product of numbers ≤ 1: nothing overflows, whatever the gate.
+
+The backward pass is the mirror image: the gradient of the state leaving each chunk, walked in
+reverse, with dsT entering the last big chunk, G_{NB-1} = 0, G_{j-1} = D_j ⊙ G_j + dS0_j (the
+local gradients of the states entering the big chunks), fix-up with the suffix products
+Π_{m>l} decay_{j,m}, and ds0 = D_0 ⊙ G_0 + dS0_0.
+
+Segments: each row's runs are made relative to the run of the position before the row, so that
+the kernels' "run 0 is the one the entering state flows into" holds in every row; the chunk
+decays use the global runs (survive = the chunk's last run equals the run before it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """N chunks padded to NB·L: NB big chunks of L chunks."""
+
+    N: int
+    L: int
+    NB: int
+
+    @property
+    def padded_chunks(self) -> int:
+        return self.NB * self.L
+
+
+def plan(num_programs: int, num_chunks: int, *, below: int, target: int,
+         min_chunks: int) -> Optional[SplitPlan]:
+    """Split only where the walk runs fewer than `below` programs (0: never): then into the
+    fewest big chunks (NB a power of two) that give `target` programs, none shorter than
+    `min_chunks` chunks; None where no split is needed or none is worth it."""
+    if below <= 0 or num_programs >= below:
+        return None
+    nb = 1
+    while num_programs * nb < target:
+        nb *= 2
+    while nb > 1 and -(-num_chunks // nb) < min_chunks:
+        nb //= 2
+    if nb < 2:
+        return None
+    L = -(-num_chunks // nb)
+    nb = -(-num_chunks // L)  # drop big chunks that would be padding only
+    return SplitPlan(N=num_chunks, L=L, NB=nb) if nb >= 2 else None
+
+
+def _pad_time(x, extra: int, mode: str = "constant"):
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, extra)
+    return jnp.pad(x, pad, mode=mode)
+
+
+def _rows(x, sp: SplitPlan, C: int):
+    """[B, N'·C, ...] -> [B·NB, L·C, ...]."""
+    return x.reshape((x.shape[0] * sp.NB, sp.L * C) + x.shape[2:])
+
+
+def _relative_runs(runs, sp: SplitPlan, C: int):
+    """Runs [B, N'·C] -> [B·NB, L·C] with each row's runs counted from the run of the position
+    just before the row (0 for the first row)."""
+    B = runs.shape[0]
+    r = runs.reshape(B, sp.NB, sp.L * C)
+    before = jnp.concatenate([jnp.zeros_like(r[:, :1, 0]), r[:, :-1, -1]], axis=1)
+    return (r - before[..., None]).reshape(B * sp.NB, sp.L * C)
+
+
+def chunk_decays(g, runs, sp: SplitPlan, C: int, heads: int):
+    """[B, NB, L, H, Dg] float32: e^{Σ_chunk g}·survive per chunk, per query head."""
+    B, Tp, Hkv, Dg = g.shape
+    log_decay = g.astype(f32).reshape(B, sp.padded_chunks, C, Hkv, Dg).sum(axis=2)
+    decay = jnp.exp(log_decay)
+    if runs is not None:
+        r = runs.reshape(B, sp.padded_chunks, C)
+        run_prev = jnp.concatenate([jnp.zeros_like(r[:, :1, 0]), r[:, :-1, -1]], axis=1)
+        survive = (r[:, :, -1] == run_prev).astype(f32)
+        decay = decay * survive[:, :, None, None]
+    decay = jnp.repeat(decay, heads // Hkv, axis=2)
+    return decay.reshape(B, sp.NB, sp.L, heads, Dg)
+
+
+def _apply(decay, state, key_gated: bool):
+    """decay [..., Dg] ⊙ state [..., K, V] along the gated axis."""
+    return decay[..., :, None] * state if key_gated else decay[..., None, :] * state
+
+
+def _exclusive_cumprod(x, axis: int, reverse: bool = False):
+    """Π of the elements strictly before (after, with reverse) each position along axis."""
+    if reverse:
+        return jnp.flip(_exclusive_cumprod(jnp.flip(x, axis), axis), axis)
+    ones = jnp.ones_like(lax.slice_in_dim(x, 0, 1, axis=axis))
+    shifted = jnp.concatenate([ones, lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)],
+                              axis=axis)
+    return jnp.cumprod(shifted, axis=axis)
+
+
+def _affine_scan(a, b, key_gated: bool, reverse: bool = False):
+    """Inclusive scan over axis 1 of the maps x -> a_j ⊙ x + b_j (a: [B, NB, H, Dg], b:
+    [B, NB, H, K, V]), applied in order of j (reverse: from the last j down)."""
+    def combine(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        return a1 * a2, _apply(a2, b1, key_gated) + b2
+
+    return lax.associative_scan(combine, (a, b), axis=1, reverse=reverse)[1]
+
+
+def _shift(x, reverse: bool):
+    """Exclusive from inclusive along axis 1: zeros enter at the start (end with reverse)."""
+    zeros = jnp.zeros_like(x[:, :1])
+    if reverse:
+        return jnp.concatenate([x[:, 1:], zeros], axis=1)
+    return jnp.concatenate([zeros, x[:, :-1]], axis=1)
+
+
+def _per_chunk(local, prefix, entering, sp: SplitPlan, key_gated: bool, dtype):
+    """local [B·NB, H, L·K, V] + prefix [B, NB, L, H, Dg] ⊙ entering [B, NB, H, K, V]
+    -> [B, H, N·K, V] in dtype (chunk-major rows, padding chunks dropped)."""
+    B, NB, H, K, V = entering.shape
+    local = local.reshape(B, NB, H, sp.L, K, V).astype(f32)
+    prefix = jnp.moveaxis(prefix, 3, 2)  # [B, NB, H, L, Dg]
+    full = local + _apply(prefix, entering[:, :, :, None], key_gated)
+    full = jnp.moveaxis(full, 1, 2).reshape(B, H, sp.padded_chunks * K, V)
+    return full[:, :, :sp.N * K].astype(dtype)
+
+
+def split_states(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_gated: bool):
+    """`states_fwd` over a split time axis. states_fn(q, k, v, g, s0, runs) is the kernel
+    (shapes as `gla_fwd.states_fwd`). Returns (chunk states [B, H, N·K, V] in k's dtype,
+    final state [B, H, K, V] f32)."""
+    B, H = q.shape[0], q.shape[2]
+    extra = sp.padded_chunks * C - q.shape[1]
+    q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
+    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    s0_rows = jnp.zeros((B, sp.NB) + s0.shape[1:], f32).at[:, 0].set(s0.astype(f32))
+    local, final = states_fn(
+        _rows(q, sp, C), _rows(k, sp, C), _rows(v, sp, C), _rows(g, sp, C),
+        s0_rows.reshape((B * sp.NB,) + s0.shape[1:]),
+        None if runs is None else _relative_runs(runs, sp, C))
+    decay = chunk_decays(g, runs, sp, C, H)  # [B, NB, L, H, Dg]
+    big_decay = jnp.prod(decay, axis=2)  # [B, NB, H, Dg]
+    final = final.reshape((B, sp.NB) + final.shape[1:])
+    through = _affine_scan(big_decay, final, key_gated)  # state leaving big chunk j
+    entering = _shift(through, reverse=False)
+    states = _per_chunk(local, _exclusive_cumprod(decay, axis=2), entering, sp, key_gated,
+                        k.dtype)
+    return states, through[:, -1]
+
+
+def split_dstates(dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan, C: int,
+                  key_gated: bool):
+    """`dstates_bwd` over a split time axis; dstates_fn(q, v, g, runs, do, dsT) is the kernel.
+    Returns (gradients of the states leaving each chunk [B, H, N·K, V] in q's dtype, gradient
+    of the initial state [B, H, K, V] f32)."""
+    B, H = q.shape[0], q.shape[2]
+    extra = sp.padded_chunks * C - q.shape[1]
+    q, v, g, do = (_pad_time(x, extra) for x in (q, v, g, do))
+    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    dsT_rows = jnp.zeros((B, sp.NB) + dsT.shape[1:], f32).at[:, -1].set(dsT.astype(f32))
+    local, ds0 = dstates_fn(
+        _rows(q, sp, C), _rows(v, sp, C), _rows(g, sp, C),
+        None if runs is None else _relative_runs(runs, sp, C), _rows(do, sp, C),
+        dsT_rows.reshape((B * sp.NB,) + dsT.shape[1:]))
+    decay = chunk_decays(g, runs, sp, C, H)
+    big_decay = jnp.prod(decay, axis=2)
+    ds0 = ds0.reshape((B, sp.NB) + ds0.shape[1:])
+    # gradient of the state entering big chunk j, from j and everything after it
+    into = _affine_scan(big_decay, ds0, key_gated, reverse=True)
+    leaving = _shift(into, reverse=True)  # of the state leaving big chunk j, from later ones
+    dstates = _per_chunk(local, _exclusive_cumprod(decay, axis=2, reverse=True), leaving, sp,
+                         key_gated, q.dtype)
+    return dstates, into[:, 0]
