@@ -235,6 +235,8 @@ def enable_compilation_cache(directory: Optional[str | os.PathLike]) -> None:
 def fast_cpu_compile() -> None:
     """For smoke runs whose time is compiling, not running: skip LLVM's optimisation of the CPU
     code (about a third less compile time, but several times slower code: only for runs of a
-    few steps). Only where XLA_FLAGS is not set already, and only before jax starts its backend
-    (it reads the flags then)."""
-    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    few steps). Only where XLA_FLAGS sets no optimisation level already, and only before jax
+    starts its backend (it reads the flags then)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()

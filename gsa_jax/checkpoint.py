@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import sys
 from typing import Any, Optional
 
 import jax
@@ -52,6 +53,32 @@ class _QuietReadOnly(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def _is_closed_loop_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_late_read_callbacks() -> None:
+    """After a failed array read, orbax's event loop is closed while tensorstore's other reads
+    of that checkpoint are still in flight; as they finish, their callbacks hit the closed loop
+    and tensorstore prints each 'RuntimeError: Event loop is closed' traceback (through
+    sys.excepthook or sys.unraisablehook, from its own threads, any time later). The damage is
+    already reported in one line, so exactly these errors are dropped; any other is printed."""
+    if getattr(sys.excepthook, "_gsa_quiet", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, value, tb):
+        if not _is_closed_loop_error(value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(info):
+        if not _is_closed_loop_error(info.exc_value):
+            unraisablehook(info)
+
+    quiet_excepthook._gsa_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def _cause(err: BaseException, limit: int = 400) -> str:
@@ -172,6 +199,7 @@ class Checkpointer:
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
         meta = self.restore_meta(step)
         self.check_shapes(abstract_state, step, meta)
+        _quiet_late_read_callbacks()  # before the read: the callbacks can come at any time
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))

@@ -87,7 +87,7 @@ def device_batch(batch: dict, mesh: Mesh) -> dict:
     """
     out = {}
     for key in BATCH_KEYS:
-        value = np.asarray(batch[key])
+        value = np.ascontiguousarray(batch[key])
         out[key] = jax.make_array_from_callback(value.shape, shd.batch_sharding(mesh, value.ndim),
                                                 lambda index, v=value: v[index])
     return out

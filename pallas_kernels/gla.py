@@ -96,10 +96,12 @@ LARGE_STATE_BWD_BLOCK_V = 64
 
 
 def set_tuning(**changes) -> Tuning:
-    """Change the default launch parameters for calls traced from now on (benchmarks)."""
+    """Change the default launch parameters for calls traced from now on (benchmarks);
+    returns the tuning in force before, so that `set_tuning(**asdict(previous))` restores it."""
     global _TUNING
+    previous = _TUNING
     _TUNING = dataclasses.replace(_TUNING, **changes)
-    return _TUNING
+    return previous
 
 
 @dataclasses.dataclass(frozen=True)

@@ -174,3 +174,18 @@ def test_step_repeated_equals_sequence(slot_activation):
     assert_close(o_steps, o_seq, **TOL, what="o vs recurrent sequence form")
     assert_close(state[0], hk_ref, **TOL, what="Hk")
     assert_close(state[1], hv_ref, **TOL, what="Hv")
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_single_chunk_both_passes_in_one_jit(segments):
+    """GSA's two passes jitted together with one chunk per sequence (T <= C) and several
+    sequences: jaxlib 0.10's CPU YNN fusions miscompiled this program in 22 of 24 compiles
+    (values of 1e+250, -inf) until gsa_jax turned them off on import (gsa_jax/_xla_cpu.py).
+    Four distinct programs (chunk sizes, batch sizes), each a fresh compile."""
+    for B, C in [(2, 32), (4, 32), (3, 64), (4, 64)]:
+        x = gsa_inputs(40 + B + C, B=B, T=32, H=2, Hkv=2, K=16, V=16, M=64, state=False)
+        seg = np.cumsum(np.random.default_rng(B).random((B, 32)) < 0.1, axis=1) if segments \
+            else None
+        out = gsa_fn("chunk", chunk_size=C)(*x[:5], None, seg)
+        ref = gsa_reference(*x[:5], segment_ids=seg)
+        _check_against_reference(out, ref)
