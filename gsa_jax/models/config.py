@@ -45,6 +45,7 @@ class ModelConfig:
     use_short_conv: bool = False       # causal depthwise conv + SiLU on q/k/v projections
     conv_size: int = 4                 # its width
     elementwise_affine: bool = True    # learned scale of the mixer's output RMSNorm
+    output_norm_eps: Optional[float] = None  # eps of the mixer's output RMSNorm; None = norm_eps
     # GSA.
     num_slots: Optional[int] = 64      # M; None = the head key dim
     gate: str = "data_dependent"       # data_dependent | data_independent | none (ABC)
@@ -52,6 +53,7 @@ class ModelConfig:
     gate_logit_normalizer: float = 8.0  # τ: g = logsigmoid(W_f x) / τ (GLA uses 16)
     # GLA.
     gate_low_rank_dim: int = 16        # rank of the GLA gate projection
+    use_output_gate: bool = True       # GLA/RetNet: W_o (norm(o) ⊙ swish(W_g x)), else W_o norm(o)
     # Softmax attention (mixer="attention" and the attn_layers of a hybrid).
     attn_num_heads: int = 16
     attn_num_kv_heads: Optional[int] = None
@@ -106,6 +108,8 @@ class ModelConfig:
             fail(f"attn_layers {list(layers)} must be distinct indices in [0, {self.num_layers})")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             fail(f"intermediate_size must be positive or None, got {self.intermediate_size}")
+        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
+            fail(f"output_norm_eps must be positive or None, got {self.output_norm_eps!r}")
         if self.num_slots is not None and self.num_slots <= 0:
             fail(f"num_slots must be positive or None, got {self.num_slots}")
         try:
