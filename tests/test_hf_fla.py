@@ -285,3 +285,141 @@ def test_checkpoint_with_the_2024_gsa_output_gate_is_refused(tmp_path):
         save_file(stored, str(tmp_path / case / "model.safetensors"))
         with pytest.raises(ValueError, match=messages[case]):
             hf_fla.load_fla(tmp_path / case)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _restore(directory, config: ModelConfig):
+    """(params, meta) of a params checkpoint (gsa-jax convert output), on one device."""
+    from gsa_jax import checkpoint as checkpoint_lib
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = nn.meta.unbox(jax.eval_shape(CausalLM(config).init, jax.random.key(0),
+                                          jnp.zeros((1, 1), jnp.int32))["params"])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            shapes)
+    return checkpoint_lib.restore_params(directory, abstract)
+
+
+def test_cli_convert_reads_an_fla_checkpoint(fla, torch, tmp_path, capsys):
+    """`gsa-jax convert --hf` on an fla GLA directory keeps the model (mixer defaults to the
+    checkpoint's own): the params checkpoint gives fla's logits."""
+    import yaml
+    from gsa_jax import cli
+    model = fla_model(fla, torch, "gla", seed=11, num_kv_heads=2)
+    model.save_pretrained(tmp_path / "fla")
+    assert cli.main(["convert", "--hf", str(tmp_path / "fla"), "--output",
+                     str(tmp_path / "out")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["mixer"], summary["new_params"]) == ("gla", 0)
+    config = ModelConfig.from_dict(yaml.safe_load((tmp_path / "out" / "model.yaml")
+                                                  .read_text())["model"])
+    params, meta = _restore(tmp_path / "out", config)
+    assert meta["source"]["hf_config"]["model_type"] == "gla"
+    tokens = tokens_for(11)
+    assert_logits_close(our_logits(config, params, tokens), fla_logits(fla, torch, model, tokens))
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_training_run(fla, torch, tmp_path_factory, capsys):
+    """A 2-step GSA run exported with `gsa-jax export` loads in fla with the run's logits."""
+    from test_train_loop import overrides, write_corpus
+    from transformers import AutoModelForCausalLM
+
+    from gsa_jax import cli
+    from gsa_jax.config import load_config
+    from gsa_jax.train import train
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), n_files=10)
+    run_dir = tmp_path_factory.mktemp("run")
+    config = load_config(None, overrides(corpus, run_dir, steps=2, **{
+        "checkpoint.every": 0, "eval.every": 0, "data.seq_len": 16, "data.batch_size": 2,
+        "model.num_layers": 2, "model.num_kv_heads": 2, "model.output_norm_eps": 1e-5,
+        "model.impl": "parallel"}))
+    state = train(config, quiet=True)["state"]
+    out = tmp_path_factory.mktemp("export") / "fla"
+    assert cli.main(["export", "--run-dir", str(run_dir), "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 2 and summary["notes"] == []
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(12).integers(0, config.model.vocab_size, (2, T))
+    params = jax.device_get(state.params)
+    assert_logits_close(fla_logits(fla, torch, model, tokens),
+                        our_logits(config.model, params, tokens))
+    assert cli.main(["export", "--run-dir", str(run_dir), "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ lm_eval
+TASK_YAML = """\
+task: fla_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _tokenizer(path):
+    """A byte-level BPE tokenizer with <unk>, <s>, </s> = 0, 1, 2 (fla's bos_token_id is 1)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the slots forget with a learned gate"] * 10, trainer)
+    tok.save(str(path))
+    return tok
+
+
+@pytest.mark.slow
+def test_lm_eval_on_a_loaded_fla_checkpoint(fla, torch, tmp_path, monkeypatch):
+    """lm_eval's "gsa-jax" model with model_args hf_dir=<fla directory> scores a local
+    multiple-choice task: every log-likelihood equals the one fla's PyTorch model gives (BOS +
+    context, continuation split as lm_eval's HF model does)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("gsa_jax.lm_eval_adapter")
+    from lm_eval.tasks import TaskManager
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    directory = tmp_path / "fla"
+    tok = _tokenizer(tmp_path / "tokenizer.json")
+    model = fla_model(fla, torch, "gsa", seed=13, vocab_size=tok.get_vocab_size())
+    model.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text())
+    rng = np.random.default_rng(13)
+    words = ["slot", "gate", "learned", "forget", "the", "with"]
+    docs = [{"question": " ".join(rng.choice(words, 3)) + "?",
+             "choices": [str(rng.choice(words)) for _ in range(3)],
+             "answer": int(rng.integers(3))} for _ in range(4)]
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=tmp_path / "toy.jsonl"))
+    results = lm_eval.simple_evaluate(
+        model="gsa-jax", model_args=f"hf_dir={directory},max_length=64", tasks=["fla_toy"],
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+        bootstrap_iters=0, batch_size=4)
+
+    def reference(context: str, continuation: str) -> float:
+        whole = tok.encode(context + continuation, add_special_tokens=False).ids
+        n = len(tok.encode(context, add_special_tokens=False).ids)
+        ids = np.asarray([[1] + whole])  # BOS = bos_token_id
+        logp = torch.log_softmax(torch.from_numpy(fla_logits(fla, torch, model, ids)[0])
+                                 .double(), -1).numpy()
+        return float(sum(logp[t, ids[0, t + 1]] for t in range(n, len(whole))))
+
+    samples = results["samples"]["fla_toy"]
+    assert len(samples) == len(docs)
+    for sample in samples:
+        doc = sample["doc"]
+        got = [resp[0][0] for resp in sample["resps"]]
+        want = [reference(doc["question"], " " + c) for c in doc["choices"]]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
