@@ -42,10 +42,16 @@ def _no_varlen(kwargs: dict, what: str) -> None:
 
 def _rms_norm(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False,
               residual_in_fp32=False, **_):
+    """fla's rms_norm_ref in float32; with prenorm also the sum x + residual, in the dtype
+    fla's kernel returns it (the residual's, else x's; float32 with residual_in_fp32)."""
     from fla.modules.norm.layernorm import rms_norm_ref
     ones = torch.ones(x.shape[-1], dtype=torch.float32)
-    return rms_norm_ref(x, ones if weight is None else weight, bias, residual=residual, eps=eps,
-                        prenorm=prenorm, upcast=True)
+    out = rms_norm_ref(x, ones if weight is None else weight, bias, residual=residual, eps=eps,
+                       prenorm=prenorm, upcast=True)
+    if not prenorm:
+        return out
+    dtype = torch.float32 if residual_in_fp32 else (x if residual is None else residual).dtype
+    return out[0], out[1].to(dtype)
 
 
 def _rms_norm_linear(x, norm_weight, norm_bias, linear_weight, linear_bias, residual=None,

@@ -423,3 +423,27 @@ def test_lm_eval_on_a_loaded_fla_checkpoint(fla, torch, tmp_path, monkeypatch):
         got = [resp[0][0] for resp in sample["resps"]]
         want = [reference(doc["question"], " " + c) for c in doc["choices"]]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ GPU script
+@pytest.mark.slow
+def test_fla_parity_script_runs_on_the_cpu_reference(fla, torch, tmp_path, monkeypatch):
+    """experiments/fla_parity.py (the bf16 parity run against fla's Triton kernels on a GPU) at
+    a tiny size, with fla on its CPU reference path: every case passes and the report has its
+    table and verdict."""
+    from script_util import load_experiment
+    script = load_experiment("fla_parity")
+    monkeypatch.setattr(script, "BASE", dict(hidden_size=64, num_hidden_layers=2,
+                                             vocab_size=V))
+    for var in ("TRITON_F32_DEFAULT", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(var, raising=False)  # the script sets them; undone after the test
+    with fla[1].cpu_reference():
+        rc = script.main(["--tag", "cpu", "--device", "cpu", "--seq-lens", "24",
+                          "--gsa-impls", "chunk", "--cases", "gsa_gqa_conv", "gla",
+                          "--out-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "fla_parity_cpu.json").read_text())
+    assert rc == 0 and [r["ok"] for r in report["rows"]] == [True, True]
+    for row in report["rows"]:
+        assert row["ours_fp32_vs_fla_fp32"]["rel_max"] < 1e-4
+        assert 0 < row["bf16"]["chunk"]["ours_bf16_vs_fla_fp32"]["rel_rms"] < 0.05
+    assert "**Verdict: parity** over 2 cases" in (tmp_path / "fla_parity_cpu.md").read_text()
