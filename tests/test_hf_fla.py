@@ -246,6 +246,17 @@ def test_config_defaults_are_fla_defaults():
     assert (gla.gate_low_rank_dim, gla.gate_logit_normalizer) == (16, 16.0)
     # GSAConfig's keyword is spelled exapnd_k (sic).
     assert hf_fla.model_config_from_fla({**BASE["gsa"], "exapnd_k": 0.5}).expand_k == 0.5
+    # flame's gsa_340M.json as it is (share_conv_kernel without short convs does nothing).
+    flame = {**BASE["gsa"], "bos_token_id": 1, "conv_size": 4, "eos_token_id": 2,
+             "expand_k": 1, "expand_v": 1, "elementwise_affine": False, "feature_map": "swish",
+             "fuse_cross_entropy": True, "fuse_norm": True, "gate_logit_normalizer": 4,
+             "hidden_act": "swish", "hidden_ratio": 4, "initializer_range": 0.02,
+             "intermediate_size": None, "num_slots": 64, "norm_eps": 1e-06,
+             "share_conv_kernel": True, "tie_word_embeddings": False, "use_cache": True,
+             "use_norm": True, "use_output_gate": True, "use_rope": False,
+             "use_short_conv": False}
+    cfg = hf_fla.model_config_from_fla(flame)
+    assert (cfg.gate_logit_normalizer, cfg.elementwise_affine, cfg.num_slots) == (4.0, False, 64)
 
 
 @pytest.mark.parametrize("kind, field, value", [
@@ -254,10 +265,12 @@ def test_config_defaults_are_fla_defaults():
     ("gsa", "attnres_block_size", 4), ("gsa", "hidden_act", "powlu"), ("gsa", "use_norm", False),
     ("gsa", "use_rope", True), ("gsa", "expand_v", 2), ("gsa", "exapnd_k", 0.5),
     ("gsa", "gate_logit_normalizer", 0), ("gsa", "num_heads", 3),
-    ("gla", "clamp_min", -5.0), ("gla", "use_gv", True), ("gla", "gate_logit_normalizer", 8),
+    ("gla", "clamp_min", -5.0), ("gla", "share_conv_kernel", True), ("gla", "use_gv", True), ("gla", "gate_logit_normalizer", 8),
     ("gla", "feature_map", "gelu")])
 def test_config_fields_we_cannot_honour_are_named(kind, field, value):
     hf = {**BASE[kind], field: value}
+    if field == "share_conv_kernel":
+        hf["use_short_conv"] = True
     if field == "exapnd_k":
         hf["expand_k"] = 1  # disagrees with exapnd_k
     name = {"exapnd_k": "expand_k", "num_heads": "num_heads"}.get(field, field)

@@ -77,7 +77,7 @@ _COMMON = {"hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads", "voc
            "hidden_ratio", "intermediate_size", "expand_k", "expand_v", "exapnd_k", "exapnd_v",
            "norm_eps", "elementwise_affine", "tie_word_embeddings", "use_short_conv",
            "conv_size", "hidden_act", "feature_map", "use_output_gate", "attn",
-           "attnres_block_size"}
+           "attnres_block_size", "share_conv_kernel"}
 _OWN = {"gsa": {"num_slots", "gate_logit_normalizer", "use_norm", "norm_first", "use_rope",
                 "clamp_min", "clamp_max", "gate_low_rank_dim"},
         "gla": {"clamp_min", "use_gk", "use_gv", "gate_logit_normalizer", "gate_low_rank_dim"}}
@@ -133,6 +133,11 @@ def model_config_from_fla(hf: dict[str, Any], **overrides) -> ModelConfig:
         if hf.get(field) is not None:
             _fail(field, f"is {hf[field]!r}; hybrid attention layers and attention residuals "
                          f"are not implemented by the fla loader")
+    if hf.get("use_short_conv") and hf.get("share_conv_kernel"):
+        # fla before 2024-07: one conv on the input shared by q/k/v (flame's configs still
+        # carry the field; without short convs it does nothing).
+        _fail("share_conv_kernel", "is true with use_short_conv: a shared conv kernel (fla "
+                                   "before 2024-07) is not implemented")
     if hf.get("hidden_act", "swish") != "swish":
         _fail("hidden_act", f"is {hf['hidden_act']!r}; our MLP is SwiGLU (swish)")
     D = hf["hidden_size"]
