@@ -28,26 +28,15 @@ import jax.numpy as jnp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 import fla_reference  # noqa: E402
+from script_util import load_experiment  # noqa: E402
 from gsa_jax.hf.fla import mixer_map  # noqa: E402
 from gsa_jax.layers import GatedLinearAttention, GatedSlotAttention, MultiScaleRetention  # noqa: E402,E501
 
+# Every parameter random: matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.3²), biases
+# N(0, 0.5²) (the GPU parity script's initialisation).
+randomize = load_experiment("fla_parity").randomize
 D, B, T = 64, 2, 40
 RTOL = 1e-4  # float32 on both sides; observed ~1e-6 of the output's scale
-
-
-def randomize(module, seed: int) -> None:
-    """Every parameter random: matrices N(0, 1/fan_in), vector weights 1 + N(0, 0.3²) (norm
-    scales), biases N(0, 0.5²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("bias"):
-                p.copy_(0.5 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(noise / np.sqrt(p[0].numel()))
 
 
 def ours_params(layer, kind: str, ours, x) -> dict:
@@ -75,7 +64,7 @@ def _norm_name(layer) -> str:
 
 
 def compare(layer, kind: str, ours, seed: int = 0) -> None:
-    randomize(layer, seed)
+    randomize(torch, layer, seed)
     layer.eval()
     x = np.random.default_rng(seed + 1).standard_normal((B, T, D)).astype(np.float32)
     with fla_reference.cpu_reference():

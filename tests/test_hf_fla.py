@@ -24,6 +24,11 @@ from flax import linen as nn
 
 from gsa_jax.hf import fla as hf_fla
 from gsa_jax.models import CausalLM, ModelConfig
+from script_util import load_experiment
+
+# Every parameter random (matrices N(0, 1/fan_in), embeddings N(0, 1), norm scales around 1,
+# biases around 0): the GPU parity script's initialisation.
+randomize = load_experiment("fla_parity").randomize
 
 V, T = 128, 40
 RTOL = 1e-4  # of the largest logit; float32 on both sides, observed ~1e-6
@@ -44,23 +49,6 @@ def fla(torch):
 def assert_logits_close(got, want):
     got, want = np.asarray(got), np.asarray(want)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
-
-
-def randomize(torch, model, seed):
-    """Every parameter random: matrices N(0, 1/fan_in) (embeddings N(0, 1)), norm scales
-    1 + N(0, 0.3²), biases N(0, 0.5²)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("bias"):
-                p.copy_(0.5 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.3 * noise)
-            elif "embeddings" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / np.sqrt(p.shape[1:].numel()))
 
 
 def fla_model(fla, torch, kind: str, seed: int = 0, **kw):
@@ -361,63 +349,32 @@ def test_cli_export_of_a_training_run(fla, torch, tmp_path_factory, capsys):
 
 
 # ------------------------------------------------------------------------------------ lm_eval
-TASK_YAML = """\
-task: fla_toy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def _tokenizer(path):
-    """A byte-level BPE tokenizer with <unk>, <s>, </s> = 0, 1, 2 (fla's bos_token_id is 1)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the slots forget with a learned gate"] * 10, trainer)
-    tok.save(str(path))
-    return tok
-
-
 @pytest.mark.slow
 def test_lm_eval_on_a_loaded_fla_checkpoint(fla, torch, tmp_path, monkeypatch):
     """lm_eval's "gsa-jax" model with model_args hf_dir=<fla directory> scores a local
     multiple-choice task: every log-likelihood equals the one fla's PyTorch model gives (BOS +
     context, continuation split as lm_eval's HF model does)."""
     lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("gsa_jax.lm_eval_adapter")
     from lm_eval.tasks import TaskManager
+    from test_hf_llama import _train_tokenizer
+    from test_lm_eval_adapter import TASK_YAML  # a multiple-choice task "gsa_jax_toy"
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     directory = tmp_path / "fla"
-    tok = _tokenizer(tmp_path / "tokenizer.json")
+    tok = _train_tokenizer(tmp_path / "tokenizer.json")  # <unk>, <s>, </s> = 0, 1, 2
     model = fla_model(fla, torch, "gsa", seed=13, vocab_size=tok.get_vocab_size())
     model.save_pretrained(directory)
     (directory / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text())
     rng = np.random.default_rng(13)
-    words = ["slot", "gate", "learned", "forget", "the", "with"]
+    words = ["slot", "gate", "learned", "forget", "the", "softmax"]
     docs = [{"question": " ".join(rng.choice(words, 3)) + "?",
              "choices": [str(rng.choice(words)) for _ in range(3)],
              "answer": int(rng.integers(3))} for _ in range(4)]
     (tmp_path / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=tmp_path / "toy.jsonl"))
     results = lm_eval.simple_evaluate(
-        model="gsa-jax", model_args=f"hf_dir={directory},max_length=64", tasks=["fla_toy"],
+        model="gsa-jax", model_args=f"hf_dir={directory},max_length=64", tasks=["gsa_jax_toy"],
         task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
         bootstrap_iters=0, batch_size=4)
 
@@ -429,7 +386,7 @@ def test_lm_eval_on_a_loaded_fla_checkpoint(fla, torch, tmp_path, monkeypatch):
                                  .double(), -1).numpy()
         return float(sum(logp[t, ids[0, t + 1]] for t in range(n, len(whole))))
 
-    samples = results["samples"]["fla_toy"]
+    samples = results["samples"]["gsa_jax_toy"]
     assert len(samples) == len(docs)
     for sample in samples:
         doc = sample["doc"]
