@@ -6,20 +6,20 @@ Triton kernels, which need a GPU. `cpu_reference()` swaps exactly these calls (b
 the names fla's modules look up at call time) for torch code; everything else (the modules, the
 parameter layout, which eps/scale/activation goes where, head grouping, gating) stays fla's own:
 
-    fla.layers.gsa      fused_recurrent_gsa, chunk_gsa        -> fla.ops.gsa.naive.naive_recurrent_gsa
-                        rms_norm_linear (g_norm + o_proj)     -> fla's rms_norm_ref, then F.linear
+    fla.layers.gsa      fused_recurrent_gsa, chunk_gsa   -> fla.ops.gsa.naive.naive_recurrent_gsa
+                        rms_norm_linear (g_norm, o_proj) -> fla's rms_norm_ref, then F.linear
     fla.layers.gla      fused_recurrent_gla, chunk_gla,
-                        fused_chunk_gla                       -> fla.ops.gla.naive.naive_recurrent_gla
+                        fused_chunk_gla                  -> fla.ops.gla.naive.naive_recurrent_gla
     fla.layers.multiscale_retention
                         chunk/fused_chunk/parallel/fused_recurrent_retention
-                                                              -> fla.ops.retention.naive.naive_retention
-    fla.modules.norm.layernorm.rms_norm (RMSNorm modules)     -> fla's rms_norm_ref (float32)
-    fla.modules.norm.fused_norm_gate.rms_norm_gated           -> rms_norm_ref(x) * act(g)
-    fla.modules.mlp.swiglu_linear / swiglu                    -> silu(gate) * up (then F.linear)
-    fla.modules.causal_conv1d.ops.causal_conv1d               -> depthwise F.conv1d, left-padded
-    fla.modules.rotary.ops.rotary_embedding                   -> fla's rotary_embedding_ref
-    fla.modules.activations.ops.swish_fwd (swish feature map,
-                        ACT2FN["swish"])                      -> F.silu in float32
+                                                         -> fla.ops.retention.naive.naive_retention
+    fla.modules.norm.layernorm.rms_norm (RMSNorm)        -> fla's rms_norm_ref (float32)
+    fla.modules.norm.fused_norm_gate.rms_norm_gated      -> rms_norm_ref(x) * act(g)
+    fla.modules.mlp.swiglu_linear / swiglu               -> silu(gate) * up (then F.linear)
+    fla.modules.causal_conv1d.ops.causal_conv1d          -> depthwise F.conv1d, left-padded
+    fla.modules.rotary.ops.rotary_embedding              -> fla's rotary_embedding_ref
+    fla.modules.activations.ops.swish_fwd (swish feature
+                        map, ACT2FN["swish"])            -> F.silu in float32
 
 Only what the tests use is covered: whole sequences from position 0 without a cache (call the
 models with use_cache=False), no packed inputs (cu_seqlens), no autograd. Anything else raises

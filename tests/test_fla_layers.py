@@ -30,7 +30,8 @@ from flax import linen as nn  # noqa: E402
 import fla_reference  # noqa: E402
 from script_util import load_experiment  # noqa: E402
 from gsa_jax.hf.fla import mixer_map  # noqa: E402
-from gsa_jax.layers import GatedLinearAttention, GatedSlotAttention, MultiScaleRetention  # noqa: E402,E501
+from gsa_jax.layers import (GatedLinearAttention, GatedSlotAttention,  # noqa: E402
+                            MultiScaleRetention)
 
 # Every parameter random: matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.3²), biases
 # N(0, 0.5²) (the GPU parity script's initialisation).

@@ -253,7 +253,8 @@ def test_config_defaults_are_fla_defaults():
     ("gsa", "attnres_block_size", 4), ("gsa", "hidden_act", "powlu"), ("gsa", "use_norm", False),
     ("gsa", "use_rope", True), ("gsa", "expand_v", 2), ("gsa", "exapnd_k", 0.5),
     ("gsa", "gate_logit_normalizer", 0), ("gsa", "num_heads", 3),
-    ("gla", "clamp_min", -5.0), ("gla", "share_conv_kernel", True), ("gla", "use_gv", True), ("gla", "gate_logit_normalizer", 8),
+    ("gla", "clamp_min", -5.0), ("gla", "share_conv_kernel", True), ("gla", "use_gv", True),
+    ("gla", "gate_logit_normalizer", 8),
     ("gla", "feature_map", "gelu")])
 def test_config_fields_we_cannot_honour_are_named(kind, field, value):
     hf = {**BASE[kind], field: value}
