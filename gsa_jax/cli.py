@@ -1,4 +1,4 @@
-"""The `gsa-jax` command: train, eval, generate, prepare, convert.
+"""The `gsa-jax` command: train, eval, generate, prepare, convert, export.
 
     gsa-jax train --config configs/tiny.yaml [--set optim.lr=1e-3 --set run_dir=runs/x ...]
                   [--init-from ckpt/converted]
@@ -7,7 +7,9 @@
     gsa-jax prepare --input a.txt b.jsonl --output data/train.bin [--val-output data/val.bin
                     --val-fraction 0.01] [--tokenizer tokenizer.json]
     gsa-jax convert --hf mistral-7b/ --mixer gsa --output ckpt/mistral-gsa
-                    [--set model.num_slots=64 ...]   (or --run-dir runs/transformer)
+                    [--set model.num_slots=64 ...]   (or --run-dir runs/transformer;
+                    --hf also reads flash-linear-attention GSA/GLA models, e.g. gsa-2.7B-100B/)
+    gsa-jax export --run-dir runs/gsa-340m --output fla/gsa-340m [--dtype bfloat16]
 
 Bad config values, malformed YAML, missing or unreadable files and checkpoints, impossible
 meshes, a run directory held by another trainer and a diverged run end with one line
@@ -108,12 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a pretrained Transformer (Hugging Face "
                        "Llama/Mistral, or a gsa-jax run) into GSA/GLA/RetNet weights (T2R)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face Llama/Mistral checkpoint "
-                        "directory (config.json + *.safetensors)")
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face Llama/Mistral or "
+                        "flash-linear-attention GSA/GLA checkpoint directory (config.json + "
+                        "*.safetensors)")
     source.add_argument("--run-dir", help="a gsa-jax training run (its latest checkpoint)")
     p.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest)")
-    p.add_argument("--mixer", default="gsa", help="target token mixer: gsa (default) | gla | "
-                   "retnet | attention (unchanged)")
+    p.add_argument("--mixer", help="target token mixer: gsa | gla | retnet | attention "
+                   "(default: gsa; an fla checkpoint's own mixer for fla directories)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="model.KEY=VALUE", help="target model field, e.g. --set "
                    "model.num_slots=32 (repeatable)")
@@ -125,6 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-sliding-window", action="store_true",
                    help="keep attention layers of a sliding-window (Mistral) checkpoint as "
                         "full attention (exact on sequences up to the window)")
+
+    p = sub.add_parser("export", help="write a GSA/GLA run's checkpoint as a "
+                       "flash-linear-attention model directory (config.json + safetensors)")
+    p.add_argument("--run-dir", required=True, help="a gsa-jax training run")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--output", required=True, help="new directory for the fla model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the stored tensors (default float32)")
+    p.add_argument("--max-shard-gb", type=float,
+                   help="split the weights into safetensors files of at most this size")
     return parser
 
 
@@ -166,6 +179,12 @@ def _run(args) -> int:
         return 0
     if args.command == "convert":
         print(json.dumps(_convert(args), indent=1))
+        return 0
+    if args.command == "export":
+        from gsa_jax.export import export_run
+        shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
+        print(json.dumps(export_run(args.run_dir, args.output, step=args.step, dtype=args.dtype,
+                                    max_shard_bytes=shard), indent=1))
         return 0
 
     from gsa_jax import sharding

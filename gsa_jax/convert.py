@@ -39,7 +39,8 @@ identity feature map, τ = 16 (its expand_k becomes 1 instead of 0.5 to reuse k_
 value dim D instead of 2D. RoPE is dropped by GSA and GLA (they have no positions) and kept by
 RetNet (its q/k are rotated, as the pretrained ones were). Layers listed in the target's
 `attn_layers` keep their attention unchanged (a hybrid T2R model). A layer whose mixer is the
-same in source and target is copied unchanged (e.g. converting a run into its own kind).
+same in source and target is copied unchanged (e.g. converting a run into its own kind, or
+reading a flash-linear-attention GSA/GLA checkpoint, gsa_jax.hf.fla, into a params checkpoint).
 """
 
 from __future__ import annotations
@@ -206,35 +207,43 @@ def save_converted(output: str | pathlib.Path, params: dict, target: ModelConfig
     return output
 
 
-def convert_hf(directory: str | pathlib.Path, mixer: str = "gsa", *, seed: int = 0,
+def convert_hf(directory: str | pathlib.Path, mixer: Optional[str] = None, *, seed: int = 0,
                ignore_sliding_window: bool = False, match_scale: bool = True,
                **overrides) -> tuple[ModelConfig, dict, dict]:
-    """(target config, params, meta) of a Hugging Face Llama/Mistral checkpoint directory.
+    """(target config, params, meta) of a Hugging Face checkpoint directory: Llama/Mistral
+    (converted, T2R; mixer None = "gsa") or flash-linear-attention GSA/GLA (gsa_jax.hf.fla;
+    mixer None = the checkpoint's own, its weights unchanged).
 
     Mistral's sliding window is accepted when no attention layer survives the conversion (the
     new mixers replace it), else only with `ignore_sliding_window` (see gsa_jax.hf.llama).
     """
+    from gsa_jax.hf import fla as hf_fla
     from gsa_jax.hf import llama as hf_llama
     hf = hf_llama.read_config(directory)
-    keeps_attention = mixer == "attention" or bool(overrides.get("attn_layers"))
-    source, params = hf_llama.load_llama(
-        directory, allow_sliding_window=ignore_sliding_window or not keeps_attention)
+    if hf_fla.is_fla_config(hf):
+        source, params = hf_fla.load_fla(directory)
+        describe = hf_fla.describe
+    else:
+        mixer = mixer or "gsa"
+        keeps_attention = mixer == "attention" or bool(overrides.get("attn_layers"))
+        source, params = hf_llama.load_llama(
+            directory, allow_sliding_window=ignore_sliding_window or not keeps_attention)
+        describe = hf_llama.describe
+    mixer = mixer or source.mixer
     target = target_config(source, mixer, **overrides)
     params, report = convert_params(source, params, target, seed=seed, match_scale=match_scale)
     meta = {"source": {"hf_directory": str(pathlib.Path(directory).absolute()),
-                       "hf_config": hf_llama.describe(hf), "model": source.to_dict()},
+                       "hf_config": describe(hf), "model": source.to_dict()},
             "conversion": {"mixer": mixer, "seed": seed, "match_scale": match_scale,
                            **report}}
     return target, params, meta
 
 
-def convert_run(run_dir: str | pathlib.Path, mixer: str = "gsa", *, step: Optional[int] = None,
-                seed: int = 0, match_scale: bool = True,
-                **overrides) -> tuple[ModelConfig, dict, dict]:
-    """(target config, params, meta) of a gsa-jax training run's checkpoint (latest or `step`).
-
-    Reads only the checkpoint (not the run's data), on a mesh of the local devices.
-    """
+def restore_run(run_dir: str | pathlib.Path,
+                step: Optional[int] = None) -> tuple[ModelConfig, dict, int]:
+    """(model config, params as NumPy arrays, step) of a gsa-jax training run's checkpoint
+    (latest or `step`). Reads only the checkpoint (not the run's data), on a mesh of the local
+    devices."""
     from gsa_jax import sharding as shd
     from gsa_jax import steps
     from gsa_jax.checkpoint import Checkpointer
@@ -247,18 +256,26 @@ def convert_run(run_dir: str | pathlib.Path, mixer: str = "gsa", *, step: Option
         raise FileNotFoundError(f"{str(path)!r} not found: is {str(run_dir)!r} a training run "
                                 f"directory?")
     config = load_config(path, [f"run_dir={run_dir}"])
-    source = config.model
     tx, _ = make_optimizer(config.optim, config.steps)
-    layout = steps.state_layout(CausalLM(source), tx, shd.make_mesh(shd.MeshConfig()))
+    layout = steps.state_layout(CausalLM(config.model), tx, shd.make_mesh(shd.MeshConfig()))
     reader = Checkpointer(checkpoint_dir(config), read_only=True)
     try:
         state, meta = reader.restore(layout.abstract, step)
     finally:
         reader.close()
-    params = jax.tree.map(np.asarray, jax.device_get(state.params))
+    return config.model, jax.tree.map(np.asarray, jax.device_get(state.params)), int(meta["step"])
+
+
+def convert_run(run_dir: str | pathlib.Path, mixer: Optional[str] = None, *,
+                step: Optional[int] = None, seed: int = 0, match_scale: bool = True,
+                **overrides) -> tuple[ModelConfig, dict, dict]:
+    """(target config, params, meta) of a gsa-jax training run's checkpoint (latest or `step`);
+    mixer None = "gsa"."""
+    mixer = mixer or "gsa"
+    source, params, restored = restore_run(run_dir, step)
     target = target_config(source, mixer, **overrides)
     params, report = convert_params(source, params, target, seed=seed, match_scale=match_scale)
-    meta = {"source": {"run_dir": str(run_dir.absolute()), "step": int(meta["step"]),
+    meta = {"source": {"run_dir": str(pathlib.Path(run_dir).absolute()), "step": restored,
                        "model": source.to_dict()},
             "conversion": {"mixer": mixer, "seed": seed, "match_scale": match_scale,
                            **report}}

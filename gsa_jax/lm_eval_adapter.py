@@ -11,7 +11,9 @@
 needs only the model, its parameters and a tokenizer; the lm_eval class around it is defined
 when lm_eval imports. model_args: run_dir (a `gsa-jax train` run), step (default: latest),
 max_length (default: the run's data.seq_len), max_gen_toks (256), tokenizer (a tokenizers JSON,
-default: the run's); the batch size is lm_eval's --batch_size ("auto" means 16).
+default: the run's); or hf_dir (a flash-linear-attention GSA/GLA or Llama/Mistral directory, e.g.
+the paper's released models, with its tokenizer.json; max_length 2048) and dtype (bfloat16 on a
+GPU); the batch size is lm_eval's --batch_size ("auto" means 16).
 
 Conventions: every text starts with the tokenizer's document separator (BOS: what the model saw
 at the start of every training document; lm_eval's HuggingFace model adds it to empty contexts
@@ -131,6 +133,31 @@ class GSAJaxLM:
         tok = load_tokenizer(tokenizer or session.data.tokenizer, session.data.bos_id)
         return cls(session.model, {"params": params}, tok,
                    max_length=max_length or config.data.seq_len, **kwargs)
+
+    @classmethod
+    def from_hf(cls, directory: str, tokenizer: Optional[str] = None,
+                max_length: Optional[int] = None, dtype: Optional[str] = None,
+                **kwargs) -> "GSAJaxLM":
+        """A Hugging Face-format checkpoint directory: a flash-linear-attention GSA/GLA model
+        (the paper's released ones, gsa_jax.hf.fla) or a Llama/Mistral one, with the
+        directory's tokenizer.json (or `tokenizer`, a tokenizers JSON file; its separator is
+        the config's bos_token_id). max_length defaults to 2048 (the paper's training length);
+        dtype: the compute dtype (e.g. "bfloat16" on a GPU; default float32)."""
+        from gsa_jax.hf import fla as hf_fla
+        from gsa_jax.hf import llama as hf_llama
+        from gsa_jax.hf import load_hf_tokenizer
+
+        hf = hf_llama.read_config(directory)
+        overrides = {} if dtype is None else {"dtype": dtype}
+        load = hf_fla.load_fla if hf_fla.is_fla_config(hf) else hf_llama.load_llama
+        config, params = load(directory, **overrides)
+        if tokenizer:
+            from gsa_jax.data.tokenizer import HFTokenizer
+            tok = HFTokenizer(tokenizer, hf.get("bos_token_id"))
+        else:
+            tok = load_hf_tokenizer(directory)
+        return cls(CausalLM(config), {"params": params}, tok, max_length=max_length or 2048,
+                   **kwargs)
 
     # -------------------------------------------------------------- tokens
     def encode_pair(self, context: str, continuation: str) -> Pair:
@@ -254,23 +281,32 @@ except ImportError:  # lm_eval is optional: the core above works without it
 
 if _LMBase is not None:
     class GSAJaxEvalLM(_LMBase):
-        """lm_eval's model "gsa-jax". model_args: run_dir, step, max_length, max_gen_toks,
-        tokenizer (or core=GSAJaxLM(...) from Python); batch_size from lm_eval's --batch_size."""
+        """lm_eval's model "gsa-jax". model_args: run_dir (a gsa-jax run) and step, or hf_dir
+        (a Hugging Face-format directory: fla GSA/GLA or Llama/Mistral) and dtype; max_length,
+        max_gen_toks, tokenizer (or core=GSAJaxLM(...) from Python); batch_size from lm_eval's
+        --batch_size."""
 
         def __init__(self, run_dir: Optional[str] = None, step: Optional[int] = None,
                      max_length: Optional[int] = None, batch_size: Any = 16,
                      max_gen_toks: int = 256, tokenizer: Optional[str] = None,
-                     core: Optional[GSAJaxLM] = None, **unused):  # device, max_batch_size
+                     core: Optional[GSAJaxLM] = None, hf_dir: Optional[str] = None,
+                     dtype: Optional[str] = None, **unused):  # device, max_batch_size
             super().__init__()
             if core is None:
-                if not run_dir:
+                if bool(run_dir) == bool(hf_dir):
                     raise ValueError("gsa-jax: model_args needs run_dir=<a gsa-jax run "
-                                     "directory>")
+                                     "directory> or hf_dir=<a Hugging Face-format checkpoint "
+                                     "directory>, not both")
                 size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-                core = GSAJaxLM.from_run_dir(
-                    run_dir, None if step in (None, "") else int(step), tokenizer,
-                    None if max_length in (None, "") else int(max_length),
-                    batch_size=size, max_gen_toks=int(max_gen_toks), progress=True)
+                common = dict(batch_size=size, max_gen_toks=int(max_gen_toks), progress=True)
+                max_length = None if max_length in (None, "") else int(max_length)
+                if hf_dir:
+                    core = GSAJaxLM.from_hf(hf_dir, tokenizer, max_length, dtype or None,
+                                            **common)
+                else:
+                    core = GSAJaxLM.from_run_dir(
+                        run_dir, None if step in (None, "") else int(step), tokenizer,
+                        max_length, **common)
             self.core = core
 
         @property

@@ -33,6 +33,15 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def pytest_collectreport(report):
+    """A test module that skips as a whole while importing (pytest.importorskip at module level,
+    as in test_fla_layers.py) is a failure too under GSA_REQUIRE_REFERENCE=1."""
+    if report.skipped and os.environ.get("GSA_REQUIRE_REFERENCE") == "1":
+        report.outcome = "failed"
+        report.longrepr = (f"{report.nodeid}: a test module skipped with "
+                           f"GSA_REQUIRE_REFERENCE=1: {report.longrepr}")
+
+
 @pytest.fixture
 def x64():
     """Run the test with `jax_enable_x64` on (float64 arrays stay float64)."""

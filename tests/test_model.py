@@ -144,15 +144,21 @@ def test_preset_parameter_counts(name):
 
 
 def test_paper_configs():
-    """The sizes of the authors' released configs (fla-hub gsa-1.3B-100B, gsa-2.7B-100B)."""
-    for name, (D, L, H, M, tied) in {"gsa-1.3b": (2048, 24, 4, 64, False),
-                                     "gsa-2.7b": (2560, 32, 5, 64, False),
-                                     "gsa-340m": (1024, 24, 4, 64, True)}.items():
+    """The authors' released configs (fla-hub gsa-1.3B-100B, gsa-2.7B-100B; flame's
+    gsa_340M.json and gsa_1B.json; PAPER.md sections 6-7): sizes, head dim D/H (256 at 340M,
+    512 above), gate normaliser (4 at 340M, 8 above), no norm scale in the mixer."""
+    for name, (D, L, H, M, tied, tau) in {"gsa-1.3b": (2048, 24, 4, 64, False, 8.0),
+                                          "gsa-2.7b": (2560, 32, 5, 64, False, 8.0),
+                                          "gsa-340m": (1024, 24, 4, 64, True, 4.0)}.items():
         cfg = presets[name]
         assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_slots,
                 cfg.tie_word_embeddings, cfg.vocab_size) == (D, L, H, M, tied, 32000)
         assert (cfg.gate_logit_normalizer, cfg.feature_map, cfg.mlp_width) == (
-            8.0, "swish", {1024: 2816, 2048: 5632, 2560: 6912}[D])
+            tau, "swish", {1024: 2816, 2048: 5632, 2560: 6912}[D])
+        assert (cfg.expand_k, cfg.expand_v, cfg.elementwise_affine, cfg.use_short_conv,
+                cfg.norm_eps, cfg.output_norm_eps) == (1.0, 1.0, False, False, 1e-6, None)
+    for name in (n for n in presets if n.startswith("gsa-340m-")):  # Table 2's rows
+        assert presets[name].gate_logit_normalizer == 4.0, name
 
 
 def test_config_yaml_round_trip():

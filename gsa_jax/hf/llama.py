@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from gsa_jax.hf import params as hf_params
 from gsa_jax.hf.safetensors_io import TensorReader
 from gsa_jax.models.config import ModelConfig
 
@@ -156,15 +157,8 @@ def tensor_map(config: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
     return out
 
 
-def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-    from gsa_jax.models.lm import CausalLM
-    boxed = jax.eval_shape(CausalLM(config).init, jax.random.key(0),
-                           jnp.zeros((1, 1), jnp.int32))["params"]
-    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
-    return {tuple(k.key for k in path): tuple(x.shape) for path, x in flat}
+# Kept for the tests' checkpoint writers (the shapes of every parameter of a config).
+_expected_shapes = hf_params.param_shapes
 
 
 def params_from_hf(reader: TensorReader, config: ModelConfig,
@@ -174,40 +168,13 @@ def params_from_hf(reader: TensorReader, config: ModelConfig,
     Raises ValueError naming a missing tensor, a tensor of the wrong shape, or tensors the
     mapping does not use (a different architecture would otherwise load silently).
     """
-    expected = _expected_shapes(config)
-    mapping = tensor_map(config)
-    if set(mapping) != set(expected):  # a bug here, not a user error
-        raise AssertionError(f"tensor map and model disagree: {set(mapping) ^ set(expected)}")
-    used = {name for name, _ in mapping.values()}
-    unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
-    if config.tie_word_embeddings and "lm_head.weight" in unused:
-        # Some tied checkpoints store the head anyway; it must then equal the embedding.
-        head, emb = reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")
-        if head.shape != emb.shape or not np.array_equal(head, emb):
-            raise ValueError("config.json: tie_word_embeddings is true but lm_head.weight "
-                             "differs from model.embed_tokens.weight")
-        unused.remove("lm_head.weight")
-    if unused:
-        shown = unused[:6] + (["..."] if len(unused) > 6 else [])
-        raise ValueError(f"checkpoint {str(reader.directory)!r} has {len(unused)} tensor(s) a "
-                         f"Llama/Mistral model of this config.json does not use: {shown}")
-    params: dict = {}
-    for path, (name, transpose) in mapping.items():
-        if name not in reader:
-            raise ValueError(f"checkpoint {str(reader.directory)!r} has no tensor {name!r} "
-                             f"(needed for {'/'.join(path)})")
-        stored = reader.get(name)
-        want = expected[path][::-1] if transpose else expected[path]  # in the file's layout
-        if tuple(stored.shape) != want:
-            raise ValueError(f"tensor {name!r} has shape {tuple(stored.shape)}, but config.json "
-                             f"implies {want}")
-        array = stored.T if transpose else stored
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        # Upcast bf16 -> f32 exactly (f32 holds every bf16 value).
-        node[path[-1]] = np.ascontiguousarray(array, dtype=np.dtype(dtype))
-    return params
+    mapping = {path: (name, hf_params.TRANSPOSE if transpose else hf_params.SAME)
+               for path, (name, transpose) in tensor_map(config).items()}
+    ignored = [n for n in reader.names() if n.endswith(_IGNORED_SUFFIXES)]
+    tied = ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings \
+        else None
+    return hf_params.gather_params(reader, mapping, config, dtype, family="Llama/Mistral",
+                                   ignored=ignored, tied_head=tied)
 
 
 def load_llama(directory: str | pathlib.Path, *, allow_sliding_window: bool = False,

@@ -5,7 +5,7 @@ Per token x ∈ R^D, H heads (k, v and the gate grouped over Hkv heads):
     q = φ(W_q x)   k = φ(W_k x)   v = W_v x            φ = feature_map (identity by default)
     α = logsigmoid(W_α2 W_α1 x + b) / τ                  low-rank (16) data-dependent key gate, τ = 16
     S_t = diag(exp α_t) S_{t−1} + k_t v_tᵀ,  o_t = S_tᵀ q_t / √K
-    y = W_o (RMSNorm_per_head(o) ⊙ swish(W_g x))
+    y = W_o (RMSNorm_per_head(o) ⊙ swish(W_g x))        (use_output_gate; else W_o RMSNorm_ph(o))
 
 as the peer's `fla.layers.gla.GatedLinearAttention` (expand_k 0.5, output gate, per-head norm).
 """
@@ -29,8 +29,9 @@ class GatedLinearAttention(nn.Module):
 
     Attributes: hidden_size (D), num_heads (H), num_kv_heads (None = H), expand_k (0.5),
     expand_v (1), feature_map ("identity" | "swish" | "relu"), gate_logit_normalizer (τ = 16),
-    gate_low_rank_dim (16), use_short_conv / conv_size, elementwise_affine (per-head norm scale),
-    norm_eps, impl / chunk_size (the op's form), std / out_std (init), dtype / param_dtype.
+    gate_low_rank_dim (16), use_output_gate (True), use_short_conv / conv_size,
+    elementwise_affine (per-head norm scale), norm_eps, impl / chunk_size (the op's form),
+    std / out_std (init), dtype / param_dtype.
     """
     hidden_size: int
     num_heads: int = 4
@@ -42,6 +43,7 @@ class GatedLinearAttention(nn.Module):
     gate_low_rank_dim: int = 16
     use_short_conv: bool = False
     conv_size: int = 4
+    use_output_gate: bool = True
     elementwise_affine: bool = True
     norm_eps: float = 1e-6
     impl: str = "auto"
@@ -105,8 +107,10 @@ class GatedLinearAttention(nn.Module):
                 chunk_size=self.chunk_size)
         o = common.RMSNorm(self.norm_eps, self.elementwise_affine, "norm", dtype=self.dtype,
                            param_dtype=self.param_dtype, name="g_norm")(o)
-        gate = common.dense(H * dv, ("embed", "heads"), std=self.std, name="g_proj", **kw)(x)
-        o = o.reshape(B, T, H * dv) * jax.nn.swish(gate)
+        o = o.reshape(B, T, H * dv)
+        if self.use_output_gate:
+            gate = common.dense(H * dv, ("embed", "heads"), std=self.std, name="g_proj", **kw)(x)
+            o = o * jax.nn.swish(gate)
         out_std = self.std if self.out_std is None else self.out_std
         y = common.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj", **kw)(o)
         if mode == "train":

@@ -4,7 +4,7 @@ Per token x ∈ R^D and head h = 0..H−1, a fixed (data-independent) decay γ_h
 
     q = RoPE(W_q x)   k = RoPE(W_k x)   v = W_v x
     S_t = γ_h S_{t−1} + k_t v_tᵀ,   o_t = S_tᵀ q_t / √K           (GLA with g = log γ_h on every key)
-    y = W_o (RMSNorm_per_head(o) ⊙ swish(W_g x))
+    y = W_o (RMSNorm_per_head(o) ⊙ swish(W_g x))        (use_output_gate; else W_o RMSNorm_ph(o))
 
 as the peer's `fla.layers.multiscale_retention.MultiScaleRetention` (expand_k 1, expand_v 2,
 output gate) with its `chunk_retention` decays. Grouped k/v heads are repeated to H heads before
@@ -36,8 +36,9 @@ class MultiScaleRetention(nn.Module):
     """RetNet token mixer. Call: (x [B, T, D], positions [B, T]) -> (y [B, T, D], cache or None).
 
     Attributes: hidden_size (D), num_heads (H, 8 in RetNet), num_kv_heads (None = H), expand_k
-    (1), expand_v (2), feature_map ("identity"), use_short_conv / conv_size, elementwise_affine,
-    norm_eps, rope_theta, impl / chunk_size, std / out_std, dtype / param_dtype.
+    (1), expand_v (2), feature_map ("identity"), use_output_gate (True), use_short_conv /
+    conv_size, elementwise_affine, norm_eps, rope_theta, impl / chunk_size, std / out_std,
+    dtype / param_dtype.
     """
     hidden_size: int
     num_heads: int = 8
@@ -47,6 +48,7 @@ class MultiScaleRetention(nn.Module):
     feature_map: str = "identity"
     use_short_conv: bool = False
     conv_size: int = 4
+    use_output_gate: bool = True
     elementwise_affine: bool = True
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -114,8 +116,10 @@ class MultiScaleRetention(nn.Module):
                 chunk_size=self.chunk_size)
         o = common.RMSNorm(self.norm_eps, self.elementwise_affine, "norm", dtype=self.dtype,
                            param_dtype=self.param_dtype, name="g_norm")(o)
-        gate = common.dense(H * dv, ("embed", "heads"), std=self.std, name="g_proj", **kw)(x)
-        o = o.reshape(B, T, H * dv) * jax.nn.swish(gate)
+        o = o.reshape(B, T, H * dv)
+        if self.use_output_gate:
+            gate = common.dense(H * dv, ("embed", "heads"), std=self.std, name="g_proj", **kw)(x)
+            o = o * jax.nn.swish(gate)
         out_std = self.std if self.out_std is None else self.out_std
         y = common.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj", **kw)(o)
         if mode == "train":

@@ -3,10 +3,13 @@ flows from the CLI/YAML to the model and the trainer, and the named presets.
 
 Paper sizes (Zhang, Yang et al. 2024, Table 1: 1.3B and 2.7B parameters on 100B SlimPajama
 tokens; Table 2 ablations at 340M on 10B tokens) use the architecture of the authors' released
-checkpoints (fla-hub/gsa-1.3B-100B: D=2048, L=24, 4 heads, 64 slots; fla-hub/gsa-2.7B-100B:
-D=2560, L=32, 5 heads, 64 slots, no norm scale in the mixer; the peer's 340M config: D=1024,
-L=24, 4 heads, 64 slots, tied embeddings), Mistral's 32000-token vocabulary, SwiGLU MLPs of
-width ~8/3·D, untied LM heads for 1.3B/2.7B.
+configs (PAPER.md sections 6-7): fla-hub/gsa-1.3B-100B and flame's gsa_1B.json: D=2048, L=24,
+4 heads (head dim 512), 64 slots, gate normaliser τ = 8; fla-hub/gsa-2.7B-100B: D=2560, L=32, 5
+heads (512), 64 slots, τ = 8; flame's gsa_340M.json: D=1024, L=24, 4 heads (256), 64 slots, τ = 4.
+All three: swish features, expand_k = expand_v = 1, no short conv, no scale in the mixer's output
+norm (elementwise_affine false), norm eps 1e-6, Mistral's 32000-token vocabulary, SwiGLU MLPs of
+width ~8/3·D, untied LM heads at 1.3B/2.7B. 340M embeddings are tied as in fla's 2024 training
+configs (legacy/training/configs/gla_340M.json; today's flame unties them).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ModelConfig:
     use_short_conv: bool = False       # causal depthwise conv + SiLU on q/k/v projections
     conv_size: int = 4                 # its width
     elementwise_affine: bool = True    # learned scale of the mixer's output RMSNorm
+    output_norm_eps: Optional[float] = None  # eps of the mixer's output RMSNorm; None = norm_eps
     # GSA.
     num_slots: Optional[int] = 64      # M; None = the head key dim
     gate: str = "data_dependent"       # data_dependent | data_independent | none (ABC)
@@ -52,6 +56,7 @@ class ModelConfig:
     gate_logit_normalizer: float = 8.0  # τ: g = logsigmoid(W_f x) / τ (GLA uses 16)
     # GLA.
     gate_low_rank_dim: int = 16        # rank of the GLA gate projection
+    use_output_gate: bool = True       # GLA/RetNet: W_o (norm(o) ⊙ swish(W_g x)), else W_o norm(o)
     # Softmax attention (mixer="attention" and the attn_layers of a hybrid).
     attn_num_heads: int = 16
     attn_num_kv_heads: Optional[int] = None
@@ -106,6 +111,8 @@ class ModelConfig:
             fail(f"attn_layers {list(layers)} must be distinct indices in [0, {self.num_layers})")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             fail(f"intermediate_size must be positive or None, got {self.intermediate_size}")
+        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
+            fail(f"output_norm_eps must be positive or None, got {self.output_norm_eps!r}")
         if self.num_slots is not None and self.num_slots <= 0:
             fail(f"num_slots must be positive or None, got {self.num_slots}")
         try:
@@ -160,23 +167,26 @@ def _presets() -> dict[str, ModelConfig]:
                   hidden_ratio=2)
     xfmr = dict(mixer="attention")
     s340m = dict(hidden_size=1024, num_layers=24, tie_word_embeddings=True)
+    # The paper's GSA models: no norm scale in the mixer; τ = 4 at 340M (flame's gsa_340M.json).
+    gsa_paper = dict(elementwise_affine=False)
+    gsa340 = {**gsa, **s340m, **gsa_paper, "gate_logit_normalizer": 4.0}
     s1_3b = dict(hidden_size=2048, num_layers=24)
     s2_7b = dict(hidden_size=2560, num_layers=32)
     tiny = dict(vocab_size=256, hidden_size=64, num_layers=2, tie_word_embeddings=False)
     table = {
         # The paper's GSA models.
-        "gsa-340m": {**gsa, **s340m},
-        "gsa-1.3b": {**gsa, **s1_3b},
-        "gsa-2.7b": {**gsa, **s2_7b, "num_heads": 5, "elementwise_affine": False},
+        "gsa-340m": gsa340,
+        "gsa-1.3b": {**gsa, **s1_3b, **gsa_paper},
+        "gsa-2.7b": {**gsa, **s2_7b, **gsa_paper, "num_heads": 5},
         # Table 2 ablations (340M): no gate (ABC), data-independent decay, the non-linearity
         # between the passes, the number of slots.
-        "gsa-340m-abc": {**gsa, **s340m, "gate": "none"},
-        "gsa-340m-data-independent": {**gsa, **s340m, "gate": "data_independent"},
-        "gsa-340m-swish": {**gsa, **s340m, "slot_nonlinearity": "swish"},
-        "gsa-340m-relu": {**gsa, **s340m, "slot_nonlinearity": "relu"},
-        "gsa-340m-relu2": {**gsa, **s340m, "slot_nonlinearity": "relu2"},
-        "gsa-340m-32slots": {**gsa, **s340m, "num_slots": 32},
-        "gsa-340m-128slots": {**gsa, **s340m, "num_slots": 128},
+        "gsa-340m-abc": {**gsa340, "gate": "none"},
+        "gsa-340m-data-independent": {**gsa340, "gate": "data_independent"},
+        "gsa-340m-swish": {**gsa340, "slot_nonlinearity": "swish"},
+        "gsa-340m-relu": {**gsa340, "slot_nonlinearity": "relu"},
+        "gsa-340m-relu2": {**gsa340, "slot_nonlinearity": "relu2"},
+        "gsa-340m-32slots": {**gsa340, "num_slots": 32},
+        "gsa-340m-128slots": {**gsa340, "num_slots": 128},
         # Baselines at the same sizes.
         "transformer-340m": {**xfmr, **s340m, "attn_num_heads": 16},
         "transformer-1.3b": {**xfmr, **s1_3b, "attn_num_heads": 32},

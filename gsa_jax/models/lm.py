@@ -52,7 +52,8 @@ def build_mixer(cfg: ModelConfig, layer: int, name: str = "mixer") -> nn.Module:
     shared = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                   expand_k=cfg.expand_k, expand_v=cfg.expand_v, feature_map=cfg.feature_map,
                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
-                  elementwise_affine=cfg.elementwise_affine, norm_eps=cfg.norm_eps,
+                  elementwise_affine=cfg.elementwise_affine,
+                  norm_eps=cfg.norm_eps if cfg.output_norm_eps is None else cfg.output_norm_eps,
                   impl=cfg.impl, chunk_size=cfg.chunk_size, **kw)
     if kind == "gsa":
         return GatedSlotAttention(cfg.hidden_size, num_slots=cfg.num_slots, gate=cfg.gate,
@@ -62,8 +63,10 @@ def build_mixer(cfg: ModelConfig, layer: int, name: str = "mixer") -> nn.Module:
     if kind == "gla":
         return GatedLinearAttention(cfg.hidden_size,
                                     gate_logit_normalizer=cfg.gate_logit_normalizer,
-                                    gate_low_rank_dim=cfg.gate_low_rank_dim, **shared)
-    return MultiScaleRetention(cfg.hidden_size, rope_theta=cfg.rope_theta, **shared)
+                                    gate_low_rank_dim=cfg.gate_low_rank_dim,
+                                    use_output_gate=cfg.use_output_gate, **shared)
+    return MultiScaleRetention(cfg.hidden_size, rope_theta=cfg.rope_theta,
+                               use_output_gate=cfg.use_output_gate, **shared)
 
 
 class Block(nn.Module):
