@@ -43,9 +43,10 @@ def test_gsa_matches_reference(impl, case):
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 16, 36, 64])
 def test_chunk_sizes(chunk_size):
     """37 steps: no chunk size divides it but 1; 64 is a single, mostly padded chunk. The chunk
-    form splits a chunk into sub-chunks of at most 16 steps: 36 (3 of 12) and 64 (4 of 16) are
-    the sizes here that take its cross-sub-chunk path. Any positive chunk size is exact (5 and 7
-    are sizes the Pallas kernels refuse)."""
+    form pads a chunk to a power of two (5 -> 8, 7 -> 8, 36 -> 64) and splits it into diagonal
+    blocks of 8 steps and, level by level, blocks of 16, 32, 64 steps whose halves meet through
+    a reference step: 16 takes one level, 36 and 64 three. Any positive chunk size is exact (5
+    and 7 are sizes the Pallas kernels refuse)."""
     x = gsa_inputs(2, B=1, T=37, H=2, Hkv=1, K=4, V=3, M=5)
     out = gsa_fn("chunk", chunk_size=chunk_size)(*x[:5], x.state)
     _check_against_reference(out, gsa_reference(*x[:5], initial_state=x.state))

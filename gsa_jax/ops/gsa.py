@@ -75,9 +75,10 @@ def gated_slot_attention(
       impl: "auto" ("pallas" on a GPU or TPU where the kernels support the shapes, else
         "chunk"), "recurrent", "parallel", "chunk" or "pallas" (interpreted, slowly, on a CPU).
       chunk_size: C of the chunked forms. The chunk form takes any positive int and is exact
-        for every C (its intra-chunk term runs in sub-chunks of C's largest divisor up to 16,
-        so a C above 16 with only small divisors, a prime say, is slow); impl="pallas" takes
-        16, 32, 64 or 128 and refuses others; impl="auto" uses the kernels only for those.
+        for every C (a C that is not a power of two is padded to the next one inside every
+        chunk, so 36 computes like 64: a power of two is the efficient choice); impl="pallas"
+        takes 16, 32, 64 or 128 and refuses others; impl="auto" uses the kernels only for
+        those.
       slot_activation: "softmax" (GSA) or the ablations "swish", "relu", "relu2".
       recompute_states: keep no hidden states between the forward and the backward pass and
         recompute them there (the paper's hidden-state recomputation): the Pallas kernels drop
