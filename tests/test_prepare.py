@@ -19,6 +19,7 @@ import pytest
 from gsa_jax.data import load_datasets, DataConfig, tokens as token_files
 from gsa_jax.data.prepare import prepare
 from gsa_jax.data.stdlib import is_validation
+from memory_util import SNIPPET
 
 BOS = 256
 ROOT = pathlib.Path(__file__).parent.parent
@@ -190,20 +191,17 @@ def test_progress_bar_counts_tokens(tmp_path, capsys):
     assert f"{total:,} tok" in err and "tok/s" in err   # the last update: every token counted
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+MEMORY_SCRIPT = SNIPPET + textwrap.dedent("""
+    import json, sys
     from gsa_jax.data.prepare import prepare
-
-    def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
     small, big, out = sys.argv[1:4]
     prepare([small], out + "/warm.bin", val_output=out + "/warm_val.bin", val_fraction=0.01,
             workers=1, batch_chars=1 << 18)   # every code path once, before the baseline
-    base = peak_mb()
+    base = peak_rss_mb()
     result = prepare([big], out + "/train.bin", val_output=out + "/val.bin", val_fraction=0.01,
                      workers=1, batch_chars=1 << 18)
-    print(json.dumps({"base": base, "peak": peak_mb(), "result": result}))
+    print(json.dumps({"base": base, "peak": peak_rss_mb(), "result": result}))
 """)
 
 
