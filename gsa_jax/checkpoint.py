@@ -170,11 +170,15 @@ class Checkpointer:
                                          f"{type(meta).__name__}")
         return meta
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    def restore(self, abstract_state: Any, step: Optional[int] = None, *,
+                params_only: bool = False) -> tuple[Any, dict]:
         """(state, meta) of `step`, or without a step of the newest intact checkpoint, placed as
         `abstract_state` says.
 
         abstract_state: the state pytree as jax.ShapeDtypeStruct with `sharding` set.
+        params_only: `abstract_state` is the params tree alone, and only the params are read
+          (orbax's partial restore): the optimizer moments, twice the parameters' size, are
+          neither read nor allocated. Returns (params, meta).
         Without a step, a newer checkpoint that cannot be read is skipped with a warning naming
         its file and the cause (`self.skipped` lists the steps skipped); CorruptCheckpointError
         when no checkpoint is intact, or when the `step` asked for is not. Raises
@@ -182,13 +186,13 @@ class Checkpointer:
         """
         self.skipped = []
         if step is not None:
-            return self._restore_step(abstract_state, self._step(step))
+            return self._restore_step(abstract_state, self._step(step), params_only)
         candidates = sorted(self.all_steps(), reverse=True)
         if not candidates:
             self._step(None)  # raises FileNotFoundError naming the directory
         for candidate in candidates:
             try:
-                return self._restore_step(abstract_state, candidate)
+                return self._restore_step(abstract_state, candidate, params_only)
             except CorruptCheckpointError as err:
                 log.warning("skipping checkpoint step %d: %s", candidate, err)
                 self.skipped.append((candidate, str(err)))
@@ -196,11 +200,22 @@ class Checkpointer:
             f"no intact checkpoint in {self.directory}: steps {candidates} cannot be read "
             f"(newest: {self.skipped[0][1]})")
 
-    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
+    def _restore_step(self, abstract_state: Any, step: int,
+                      params_only: bool = False) -> tuple[Any, dict]:
         meta = self.restore_meta(step)
-        self.check_shapes(abstract_state, step, meta)
+        wanted = {"params": abstract_state} if params_only else abstract_state
+        self.check_shapes(wanted, step, meta, partial=params_only)
         _quiet_late_read_callbacks()  # before the read: the callbacks can come at any time
         try:
+            if params_only:
+                # A PyTree reader of the state item alone: the manager's handler for it
+                # (StandardCheckpointHandler) has no partial restore; the files are the same.
+                with ocp.PyTreeCheckpointer() as reader:
+                    restored = reader.restore(self.step_dir(step) / "state",
+                                              args=ocp.args.PyTreeRestore(
+                        item=wanted, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(wanted)))
+                return restored["params"], meta
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))
         except Exception as err:  # tensorstore/orbax read errors: a damaged array file
@@ -208,8 +223,10 @@ class Checkpointer:
                                          f"{_cause(err)}") from err
         return restored["state"], meta
 
-    def check_shapes(self, abstract_state: Any, step: int, meta: Optional[dict] = None) -> None:
-        """CheckpointShapeError when `step` holds arrays of other shapes than `abstract_state`;
+    def check_shapes(self, abstract_state: Any, step: int, meta: Optional[dict] = None, *,
+                     partial: bool = False) -> None:
+        """CheckpointShapeError when `step` holds arrays of other shapes than `abstract_state`
+        (with `partial`, a subtree of the state: only its top-level keys are compared);
         CorruptCheckpointError when its array metadata cannot be read."""
         state_dir = self.step_dir(step) / "state"
         if not (state_dir / "_METADATA").is_file():
@@ -225,6 +242,9 @@ class Checkpointer:
                         for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
         want = {_path(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        if partial:
+            tops = {key.split("/")[0] for key in want}
+            saved_shapes = {k: v for k, v in saved_shapes.items() if k.split("/")[0] in tops}
         problems = []
         # Parameters first: they name the model difference most directly.
         for key in sorted(set(saved_shapes) | set(want),

@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize text/jsonl files into token files")
     p.add_argument("--input", nargs="+", required=True, help=".txt (one document each) or "
-                   ".jsonl (one document per line) files")
+                   ".jsonl / .jsonl.gz / .jsonl.zst (one document per line) files")
     p.add_argument("--output", required=True, help="training token file (.bin or .npy)")
     p.add_argument("--val-output", help="validation token file")
     p.add_argument("--val-fraction", type=float, default=0.0,
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bos-id", type=int, help="document separator id (default: the "
                    "tokenizer's end-of-text token)")
     p.add_argument("--text-field", default="text", help="field of the .jsonl records")
+    p.add_argument("--workers", type=int, help="processes tokenizing input files in parallel "
+                   "(default: one per CPU, at most one per file)")
 
     p = sub.add_parser("convert", help="convert a pretrained Transformer (Hugging Face "
                        "Llama/Mistral, or a gsa-jax run) into GSA/GLA/RetNet weights (T2R)")
@@ -174,7 +176,8 @@ def _run(args) -> int:
         from gsa_jax.data.prepare import prepare
         result = prepare(args.input, args.output, tokenizer=args.tokenizer, bos_id=args.bos_id,
                          val_output=args.val_output, val_fraction=args.val_fraction,
-                         text_field=args.text_field)
+                         text_field=args.text_field, workers=args.workers,
+                         progress=True)
         print(json.dumps(result, indent=1))
         return 0
     if args.command == "convert":

@@ -36,10 +36,24 @@ class LoggingConfig:
     progress: bool = True        # tqdm progress bar (process 0)
     jsonl: bool = True           # append metrics to <run_dir>/metrics.jsonl
     tensorboard: bool = True     # also TensorBoard event files, if tensorboardX is installed
+    # [first, last]: a jax.profiler trace of train steps first..last (numbered as logged, from
+    # 1) in <run_dir>/profile; an int n: step n alone; null: no trace
+    profile_steps: Optional[list] = None
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"logging: every must be a positive int, got {self.every!r}")
+        steps = self.profile_steps
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            steps = [steps, steps]
+        if steps is not None:
+            if (not isinstance(steps, (list, tuple)) or len(steps) != 2
+                    or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+                    or not 1 <= steps[0] <= steps[1]):
+                raise ValueError(f"logging: profile_steps must be [first, last] with 1 <= first "
+                                 f"<= last (e.g. [10, 12]), a step number or null, got "
+                                 f"{self.profile_steps!r}")
+            object.__setattr__(self, "profile_steps", list(steps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,6 +120,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                     layout: StateLayout, mesh: Mesh, *, grad_accum: int = 1,
                     z_loss: float = 0.0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). The input state is donated (updated in place).
+    step.lower(state, batch): the lowered step (for compile-time and HLO inspection).
 
     The loss is the mean over the batch's tokens (mask-weighted), the same whether the batch
     runs at once or as `grad_accum` micro-batches (sums of losses and gradients, then one
@@ -158,6 +159,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     def run(state: TrainState, batch: dict):
         with shd.sharding_context(mesh):
             return jitted(state, batch)
+
+    def lower(state, batch):
+        """The jitted step lowered for these (abstract or concrete) arguments, traced under the
+        mesh like `run`: `.as_text()` is its StableHLO, `.compile()` the partitioned program."""
+        with shd.sharding_context(mesh):
+            return jitted.lower(state, batch)
+    run.lower = lower
     return run
 
 

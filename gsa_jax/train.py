@@ -4,9 +4,11 @@
             position) or init                                  (reads only; checks first)
     take the run directory's lock, write config.yaml
     for step in [state.step, config.steps):
-        state, metrics = train_step(state, next batch)
-        every logging.every: loss, lr, grad norm, tokens/s, MFU → progress bar + metrics.jsonl;
-                             a non-finite loss or grad norm stops the run
+        state, metrics = train_step(state, next batch)       (dispatched; runs on the device)
+        every logging.every: loss, lr, grad norm, tokens/s, MFU → progress bar + metrics.jsonl,
+                             fetched after the next step is dispatched, so that the host never
+                             stalls the device; a non-finite loss or grad norm stops the run
+        logging.profile_steps [first, last]: a jax.profiler trace of those steps
         every eval.every: validation loss / perplexity
         every checkpoint.every: save (async), after checking that step's metrics are finite
     at the end: save, evaluate, print a sample
@@ -37,6 +39,7 @@ from gsa_jax.data import PackedBatches, load_tokenizer
 from gsa_jax.errors import RunError
 from gsa_jax.evaluate import evaluate, validation_batches
 from gsa_jax.flops import peak_flops, train_flops_per_token
+from gsa_jax.profiling import ProfileWindow
 
 log = logging.getLogger(__name__)
 
@@ -331,57 +334,87 @@ def _loop(session, state, meta, loader, *, stop_at, quiet, init_from, skipped) -
 
         last: dict[str, Any] = {}
         metrics = None
-        timer, timed_steps = None, 0
-        for step in range(start, cfg.steps):
-            batch = next(loader)
-            state, metrics = session.train_step(state, steps.device_batch(batch, mesh))
-            done = step + 1
-            if timer is None:
-                # The first step compiles: start timing after it.
-                jax.block_until_ready(metrics)
-                timer, timed_steps = time.perf_counter(), 0
-            else:
-                timed_steps += 1
-            if done % cfg.logging.every == 0 or done == cfg.steps:
-                values = check(done, metrics)
-                now = time.perf_counter()
-                record = {"step": done, "loss": values["loss"], "lr": values["lr"],
-                          "grad_norm": values["grad_norm"], "epoch": round(loader.epoch, 4)}
-                if cfg.optim.z_loss:
-                    record["z_loss"] = values["z_loss"]
-                if timed_steps:
-                    tok_s = timed_steps * tokens_per_step / (now - timer)
-                    record["tokens_per_s"] = tok_s
-                    if peak_total:
-                        record["mfu"] = tok_s * flops_per_token / peak_total
-                timer, timed_steps = now, 0
-                writer.write(record)
-                last = record
-                if bar is not None:
-                    post = {"loss": f"{record['loss']:.3f}"}
-                    if "tokens_per_s" in record:
-                        post["tok/s"] = f"{record['tokens_per_s']:,.0f}"
-                    if "mfu" in record:
-                        post["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    bar.set_postfix(post, refresh=False)
+        # Timing starts after the first step (it compiles): tokens/s over the steps completed
+        # between timer[0] (a time) and a metrics fetch, counted from timer[1] (a step).
+        timer: Optional[tuple[float, int]] = None
+        # A logged step whose metrics are fetched only after the next step is dispatched, so
+        # that the host never waits for the device between steps: (step, metrics, epoch).
+        pending: Optional[tuple[int, Any, float]] = None
+
+        def log_pending() -> None:
+            nonlocal pending, timer, last
+            if pending is None:
+                return
+            logged, logged_metrics, epoch = pending
+            pending = None
+            values = check(logged, logged_metrics)
+            now = time.perf_counter()
+            record = {"step": logged, "loss": values["loss"], "lr": values["lr"],
+                      "grad_norm": values["grad_norm"], "epoch": round(epoch, 4)}
+            if cfg.optim.z_loss:
+                record["z_loss"] = values["z_loss"]
+            if timer is not None and logged > timer[1]:
+                tok_s = (logged - timer[1]) * tokens_per_step / (now - timer[0])
+                record["tokens_per_s"] = tok_s
+                if peak_total:
+                    record["mfu"] = tok_s * flops_per_token / peak_total
+            if timer is not None:
+                timer = (now, logged)
+            writer.write(record)
+            last = record
             if bar is not None:
-                bar.update(1)
-            if stop_at is not None and done >= stop_at:
-                break
-            paused = False
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
-                if checked["step"] != done:
-                    check(done, metrics)
-                result = run_eval(done)
-                if verbose and result:
-                    _say(bar, _summary(done, last, result))
-                paused = True
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
-                save(done, metrics)
-                last_saved = done
-                paused = True
-            if paused and timer is not None:
-                timer, timed_steps = time.perf_counter(), 0
+                post = {"loss": f"{record['loss']:.3f}"}
+                if "tokens_per_s" in record:
+                    post["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+                if "mfu" in record:
+                    post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                bar.set_postfix(post, refresh=False)
+
+        profile = ProfileWindow(cfg.logging.profile_steps, run_dir / "profile")
+        try:
+            for step in range(start, cfg.steps):
+                done = step + 1
+                profile.start(done)
+                batch = next(loader)
+                with profile.step(done):
+                    state, metrics = session.train_step(state, steps.device_batch(batch, mesh))
+                if timer is None:
+                    jax.block_until_ready(metrics)
+                    timer = (time.perf_counter(), done)
+                log_pending()   # the previous logged step's metrics, while this step runs
+                if done % cfg.logging.every == 0 or done == cfg.steps:
+                    pending = (done, metrics, loader.epoch)
+                paused = False
+                if profile.stop(done, metrics):
+                    paused = True
+                    if verbose:
+                        _say(bar, f"profile of steps {profile.first}-{done} written to "
+                                  f"{profile.directory} (see the README: reading a profile)")
+                    writer.write({"step": done, "event": "profile",
+                                  "steps": [profile.first, done],
+                                  "directory": str(profile.directory)})
+                if bar is not None:
+                    bar.update(1)
+                if stop_at is not None and done >= stop_at:
+                    break
+                if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps:
+                    log_pending()
+                    if checked["step"] != done:
+                        check(done, metrics)
+                    result = run_eval(done)
+                    if verbose and result:
+                        _say(bar, _summary(done, last, result))
+                    paused = True
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps:
+                    log_pending()
+                    save(done, metrics)
+                    last_saved = done
+                    paused = True
+                if paused and timer is not None:
+                    timer = (time.perf_counter(), done)
+            log_pending()
+        finally:
+            profile.close()
 
         done = int(state.step)
         final: dict[str, Any] = dict(last)

@@ -1,4 +1,5 @@
-"""Data pipeline: permutation, packing, segment ids, determinism, resume, corpora, token files.
+"""Data pipeline: permutation, packing, segment ids, determinism, resume, corpora, token files
+(`gsa-jax prepare`: tests/test_prepare.py).
 
 Each check compares against an independent construction (plain Python loops over the stream),
 never against the code's own helpers. The stdlib corpus differs between Python versions: only
@@ -15,7 +16,6 @@ import pytest
 from gsa_jax.data import (ByteTokenizer, DataConfig, PackedBatches, Permutation, load_datasets,
                           sequential_batches)
 from gsa_jax.data import stdlib, tokens as token_files
-from gsa_jax.data.prepare import prepare
 
 BOS = 256
 
@@ -222,48 +222,3 @@ def test_token_file_errors(tmp_path):
         load_datasets(DataConfig(source="tokens", train_path=str(tmp_path / "nope.bin")))
     with pytest.raises(ValueError, match="train_path"):
         DataConfig(source="tokens")
-
-
-def test_prepare_bytes_text_and_jsonl(tmp_path):
-    docs = ["first document\n", "zweites Dokument ü", "", "third"]
-    (tmp_path / "a.txt").write_text(docs[0])
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[1:]) + "\n")
-    result = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
-                     str(tmp_path / "out" / "train.bin"))
-    assert result["train"]["documents"] == 4
-    ids, meta = token_files.read_token_file(tmp_path / "out" / "train.bin")
-    expected = []
-    for d in docs:
-        expected += [BOS] + list(d.encode("utf-8"))
-    assert ids.tolist() == expected and meta["bos_id"] == BOS and meta["vocab_size"] == 257
-    # The prepared file trains through the same path as any token file.
-    ds = load_datasets(DataConfig(source="tokens", train_path=str(tmp_path / "out" / "train.bin")))
-    assert ds.bos_id == BOS and ds.vocab_size == 257 and ds.tokenizer == "bytes"
-
-
-def test_prepare_with_a_tokenizers_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers, decoders
-    texts = [f"def function_{i}(x):\n    return x + {i}\n" for i in range(50)]
-    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tok.json"))
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
-    prepare([str(tmp_path / "docs.jsonl")], str(tmp_path / "train.bin"),
-            val_output=str(tmp_path / "val.bin"), val_fraction=0.2,
-            tokenizer=str(tmp_path / "tok.json"))
-    eot = tok.token_to_id("<|endoftext|>")
-    train, meta = token_files.read_token_file(tmp_path / "train.bin")
-    val, _ = token_files.read_token_file(tmp_path / "val.bin")
-    assert meta["bos_id"] == eot and meta["vocab_size"] == tok.get_vocab_size()
-    # Split the streams at the separator and decode: every text comes back exactly once.
-    decoded = []
-    for stream in (train, val):
-        pieces = np.split(np.asarray(stream), np.flatnonzero(np.asarray(stream) == eot))
-        decoded += [tok.decode(p[1:].tolist()) for p in pieces if len(p)]
-    assert sorted(decoded) == sorted(texts)
-    assert 0 < len(val) < len(train)

@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).parent
 
 
@@ -30,3 +32,11 @@ def run_with_devices(test_file: str, devices: int = 8, markers: str = "") -> Non
 
 def test_sharded_training_on_8_simulated_devices():
     run_with_devices("test_sharding_devices.py")
+
+
+@pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+def test_sharded_step_gathers_no_kernel_operand_on_8_simulated_devices(tier):
+    """tests/test_sharded_step_hlo_devices.py: the compiled sharded train step with the (faked)
+    GPU kernels has no all-gather of their operands; in the slow tier, the same check fails
+    without `per_shard`."""
+    run_with_devices("test_sharded_step_hlo_devices.py", markers=tier)

@@ -46,6 +46,9 @@ def test_yaml_and_overrides(tmp_path):
     small = load_config(None, ["model.num_layers=1"])
     assert small.model == get_preset("gsa-tiny", vocab_size=264, num_layers=1)
     assert config.mesh.fsdp == 2 and config.logging.progress is False
+    # A profiler window: [first, last], or one step n as [n, n].
+    assert load_config(None, ["logging.profile_steps=[10, 12]"]).logging.profile_steps == [10, 12]
+    assert load_config(None, ["logging.profile_steps=7"]).logging.profile_steps == [7, 7]
 
 
 @pytest.mark.parametrize("override,match", [
@@ -61,6 +64,10 @@ def test_yaml_and_overrides(tmp_path):
     ("steps=0", "steps must be"),
     ("training.steps=3", "unknown key"),
     ("optim", "key=value"),
+    ("logging.profile_steps=[5,3]", "profile_steps"),
+    ("logging.profile_steps=[0,3]", "profile_steps"),
+    ("logging.profile_steps=[1,2,3]", "profile_steps"),
+    ("logging.profile_steps=soon", "profile_steps"),
 ])
 def test_bad_values_are_clear_errors(override, match):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,8 @@
 """The training loop end to end on a small generated corpus: loss falls, run files, resume after
 an interruption (in-process stop and a real SIGKILL) equals the uninterrupted run, partial
 checkpoints are ignored, shape mismatches and bad settings are clear errors, standalone eval
-against a hand computation, the CLI's eval and generate."""
+against a hand computation, the CLI's eval and generate, metrics fetched one step behind, the
+profiler window."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from gsa_jax import cli
+from gsa_jax import train as train_module
 from gsa_jax.config import Config, load_config
 from gsa_jax.evaluate import evaluate_checkpoint
 from gsa_jax.train import train
@@ -223,3 +225,64 @@ def test_cli_errors_are_one_line(args, match, capsys, corpus):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("gsa-jax: error:") and match in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def instrumented_run(corpus, tmp_path_factory):
+    """8 steps logged every step, a checkpoint at 5, a profiler window over steps 3-4, with the
+    order of step dispatches ("d<n>") and metric fetches ("f<n>") recorded."""
+    run_dir = tmp_path_factory.mktemp("instrumented")
+    events = []
+    build = train_module.session_lib.build
+
+    def recording_build(*args, **kwargs):
+        session = build(*args, **kwargs)
+        step_fn = session.train_step
+
+        def train_step(state, batch):
+            out = step_fn(state, batch)
+            events.append(f"d{int(out[0].step)}")   # its value: a sync, after the dispatch
+            return out
+        session.train_step = train_step
+        return session
+
+    finite = train_module._finite_or_stop
+
+    def recording_finite(step, *args):
+        events.append(f"f{step}")
+        return finite(step, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.session_lib, "build", recording_build)
+        patch.setattr(train_module, "_finite_or_stop", recording_finite)
+        train(config(corpus, run_dir, steps=8, **{"checkpoint.every": 5, "eval.every": 0,
+                                                 "logging.profile_steps": "[3,4]"}),
+              quiet=True)
+    return run_dir, events
+
+
+def test_metrics_are_fetched_one_step_behind(instrumented_run):
+    """The host reads step n's metrics only after dispatching step n + 1, so it never holds the
+    device up between steps; only where it must wait anyway (a checkpoint of step n, the end)
+    does it read them at once. The order by hand:"""
+    run_dir, events = instrumented_run
+    assert events == ["d1", "d2", "f1", "d3", "f2", "d4", "f3", "d5", "f4", "f5",
+                      "d6", "d7", "f6", "d8", "f7", "f8"]
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+
+
+def test_profile_window_traces_those_steps(instrumented_run):
+    """logging.profile_steps=[3, 4]: a trace under <run_dir>/profile whose train-step
+    annotations are steps 3 and 4 exactly, and an event in metrics.jsonl."""
+    import gzip
+    run_dir, _ = instrumented_run
+    runs = list((run_dir / "profile" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.xplane.pb")) and (runs[0] / "perfetto_trace.json.gz").is_file()
+    trace = json.loads(gzip.open(next(runs[0].glob("*.trace.json.gz"))).read())
+    steps = {int(e["args"]["step_num"]) for e in trace["traceEvents"]
+             if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    assert steps == {3, 4}
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r.get("event") == "profile"] == [
+        {"step": 4, "event": "profile", "steps": [3, 4], "directory": str(run_dir / "profile")}]

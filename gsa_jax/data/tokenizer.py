@@ -1,6 +1,8 @@
 """Tokenizers: bytes (the default, no files needed) and Hugging Face `tokenizers` JSON files.
 
-Both expose encode(str) -> list[int], decode(ids) -> str, vocab_size and bos_id, the document
+Both expose encode(str) -> list[int], encode_batch(texts) -> one id sequence per text (the
+same ids as encode, computed together: the HF tokenizer's Rust code tokenizes a batch in
+parallel), decode(ids) -> str, vocab_size and bos_id, the document
 separator: every document starts with it, so it is also what the model predicts after the end
 of a document (one id serves as BOS and EOS).
 """
@@ -8,6 +10,8 @@ of a document (one id serves as BOS and EOS).
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import numpy as np
 
 
 class ByteTokenizer:
@@ -18,6 +22,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # NumPy views of the UTF-8 bytes: no Python int per token.
+        return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         # Special ids (>= 256) are dropped; a multi-byte character cut by a boundary shows as �.
@@ -53,6 +61,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
