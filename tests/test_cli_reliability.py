@@ -144,8 +144,10 @@ def test_non_finite_loss_stops_the_run_without_saving_it(env, corpus, tmp_path):
 
 
 # ---------------------------------------------------------------- 2. a failed train or resume
-@pytest.mark.parametrize("change", ["model.hidden_size=128", "data.seq_len=48"],
-                         ids=["model-shape", "data-position"])
+@pytest.mark.parametrize("change", [
+    "model.hidden_size=128",
+    pytest.param("data.seq_len=48", marks=pytest.mark.slow)],  # the same path, another check
+    ids=["model-shape", "data-position"])
 def test_failed_resume_leaves_the_run_as_it_was(env, corpus, good_run, tmp_path, change):
     run_dir = copy_run(good_run, tmp_path / "run")
     before = snapshot(run_dir)
@@ -229,7 +231,9 @@ DAMAGES = {"truncated-array-file": truncate_largest_array_file,
            "truncated-meta": truncate_meta}
 
 
-@pytest.mark.parametrize("damage", DAMAGES)
+# The first kind in the fast tier, the other two (about 15 s each) in CI's second step.
+@pytest.mark.parametrize("damage", [name if i == 0 else pytest.param(name, marks=pytest.mark.slow)
+                                    for i, name in enumerate(DAMAGES)])
 def test_eval_falls_back_to_the_newest_intact_checkpoint(env, good_run, tmp_path, damage):
     run_dir = copy_run(good_run, tmp_path / "run")
     named = DAMAGES[damage](run_dir / "checkpoints" / "8")

@@ -325,6 +325,7 @@ def test_cli_convert_unchanged_keeps_transformers_logits(hf_dir, tmp_path, capsy
     np.testing.assert_allclose(logits, reference, atol=5e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 @pytest.mark.reference
 def test_cli_convert_then_train_init_from(hf_dir, corpus, tmp_path, capsys):
     directory = hf_dir[0]

@@ -30,6 +30,7 @@ def smoke(tmp_path_factory):
     return eff, json.loads((out / "efficiency_test.json").read_text()), out
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_smoke_files_and_train_rows(smoke):
     eff, record, out = smoke
     config = record["config"]
@@ -58,6 +59,7 @@ def test_smoke_files_and_train_rows(smoke):
             assert (out / f"efficiency_test{suffix}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # shares the slow `smoke` fixture (a smoke run, ~80 s)
 def test_smoke_decode_state_constant_vs_growing_kv_cache(smoke):
     """GSA's cache is L·H·(K·M + M·V) float32 at every N; attention's grows by exactly
     L·ΔN·(2·Hkv·d·itemsize + 1) bytes (k and v slots plus the valid flag) between lengths."""
@@ -113,6 +115,7 @@ def test_budget_merge_and_unavailable_peer(tmp_path):
     assert row["status"] == "unavailable" and row["reason"]
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_compile_only_fills_the_cache_that_a_timed_run_reads(tmp_path):
     """--compile-only compiles every JAX train step from shapes (no timing, no decode, no
     peer) into --compile-cache; a timed run on that cache writes no new executable."""
@@ -218,6 +221,7 @@ def test_models_choose_the_decode_cases_too():
     assert decode(["--parts", "decode"]) == [("decode", "gsa"), ("decode", "transformer")]
 
 
+@pytest.mark.slow  # shares the slow `smoke` fixture (a smoke run, ~80 s)
 def test_figure_draws_only_the_parts_a_report_has(smoke):
     """A train-only report (e.g. a sweep merged from train runs) gets the two train panels, not
     an empty latency axis; the full smoke report gets all three."""

@@ -44,6 +44,7 @@ def _check_common(report: dict, argv: list, tmp_path, name: str) -> str:
     return md
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_mqar_smoke(tmp_path):
     from experiments.mqar import MODELS, SMOKE   # the script's own sizes, not a copy
     argv = ["--smoke", "--tag", "test", "--out-dir", str(tmp_path), "--no-progress"]
@@ -106,6 +107,7 @@ def test_mqar_smoke(tmp_path):
     assert "| D=16 | D=24 |" in md and "Commands:" in md
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_ablations_smoke(tmp_path):
     from experiments.ablations import SMOKE, VARIANTS
     argv = ["--smoke", "--tag", "test", "--out-dir", str(tmp_path), "--no-progress"]
@@ -137,6 +139,7 @@ def test_ablations_smoke(tmp_path):
     assert "paper ppl (Table 2)" in md
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_ablations_jobs_match_in_process_runs(tmp_path):
     """--jobs 2 (each run in its own worker process, two at a time) reports the same
     validation losses as the same runs done one after another in the driver's process."""

@@ -237,6 +237,7 @@ def test_tied_embeddings_use_the_embedding_matrix():
                                np.asarray(_forward(untied, with_head, tokens)), rtol=1e-6)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_remat_and_bfloat16():
     """remat and the GSA layers' recompute_states compute the same function (loss and
     gradients); bf16 compute stays close to f32 and returns float32 logits."""

@@ -65,6 +65,7 @@ def test_make_data_packs_the_mixture():
     assert np.all((np.asarray(ty32) != IGNORE).sum(axis=-1) == 4)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_traced_lr_matches_the_optimizer_and_accuracy():
     import flax.linen as nn
     import optax
@@ -111,6 +112,7 @@ def test_traced_lr_matches_the_optimizer_and_accuracy():
         assert np.isclose(a, np.sum((pred == labels) & mask) / mask.sum())
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_lr_grid_reports_the_best_per_test_set():
     args = mqar.parse_args(ARGV + ["--lr", "1e-4", "3e-2", "--conv-init", "torch"])
     data = mqar.make_data(args)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gsa_jax import demo
 from script_util import load_experiment
 
@@ -23,6 +25,7 @@ def test_demo_forms_agree(capsys):
         assert f"| {form} |" in out
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_bench_ops_writes_records(tmp_path):
     bench = _bench_ops()
     common = ["--in-process", "--tag", "test", "--out-dir", str(tmp_path), "--tokens", "64",

@@ -30,6 +30,7 @@ def run_with_devices(test_file: str, devices: int = 8, markers: str = "") -> Non
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_sharded_training_on_8_simulated_devices():
     run_with_devices("test_sharding_devices.py")
 

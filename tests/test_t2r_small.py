@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_PLOT = importlib.util.find_spec("matplotlib") is not None
 RUNS = ["transformer", "gsa_t2r", "gla_t2r", "retnet_t2r", "gsa_scratch"]
@@ -23,6 +25,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_t2r_small_smoke(tmp_path):
     argv = ["--smoke", "--tag", "test", "--out-dir", str(tmp_path), "--work-dir",
             str(tmp_path / "work"), "--no-progress"]

@@ -42,6 +42,7 @@ def command(corpus, run_dir) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_two_processes_train_like_one(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     # Reference: one process, two simulated devices.

@@ -113,6 +113,7 @@ def test_resume_after_stop_equals_uninterrupted(corpus, tmp_path, reference_run)
     assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("resume", 4)]
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_resume_after_sigkill_equals_uninterrupted(corpus, tmp_path):
     """A real `gsa-jax train` process killed with SIGKILL mid-run (possibly mid-save), then
     restarted: the loss curve equals an uninterrupted run's."""

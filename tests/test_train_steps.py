@@ -162,7 +162,7 @@ def test_incompatible_settings_are_clear_errors(overrides, shards, match):
     from types import SimpleNamespace
     from gsa_jax.config import load_config
     from gsa_jax.session import check_compatible
-    data = SimpleNamespace(vocab_size=257, tokenizer="bytes", max_ids={})
+    data = SimpleNamespace(vocab_size=257, tokenizer="bytes", max_ids={}, val=None)
     with pytest.raises(ValueError, match=match):
         check_compatible(load_config(None, overrides), data, shards)
 

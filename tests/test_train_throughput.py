@@ -10,9 +10,12 @@ import os
 
 import numpy as np
 
+import pytest
+
 from script_util import ROOT, load_experiment
 
 
+@pytest.mark.slow  # over 30 s on a 2-core CPU: CI's second step
 def test_tiny_run_summary_matches_its_metrics(tmp_path):
     script = load_experiment("train_throughput")
     run_dir = tmp_path / "run"
