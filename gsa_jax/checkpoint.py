@@ -59,12 +59,37 @@ def _is_closed_loop_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
+def _from_orbax(obj: Any) -> bool:
+    """A coroutine, task or traceback whose code lies in orbax (its abandoned array reads)."""
+    code = getattr(obj, "cr_code", None) or getattr(getattr(obj, "get_coro", lambda: None)(),
+                                                    "cr_code", None)
+    if code is not None:
+        return "orbax" in code.co_filename
+    tb = obj
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for orbax's other reads of a checkpoint
+    whose damage was already reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and _from_orbax(exc.__traceback__))
+
+
 def _quiet_late_read_callbacks() -> None:
     """After a failed array read, orbax's event loop is closed while tensorstore's other reads
-    of that checkpoint are still in flight; as they finish, their callbacks hit the closed loop
-    and tensorstore prints each 'RuntimeError: Event loop is closed' traceback (through
-    sys.excepthook or sys.unraisablehook, from its own threads, any time later). The damage is
-    already reported in one line, so exactly these errors are dropped; any other is printed."""
+    of that checkpoint are still in flight. As they finish (from tensorstore's threads, any time
+    later) they print tracebacks: 'RuntimeError: Event loop is closed' through sys.excepthook or
+    sys.unraisablehook, and their own read errors as 'Exception ignored in: <coroutine ...>' or
+    asyncio's 'Task exception was never retrieved'. The damage is already reported in one line,
+    so exactly these are dropped (closed-loop errors, and errors raised in orbax's coroutines);
+    any other is printed."""
     if getattr(sys.excepthook, "_gsa_quiet", False):
         return
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
@@ -74,11 +99,13 @@ def _quiet_late_read_callbacks() -> None:
             excepthook(kind, value, tb)
 
     def quiet_unraisablehook(info):
-        if not _is_closed_loop_error(info.exc_value):
+        if not (_is_closed_loop_error(info.exc_value) or _from_orbax(info.object)
+                or _from_orbax(info.exc_traceback)):
             unraisablehook(info)
 
     quiet_excepthook._gsa_quiet = True
     sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 def _cause(err: BaseException, limit: int = 400) -> str:

@@ -121,3 +121,49 @@ def test_params_only_restore_never_allocates_the_optimizer_state(tmp_path):
         growth[mode] = json.loads(proc.stdout.splitlines()[-1])["growth_mb"]
     assert growth["full"] >= state_mb, growth        # the measurement sees the whole state
     assert growth["params"] < state_mb, growth       # ... and no moments here
+
+
+def test_late_read_noise_is_dropped_and_nothing_else(monkeypatch):
+    """After a damaged read, orbax's abandoned reads report through sys.unraisablehook,
+    sys.excepthook and asyncio's logger from other threads: those (errors raised in orbax's
+    coroutines, 'Event loop is closed') are dropped; an error of any other origin still reaches
+    the original hook."""
+    import logging
+    import sys
+    import types
+    from gsa_jax import checkpoint as ck
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(("unraisable", info)))
+    monkeypatch.setattr(sys, "excepthook", lambda *a: seen.append(("except", a[1])))
+    asyncio_logger = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_logger, "filters", list(asyncio_logger.filters))
+    ck._quiet_late_read_callbacks()
+
+    namespace = {}
+    exec(compile("async def read():\n    raise OSError('short read')\n",
+                 "/site-packages/orbax/checkpoint/serialization.py", "exec"), namespace)
+    orbax_read = namespace["read"]()
+
+    async def ours():
+        return None
+
+    other = ours()
+    info = lambda exc, obj: types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                                  exc_traceback=None, err_msg=None, object=obj)
+    sys.unraisablehook(info(OSError("short read"), orbax_read))
+    sys.unraisablehook(info(RuntimeError("Event loop is closed"), None))
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    sys.unraisablehook(info(ValueError("ours"), other))
+    sys.excepthook(ValueError, ValueError("ours too"), None)
+    orbax_read.close()
+    other.close()
+    assert [(kind, str(getattr(x, "exc_value", x))) for kind, x in seen] == [
+        ("unraisable", "ours"), ("except", "ours too")]
+    try:
+        exec(compile("raise OSError('short read')", "/site-packages/orbax/x.py", "exec"))
+    except OSError as err:
+        record = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Task exception was never "
+                                   "retrieved", None, (OSError, err, err.__traceback__))
+    assert not all(f.filter(record) for f in asyncio_logger.filters)
+    record.exc_info = None
+    assert all(f.filter(record) for f in asyncio_logger.filters)
