@@ -2,7 +2,7 @@
 GSA and GLA models, computed by fla with its Triton kernels and by gsa-jax from the saved
 checkpoint (gsa_jax.hf.fla.load_fla), in bf16 and in float32.
 
-    PYTHONPATH=/tmp/site:. python experiments/fla_parity.py --tag h200     # ~1-3 min on a GPU
+    PYTHONPATH=/tmp/site:. python experiments/fla_parity.py --tag h200     # ~3-5 min on an H200
     (after: python3 -m pip install -q --no-index --no-deps --target /tmp/site shared/wheels/*.whl)
 
 Per case (a model, a sequence length) the checkpoint is saved in bf16, so both sides hold the
@@ -61,7 +61,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="torch device of fla (cuda; cpu only "
                    "with fla's kernels replaced, as the tests do)")
     p.add_argument("--out-dir", help="results directory (default experiments/results)")
+    p.add_argument("--full-autotune", action="store_true",
+                   help="let Triton autotune fla's kernels over all their configs (default: "
+                        "the first config of each, see `one_config_autotune`)")
     return p.parse_args(argv)
+
+
+def one_config_autotune() -> None:
+    """Make `triton.autotune` keep only the first config of each kernel (call before importing
+    fla, whose decorators run at import). Parity does not depend on the tiles a kernel uses,
+    and autotuning every config of fla's kernels took ~80 s per (case, dtype) on an H200: the
+    six cases' two dtypes would not fit one 10-minute device call."""
+    import triton
+    if getattr(triton.autotune, "_gsa_one_config", False):
+        return
+    full = triton.autotune
+
+    def first_config(configs, *args, **kwargs):
+        return full(list(configs)[:1], *args, **kwargs)
+
+    first_config._gsa_one_config = True
+    triton.autotune = first_config
 
 
 def randomize(torch, model, seed: int) -> None:
@@ -183,6 +203,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     common.ensure_importable()
     try:
+        if not args.full_autotune:
+            one_config_autotune()
         import fla  # noqa: F401  (registers GSA/GLA with transformers)
         import torch
     except ImportError as err:
@@ -199,6 +221,7 @@ def main(argv=None) -> int:
     record = {"config": {"base": BASE, "cases": {c: CASES[c] for c in args.cases},
                          "seq_lens": args.seq_lens, "batch": args.batch,
                          "device": args.device, "torch": torch.__version__,
+                         "triton_autotune": "full" if args.full_autotune else "first config",
                          "fla": getattr(fla, "__version__", None)},
               "rows": rows}
     common.write_and_print(args.tag, "fla_parity", record, markdown(rows, args),
