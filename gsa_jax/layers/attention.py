@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gsa_jax import checks
 from gsa_jax.layers import common
 
 Array = jax.Array
@@ -44,18 +45,15 @@ class Attention(nn.Module):
 
     def dims(self) -> tuple[int, int]:
         owner = "Attention"
-        common.check_choice(owner, "implementation", self.implementation, IMPLEMENTATIONS)
+        checks.check_choice(owner, "implementation", self.implementation, IMPLEMENTATIONS)
         if self.head_dim is None:
             kv, dh, _, _ = common.head_dims(owner, self.hidden_size, self.num_heads,
                                             self.num_kv_heads, 1.0, 1.0)
         else:
-            kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+            kv = common.kv_heads(owner, self.num_heads, self.num_kv_heads)
             dh = self.head_dim
-            if kv <= 0 or self.num_heads % kv or dh <= 0:
-                raise ValueError(f"{owner}: num_kv_heads ({kv}) must divide num_heads "
-                                 f"({self.num_heads}) and head_dim ({dh}) be positive")
-        if dh % 2:
-            raise ValueError(f"{owner}: RoPE needs an even head dim, got {dh}")
+            checks.check_positive_int(owner, "head_dim", dh)
+        checks.check_rope_dim(owner, "head dim", dh)
         return kv, dh
 
     @nn.compact

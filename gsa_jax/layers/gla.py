@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_jax import ops
+from gsa_jax import checks, ops
 from gsa_jax.layers import common
 
 Array = jax.Array
@@ -57,10 +57,11 @@ class GatedLinearAttention(nn.Module):
         owner = "GatedLinearAttention"
         dims = common.head_dims(owner, self.hidden_size, self.num_heads, self.num_kv_heads,
                                 self.expand_k, self.expand_v)
-        common.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
-        if self.gate_low_rank_dim <= 0 or self.gate_logit_normalizer <= 0:
-            raise ValueError(f"{owner}: gate_low_rank_dim and gate_logit_normalizer must be "
-                             f"positive, got {self.gate_low_rank_dim}, {self.gate_logit_normalizer}")
+        checks.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
+        checks.check_positive_int(owner, "gate_low_rank_dim", self.gate_low_rank_dim)
+        checks.check_positive(owner, "gate_logit_normalizer", self.gate_logit_normalizer)
+        if self.use_short_conv:
+            checks.check_positive_int(owner, "conv_size", self.conv_size)
         return dims
 
     @nn.compact

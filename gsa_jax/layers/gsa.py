@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_jax import ops
+from gsa_jax import checks, ops
 from gsa_jax.layers import common
 from gsa_jax.ops import common as ops_common
 
@@ -31,6 +31,13 @@ Array = jax.Array
 
 GATES = ("data_dependent", "data_independent", "none")
 SLOT_NONLINEARITIES = ops_common.SLOT_ACTIVATIONS  # softmax | swish | relu | relu2
+
+
+def check_num_slots(owner: str, num_slots: Optional[int]) -> None:
+    """M: a positive int, or None (the head key dim)."""
+    if num_slots is not None and (not checks.is_int(num_slots) or num_slots <= 0):
+        raise ValueError(f"{owner}: num_slots must be positive or None (the head key dim), "
+                         f"got {num_slots!r}")
 
 
 def _segment_starts(runs: Optional[Array], batch: int, length: int) -> Array:
@@ -137,18 +144,15 @@ class GatedSlotAttention(nn.Module):
         owner = "GatedSlotAttention"
         kv, dk, dv, group = common.head_dims(owner, self.hidden_size, self.num_heads,
                                              self.num_kv_heads, self.expand_k, self.expand_v)
-        common.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
-        common.check_choice(owner, "gate", self.gate, GATES)
-        common.check_choice(owner, "slot_nonlinearity", self.slot_nonlinearity,
+        checks.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
+        checks.check_choice(owner, "gate", self.gate, GATES)
+        checks.check_choice(owner, "slot_nonlinearity", self.slot_nonlinearity,
                             SLOT_NONLINEARITIES)
+        check_num_slots(owner, self.num_slots)
         slots = dk if self.num_slots is None else self.num_slots
-        if slots <= 0:
-            raise ValueError(f"{owner}: num_slots must be positive, got {slots}")
-        if self.gate_logit_normalizer <= 0:
-            raise ValueError(f"{owner}: gate_logit_normalizer must be positive, got "
-                             f"{self.gate_logit_normalizer}")
-        if self.use_short_conv and self.conv_size < 1:
-            raise ValueError(f"{owner}: conv_size must be >= 1, got {self.conv_size}")
+        checks.check_positive(owner, "gate_logit_normalizer", self.gate_logit_normalizer)
+        if self.use_short_conv:
+            checks.check_positive_int(owner, "conv_size", self.conv_size)
         return kv, dk, dv, group, slots
 
     def _gates(self, x: Array, runs, cache, kv: int, slots: int):

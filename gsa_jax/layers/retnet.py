@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_jax import ops
+from gsa_jax import checks, ops
 from gsa_jax.layers import common
 from gsa_jax.ops import common as ops_common
 
@@ -63,9 +63,10 @@ class MultiScaleRetention(nn.Module):
         owner = "MultiScaleRetention"
         dims = common.head_dims(owner, self.hidden_size, self.num_heads, self.num_kv_heads,
                                 self.expand_k, self.expand_v)
-        common.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
-        if dims[1] % 2:
-            raise ValueError(f"{owner}: RoPE needs an even head key dim, got {dims[1]}")
+        checks.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
+        checks.check_rope_dim(owner, "head key dim", dims[1])
+        if self.use_short_conv:
+            checks.check_positive_int(owner, "conv_size", self.conv_size)
         return dims
 
     @nn.compact

@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from gsa_jax import checks
 from gsa_jax.ops import common, pallas
 from gsa_jax.ops.chunk import gla_chunk
 from gsa_jax.ops.parallel import gla_parallel
@@ -39,9 +40,9 @@ def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str
     if impl == "pallas" and not supported:
         raise ValueError(
             f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS} or multiples of "
-            f"128, chunk_size in "
-            f"(16, 32, 64, 128) and no float64 inputs; got dims {dims}, chunk_size "
-            f"{chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other shapes.")
+            f"128, chunk_size in {pallas.KERNEL_CHUNKS} and no float64 inputs; got dims {dims}, "
+            f"chunk_size {chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other "
+            f"shapes.")
     return impl
 
 
@@ -98,9 +99,9 @@ def gated_linear_attention(
       inputs) or None). T = 0 gives an empty o and the initial state as the final state.
     """
     fn = "gated_linear_attention"
-    common.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
-    common.check_choice(fn, "impl", impl, IMPLS)
-    common.check_chunk_size(fn, chunk_size)
+    checks.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
+    checks.check_choice(fn, "impl", impl, IMPLS)
+    checks.check_positive_int(fn, "chunk_size", chunk_size)
     common.check_floating(fn, initial_state=initial_state)
     B, T, Hkv, group = common.check_sequence_inputs(fn, q=q, k=k, v=v, g=g)
     K = common.check_same_dim(fn, "key dims of q and k", [("q", q.shape, 3), ("k", k.shape, 3)])
