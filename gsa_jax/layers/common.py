@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from gsa_jax import checks
 from gsa_jax.ops import common as ops_common
-from gsa_jax.ops import gla_step
 
 Array = jax.Array
 Dtype = Any
@@ -250,17 +249,3 @@ def check_mode(owner: str, mode: str, cache) -> None:
     if mode == "train" and cache is not None:
         raise ValueError(f"{owner}: mode='train' takes no cache; use 'prefill' or 'decode'")
 
-
-def gla_step_grouped(q: Array, k: Array, v: Array, g: Array, state: Array, *, gate_axis: str,
-                     scale: float) -> tuple[Array, Array]:
-    """One recurrent GLA step with grouped heads, in float32.
-
-    q: [B, H, K]; k: [B, Hkv, K]; v: [B, Hkv, V]; g: [B, Hkv, K or V]; state: [B, Hkv, K, V].
-    Returns (o [B, H, V] in q's dtype, new state [B, Hkv, K, V] float32).
-    """
-    group = q.shape[1] // k.shape[1]
-    f32 = jnp.float32
-    k, v, g = (ops_common.repeat_heads(x.astype(f32), group, axis=1) for x in (k, v, g))
-    state = ops_common.repeat_heads(state.astype(f32), group, axis=1)
-    o, state = gla_step(q.astype(f32), k, v, g, state, gate_axis=gate_axis, scale=scale)
-    return o.astype(q.dtype), ops_common.first_of_group(state, group)
