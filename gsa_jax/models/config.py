@@ -63,6 +63,7 @@ class ModelConfig:
     attn_num_kv_heads: Optional[int] = None
     rope_theta: float = 10000.0
     attn_implementation: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
+    attention_short_conv: bool = False  # short conv (width conv_size) on attention's q/k/v
     # Channel mixing and norms.
     hidden_ratio: int = 4              # SwiGLU width int(2/3 · ratio · D) rounded up to 256
     intermediate_size: Optional[int] = None  # explicit SwiGLU width
