@@ -213,7 +213,7 @@ def _run(args) -> int:
         return 0
     # generate
     from gsa_jax import session as session_lib
-    from gsa_jax.train import sample_text
+    from gsa_jax.generation import sample_text
     session = session_lib.build(config, read_only=True)
     try:
         params, meta = session_lib.restore_params(session, args.step)

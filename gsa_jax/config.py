@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from gsa_jax import checks
 from gsa_jax.checkpoint import CheckpointConfig
 from gsa_jax.data.datasets import DataConfig
 from gsa_jax.generation import check_sampling
@@ -116,8 +117,7 @@ class Config:
     seed: int = 0                   # parameter initialisation
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        checks.check_positive_int("config", "steps", self.steps, numpy_ints=False)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gsa_jax import sharding as shd
+from gsa_jax.data import load_tokenizer
 from gsa_jax.models.lm import CausalLM
 
 Array = jax.Array
@@ -190,3 +192,25 @@ def tree_bytes(tree) -> int:
     """Total bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree_util.tree_leaves(tree))
+
+
+def sample_text(session, params, sample_cfg) -> str:
+    """Generates a continuation of `sample_cfg.prompt` with the run's tokenizer (one process).
+
+    Args:
+      session: the run's model and data, as a `gsa_jax.session.Session`: `.model` (CausalLM),
+        `.mesh` (the params are replicated over it) and `.data.tokenizer` / `.data.bos_id`.
+      params: the model's parameters (the "params" collection).
+      sample_cfg: prompt (text), max_new_tokens, seed, temperature, top_k, top_p (the
+        config's `sample` section).
+    Returns: the prompt followed by the decoded continuation (stops at the BOS token).
+    """
+    tok = load_tokenizer(session.data.tokenizer, session.data.bos_id)
+    prompt = [tok.bos_id] + tok.encode(sample_cfg.prompt)
+    params = jax.device_put(params, shd.replicated(session.mesh))
+    out = generate(session.model, {"params": params}, [prompt],
+                   max_new_tokens=sample_cfg.max_new_tokens,
+                   rng=jax.random.key(sample_cfg.seed), temperature=sample_cfg.temperature,
+                   top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, stop_tokens=[tok.bos_id])
+    n = int(out.lengths[0])
+    return sample_cfg.prompt + tok.decode(np.asarray(out.tokens[0, :n]))

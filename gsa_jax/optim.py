@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gsa_jax import checks
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -41,23 +43,19 @@ class OptimConfig:
     def __post_init__(self):
         def fail(msg):
             raise ValueError(f"optim: {msg}")
-        if not self.lr > 0:
-            fail(f"lr must be positive, got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            fail(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        checks.check_positive("optim", "lr", self.lr)
+        checks.check_choice("optim", "schedule", self.schedule, SCHEDULES)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             fail(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             fail(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             fail(f"b1, b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
-        if not self.eps > 0:
-            fail(f"eps must be positive, got {self.eps!r}")
+        checks.check_positive("optim", "eps", self.eps)
         for name in ("weight_decay", "grad_clip", "z_loss"):
             if not getattr(self, name) >= 0:
                 fail(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
-            fail(f"grad_accum must be a positive int, got {self.grad_accum!r}")
+        checks.check_positive_int("optim", "grad_accum", self.grad_accum, numpy_ints=False)
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:

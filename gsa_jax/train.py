@@ -35,10 +35,11 @@ from gsa_jax import session as session_lib
 from gsa_jax import sharding as shd
 from gsa_jax import steps
 from gsa_jax.config import Config, dump_yaml
-from gsa_jax.data import PackedBatches, load_tokenizer
+from gsa_jax.data import PackedBatches
 from gsa_jax.errors import RunError
 from gsa_jax.evaluate import evaluate, validation_batches
 from gsa_jax.flops import peak_flops, train_flops_per_token
+from gsa_jax.generation import sample_text
 from gsa_jax.profiling import ProfileWindow
 
 log = logging.getLogger(__name__)
@@ -99,20 +100,6 @@ def _summary(step: int, train: dict, val: dict) -> str:
     if "mfu" in train:
         line += f"  MFU {100 * train['mfu']:.1f}%"
     return line
-
-
-def sample_text(session, params, sample_cfg) -> str:
-    """Generates a continuation of `sample_cfg.prompt` with the run's tokenizer (one process)."""
-    from gsa_jax.generation import generate
-    tok = load_tokenizer(session.data.tokenizer, session.data.bos_id)
-    prompt = [tok.bos_id] + tok.encode(sample_cfg.prompt)
-    params = session_lib.replicated_params(params, session.mesh)
-    out = generate(session.model, {"params": params}, [prompt],
-                   max_new_tokens=sample_cfg.max_new_tokens,
-                   rng=jax.random.key(sample_cfg.seed), temperature=sample_cfg.temperature,
-                   top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, stop_tokens=[tok.bos_id])
-    n = int(out.lengths[0])
-    return sample_cfg.prompt + tok.decode(np.asarray(out.tokens[0, :n]))
 
 
 class TrainingDiverged(RunError):

@@ -44,10 +44,11 @@ def _forward(model, params, tokens, segment_ids=None):
 @pytest.mark.parametrize("name, overrides", [
     ("gsa-tiny", dict(gate="none", use_short_conv=True, num_kv_heads=2)),
     ("gsa-hybrid-tiny", {}),  # default GSA layers and an attention layer
+    ("gsa-hybrid-tiny", dict(attention_short_conv=True)),  # the conv tails in attention's cache
     ("gla-tiny", {}),
     ("retnet-tiny", {}),
     ("transformer-tiny", {}),
-], ids=["gsa-abc-conv-gqa", "hybrid", "gla", "retnet", "transformer"])
+], ids=["gsa-abc-conv-gqa", "hybrid", "hybrid-attention-conv", "gla", "retnet", "transformer"])
 def test_prefill_then_decode_equals_full_forward(name, overrides):
     """Logits of prefill(prompt) + one-token decode steps (teacher forcing) equal one forward
     pass over the whole sequence, float32."""

@@ -4,12 +4,17 @@ primitive on both gate axes, packed segments, split-and-carry and the one-step d
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
 from ops_util import (FORMS, SLOT_ACTIVATIONS, assert_close, gla_fn, gla_inputs, gsa_fn,
                       gsa_inputs, step_fn)
 from reference import gla_reference, gsa_reference
+
+from gsa_jax.ops import gated_linear_attention_step
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -175,6 +180,25 @@ def test_step_repeated_equals_sequence(slot_activation):
     assert_close(o_steps, o_seq, **TOL, what="o vs recurrent sequence form")
     assert_close(state[0], hk_ref, **TOL, what="Hk")
     assert_close(state[1], hv_ref, **TOL, what="Hv")
+
+
+@pytest.mark.parametrize("gate_axis", ["key", "value"])
+def test_gla_step_repeated_equals_sequence(gate_axis):
+    """The GLA decode step (the GLA and RetNet layers' decode) applied T times from an initial
+    state, with grouped heads, against the reference and the recurrent sequence form."""
+    q, k, v, g, S0 = gla_inputs(11, B=2, T=9, H=4, Hkv=2, K=3, V=5, gate_axis=gate_axis)
+    o_ref, S_ref = gla_reference(q, k, v, g, gate_axis=gate_axis, initial_state=S0)
+    o_seq, _ = gla_fn("recurrent", gate_axis)(q, k, v, g, S0)
+    step = jax.jit(functools.partial(gated_linear_attention_step, gate_axis=gate_axis))
+    state, outs = S0, []
+    for t in range(q.shape[1]):
+        o_t, state = step(q[:, t], k[:, t], v[:, t], g[:, t], state)
+        outs.append(o_t)
+    o_steps = np.stack(outs, axis=1)
+    assert o_steps.dtype == np.float64 and state.shape == S0.shape
+    assert_close(o_steps, o_ref, **TOL, what="o vs reference")
+    assert_close(o_steps, o_seq, **TOL, what="o vs recurrent sequence form")
+    assert_close(state, S_ref, **TOL, what="state")
 
 
 @pytest.mark.parametrize("segments", [False, True])

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gsa_jax.ops import gated_linear_attention, gated_slot_attention, gated_slot_attention_step
+from gsa_jax.ops import (gated_linear_attention, gated_linear_attention_step,
+                         gated_slot_attention, gated_slot_attention_step)
 
 B, T, H, HKV, K, V, M = 2, 5, 4, 2, 3, 6, 7
 
@@ -171,6 +172,26 @@ def test_step_shapes_in_messages_are_the_callers():
     with pytest.raises(ValueError) as info:
         gated_slot_attention_step(**{**_step_args(), "k": _arr(B + 1, HKV, K)})
     assert str((B, 1, H, K)) not in str(info.value)
+
+
+def _gla_step_args():
+    return dict(q=_arr(B, H, K), k=_arr(B, HKV, K), v=_arr(B, HKV, V),
+                g=-jnp.abs(_arr(B, HKV, K)))
+
+
+@pytest.mark.parametrize("name,kwargs,fragments", [
+    ("rank", dict(q=_arr(B, 1, H, K)), ["q", "rank 3", "[B, H, D]", str((B, 1, H, K))]),
+    ("kv_heads", dict(v=_arr(B, HKV + 1, V)), ["heads of k, v, g", str((B, HKV + 1, V))]),
+    ("key_dim", dict(k=_arr(B, HKV, K + 1)), ["key dims of q and k", str((B, HKV, K + 1))]),
+    ("gate_dim", dict(g=-jnp.abs(_arr(B, HKV, V))), ["gate dims", "'key'", str((B, HKV, V))]),
+    ("state", dict(state=_arr(B, HKV, V, K)), ["state", str((B, HKV, K, V)),
+                                               str((B, HKV, V, K))]),
+    ("gate_axis", dict(gate_axis="slot"), ["gate_axis", "'slot'"]),
+    ("positive_gate", dict(g=jnp.abs(_arr(B, HKV, K)) + 0.5), ["g is a log forget gate"]),
+], ids=lambda c: c if isinstance(c, str) else None)
+def test_gla_step_errors(name, kwargs, fragments):
+    _raises(gated_linear_attention_step, {**_gla_step_args(), **kwargs},
+            "gated_linear_attention_step", *fragments)
 
 
 # ---- the log gate: g > 0 is refused where it is concrete (eager calls)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from gsa_jax import checks
 from gsa_jax.data import stdlib, tokens as token_files
 from gsa_jax.data.tokenizer import ByteTokenizer
 
@@ -34,12 +35,9 @@ class DataConfig:
     def __post_init__(self):
         def fail(msg):
             raise ValueError(f"data: {msg}")
-        if self.source not in SOURCES:
-            fail(f"unknown source {self.source!r}; expected one of {SOURCES}")
+        checks.check_choice("data", "source", self.source, SOURCES)
         for name in ("seq_len", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(f"{name} must be a positive int, got {value!r}")
+            checks.check_positive_int("data", name, getattr(self, name), numpy_ints=False)
         if not isinstance(self.seed, int):
             fail(f"seed must be an int, got {self.seed!r}")
         if not 0 <= self.val_fraction < 1:

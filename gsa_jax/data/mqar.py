@@ -42,6 +42,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from gsa_jax import checks
+
 IGNORE = -100   # label of the positions that are not queries (the loss and accuracy skip them)
 
 
@@ -58,9 +60,7 @@ class MQARConfig:
         def fail(msg):
             raise ValueError(f"MQAR: {msg}")
         for name in ("vocab_size", "seq_len", "num_kv_pairs"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                fail(f"{name} must be a positive int, got {value!r}")
+            checks.check_positive_int("MQAR", name, getattr(self, name))
         P, T, V = self.num_kv_pairs, self.seq_len, self.vocab_size
         if 4 * P > T:
             fail(f"seq_len {T} is too short for {P} key-value pairs: the context takes 2P = "
@@ -169,9 +169,7 @@ def generate(config: MQARConfig, num_examples: int, seed: int) -> MQARData:
     Use different seeds for training and held-out sets. Returns MQARData(inputs, labels), both
     [num_examples, seq_len] int32.
     """
-    if not isinstance(num_examples, (int, np.integer)) or isinstance(num_examples, bool) \
-            or num_examples < 1:
-        raise ValueError(f"MQAR: num_examples must be a positive int, got {num_examples!r}")
+    checks.check_positive_int("MQAR", "num_examples", num_examples)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"MQAR: seed must be an int, got {seed!r}")
     cfg = config
@@ -242,8 +240,7 @@ def generate_packed(configs: Sequence[MQARConfig], shares: Sequence[float], num_
     if len(configs) != len(shares) or not configs:
         raise ValueError(f"MQAR: need one share per mixture component, got {len(configs)} "
                          f"components and {len(shares)} shares")
-    if not isinstance(num_rows, (int, np.integer)) or isinstance(num_rows, bool) or num_rows < 1:
-        raise ValueError(f"MQAR: num_rows must be a positive int, got {num_rows!r}")
+    checks.check_positive_int("MQAR", "num_rows", num_rows)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"MQAR: seed must be an int, got {seed!r}")
     for cfg in configs:

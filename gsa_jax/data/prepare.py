@@ -38,6 +38,7 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from gsa_jax import checks
 from gsa_jax.data import tokens as token_files
 from gsa_jax.data.stdlib import is_validation
 from gsa_jax.data.tokenizer import load_tokenizer
@@ -289,10 +290,9 @@ def prepare(inputs: Sequence[str], output: str, *, tokenizer: Optional[str] = No
         raise ValueError("prepare: --val-fraction > 0 needs --val-output")
     if val_output and not val_fraction:
         raise ValueError("prepare: --val-output needs --val-fraction in (0, 1)")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"prepare: --workers must be a positive int, got {workers!r}")
-    if not isinstance(batch_chars, int) or batch_chars < 1:
-        raise ValueError(f"prepare: batch_chars must be a positive int, got {batch_chars!r}")
+    if workers is not None:
+        checks.check_positive_int("prepare", "--workers", workers, numpy_ints=False)
+    checks.check_positive_int("prepare", "batch_chars", batch_chars, numpy_ints=False)
     for path in inputs:
         if not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"prepare: input file {str(path)!r} does not exist")

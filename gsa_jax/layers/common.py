@@ -9,14 +9,14 @@ a mesh or rules the names are inert, so `init`/`apply` work on one CPU.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gsa_jax import checks
 from gsa_jax.ops import common as ops_common
-from gsa_jax.ops import gla_step
 
 Array = jax.Array
 Dtype = Any
@@ -159,8 +159,7 @@ def apply_rope(x: Array, positions: Array, theta: float = 10000.0) -> Array:
     angle positions · theta^(-2i/D).
     """
     d = x.shape[-1]
-    if d % 2:
-        raise ValueError(f"apply_rope: the head dimension must be even, got {d}")
+    checks.check_rope_dim("apply_rope", "head dimension", d)
     half = d // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / d)
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
@@ -215,9 +214,12 @@ def feature_map(x: Array, kind: str) -> Array:
     raise ValueError(f"unknown feature_map {kind!r}; expected one of {FEATURE_MAPS}")
 
 
-def check_choice(owner: str, name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}: unknown {name} {value!r}; expected one of {tuple(choices)}")
+def kv_heads(owner: str, num_heads: int, num_kv_heads: Optional[int]) -> int:
+    """Checks grouped heads (GQA); returns Hkv (None = num_heads)."""
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    if kv <= 0 or num_heads % kv:
+        raise ValueError(f"{owner}: num_kv_heads ({kv}) must divide num_heads ({num_heads})")
+    return kv
 
 
 def head_dims(owner: str, hidden_size: int, num_heads: int, num_kv_heads: Optional[int],
@@ -226,9 +228,7 @@ def head_dims(owner: str, hidden_size: int, num_heads: int, num_kv_heads: Option
     if hidden_size <= 0 or num_heads <= 0:
         raise ValueError(f"{owner}: hidden_size and num_heads must be positive, got "
                          f"{hidden_size} and {num_heads}")
-    kv = num_heads if num_kv_heads is None else num_kv_heads
-    if kv <= 0 or num_heads % kv:
-        raise ValueError(f"{owner}: num_kv_heads ({kv}) must divide num_heads ({num_heads})")
+    kv = kv_heads(owner, num_heads, num_kv_heads)
     dims = []
     for label, expand in (("key", expand_k), ("value", expand_v)):
         total = hidden_size * expand
@@ -243,23 +243,9 @@ def head_dims(owner: str, hidden_size: int, num_heads: int, num_kv_heads: Option
 
 
 def check_mode(owner: str, mode: str, cache) -> None:
-    check_choice(owner, "mode", mode, MODES)
+    checks.check_choice(owner, "mode", mode, MODES)
     if mode == "decode" and cache is None:
         raise ValueError(f"{owner}: mode='decode' needs the cache returned by a prefill")
     if mode == "train" and cache is not None:
         raise ValueError(f"{owner}: mode='train' takes no cache; use 'prefill' or 'decode'")
 
-
-def gla_step_grouped(q: Array, k: Array, v: Array, g: Array, state: Array, *, gate_axis: str,
-                     scale: float) -> tuple[Array, Array]:
-    """One recurrent GLA step with grouped heads, in float32.
-
-    q: [B, H, K]; k: [B, Hkv, K]; v: [B, Hkv, V]; g: [B, Hkv, K or V]; state: [B, Hkv, K, V].
-    Returns (o [B, H, V] in q's dtype, new state [B, Hkv, K, V] float32).
-    """
-    group = q.shape[1] // k.shape[1]
-    f32 = jnp.float32
-    k, v, g = (ops_common.repeat_heads(x.astype(f32), group, axis=1) for x in (k, v, g))
-    state = ops_common.repeat_heads(state.astype(f32), group, axis=1)
-    o, state = gla_step(q.astype(f32), k, v, g, state, gate_axis=gate_axis, scale=scale)
-    return o.astype(q.dtype), ops_common.first_of_group(state, group)

@@ -23,14 +23,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_jax import ops
-from gsa_jax.layers import common
+from gsa_jax import checks, ops
+from gsa_jax.layers import common, mixer_parts
 from gsa_jax.ops import common as ops_common
 
 Array = jax.Array
 
 GATES = ("data_dependent", "data_independent", "none")
 SLOT_NONLINEARITIES = ops_common.SLOT_ACTIVATIONS  # softmax | swish | relu | relu2
+
+
+def check_num_slots(owner: str, num_slots: Optional[int]) -> None:
+    """M: a positive int, or None (the head key dim)."""
+    if num_slots is not None and (not checks.is_int(num_slots) or num_slots <= 0):
+        raise ValueError(f"{owner}: num_slots must be positive or None (the head key dim), "
+                         f"got {num_slots!r}")
 
 
 def _segment_starts(runs: Optional[Array], batch: int, length: int) -> Array:
@@ -137,18 +144,15 @@ class GatedSlotAttention(nn.Module):
         owner = "GatedSlotAttention"
         kv, dk, dv, group = common.head_dims(owner, self.hidden_size, self.num_heads,
                                              self.num_kv_heads, self.expand_k, self.expand_v)
-        common.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
-        common.check_choice(owner, "gate", self.gate, GATES)
-        common.check_choice(owner, "slot_nonlinearity", self.slot_nonlinearity,
+        checks.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
+        checks.check_choice(owner, "gate", self.gate, GATES)
+        checks.check_choice(owner, "slot_nonlinearity", self.slot_nonlinearity,
                             SLOT_NONLINEARITIES)
+        check_num_slots(owner, self.num_slots)
         slots = dk if self.num_slots is None else self.num_slots
-        if slots <= 0:
-            raise ValueError(f"{owner}: num_slots must be positive, got {slots}")
-        if self.gate_logit_normalizer <= 0:
-            raise ValueError(f"{owner}: gate_logit_normalizer must be positive, got "
-                             f"{self.gate_logit_normalizer}")
-        if self.use_short_conv and self.conv_size < 1:
-            raise ValueError(f"{owner}: conv_size must be >= 1, got {self.conv_size}")
+        checks.check_positive(owner, "gate_logit_normalizer", self.gate_logit_normalizer)
+        if self.use_short_conv:
+            checks.check_positive_int(owner, "conv_size", self.conv_size)
         return kv, dk, dv, group, slots
 
     def _gates(self, x: Array, runs, cache, kv: int, slots: int):
@@ -188,16 +192,11 @@ class GatedSlotAttention(nn.Module):
         B, T, _ = x.shape
         H = self.num_heads
         runs = common.segment_runs(segment_ids)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        q = common.dense(H * dk, ("embed", "heads"), std=self.std, name="q_proj", **kw)(x)
-        k = common.dense(kv * dk, ("embed", "kv_heads"), std=self.std, name="k_proj", **kw)(x)
-        v = common.dense(kv * dv, ("embed", "kv_heads"), std=self.std, name="v_proj", **kw)(x)
         new_cache = {}
-        if self.use_short_conv:
-            q, k, v = common.short_convs(
-                {"q": (q, "heads"), "k": (k, "kv_heads"), "v": (v, "kv_heads")}, runs, cache,
-                new_cache, self.conv_size, std=self.std, **kw)
+        q, k, v = mixer_parts.project_qkv(
+            x, num_heads=H, num_kv_heads=kv, head_k_dim=dk, head_v_dim=dv,
+            use_short_conv=self.use_short_conv, conv_size=self.conv_size, runs=runs, cache=cache,
+            new_cache=new_cache, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
         q = common.feature_map(q.reshape(B, T, H, dk), self.feature_map)
         k = common.feature_map(k.reshape(B, T, kv, dk), self.feature_map)
         v = jax.nn.silu(v.reshape(B, T, kv, dv))
@@ -217,12 +216,11 @@ class GatedSlotAttention(nn.Module):
                 return_final_state=mode != "train", segment_ids=segment_ids, impl=self.impl,
                 chunk_size=self.chunk_size, slot_activation=self.slot_nonlinearity,
                 recompute_states=self.recompute_states and mode == "train")
-        o = jax.nn.silu(o.reshape(B, T, H * dv))
-        o = common.RMSNorm(self.norm_eps, self.elementwise_affine, "heads", dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="g_norm")(o)
-        out_std = self.std if self.out_std is None else self.out_std
-        y = common.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj", **kw)(o)
-        if mode == "train":
-            return y, None
-        new_cache["hk"], new_cache["hv"] = state
-        return y, new_cache
+        # GSA: silu before a norm over all heads' values, no output gate (the paper's layer).
+        y = mixer_parts.output_projection(
+            jax.nn.silu(o), x, hidden_size=self.hidden_size, std=self.std, out_std=self.out_std,
+            norm="all_heads", norm_eps=self.norm_eps, elementwise_affine=self.elementwise_affine,
+            dtype=self.dtype, param_dtype=self.param_dtype)
+        if mode != "train":
+            new_cache["hk"], new_cache["hv"] = state
+        return mixer_parts.mixer_result(y, mode, new_cache)

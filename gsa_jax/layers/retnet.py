@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gsa_jax import ops
-from gsa_jax.layers import common
+from gsa_jax import checks, ops
+from gsa_jax.layers import common, mixer_parts
 from gsa_jax.ops import common as ops_common
 
 Array = jax.Array
@@ -63,9 +63,10 @@ class MultiScaleRetention(nn.Module):
         owner = "MultiScaleRetention"
         dims = common.head_dims(owner, self.hidden_size, self.num_heads, self.num_kv_heads,
                                 self.expand_k, self.expand_v)
-        common.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
-        if dims[1] % 2:
-            raise ValueError(f"{owner}: RoPE needs an even head key dim, got {dims[1]}")
+        checks.check_choice(owner, "feature_map", self.feature_map, common.FEATURE_MAPS)
+        checks.check_rope_dim(owner, "head key dim", dims[1])
+        if self.use_short_conv:
+            checks.check_positive_int(owner, "conv_size", self.conv_size)
         return dims
 
     @nn.compact
@@ -81,19 +82,14 @@ class MultiScaleRetention(nn.Module):
         common.check_mode("MultiScaleRetention", mode, cache)
         B, T, _ = x.shape
         H = self.num_heads
-        runs = common.segment_runs(segment_ids)
         if positions is None:
             positions = common.positions_in_segment(segment_ids, B, T)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        q = common.dense(H * dk, ("embed", "heads"), std=self.std, name="q_proj", **kw)(x)
-        k = common.dense(kv * dk, ("embed", "kv_heads"), std=self.std, name="k_proj", **kw)(x)
-        v = common.dense(kv * dv, ("embed", "kv_heads"), std=self.std, name="v_proj", **kw)(x)
+        kw = dict(std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
         new_cache = {}
-        if self.use_short_conv:
-            q, k, v = common.short_convs(
-                {"q": (q, "heads"), "k": (k, "kv_heads"), "v": (v, "kv_heads")}, runs, cache,
-                new_cache, self.conv_size, std=self.std, **kw)
+        q, k, v = mixer_parts.project_qkv(
+            x, num_heads=H, num_kv_heads=kv, head_k_dim=dk, head_v_dim=dv,
+            use_short_conv=self.use_short_conv, conv_size=self.conv_size,
+            runs=common.segment_runs(segment_ids), cache=cache, new_cache=new_cache, **kw)
         q = common.feature_map(q.reshape(B, T, H, dk), self.feature_map)
         k = common.feature_map(k.reshape(B, T, kv, dk), self.feature_map)
         q = common.apply_rope(q, positions, self.rope_theta)
@@ -106,23 +102,17 @@ class MultiScaleRetention(nn.Module):
         state = None if cache is None else cache["state"]
         scale = dk ** -0.5
         if mode == "decode" and T == 1:
-            o, state = common.gla_step_grouped(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state,
-                                               gate_axis="key", scale=scale)
+            o, state = ops.gated_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state,
+                                                       gate_axis="key", scale=scale)
             o = o[:, None]
         else:
             o, state = ops.gated_linear_attention(
                 q, k, v, g, gate_axis="key", scale=scale, initial_state=state,
                 return_final_state=mode != "train", segment_ids=segment_ids, impl=self.impl,
                 chunk_size=self.chunk_size)
-        o = common.RMSNorm(self.norm_eps, self.elementwise_affine, "norm", dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="g_norm")(o)
-        o = o.reshape(B, T, H * dv)
-        if self.use_output_gate:
-            gate = common.dense(H * dv, ("embed", "heads"), std=self.std, name="g_proj", **kw)(x)
-            o = o * jax.nn.swish(gate)
-        out_std = self.std if self.out_std is None else self.out_std
-        y = common.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj", **kw)(o)
-        if mode == "train":
-            return y, None
+        y = mixer_parts.output_projection(
+            o, x, hidden_size=self.hidden_size, out_std=self.out_std, norm="per_head",
+            norm_eps=self.norm_eps, elementwise_affine=self.elementwise_affine,
+            output_gate=self.use_output_gate, **kw)
         new_cache["state"] = state
-        return y, new_cache
+        return mixer_parts.mixer_result(y, mode, new_cache)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from gsa_jax import checks
 from gsa_jax.layers import attention as attention_layer
 from gsa_jax.layers import common
 from gsa_jax.layers import gsa as gsa_layer
@@ -62,6 +63,7 @@ class ModelConfig:
     attn_num_kv_heads: Optional[int] = None
     rope_theta: float = 10000.0
     attn_implementation: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
+    attention_short_conv: bool = False  # short conv (width conv_size) on attention's q/k/v
     # Channel mixing and norms.
     hidden_ratio: int = 4              # SwiGLU width int(2/3 · ratio · D) rounded up to 256
     intermediate_size: Optional[int] = None  # explicit SwiGLU width
@@ -89,21 +91,19 @@ class ModelConfig:
         def fail(msg: str):
             raise ValueError(f"ModelConfig: {msg}")
 
+        owner = "ModelConfig"
         for name in ("vocab_size", "hidden_size", "num_layers", "conv_size", "chunk_size",
                      "hidden_ratio", "attn_num_heads", "gate_low_rank_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(f"{name} must be a positive int, got {value!r}")
+            # Plain ints only: the config is written to YAML.
+            checks.check_positive_int(owner, name, getattr(self, name), numpy_ints=False)
         for name in ("norm_eps", "initializer_range", "gate_logit_normalizer", "rope_theta"):
-            if not getattr(self, name) > 0:
-                fail(f"{name} must be positive, got {getattr(self, name)!r}")
+            checks.check_positive(owner, name, getattr(self, name))
         for name, choices in (("mixer", MIXERS), ("dtype", DTYPES), ("param_dtype", DTYPES),
                               ("impl", IMPLS),
                               ("attn_implementation", tuple(attention_layer.IMPLEMENTATIONS)),
                               ("feature_map", common.FEATURE_MAPS), ("gate", gsa_layer.GATES),
                               ("slot_nonlinearity", gsa_layer.SLOT_NONLINEARITIES)):
-            if getattr(self, name) not in choices:
-                fail(f"unknown {name} {getattr(self, name)!r}; expected one of {tuple(choices)}")
+            checks.check_choice(owner, name, getattr(self, name), choices)
         layers = self.attn_layers
         if any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
             fail(f"attn_layers must be layer indices (ints), got {list(layers)}")
@@ -113,8 +113,7 @@ class ModelConfig:
             fail(f"intermediate_size must be positive or None, got {self.intermediate_size}")
         if self.output_norm_eps is not None and not self.output_norm_eps > 0:
             fail(f"output_norm_eps must be positive or None, got {self.output_norm_eps!r}")
-        if self.num_slots is not None and self.num_slots <= 0:
-            fail(f"num_slots must be positive or None, got {self.num_slots}")
+        gsa_layer.check_num_slots(owner, self.num_slots)
         try:
             if self.mixer != "attention" and len(layers) < self.num_layers:
                 common.head_dims(f"{self.mixer} mixer", self.hidden_size, self.num_heads,
@@ -122,9 +121,8 @@ class ModelConfig:
             if self.mixer == "attention" or layers:
                 common.head_dims("attention", self.hidden_size, self.attn_num_heads,
                                  self.attn_num_kv_heads, 1.0, 1.0)
-                if (self.hidden_size // self.attn_num_heads) % 2:
-                    fail(f"the attention head dim hidden_size / attn_num_heads = "
-                         f"{self.hidden_size // self.attn_num_heads} must be even (RoPE)")
+                checks.check_rope_dim("attention", "head dim hidden_size / attn_num_heads",
+                                      self.hidden_size // self.attn_num_heads)
         except ValueError as err:
             fail(str(err))
 

@@ -48,7 +48,8 @@ def build_mixer(cfg: ModelConfig, layer: int, name: str = "mixer") -> nn.Module:
     kind = cfg.layer_mixer(layer)
     if kind == "attention":
         return Attention(cfg.hidden_size, cfg.attn_num_heads, cfg.attn_num_kv_heads,
-                         rope_theta=cfg.rope_theta, implementation=cfg.attn_implementation, **kw)
+                         rope_theta=cfg.rope_theta, implementation=cfg.attn_implementation,
+                         use_short_conv=cfg.attention_short_conv, conv_size=cfg.conv_size, **kw)
     shared = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                   expand_k=cfg.expand_k, expand_v=cfg.expand_v, feature_map=cfg.feature_map,
                   use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,

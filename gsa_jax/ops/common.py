@@ -1,17 +1,16 @@
 """Shared pieces of the op forms: argument checks, dtypes, segment bookkeeping.
 
+Rules shared with the layers and configs (positive ints, choices) live in `gsa_jax.checks`.
 Layout everywhere in `gsa_jax.ops`: [batch B, time T, heads H, feature dim]; recurrent states are
 [B, H, key dim, value dim]. Nothing here imports Flax or anything above the ops.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -92,18 +91,6 @@ def check_log_gate(fn: str, g) -> None:
     if g_max > 0:
         raise ValueError(f"{fn}: g is a log forget gate and must be <= 0 everywhere (e.g. "
                          f"logsigmoid(x)), got a maximum of {g_max:g}")
-
-
-def check_chunk_size(fn: str, chunk_size) -> None:
-    # numbers.Integral: NumPy integers (a chunk size read from a config) are ints too.
-    if (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, (bool, np.bool_))
-            or chunk_size <= 0):
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-
-
-def check_choice(fn: str, name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{fn}: unknown {name} {value!r}; expected one of {tuple(choices)}")
 
 
 def check_segment_ids(fn: str, segment_ids, batch: int, time: int) -> None:

@@ -16,10 +16,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from gsa_jax import checks
 from gsa_jax.ops import common, pallas
 from gsa_jax.ops.chunk import gla_chunk
 from gsa_jax.ops.parallel import gla_parallel
-from gsa_jax.ops.recurrent import gla_recurrent
+from gsa_jax.ops.recurrent import gla_recurrent, gla_step
 
 Array = jax.Array
 
@@ -39,9 +40,9 @@ def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str
     if impl == "pallas" and not supported:
         raise ValueError(
             f"{fn}: impl='pallas' needs feature dims in {pallas.KERNEL_DIMS} or multiples of "
-            f"128, chunk_size in "
-            f"(16, 32, 64, 128) and no float64 inputs; got dims {dims}, chunk_size "
-            f"{chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other shapes.")
+            f"128, chunk_size in {pallas.KERNEL_CHUNKS} and no float64 inputs; got dims {dims}, "
+            f"chunk_size {chunk_size}, dtype {jnp.dtype(dtype)}. Use impl='chunk' for other "
+            f"shapes.")
     return impl
 
 
@@ -62,6 +63,23 @@ def run_form(impl: str, q, k, v, g, *, gate_axis, scale, initial_state, runs, ch
     else:
         q, k, v, g = (x.astype(initial_state.dtype) for x in (q, k, v, g))
     return _FORMS[impl](q, k, v, g, **kwargs)
+
+
+def _check_inputs(fn: str, q, k, v, g, gate_axis: str, state_name: str, state, *,
+                  time_axis: bool = True):
+    """Checks q/k/v/g ([B, T, H|Hkv, D], or [B, H|Hkv, D] for a step) and the state
+    [B, Hkv, K, V] (named `state_name` in messages). Returns (B, T, Hkv, group, K, V); T is
+    None for a step."""
+    common.check_floating(fn, **{state_name: state})
+    B, T, Hkv, group = common.check_sequence_inputs(fn, time_axis=time_axis, q=q, k=k, v=v, g=g)
+    d = 3 if time_axis else 2
+    K = common.check_same_dim(fn, "key dims of q and k", [("q", q.shape, d), ("k", k.shape, d)])
+    V = v.shape[d]
+    gated = ("k", k.shape, d) if gate_axis == "key" else ("v", v.shape, d)
+    common.check_same_dim(fn, f"gate dims (gate_axis={gate_axis!r})", [gated, ("g", g.shape, d)])
+    if state is not None:
+        common.check_state(fn, state_name, state, (B, Hkv, K, V))
+    return B, T, Hkv, group, K, V
 
 
 def gated_linear_attention(
@@ -98,17 +116,11 @@ def gated_linear_attention(
       inputs) or None). T = 0 gives an empty o and the initial state as the final state.
     """
     fn = "gated_linear_attention"
-    common.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
-    common.check_choice(fn, "impl", impl, IMPLS)
-    common.check_chunk_size(fn, chunk_size)
-    common.check_floating(fn, initial_state=initial_state)
-    B, T, Hkv, group = common.check_sequence_inputs(fn, q=q, k=k, v=v, g=g)
-    K = common.check_same_dim(fn, "key dims of q and k", [("q", q.shape, 3), ("k", k.shape, 3)])
-    V = v.shape[3]
-    gated = ("k", k.shape, 3) if gate_axis == "key" else ("v", v.shape, 3)
-    common.check_same_dim(fn, f"gate dims (gate_axis={gate_axis!r})", [gated, ("g", g.shape, 3)])
-    if initial_state is not None:
-        common.check_state(fn, "initial_state", initial_state, (B, Hkv, K, V))
+    checks.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
+    checks.check_choice(fn, "impl", impl, IMPLS)
+    checks.check_positive_int(fn, "chunk_size", chunk_size)
+    B, T, Hkv, group, K, V = _check_inputs(fn, q, k, v, g, gate_axis, "initial_state",
+                                           initial_state)
     common.check_segment_ids(fn, segment_ids, B, T)
     common.check_log_gate(fn, g)
 
@@ -133,3 +145,35 @@ def gated_linear_attention(
                                   chunk_size=chunk_size)
     final_state = common.first_of_group(final_state, group) if return_final_state else None
     return o.astype(q.dtype), final_state
+
+
+def gated_linear_attention_step(
+    q: Array, k: Array, v: Array, g: Array, state: Optional[Array] = None, *,
+    gate_axis: str = "key",
+    scale: Optional[float] = None,
+) -> tuple[Array, Array]:
+    """One recurrent GLA step with grouped heads, for decoding (computes in float32).
+
+    Args:
+      q: [B, H, K]; k: [B, Hkv, K]; v: [B, Hkv, V]; g: [B, Hkv, K] (gate_axis="key") or
+        [B, Hkv, V] (gate_axis="value"), log forget gate <= 0;
+      state: [B, Hkv, K, V] or None (zeros).
+      scale: multiplies q·k; None means K ** -0.5.
+    Returns:
+      (o [B, H, V] in q's dtype, new state [B, Hkv, K, V] in float32/float64).
+    """
+    fn = "gated_linear_attention_step"
+    checks.check_choice(fn, "gate_axis", gate_axis, common.GATE_AXES)
+    B, _, Hkv, group, K, V = _check_inputs(fn, q, k, v, g, gate_axis, "state", state,
+                                           time_axis=False)
+    common.check_log_gate(fn, g)
+
+    dtype = common.compute_dtype(q, k, v, g, state)
+    if scale is None:
+        scale = K ** -0.5
+    if state is None:
+        state = jnp.zeros((B, Hkv, K, V), dtype)
+    k, v, g = (common.repeat_heads(x.astype(dtype), group, axis=1) for x in (k, v, g))
+    state = common.repeat_heads(state.astype(dtype), group, axis=1)
+    o, state = gla_step(q.astype(dtype), k, v, g, state, gate_axis=gate_axis, scale=scale)
+    return o.astype(q.dtype), common.first_of_group(state, group)

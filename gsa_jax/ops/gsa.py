@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from gsa_jax import checks
 from gsa_jax.ops import common, pallas
 from gsa_jax.ops.gla import IMPLS, kv_heads_for_forms, resolve_impl, run_form
 from gsa_jax.ops.recurrent import gla_step
@@ -89,9 +90,9 @@ def gated_slot_attention(
       empty o and the initial state as the final state.
     """
     fn = "gated_slot_attention"
-    common.check_choice(fn, "impl", impl, IMPLS)
-    common.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
-    common.check_chunk_size(fn, chunk_size)
+    checks.check_choice(fn, "impl", impl, IMPLS)
+    checks.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
+    checks.check_positive_int(fn, "chunk_size", chunk_size)
     B, T, Hkv, group = common.check_sequence_inputs(fn, q=q, k=k, v=v, s=s, g=g)
     K, M, V = _check_dims(fn, q, k, v, s, g)
     _check_state(fn, initial_state, B, Hkv, K, M, V)
@@ -147,7 +148,7 @@ def gated_slot_attention_step(
       (o [B, H, V] in q's dtype, new state in float32/float64).
     """
     fn = "gated_slot_attention_step"
-    common.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
+    checks.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
     inputs = {"q": q, "k": k, "v": v, "s": s, "g": g}
     B, _, Hkv, group = common.check_sequence_inputs(fn, time_axis=False, **inputs)
     K, M, V = _check_dims(fn, q, k, v, s, g)
