@@ -114,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", default="auto", help="form of the linear-attention ops")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--merge", action="store_true", help="add cells to this tag's results")
+    p.add_argument("--merge-files", nargs="+", default=[], metavar="JSON",
+                   help="reports of other calls (their mqar_authors_<tag>.json) merged into this "
+                        "one (cells redone here replace theirs)")
+    p.add_argument("--merge-only", action="store_true",
+                   help="train nothing: only merge --merge-files (and --merge) into this tag")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--compile-cache", default=None)
     args = p.parse_args(argv)
@@ -289,15 +294,17 @@ def make_data(args) -> dict:
 
 
 # ------------------------------------------------------------------ training
-def make_chunk(model, args, total_steps: int):
-    """chunk(params, opt_state, frozen, lr, key, step0, train, test) -> (params, opt_state,
-    mean training loss of the chunk, held-out accuracy), for ONE run (unjitted; `vmap` it over
-    runs). args.eval_every steps from step0 in a `lax.scan`.
+def make_chunk(model, args):
+    """chunk(params, opt_state, frozen, lr, key, step0, horizon, train, test) -> (params,
+    opt_state, mean training loss of the chunk, held-out accuracy), for ONE run (unjitted; `vmap`
+    it over runs). args.eval_every steps from step0 in a `lax.scan`.
 
     params/opt_state: one run's pytrees; frozen: bool scalar, True keeps params and opt_state
     (early stop); lr: peak lr (float32 scalar); key: the run's PRNG key (shuffle: fold_in(key,
-    epoch); dropout: fold_in(key, total_steps + step)); step0: int32 scalar; train: (x, y)
-    [N, T]; test: (x, y) [n_batches, B, T]. The lr at step t is lr · ½(1 + cos(π t / total))."""
+    epoch); dropout: fold_in(fold_in(key, -1 mod 2^32), step)); step0, horizon: int32 scalars;
+    train: (x, y) [N, T]; test: (x, y) [n_batches, B, T]. The lr at step t is
+    lr · ½(1 + cos(π min(t, horizon) / horizon)): cosine to 0 at `horizon` (an input, so the
+    cell can fit it to its time budget without a recompile)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -315,8 +322,9 @@ def make_chunk(model, args, total_steps: int):
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def chunk(params, opt_state, frozen, lr, key, step0, train, test):
+    def chunk(params, opt_state, frozen, lr, key, step0, horizon, train, test):
         train_x, train_y = train
+        drop_key = jax.random.fold_in(key, 2 ** 32 - 1)
         N = train_x.shape[0]
         epoch0 = step0 // E
         # The chunk spans at most two epochs (eval_every <= E): both orders drawn once here.
@@ -329,9 +337,10 @@ def make_chunk(model, args, total_steps: int):
             order = perms[t // E - epoch0]
             rows = jax.lax.dynamic_slice_in_dim(order, (t % E) * B, B)
             loss, grads = grad_fn(params, train_x[rows], train_y[rows],
-                                  jax.random.fold_in(key, total_steps + t))
+                                  jax.random.fold_in(drop_key, t))
             updates, new_opt = tx.update(grads, opt_state, params)
-            scale = lr * 0.5 * (1 + jnp.cos(jnp.pi * t / total_steps))
+            frac = jnp.minimum(t, horizon) / horizon
+            scale = lr * 0.5 * (1 + jnp.cos(jnp.pi * frac))
             new_params = optax.apply_updates(
                 params, jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates))
             keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(frozen, a, b), old, new)
@@ -380,29 +389,48 @@ def run_grid(args) -> tuple[list[float], list[int]]:
     return [lr for lr, _ in pairs], [s for _, s in pairs]
 
 
-def train_cell(name: str, width: int, args, data: dict, log=print) -> dict[str, Any]:
-    """Trains every (lr, seed) run of one (model, width) cell at once (vmapped) until all are
-    frozen past STOP_ACCURACY, args.max_epochs, or args.cell_seconds. Returns the cell: its
-    runs (lr, seed, curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the
-    stop reason, compile and training seconds, step time and tokens/s."""
+def prepare_cell(name: str, width: int, args, shapes) -> dict[str, Any]:
+    """Builds, initialises (stacked runs) and compiles one cell's vmapped chunk for data of
+    `shapes` (make_data's, or ShapeDtypeStructs). Thread-safe: main() prepares the next cell
+    while one trains, so compiles overlap training."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    t0 = time.perf_counter()
     model = build(name, width, args)
     lrs, run_seeds = run_grid(args)
-    R, E, S = len(lrs), steps_per_epoch(args), args.eval_every
-    total = args.max_epochs * E
-    t0 = time.perf_counter()
     params, opt_state = init_runs(model, args, list(range(args.seeds)), run_seeds)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(run_seeds))
-    vchunk = jax.vmap(make_chunk(model, args, total), in_axes=(0, 0, 0, 0, 0, None, None, None))
-    frozen = jnp.zeros((R,), bool)
+    vchunk = jax.vmap(make_chunk(model, args), in_axes=(0, 0, 0, 0, 0, None, None, None, None))
+    frozen = jnp.zeros((len(lrs),), bool)
     lr_R = jnp.asarray(lrs, jnp.float32)
     compiled = jax.jit(vchunk, donate_argnums=(0, 1)).lower(
-        params, opt_state, frozen, lr_R, keys, jnp.int32(0), data["train"], data["test"]).compile()
-    compile_s = time.perf_counter() - t0
-    num_params = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params))
+        params, opt_state, frozen, lr_R, keys, jnp.int32(0), jnp.int32(1), *shapes).compile()
+    return {"name": name, "width": width, "lrs": lrs, "run_seeds": run_seeds, "params": params,
+            "opt_state": opt_state, "keys": keys, "lr_R": lr_R, "compiled": compiled,
+            "num_params": sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params)),
+            "compile_s": time.perf_counter() - t0}
+
+
+def train_cell(name: str, width: int, args, data: dict, log=print,
+               prepared: Optional[dict] = None) -> dict[str, Any]:
+    """Trains every (lr, seed) run of one (model, width) cell at once (vmapped) until all are
+    frozen past STOP_ACCURACY, args.max_epochs, or args.cell_seconds. With a time budget the
+    cosine horizon is fitted to it after the first chunk: min(max_epochs, the chunks that fit)
+    (the first chunk ran on the max_epochs horizon). Returns the cell: its runs (lr, seed,
+    curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the stop reason, the
+    schedule horizon, compile and training seconds, step time and tokens/s."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    prep = prepared or prepare_cell(name, width, args, (data["train"], data["test"]))
+    params, opt_state = prep["params"], prep["opt_state"]
+    prep["params"] = prep["opt_state"] = None
+    lrs, run_seeds, R = prep["lrs"], prep["run_seeds"], len(prep["lrs"])
+    E, S = steps_per_epoch(args), args.eval_every
+    total = horizon = args.max_epochs * E
+    frozen = jnp.zeros((R,), bool)
     curves = [[] for _ in range(R)]
     stopped = [None] * R
     step, train_s, chunk_s, reason = 0, 0.0, 0.0, "max epochs"
@@ -413,12 +441,17 @@ def train_cell(name: str, width: int, args, data: dict, log=print) -> dict[str, 
             reason = "time budget"
             break
         start = time.perf_counter()
-        params, opt_state, loss, acc = compiled(params, opt_state, frozen, lr_R, keys,
-                                                jnp.int32(step), data["train"], data["test"])
+        params, opt_state, loss, acc = prep["compiled"](
+            params, opt_state, frozen, prep["lr_R"], prep["keys"], jnp.int32(step),
+            jnp.int32(horizon), data["train"], data["test"])
         loss, acc = np.asarray(loss), np.asarray(acc)   # waits for the chunk
         chunk_s = time.perf_counter() - start
         train_s += chunk_s
         step += S
+        if step == S and args.cell_seconds is not None:
+            # The chunks that fit the budget, at this chunk's speed, set the cosine horizon.
+            fit = step + S * max(0, int((args.cell_seconds - train_s) // chunk_s))
+            total = horizon = max(step, min(total, fit))
         for r in range(R):
             if stopped[r] is None:   # a frozen run's accuracy stays that of its stop
                 curves[r].append({"step": step, "epoch": round(step / E, 3),
@@ -432,13 +465,16 @@ def train_cell(name: str, width: int, args, data: dict, log=print) -> dict[str, 
         if all(s is not None for s in stopped):
             reason = "all runs early-stopped"
             break
+    if reason == "max epochs" and total < args.max_epochs * E:
+        reason = "time budget"   # the horizon was cut to fit the budget
     per_step = train_s / step if step else None   # all R runs' step together
     tokens = R * args.batch_size * args.seq_len
-    return {"model": name, "width": width, "params": num_params,
+    return {"model": name, "width": width, "params": prep["num_params"],
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
-            "steps_done": step, "stop_reason": reason, "cell_seconds": args.cell_seconds,
-            "compile_s": round(compile_s, 2), "train_s": round(train_s, 2),
+            "steps_done": step, "schedule_epochs": round(horizon / E, 3), "stop_reason": reason,
+            "cell_seconds": args.cell_seconds, "compile_s": round(prep["compile_s"], 2),
+            "train_s": round(train_s, 2),
             "step_s": None if per_step is None else round(per_step, 5),
             "tokens_per_s": None if not per_step else round(tokens / per_step),
             "runs": [{"lr": lrs[r], "seed": run_seeds[r], "stopped_epoch": stopped[r],
@@ -554,11 +590,12 @@ def markdown(record: dict) -> str:
         table.append([LABELS[c["model"]], c["width"],
                       "-" if s["lr"] is None else f"{s['lr']:g}",
                       " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
-                      f"{c['epochs_done']:g}/{c['max_epochs']}", c["stop_reason"],
+                      f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
+                      f" / {c['max_epochs']}", c["stop_reason"],
                       f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
                       "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M"])
     lines.append(common.markdown_table(
-        ["model", "D", "best lr", "lrs", "seeds", "epochs", "stopped by", "train s", "s/step",
+        ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by", "train s", "s/step",
          "tokens/s"], table))
     cut = cuts(record)
     if cut:
@@ -578,8 +615,9 @@ def cuts(record: dict) -> list[str]:
                    "epochs without every run reaching 99% (" + ", ".join(
                        f"{LABELS[c['model']]} D={c['width']}: {c['epochs_done']:g} epochs, "
                        f"{c['stop_reason']}" for c in short) + ").")
-    if any(c["max_epochs"] < 64 for c in cells):
-        out.append("The cosine schedule runs over the epoch cap, so a capped run anneals sooner "
+    if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
+        out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
+                   "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
                    "than the authors' 64-epoch schedule.")
     fewer = [c for c in cells if set(GSA_LRS) - set(c["lrs"])]
     if fewer:
@@ -649,7 +687,18 @@ def finish(record: dict) -> dict:
     return record
 
 
+def data_shapes(args) -> tuple:
+    """ShapeDtypeStructs of make_data's (train, test), to compile before the data exist."""
+    import jax
+    import jax.numpy as jnp
+    B, T = args.batch_size, args.seq_len
+    row = jax.ShapeDtypeStruct((args.train_examples, T), jnp.int32)
+    test = jax.ShapeDtypeStruct((-(-args.test_examples // B), B, T), jnp.int32)
+    return (row, row), (test, test)
+
+
 def main(argv=None) -> int:
+    import concurrent.futures
     args = parse_args(argv)
     common.enable_compilation_cache(args.compile_cache)
     import jax
@@ -657,29 +706,45 @@ def main(argv=None) -> int:
     paths = common.results_paths(tag, NAME, args.out_dir)
     record = {"tag": tag, "config": task_config(args), "cells": [],
               "commands": [common.command_line(argv, __file__)]}
+    for path in reversed(args.merge_files):   # reports of other calls (other GPU calls' $OUT); later files win
+        record = merge(json.loads(open(path).read()), record)
     if args.merge and paths["json"].exists():
         record = merge(json.loads(paths["json"].read_text()), record)
-    cells = [(m, D) for D in args.widths for m in args.models]
+    cells = [] if args.merge_only else [(m, D) for D in args.widths for m in args.models]
     R = len(args.lr) * args.seeds
     print(f"MQAR, authors' setup: {len(cells)} cells x {R} runs (lrs {args.lr} x {args.seeds} "
           f"seeds), {steps_per_epoch(args)} steps/epoch, cap {args.max_epochs} epochs, cell "
           f"budget {args.cell_seconds} s, on {jax.devices()[0].device_kind}", flush=True)
     start = time.perf_counter()
-    data = make_data(args)
-    print(f"data: {time.perf_counter() - start:.1f} s", flush=True)
-    for m, D in cells:
-        cell = train_cell(m, D, args, data)
-        s = summarise(cell, args.vocab_size)
-        print(f"{LABELS[m]:>9} D={D:<4} {fmt_cell(s):>18} % (lr {s['lr']})  "
-              f"{cell['epochs_done']:g} epochs ({cell['stop_reason']}); compile "
-              f"{cell['compile_s']:.1f} s, train {cell['train_s']:.1f} s, "
-              f"{cell['step_s']} s/step, {cell['tokens_per_s']} tokens/s", flush=True)
-        record["cells"] = [c for c in record["cells"] if (c["model"], c["width"]) != (m, D)]
-        record["cells"].append(cell)
-        record["elapsed_s"] = round(time.perf_counter() - start, 1)
-        finish(record)
-        common.write_results(tag, NAME, record, markdown(record), out_dir=args.out_dir,
-                             command=record["commands"][-1])
+    # One worker prepares (inits and compiles) the next cell while the current one trains.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    shapes = data_shapes(args)
+    pending = {i: pool.submit(prepare_cell, m, D, args, shapes)
+               for i, (m, D) in enumerate(cells[:1])}
+    try:
+        data = make_data(args) if cells else None
+        print(f"data: {time.perf_counter() - start:.1f} s", flush=True)
+        for i, (m, D) in enumerate(cells):
+            prepared = pending.pop(i).result()
+            if i + 1 < len(cells):
+                pending[i + 1] = pool.submit(prepare_cell, *cells[i + 1], args, shapes)
+            cell = train_cell(m, D, args, data, prepared=prepared)
+            s = summarise(cell, args.vocab_size)
+            print(f"{LABELS[m]:>9} D={D:<4} {fmt_cell(s):>18} % (lr {s['lr']})  "
+                  f"{cell['epochs_done']:g} epochs ({cell['stop_reason']}); init + compile "
+                  f"{cell['compile_s']:.1f} s (overlapping), train {cell['train_s']:.1f} s, "
+                  f"{cell['step_s']} s/step, {cell['tokens_per_s']} tokens/s (all runs)",
+                  flush=True)
+            record["cells"] = [c for c in record["cells"] if (c["model"], c["width"]) != (m, D)]
+            record["cells"].append(cell)
+            record["elapsed_s"] = round(time.perf_counter() - start, 1)
+            finish(record)
+            common.write_results(tag, NAME, record, markdown(record), out_dir=args.out_dir,
+                                 command=record["commands"][-1])
+    finally:
+        for future in pending.values():
+            future.cancel()
+        pool.shutdown(wait=True)
     finish(record)
     common.write_and_print(tag, NAME, record, markdown(record), fig=plot(record),
                            command=record["commands"][-1], out_dir=args.out_dir)

@@ -65,6 +65,7 @@ def _reference_run(model, args, data, lr, seed, steps):
                      eps=1e-8, weight_decay=args.weight_decay)
     opt = tx.init(params)
     key = jax.random.fold_in(jax.random.key(seed), 1)
+    drop_key = jax.random.fold_in(key, 2 ** 32 - 1)
     x_all, y_all = (np.asarray(a) for a in data["train"])
 
     def loss_fn(p, x, y, k):
@@ -86,7 +87,7 @@ def _reference_run(model, args, data, lr, seed, steps):
                                                  x_all.shape[0]))
         rows = perm[(t % E) * args.batch_size:(t % E + 1) * args.batch_size]
         params, opt, loss = step(params, opt, x_all[rows], y_all[rows],
-                                 jax.random.fold_in(key, total + t))
+                                 jax.random.fold_in(drop_key, t))
         losses.append(float(loss))
     return params, losses
 
@@ -99,13 +100,14 @@ def test_vmapped_runs_equal_runs_one_by_one(model):
     E = ma.steps_per_epoch(args)   # 4: the second chunk (steps 3..5) crosses an epoch
     params, opt = ma.init_runs(m, args, [0, 1], seeds)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(seeds))
-    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args, args.max_epochs * E),
-                             in_axes=(0, 0, 0, 0, 0, None, None, None)))
+    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args), in_axes=(0, 0, 0, 0, 0, None, None, None,
+                                                              None)))
     frozen = jnp.zeros(len(lrs), bool)
     losses = []
     for step0 in (0, 3):
         params, opt, loss, _ = chunk(params, opt, frozen, jnp.asarray(lrs, jnp.float32), keys,
-                                     jnp.int32(step0), data["train"], data["test"])
+                                     jnp.int32(step0), jnp.int32(args.max_epochs * E),
+                                     data["train"], data["test"])
         losses.append(np.asarray(loss))
     for r, (lr, seed) in enumerate(zip(lrs, seeds)):
         ref, ref_losses = _reference_run(m, args, data, lr, seed, 6)
@@ -132,10 +134,11 @@ def test_frozen_run_keeps_its_state_exactly():
     lrs, seeds = ma.run_grid(args)
     params, opt = ma.init_runs(m, args, [0, 1], seeds)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(seeds))
-    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args, 8), in_axes=(0, 0, 0, 0, 0, None, None, None)))
+    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args), in_axes=(0, 0, 0, 0, 0, None, None, None,
+                                                              None)))
     frozen = jnp.asarray([True, False, True, False])
     new_p, new_o, _, _ = chunk(params, opt, frozen, jnp.asarray(lrs, jnp.float32), keys,
-                               jnp.int32(0), data["train"], data["test"])
+                               jnp.int32(0), jnp.int32(8), data["train"], data["test"])
     for old, new in ((params, new_p), (opt, new_o)):
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
             a, b = np.asarray(a), np.asarray(b)
@@ -229,3 +232,19 @@ def test_abc_cumulative_normaliser_is_causal():
         out = np.asarray(layer.apply({"params": params}, jnp.asarray(y))[0])
         np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])
         assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_merge_files_of_two_calls(tmp_path):
+    """Two calls' reports (e.g. two GPU calls' $OUT) combine with --merge-only --merge-files."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"tag": "a", "config": cfg, "commands": ["call 1"],
+                             "cells": [_cell("gsa", 8, [0.5] * 4, [1.0] * 4)]}))
+    b.write_text(json.dumps({"tag": "b", "config": cfg, "commands": ["call 2"],
+                             "cells": [_cell("gla", 16, [0.25] * 4, [2.0] * 4)]}))
+    assert ma.main(TINY + ["--merge-only", "--merge-files", str(a), str(b), "--tag", "m",
+                           "--out-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "mqar_authors_m.json").read_text())
+    assert sorted((c["model"], c["width"]) for c in merged["cells"]) == [("gla", 16), ("gsa", 8)]
+    assert merged["commands"][:2] == ["call 1", "call 2"]
+    assert "| GSA | 50.0 (50.0–50.0) | - |" in (tmp_path / "mqar_authors_m.md").read_text()
