@@ -71,6 +71,42 @@ STOP_ACCURACY = 0.99                            # Zoology's early stop (valid ac
 # values) "never left the plateau": reported as such, not as an accuracy.
 PLATEAU_MARGIN = 0.25
 
+# The report's notes (issue 21, items 1 and 4): what was checked beside the sweep.
+NOTES = [
+    "Initialisation (the GLA question): our layers initialise every projection normal(0.02) "
+    "with zero biases, o_proj 0.02 here (no residual rescale: Zoology's `_init_weights` "
+    "rescales only modules named out_proj/fc2). That is the authors' effective init: Zoology's "
+    "LanguageModel re-initialises every nn.Linear of the model after construction (normal "
+    "0.02, bias 0), fla layers included, overwriting fla's own init. Measured per tensor "
+    "(std, built on CPU): fla 0.6.0's GatedLinearAttention standalone has torch's default "
+    "Linear init, q/k/v/g/o 0.072 at D = 64 and 0.0255 at D = 512, gate up-projection 0.145, "
+    "gate bias U(±1/4) (std 0.14); fla's 2024 layers' xavier_uniform(gain 2^-2.5) gives "
+    "0.022 / 0.0078 (D = 64 / 512) and 0.028 / 0.011 for the gate; ours 0.020 for all. In "
+    "every variant the gate logits start centred on 0, so GLA's decay starts at "
+    "exp(log σ(0) / 16) = 0.958 per token (half-life 16 tokens): the init is not what made "
+    "our GLA fail.",
+    "What made GLA fail in the second setup (mqar_h100): the recipe, not the layer (the layer "
+    "equals fla's, tests/test_fla_layers.py). There GLA had 4 heads with expand_k 0.5 (fla's "
+    "LM default), so head key dim D/8 (8 at D = 64) and a state of D²/8 per layer, a quarter "
+    "of the authors' MQAR GLA (2 heads, expand_k 1: D²/2) and 1/16 of that run's GSA (128·D) "
+    "at D = 64; with identity feature maps q·k starts zero-mean and the 16-token half-life "
+    "must be unlearned before far keys give a gradient. The authors' settings are restored "
+    "here (2 heads, expand_k 1, no short conv, 4 blocks without MLP).",
+    "ABC vs GSA (second setup: ABC 30-75 points above GSA at small widths): ABC's cumulative "
+    "normaliser is causal (tests/test_mqar_authors.py::test_abc_cumulative_normaliser_is_causal: "
+    "perturbing tokens after t leaves every output <= t exactly unchanged), so it is not a "
+    "leak. It is GSA's forgetting prior: at init f ≈ 0, g = log σ(0) / τ, −0.087 per token "
+    "with the second setup's τ = 8 (a memory of ~12 tokens), while ABC averages the whole "
+    "prefix; at T = 512 with 64 pairs most queries sit 100+ tokens after their key. A CPU "
+    "analogue with τ = 64 lifted GSA from 9.6% to 62% (shared/PAPER.md §10). The authors' "
+    "MQAR GSA uses τ = 16 (used here); ABC is not in the authors' runs and not in this setup.",
+    "Runs of one seed share the initialisation, the data order and the dropout masks across "
+    "lrs (as Zoology's seeded runs); every run sees the same data set (data seed 0).",
+    "Left as differences from the authors: the cosine is stepped per step, not per epoch; the "
+    "last partial batch of an epoch is dropped (781 steps of 128); the compute dtype is "
+    "recorded in the config (the authors trained in float32).",
+]
+
 AUTHORS = dict(vocab_size=8192, seq_len=512, kv_pairs=64, train_examples=100_000,
                test_examples=3_000, batch_size=128, widths=[64, 128, 256, 512], lr=GSA_LRS,
                seeds=2, max_epochs=64, cell_seconds=None, eval_every=None)
@@ -676,7 +712,7 @@ def merge(previous: dict, record: dict) -> dict:
     cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
     return {**record, "cells": cells + record["cells"],
             "commands": previous.get("commands", []) + record.get("commands", []),
-            "notes": previous.get("notes") or record.get("notes")}
+            "notes": record.get("notes") or previous.get("notes")}
 
 
 def finish(record: dict) -> dict:
@@ -705,7 +741,9 @@ def main(argv=None) -> int:
     tag = args.tag or jax.default_backend()
     paths = common.results_paths(tag, NAME, args.out_dir)
     record = {"tag": tag, "config": task_config(args), "cells": [],
-              "commands": [common.command_line(argv, __file__)]}
+              "commands": [common.command_line(argv, __file__)], "notes": NOTES}
+    if args.merge_only and args.merge_files:   # the settings are those of the reports merged
+        record["config"] = json.loads(open(args.merge_files[0]).read())["config"]
     for path in reversed(args.merge_files):   # reports of other calls (other GPU calls' $OUT); later files win
         record = merge(json.loads(open(path).read()), record)
     if args.merge and paths["json"].exists():
