@@ -276,10 +276,11 @@ def _modules():
             raise ValueError(f"unknown model {self.model!r}")
 
         @nn.compact
-        def __call__(self, tokens_BT, train: bool = False):
+        def __call__(self, tokens_BT, train: bool = False, where_BP=None):
+            """where_BP: [B, P] positions whose logits to return ([B, P, V]; None: all)."""
             B, T = tokens_BT.shape
             dt = jnp.dtype(self.dtype)
-            embed = nn.Embed(self.vocab_size, self.width, embedding_init=normal(0.02),
+            embed = nn.Embed(self.vocab_size, self.width, embedding_init=normal(0.02), dtype=dt,
                              name="embed")
             r_BTD = embed(tokens_BT).astype(dt)
             if self.model == "attention":   # positions only for attention, as Zoology
@@ -301,7 +302,10 @@ def _modules():
                 # block, or the final norm, adds it to the residual.
                 r_BTD = r_BTD + ln(name=f"norm2_{i}")(r_BTD)
             x_BTD = ln(name="norm_f")(r_BTD)
-            return embed.attend(x_BTD.astype(jnp.float32)).astype(jnp.float32)
+            if where_BP is not None:   # the head only where the loss looks: 64 of 512 positions
+                x_BTD = jnp.take_along_axis(x_BTD, where_BP[..., None], axis=1)
+            # The head in the compute dtype; the loss and argmax want float32.
+            return embed.attend(x_BTD).astype(jnp.float32)
 
     return MHA, AuthorsLM
 
@@ -350,10 +354,19 @@ def make_chunk(model, args):
     B, S, E = args.batch_size, args.eval_every, steps_per_epoch(args)
     tx = optimizer(args)
 
+    def queries(y_BT):
+        """(positions [B, P], labels [B, P], mask [B, P]) of the labelled positions: every MQAR
+        row has P = kv_pairs of them (padding rows none: mask False)."""
+        mask_BT = y_BT != IGNORE
+        where_BP = jnp.argsort(~mask_BT, axis=1, stable=True)[:, :args.kv_pairs]
+        y_BP = jnp.take_along_axis(y_BT, where_BP, axis=1)
+        return where_BP, jnp.where(y_BP == IGNORE, 0, y_BP), y_BP != IGNORE
+
     def loss_fn(params, x, y, key):
-        logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
-        mask = y != IGNORE
-        sums = loss_sums(logits, jnp.where(mask, y, 0), mask)
+        where, y, mask = queries(y)
+        logits = model.apply({"params": params}, x, train=True, where_BP=where,
+                             rngs={"dropout": key})
+        sums = loss_sums(logits, y, mask)
         return sums.ce / jnp.maximum(sums.count, 1.0)
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -386,8 +399,8 @@ def make_chunk(model, args):
 
         def correct(xy):
             x, y = xy
-            pred = jnp.argmax(model.apply({"params": params}, x), axis=-1)
-            mask = y != IGNORE
+            where, y, mask = queries(y)
+            pred = jnp.argmax(model.apply({"params": params}, x, where_BP=where), axis=-1)
             return jnp.sum((pred == y) & mask), jnp.sum(mask)
 
         hits, count = jax.lax.map(correct, test)
