@@ -157,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train nothing: only merge --merge-files (and --merge) into this tag")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--compile-cache", default=None)
+    p.add_argument("--compile-ahead", type=int, default=2,
+                   help="cells prepared (init + compile) in threads while one trains")
     args = p.parse_args(argv)
     for key, value in (SMOKE if args.smoke else AUTHORS).items():
         if getattr(args, key, None) is None:
@@ -767,18 +769,20 @@ def main(argv=None) -> int:
           f"seeds), {steps_per_epoch(args)} steps/epoch, cap {args.max_epochs} epochs, cell "
           f"budget {args.cell_seconds} s, on {jax.devices()[0].device_kind}", flush=True)
     start = time.perf_counter()
-    # One worker prepares (inits and compiles) the next cell while the current one trains.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    # Workers prepare (init and compile) the next cells while the current one trains: on a
+    # GPU a compile (~20-45 s) is about a cell's training time.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.compile_ahead))
     shapes = data_shapes(args)
     pending = {i: pool.submit(prepare_cell, m, D, args, shapes)
-               for i, (m, D) in enumerate(cells[:1])}
+               for i, (m, D) in enumerate(cells[:max(1, args.compile_ahead)])}
     try:
         data = make_data(args) if cells else None
         print(f"data: {time.perf_counter() - start:.1f} s", flush=True)
         for i, (m, D) in enumerate(cells):
             prepared = pending.pop(i).result()
-            if i + 1 < len(cells):
-                pending[i + 1] = pool.submit(prepare_cell, *cells[i + 1], args, shapes)
+            nxt = i + max(1, args.compile_ahead)
+            if nxt < len(cells) and nxt not in pending:
+                pending[nxt] = pool.submit(prepare_cell, *cells[nxt], args, shapes)
             cell = train_cell(m, D, args, data, prepared=prepared)
             s = summarise(cell, args.vocab_size)
             print(f"{LABELS[m]:>9} D={D:<4} {fmt_cell(s):>18} % (lr {s['lr']})  "
