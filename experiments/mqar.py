@@ -1,8 +1,14 @@
 """In-context recall on MQAR (the paper's recall figure): accuracy of 2-layer GSA, GLA, RetNet,
 ABC and Transformer++ models against model width, one panel per sequence length.
 
+Two setups. `--authors` runs the GSA authors' own recipe (4 blocks without MLP, T = 512, lr grid,
+seeds, early stop; experiments/mqar_authors.py, results mqar_authors_<tag>). Without it, this
+file's SECOND setup (described below, results mqar_<tag>): ours, a 2-layer variant with MLPs and
+short convolutions trained on a packed mixture of lengths.
+
     python experiments/mqar.py --tag h100        # the real sweep, one GPU (see REAL below)
     python experiments/mqar.py --smoke --tag cpu  # tiny, a CPU check of the whole pipeline
+    python experiments/mqar.py --authors --smoke --tag cpu   # the authors' setup, tiny
 
 Task: Zoology's multi-query associative recall (`gsa_jax.data.mqar`): vocabulary 8192, power-law
 query placement (α = 0.01), random filler tokens; tested on P = 64 key-value pairs at T = 256
@@ -627,7 +633,8 @@ def markdown(record: dict) -> str:
     mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
                     for c in cfg["train_mix"])
     lrs = ", ".join(f"{lr:g}" for lr in cfg["lr"])
-    lines = [f"# MQAR: accuracy vs model width ({record['tag']})", "",
+    lines = [f"# MQAR, second setup (ours, not the authors'): accuracy vs model width "
+             f"({record['tag']})", "",
              f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
              f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
              f"models (short convolution on q/k/v: linear mixers {not cfg['no_short_conv']}, "
@@ -725,6 +732,10 @@ def load_previous(args, paths) -> dict:
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--authors" in argv:   # the authors' setup has its own options (mqar_authors.py --help)
+        from experiments import mqar_authors
+        return mqar_authors.main([a for a in argv if a != "--authors"])
     args = parse_args(argv)
     common.enable_compilation_cache(args.compile_cache)
     import jax
