@@ -30,10 +30,10 @@ gets a short causal convolution (depthwise, width 4, + SiLU) on q/k/v, as Zoolog
 convolution before every mixer, its attention baseline included (a Hybrid [BaseConv, MHA]): it
 lets one layer bind a key to the value after it. The linear mixers have it as the layers'
 use_short_conv (off with --no-short-conv); Transformer++ gets the same convolution through
-`conv_attention_lm` (off with --no-attention-conv: the project's plain attention layer, which
-must first learn a previous-token head and on CPU analogues stayed on the plateau where the
-conv version learned in a few hundred steps). The convolution kernels are drawn as PyTorch's
-Conv1d default, U(±1/sqrt(4)), which Zoology's models keep (--conv-init torch; "model" keeps the
+the attention layer's use_short_conv (ModelConfig.attention_short_conv; off with
+--no-attention-conv: the plain attention layer, which must first learn a previous-token head
+and on CPU analogues stayed on the plateau where the conv version learned in a few hundred
+steps.) The convolution kernels are drawn as PyTorch's Conv1d default, U(±1/sqrt(4)), which Zoology's models keep (--conv-init torch; "model" keeps the
 project's normal(0.02), fla's init, under which the mixers' q/k/v start ~50x smaller):
 
     gsa        GSA, 4 heads, 64 slots, swish features, τ = 8 (the paper's layer)
@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -254,8 +253,8 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
                  short_conv: bool = True, attention_conv: bool = False):
     """The ModelConfig of model `name` at width D (2 blocks, untied head). short_conv: the
     causal depthwise convolution (width 4) on q/k/v of the gsa/gla/retnet/abc mixers;
-    attention_conv: the same convolution on q/k/v of the attention mixer (`build_model` then
-    builds `conv_attention_lm`'s model; recorded as the attention config's use_short_conv)."""
+    attention_conv: the same convolution on q/k/v of the attention mixer (ModelConfig's
+    attention_short_conv; also recorded as the attention config's use_short_conv)."""
     from gsa_jax.models import ModelConfig, get_preset
     base = {"gsa": "gsa-tiny", "abc": "gsa-tiny", "gla": "gla-tiny", "retnet": "retnet-tiny",
             "attention": "transformer-tiny"}[name]
@@ -263,6 +262,8 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
     over: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=width, num_layers=2,
                                 num_heads=4, attn_num_heads=4, dtype=dtype, impl=impl,
                                 tie_word_embeddings=False, use_short_conv=conv)
+    if name == "attention":
+        over["attention_short_conv"] = conv
     if name in ("gsa", "abc"):
         over["num_slots"] = 64            # the paper's M (gsa-tiny has 8)
     if name == "abc":
@@ -272,100 +273,10 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
 
 
 def build_model(config):
-    """CausalLM(config); an attention model with use_short_conv gets the convolution on q/k/v
-    (`conv_attention_lm`), which the project's attention layer does not have."""
+    """CausalLM(config) (an attention model with attention_short_conv has the convolution on
+    q/k/v through the library's Attention(use_short_conv=True))."""
     from gsa_jax.models import CausalLM
-    if config.mixer == "attention" and config.use_short_conv:
-        return conv_attention_lm()(config)
     return CausalLM(config)
-
-
-@functools.lru_cache(maxsize=None)
-def conv_attention_lm():
-    """The CausalLM class whose attention layers put a short convolution (causal, depthwise,
-    width conv_size, + SiLU: the linear mixers' `common.short_convs`) on q, k and v before RoPE,
-    as every linear mixer here has one and as Zoology puts one before every mixer, attention
-    included (its attention baseline is a Hybrid [BaseConv, MHA]). Training forward only (no
-    cache); parameters as CausalLM's plus mixer/{q,k,v}_conv."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from gsa_jax.layers import common as lc
-    from gsa_jax.layers.attention import IMPLEMENTATIONS, Attention
-    from gsa_jax.models import CausalLM, lm
-
-    class ConvAttention(Attention):
-        conv_size: int = 4
-
-        @nn.compact
-        def __call__(self, x, *, segment_ids=None, positions=None, cache=None, mode="train",
-                     max_len=0):
-            if cache is not None or mode != "train":
-                raise ValueError("ConvAttention: training forward only")
-            kv, dh = self.dims()
-            B, T, _ = x.shape
-            H = self.num_heads
-            if positions is None:
-                positions = lc.positions_in_segment(segment_ids, B, T)
-            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-            q = lc.dense(H * dh, ("embed", "heads"), std=self.std, name="q_proj", **kw)(x)
-            k = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="k_proj", **kw)(x)
-            v = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="v_proj", **kw)(x)
-            runs = lc.segment_runs(segment_ids)
-            q, k, v = lc.short_convs({"q": (q, "heads"), "k": (k, "kv_heads"),
-                                      "v": (v, "kv_heads")}, runs, None, {}, self.conv_size,
-                                     std=self.std, **kw)
-            q = lc.apply_rope(q.reshape(B, T, H, dh), positions, self.rope_theta)
-            k = lc.apply_rope(k.reshape(B, T, kv, dh), positions, self.rope_theta)
-            v = v.reshape(B, T, kv, dh)
-            mask = None if runs is None else (runs[:, :, None] == runs[:, None, :])[:, None]
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                             implementation=IMPLEMENTATIONS[self.implementation])
-            out_std = self.std if self.out_std is None else self.out_std
-            y = lc.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj",
-                         **kw)(o.reshape(B, T, H * dh))
-            return y, None
-
-    class ConvAttentionBlock(lm.Block):
-        @nn.compact
-        def __call__(self, x, segment_ids, positions, cache, mode: str, max_len: int):
-            cfg = self.config
-            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-            norm = dict(eps=cfg.norm_eps, axis_name="norm", dtype=dtype, param_dtype=pdtype)
-            h = lc.RMSNorm(name="attn_norm", **norm)(x)
-            h, cache = ConvAttention(
-                cfg.hidden_size, cfg.attn_num_heads, cfg.attn_num_kv_heads,
-                rope_theta=cfg.rope_theta, implementation=cfg.attn_implementation,
-                conv_size=cfg.conv_size, std=cfg.initializer_range, out_std=lm._out_std(cfg),
-                dtype=dtype, param_dtype=pdtype, name="mixer")(
-                    h, segment_ids=segment_ids, positions=positions, cache=cache, mode=mode,
-                    max_len=max_len)
-            x = x + h
-            h = lc.RMSNorm(name="mlp_norm", **norm)(x)
-            x = x + lc.SwiGLU(cfg.hidden_size, cfg.mlp_width, std=cfg.initializer_range,
-                              out_std=lm._out_std(cfg), dtype=dtype, param_dtype=pdtype,
-                              name="mlp")(h)
-            return x, cache
-
-    class ConvAttentionLM(CausalLM):
-        def setup(self):   # CausalLM.setup with ConvAttentionBlock (no remat: small models)
-            cfg = self.config
-            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-            self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=pdtype,
-                                  embedding_init=nn.with_logical_partitioning(
-                                      nn.initializers.normal(cfg.initializer_range),
-                                      ("vocab", "embed")))
-            self.blocks = [ConvAttentionBlock(cfg, i, name=f"layer_{i}")
-                           for i in range(cfg.num_layers)]
-            self.norm = lc.RMSNorm(cfg.norm_eps, axis_name="norm", dtype=dtype,
-                                   param_dtype=pdtype)
-            if not cfg.tie_word_embeddings:
-                self.lm_head = lc.dense(cfg.vocab_size, ("embed", "vocab"),
-                                        std=cfg.initializer_range, dtype=dtype,
-                                        param_dtype=pdtype, name="lm_head")
-
-    return ConvAttentionLM
 
 
 # ------------------------------------------------------------------ training
