@@ -33,8 +33,9 @@ use_short_conv (off with --no-short-conv); Transformer++ gets the same convoluti
 the attention layer's use_short_conv (ModelConfig.attention_short_conv; off with
 --no-attention-conv: the plain attention layer, which must first learn a previous-token head
 and on CPU analogues stayed on the plateau where the conv version learned in a few hundred
-steps.) The convolution kernels are drawn as PyTorch's Conv1d default, U(±1/sqrt(4)), which Zoology's models keep (--conv-init torch; "model" keeps the
-project's normal(0.02), fla's init, under which the mixers' q/k/v start ~50x smaller):
+steps.) The convolution kernels are drawn as PyTorch's Conv1d default, U(±1/sqrt(4)), which
+Zoology's models keep (--conv-init torch; "model" keeps the project's normal(0.02), fla's init,
+under which the mixers' q/k/v start ~50x smaller):
 
     gsa        GSA, 4 heads, 64 slots, swish features, τ = 8 (the paper's layer)
     gla        GLA, 4 heads, expand_k 0.5, τ = 16
