@@ -45,6 +45,7 @@ replaced), so a sweep splits into commands of < 10 minutes (experiments/README.m
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -52,6 +53,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -103,20 +105,24 @@ def layout_mesh(layout: str, n: int) -> Optional[tuple[int, int, int]]:
 def sweep_runs(configs: Sequence[str], gpus: Sequence[int], device_count: int,
                layouts: Sequence[str] = LAYOUTS, reference: bool = True) -> list[dict]:
     """The weak-scaling runs (and the 1-GPU same-global-batch references) of the sweep:
-    dicts {kind, config, layout, n, mesh, accum}; N > device_count is left out."""
+    dicts {kind, config, layout, n, mesh, accum}; N > device_count is left out. Per config the
+    1-GPU runs come first (`single`, then the references), then the layouts by N: with --jobs
+    the 1-GPU runs go side by side."""
+    ns = [n for n in sorted(set(gpus)) if n <= device_count]
     runs = []
     for config in configs:
-        for n in sorted(set(gpus)):
-            if n > device_count:
-                continue
+        if 1 in ns and "single" in layouts:
+            runs.append(dict(kind="sweep", config=config, layout="single", n=1,
+                             mesh=(1, 1, 1), accum=1))
+        if reference:
+            runs += [dict(kind="ref", config=config, layout="single", n=1, mesh=(1, 1, 1),
+                          accum=n) for n in ns if n > 1]
+        for n in ns:
             for layout in layouts:
                 mesh = layout_mesh(layout, n)
-                if mesh is not None:
+                if mesh is not None and n > 1:
                     runs.append(dict(kind="sweep", config=config, layout=layout, n=n,
                                      mesh=mesh, accum=1))
-            if reference and n > 1:
-                runs.append(dict(kind="ref", config=config, layout="single", n=1,
-                                 mesh=(1, 1, 1), accum=n))
     return runs
 
 
@@ -284,21 +290,51 @@ def worker_main(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the driver
-def visible_devices(n: int) -> Optional[str]:
-    """CUDA_VISIBLE_DEVICES for a run on the first n GPUs of those this process may use."""
+def host_device_ids(count: int) -> list[str]:
+    """The ids of the host's `count` devices as CUDA_VISIBLE_DEVICES names them (the ones this
+    process was given, else 0..count-1)."""
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [x for x in given.split(",") if x.strip()] if given else [str(i) for i in range(n)]
-    if len(ids) < n:
-        return None
-    return ",".join(ids[:n])
+    if given is not None:
+        return [x.strip() for x in given.split(",") if x.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
-def worker_env(args, n: int) -> dict:
+class DevicePool:
+    """Hands out disjoint sets of device ids to runs that may go at once (--jobs), strictly
+    in the order the runs asked (a run needing many devices is not overtaken forever by small
+    ones)."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.free = list(ids)
+        self.size = len(self.free)
+        self.cond = threading.Condition()
+        self.next_ticket = 0
+        self.serving = 0
+
+    def acquire(self, n: int) -> list[str]:
+        if n > self.size:
+            raise ValueError(f"a run needs {n} devices, the host has {self.size}")
+        with self.cond:
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            self.cond.wait_for(lambda: self.serving == ticket and len(self.free) >= n)
+            taken, self.free = self.free[:n], self.free[n:]
+            self.serving += 1
+            self.cond.notify_all()
+            return taken
+
+    def release(self, ids: Sequence[str]) -> None:
+        with self.cond:
+            self.free = sorted(self.free + list(ids), key=lambda x: (len(x), x))
+            self.cond.notify_all()
+
+
+def worker_env(args, devices: Sequence[str]) -> dict:
+    """The environment of a run on `devices` (ids of host_device_ids)."""
+    n = len(devices)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cuda = visible_devices(n)
-    if cuda is not None:
-        env["CUDA_VISIBLE_DEVICES"] = cuda
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     # On a CPU the run gets n simulated devices; on a GPU host this flag changes nothing.
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -311,8 +347,9 @@ def worker_env(args, n: int) -> dict:
     return env
 
 
-def run_isolated(args, run: dict, timeout: float) -> dict:
-    """One run in a fresh interpreter; its row, or a failed row with the reason."""
+def run_isolated(args, run: dict, timeout: float, devices: Sequence[str]) -> dict:
+    """One run in a fresh interpreter on `devices`; its row, or a failed row with the
+    reason."""
     name = "-".join([run["kind"], config_name(run["config"]), run["layout"], str(run["n"]),
                      f"a{run['accum']}"] + ([run["phase"]] if run.get("phase") else []))
     run_dir = run.get("run_dir") or os.path.join(args.work_dir, name)
@@ -328,7 +365,7 @@ def run_isolated(args, run: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=worker_env(args, run["n"]), cwd=ROOT)
+                              env=worker_env(args, devices), cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**base, "status": "timeout", "reason": f"run timed out after {timeout:.0f} s",
                 "case_s": round(time.perf_counter() - t0, 1)}
@@ -347,8 +384,7 @@ def run_isolated(args, run: dict, timeout: float) -> dict:
 
 def probe(args) -> dict:
     """The machine (common.environment) as a run process sees it, with every device visible."""
-    n = args.max_devices
-    env = worker_env(args, n)
+    env = worker_env(args, host_device_ids(args.max_devices))
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # look, take no memory
     code = ("import json, sys; sys.path.insert(0, %r); from experiments import common; "
             "print(%r + json.dumps(common.environment()))" % (ROOT, ROW_PREFIX))
@@ -380,7 +416,7 @@ def planned_runs(args, device_count: int) -> list[dict]:
                      stop_at=at + 1, checkpoint_every=at, run_dir=run_dir, cleanup=False)
         second = {**first, "layout": args.resume_to, "mesh": layout_mesh(args.resume_to, n),
                   "phase": "resumed", "stop_at": args.steps, "checkpoint_every": 0,
-                  "fresh": False, "cleanup": True}
+                  "fresh": False, "cleanup": True, "after": len(runs)}
         runs += [first, second]
     if args.fit_check:
         n = max([1] + ns)
@@ -510,7 +546,7 @@ def figure(record: dict):
 
 CONFIG_KEYS = ("configs", "gpus", "layouts", "steps", "ref_steps", "per_gpu_batch", "seq_len",
                "warmup", "overrides", "loss_tol", "fit_batch", "fit_steps", "resume_from",
-               "resume_to", "resume_at", "mem_fraction")
+               "resume_to", "resume_at", "mem_fraction", "jobs")
 # Settings that must agree between the runs a --merge puts in one report.
 SHAPE_KEYS = ("steps", "per_gpu_batch", "seq_len", "warmup", "overrides")
 
@@ -601,6 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--max-devices", type=int, default=8,
                    help="devices to look for (the CPU simulates this many)")
     p.add_argument("--worker-timeout", type=float, default=540.0, help="seconds per run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each on its own devices (e.g. 4 on a 4-GPU host: the "
+                        "1-GPU runs and their compiles side by side; rows say which devices)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no run after this many seconds (the rest is recorded skipped)")
     p.add_argument("--merge", action="store_true", help="add to the report of the same --tag")
@@ -653,29 +692,51 @@ def main(argv=None) -> int:
     count = environment["device_count"]
     runs = planned_runs(args, count)
     print(f"{count} {environment['device_kind']} device(s); {len(runs)} runs", flush=True)
+    pool = DevicePool(host_device_ids(count))
     start, rows, record = time.perf_counter(), [], None
-    for run in runs:
-        elapsed = time.perf_counter() - start
-        if args.budget_s is not None and elapsed > args.budget_s:
-            row = {k: run[k] for k in ("kind", "config", "layout", "n", "accum")}
-            row.update({k: run[k] for k in ("phase",) if k in run}, mesh=list(run["mesh"]),
-                       config=config_name(run["config"]), status="skipped",
-                       reason=f"time budget {args.budget_s:.0f} s spent; run it with --merge")
-        else:
-            timeout = args.worker_timeout
-            if args.budget_s is not None:
-                timeout = min(timeout, max(args.budget_s - elapsed, 60.0))
-            row = run_isolated(args, run, timeout)
-        rows.append(row)
-        extra = f", {100 * row['mfu']:.1f}% MFU" if row.get("mfu") is not None else ""
-        print(f"{row['kind']} {row['config']} {row['layout']} N={row['n']} accum "
-              f"{row.get('accum', 1)}{' ' + row['phase'] if row.get('phase') else ''}: "
-              f"{row['status']}, {common.fmt(row.get('tokens_per_s'), 0)} tokens/s{extra}, "
-              f"peak {_gib(row.get('peak_bytes_max'))} GiB/device ({row.get('case_s')} s)"
-              + (f" {row.get('reason', '')[:300]}" if row["status"] != "ok" else ""),
-              flush=True)
-        record = build_record(args, argv, rows, environment, previous)
-        write(record, args.out_dir, plots=False)  # after every run: a cut command keeps rows
+    done_events = [threading.Event() for _ in runs]
+
+    def execute(i: int) -> dict:
+        """The row of runs[i], after the run it resumes (if any) has finished."""
+        run = runs[i]
+        try:
+            if run.get("after") is not None:
+                done_events[run["after"]].wait()
+            devices = pool.acquire(run["n"])
+            try:
+                elapsed = time.perf_counter() - start
+                if args.budget_s is not None and elapsed > args.budget_s:
+                    row = {k: run[k] for k in ("kind", "layout", "n", "accum")}
+                    row.update({k: run[k] for k in ("phase",) if k in run},
+                               mesh=list(run["mesh"]), config=config_name(run["config"]),
+                               status="skipped", reason=f"time budget {args.budget_s:.0f} s "
+                               f"spent; run it with --merge")
+                    return row
+                timeout = args.worker_timeout
+                if args.budget_s is not None:
+                    timeout = min(timeout, max(args.budget_s - elapsed, 60.0))
+                row = run_isolated(args, run, timeout, devices)
+                row["devices"] = list(devices)
+                return row
+            finally:
+                pool.release(devices)
+        finally:
+            done_events[i].set()
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as executor:
+        futures = [executor.submit(execute, i) for i in range(len(runs))]
+        for future in concurrent.futures.as_completed(futures):
+            row = future.result()
+            rows.append(row)
+            extra = f", {100 * row['mfu']:.1f}% MFU" if row.get("mfu") is not None else ""
+            print(f"{row['kind']} {row['config']} {row['layout']} N={row['n']} accum "
+                  f"{row.get('accum', 1)}{' ' + row['phase'] if row.get('phase') else ''}: "
+                  f"{row['status']}, {common.fmt(row.get('tokens_per_s'), 0)} tokens/s{extra}, "
+                  f"peak {_gib(row.get('peak_bytes_max'))} GiB/device ({row.get('case_s')} s)"
+                  + (f" {row.get('reason', '')[:300]}" if row["status"] != "ok" else ""),
+                  flush=True)
+            record = build_record(args, argv, rows, environment, previous)
+            write(record, args.out_dir, plots=False)  # after every run: a cut command keeps rows
     if record is None:
         raise SystemExit("nothing to run: no config, N or check selected")
     paths = write(record, args.out_dir, plots=True)
