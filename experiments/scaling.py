@@ -171,9 +171,16 @@ def analyse(rows: list[dict], loss_tol: float = LOSS_TOL) -> dict[str, list[dict
             ref = find(kind="ref", config=r["config"], n=1, accum=r["n"])
             diff = (max_loss_diff(r["loss_curve"], ref["loss_curve"])
                     if _ok(r) and _ok(ref) else None)
+            # The other layouts at this N have the same global batch: free comparisons.
+            others = [o for o in rows if o["kind"] == "sweep" and o["config"] == r["config"]
+                      and o["n"] == r["n"] and o["layout"] != r["layout"] and _ok(o)]
+            spread = [max_loss_diff(r["loss_curve"], o["loss_curve"]) for o in others
+                      if _ok(r)]
+            spread = [d for d in spread if d is not None]
             losses.append({"config": r["config"], "layout": r["layout"], "n": r["n"],
                            "global_batch": r.get("global_batch"), "max_abs_diff": diff,
-                           "within_tol": None if diff is None else diff <= loss_tol})
+                           "within_tol": None if diff is None else diff <= loss_tol,
+                           "vs_layouts": max(spread) if spread else None})
     for r in rows:
         if r["kind"] != "resume" or r.get("phase") != "resumed":
             continue
@@ -444,18 +451,21 @@ def markdown(record: dict) -> str:
     rows = record["rows"]
     eff = {(s["config"], s["layout"], s["n"]): s["efficiency"] for s in derived["scaling"]}
     dloss = {(s["config"], s["layout"], s["n"]): s["max_abs_diff"] for s in derived["loss"]}
+    dlay = {(s["config"], s["layout"], s["n"]): s["vs_layouts"] for s in derived["loss"]}
     lines = [f"# Scaling ({record['tag']}): training over device meshes", "",
              f"{c['steps']} steps of {c['per_gpu_batch']} sequences x {c['seq_len']} tokens per "
              f"GPU (weak scaling), the embedded stdlib corpus, warm-up {c['warmup']} steps; "
              f"overrides {c['overrides'] or 'none'}. tokens/s and MFU: medians of the per-step "
              f"records (the compiling first step untimed). Efficiency = tokens/s on N / (N x "
-             f"tokens/s on one GPU). Δloss = max |loss - loss of one GPU at the same global "
-             f"batch (N x per-GPU batch as N micro-batches)| over the steps; tolerance "
-             f"{c['loss_tol']} (bf16 compute).", ""]
+             f"tokens/s on one GPU). Δloss vs 1 GPU = max |loss - loss of one GPU at the same "
+             f"global batch (N x per-GPU batch as N micro-batches, the `ref` rows)| over the "
+             f"steps both ran; Δloss vs layouts = the largest such difference against the other "
+             f"layouts of the same N (same global batch); tolerance {c['loss_tol']} (bf16 "
+             f"compute).", ""]
     sweep = [r for r in rows if r["kind"] in ("sweep", "ref")]
     lines.append(common.markdown_table(
         ["config", "layout", "N", "mesh (d,f,t)", "global batch", "tokens/s", "tokens/s/GPU",
-         "MFU", "peak GiB/GPU", "efficiency", "Δloss", "note"],
+         "MFU", "peak GiB/GPU", "efficiency", "Δloss vs 1 GPU", "Δloss vs layouts", "note"],
         [[r["config"], r["layout"] + (f" (ref, accum {r['accum']})" if r["kind"] == "ref"
                                       else ""), r["n"], "x".join(map(str, r["mesh"])),
           r.get("global_batch", "-"), common.fmt(r.get("tokens_per_s"), 0),
@@ -465,8 +475,10 @@ def markdown(record: dict) -> str:
           "-" if eff.get((r["config"], r["layout"], r["n"])) is None or r["kind"] != "sweep"
           else f"{100 * eff[(r['config'], r['layout'], r['n'])]:.1f}%",
           common.fmt(dloss.get((r["config"], r["layout"], r["n"])) if r["kind"] == "sweep"
+                     else None, 4),
+          common.fmt(dlay.get((r["config"], r["layout"], r["n"])) if r["kind"] == "sweep"
                      else None, 4), _reason(r)] for r in sweep],
-        align="llrrrrrrrrrl"))
+        align="llrrrrrrrrrrl"))
     resumed = derived["resume"]
     if resumed or any(r["kind"] == "resume" for r in rows):
         lines += ["", "## Resume under another layout", "",
@@ -687,13 +699,14 @@ def main(argv=None) -> int:
         print("wrote " + ", ".join(map(str, paths.values())))
         return 0
 
+    start = time.perf_counter()  # --budget-s counts from here (the probe included)
     environment = probe(args)
     args.tag = args.tag or environment.get("backend") or "unknown"
     count = environment["device_count"]
     runs = planned_runs(args, count)
     print(f"{count} {environment['device_kind']} device(s); {len(runs)} runs", flush=True)
     pool = DevicePool(host_device_ids(count))
-    start, rows, record = time.perf_counter(), [], None
+    rows, record = [], None
     done_events = [threading.Event() for _ in runs]
 
     def execute(i: int) -> dict:

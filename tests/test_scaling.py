@@ -108,6 +108,10 @@ def test_analyse_derives_efficiency_and_loss_differences():
         assert loss[layout]["max_abs_diff"] == pytest.approx(want)
         assert loss[layout]["within_tol"] == (want <= 0.05)
     assert loss["fsdp_tp"]["max_abs_diff"] is None and loss["fsdp_tp"]["within_tol"] is None
+    between = np.max(np.abs(noise["dp"] - noise["fsdp"]))  # dp against fsdp, same global batch
+    assert loss["dp"]["vs_layouts"] == pytest.approx(between)
+    assert loss["fsdp"]["vs_layouts"] == pytest.approx(between)
+    assert loss["fsdp_tp"]["vs_layouts"] is None
     (res,) = out["resume"]
     assert res["vs_to"] == pytest.approx(np.max(np.abs(resumed - (base + noise["dp"])[5:])))
     assert res["vs_from"] == pytest.approx(np.max(np.abs(resumed - (base + noise["fsdp"])[5:])))
@@ -221,6 +225,7 @@ def test_smoke_run(tmp_path):
     # float32 on a CPU: the layouts agree to rounding, far inside the bf16 tolerance
     for item in record["derived"]["loss"]:
         assert item["max_abs_diff"] < 1e-3 and item["within_tol"], item
+        assert item["vs_layouts"] < 1e-3
     (res,) = record["derived"]["resume"]
     assert res["vs_to"] < 1e-3 and res["vs_from"] < 1e-3
     resumed = next(r for r in rows if r.get("phase") == "resumed")
