@@ -354,6 +354,14 @@ def worker_env(args, devices: Sequence[str]) -> dict:
     return env
 
 
+def base_row(run: dict) -> dict:
+    """The identity of a run's row (what a failed or skipped run's row holds)."""
+    row = {k: run[k] for k in ("kind", "layout", "n", "accum")}
+    row.update({k: run[k] for k in ("phase", "resume_from", "resume_at") if k in run},
+               config=config_name(run["config"]), mesh=list(run["mesh"]))
+    return row
+
+
 def run_isolated(args, run: dict, timeout: float, devices: Sequence[str]) -> dict:
     """One run in a fresh interpreter on `devices`; its row, or a failed row with the
     reason."""
@@ -366,9 +374,7 @@ def run_isolated(args, run: dict, timeout: float, devices: Sequence[str]) -> dic
             "overrides": run_overrides(args, run, run_dir), "stop_at": run["stop_at"],
             "compile_cache": args.compile_cache}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    base = {k: spec[k] for k in ("kind", "config", "layout", "n", "accum") }
-    base.update({k: run[k] for k in ("phase", "resume_from", "resume_at") if k in run},
-                mesh=list(run["mesh"]))
+    base = base_row(run)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -719,16 +725,17 @@ def main(argv=None) -> int:
             try:
                 elapsed = time.perf_counter() - start
                 if args.budget_s is not None and elapsed > args.budget_s:
-                    row = {k: run[k] for k in ("kind", "layout", "n", "accum")}
-                    row.update({k: run[k] for k in ("phase",) if k in run},
-                               mesh=list(run["mesh"]), config=config_name(run["config"]),
-                               status="skipped", reason=f"time budget {args.budget_s:.0f} s "
-                               f"spent; run it with --merge")
-                    return row
+                    return {**base_row(run), "status": "skipped",
+                            "reason": f"time budget {args.budget_s:.0f} s spent; run it "
+                                      f"with --merge"}
                 timeout = args.worker_timeout
                 if args.budget_s is not None:
                     timeout = min(timeout, max(args.budget_s - elapsed, 60.0))
-                row = run_isolated(args, run, timeout, devices)
+                try:
+                    row = run_isolated(args, run, timeout, devices)
+                except Exception as err:  # noqa: BLE001 - a row, not a lost sweep
+                    row = {**base_row(run), "status": "error",
+                           "reason": f"{type(err).__name__}: {err}"}
                 row["devices"] = list(devices)
                 return row
             finally:
