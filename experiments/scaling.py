@@ -518,7 +518,8 @@ def markdown(record: dict) -> str:
 
 
 def figure(record: dict):
-    """tokens/s per GPU vs N per layout, and the loss curves at the largest N, per config."""
+    """Per config: tokens/s per GPU vs N per layout; the loss curves at the largest N; their
+    differences from the 1-GPU run at the same global batch."""
     plt = common.pyplot()
     if plt is None:
         return None
@@ -526,7 +527,7 @@ def figure(record: dict):
     configs = sorted({r["config"] for r in rows if r["kind"] in ("sweep", "ref")})
     if not configs:
         return None
-    fig, axes = plt.subplots(2, len(configs), figsize=(5.5 * len(configs), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(configs), figsize=(5.5 * len(configs), 11), squeeze=False)
     for col, config in enumerate(configs):
         mine = [r for r in rows if r["config"] == config and r["kind"] == "sweep"]
         ax = axes[0][col]
@@ -537,6 +538,8 @@ def figure(record: dict):
             if len(pts) > 1 or any(r["layout"] == layout for r in mine):
                 ax.plot(*zip(*pts), marker="o", label=layout)
         ax.set_xscale("log", base=2)
+        ns = sorted({r["n"] for r in mine})
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("GPUs N")
         ax.set_ylabel("tokens/s per GPU")
         ax.set_title(config)
@@ -554,6 +557,21 @@ def figure(record: dict):
                 ax.plot(*zip(*r["loss_curve"]), label=label, lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel(f"train loss (global batch of N={n_max})")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        # The differences against the 1-GPU reference: what "equal to bf16 noise" means.
+        ax = axes[2][col]
+        ref = next((r for r in rows if r["config"] == config and r["kind"] == "ref"
+                    and r["accum"] == n_max), None)
+        for r in [r for r in mine if r["n"] == n_max] if ref else []:
+            base = {s: l for s, l in ref["loss_curve"]}
+            pts = [(s, l - base[s]) for s, l in r["loss_curve"] if s in base]
+            if pts:
+                ax.plot(*zip(*pts), label=f"{r['layout']} N={r['n']}", lw=1)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss - loss of 1 GPU (same global batch)")
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
@@ -700,7 +718,8 @@ def main(argv=None) -> int:
         if mismatch:
             raise SystemExit(f"--merge: {json_path} was run with other settings (old, new): "
                              f"{mismatch}; use another --tag")
-    if args.plot_only:
+    if args.plot_only:  # the derived numbers recomputed: this version's, from the rows
+        previous["derived"] = analyse(previous["rows"], previous["config"]["loss_tol"])
         paths = write(previous, args.out_dir, plots=True)
         print("wrote " + ", ".join(map(str, paths.values())))
         return 0
