@@ -198,15 +198,16 @@ def test_planned_resume_and_fit_runs():
         "fsdp", (1, 4, 1), 11, 10)
     assert (second["layout"], second["mesh"], second["stop_at"]) == ("fsdp_tp", (1, 2, 2), 20)
     assert second["run_dir"] == first["run_dir"] and second["fresh"] is False
+    assert second["after"] == 0 and first.get("after") is None  # resumed after it stopped
     assert (single["n"], single["global_batch"], fsdp["n"], fsdp["mesh"]) == (1, 128, 4,
                                                                                (1, 4, 1))
 
 
-@pytest.mark.slow  # about 3 minutes on a 2-core CPU: nine runs, each its own process
+@pytest.mark.slow  # 3.6 min on a loaded 2-core CPU: ten runs, each its own process
 def test_smoke_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--smoke", "--tag", "test", "--out-dir", str(out), "--work-dir", str(work),
-            "--resume-check", "--fit-check", "configs/tiny.yaml"]
+            "--resume-check", "--fit-check", "configs/tiny.yaml", "--jobs", "2"]
     assert scaling.main(argv) == 0
     record = json.loads((out / "scaling_test.json").read_text())
     rows = record["rows"]
@@ -228,6 +229,10 @@ def test_smoke_run(tmp_path):
         assert item["vs_layouts"] < 1e-3
     (res,) = record["derived"]["resume"]
     assert res["vs_to"] < 1e-3 and res["vs_from"] < 1e-3
+    # --jobs 2: the two 1-GPU runs (single, ref) went side by side, on devices 0 and 1
+    single = next(r for r in rows if r["kind"] == "sweep" and r["n"] == 1)
+    ref = next(r for r in rows if r["kind"] == "ref")
+    assert sorted(single["devices"] + ref["devices"]) == ["0", "1"]
     resumed = next(r for r in rows if r.get("phase") == "resumed")
     assert [s for s, _ in resumed["loss_curve"]] == [4, 5, 6]  # after the checkpoint of 3
     md = (out / "scaling_test.md").read_text()
