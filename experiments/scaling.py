@@ -9,7 +9,8 @@ one GPU, data parallel, FSDP and FSDP x tensor parallel on N GPUs of one host.
 
 Runs (each one `gsa_jax.train.train` in its own Python process, with the devices it may see
 limited by CUDA_VISIBLE_DEVICES on a GPU host and by --xla_force_host_platform_device_count on
-a CPU; a crash, an out-of-memory or a time-out is a row with its reason):
+a CPU; a crash, an out-of-memory or a time-out is a row with its reason; --jobs J runs up to J
+of them at once on disjoint devices, first come first served):
 
   sweep      for every config and N of --gpus (those > the host's device count are left out):
              N = 1: `single` (mesh 1x1x1); N > 1: `dp` (data N), `fsdp` (fsdp N), `fsdp_tp`
