@@ -547,7 +547,7 @@ def figure(record: dict):
         ax.set_ylabel("tokens/s per GPU")
         ax.set_title(config)
         ax.grid(alpha=0.3)
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # labelled lines only (not the zero line)
             ax.legend(fontsize=8)
         ax = axes[1][col]
         n_max = max((r["n"] for r in mine), default=1)
@@ -561,7 +561,7 @@ def figure(record: dict):
         ax.set_xlabel("step")
         ax.set_ylabel(f"train loss (global batch of N={n_max})")
         ax.grid(alpha=0.3)
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # labelled lines only (not the zero line)
             ax.legend(fontsize=8)
         # The differences against the 1-GPU reference: what "equal to bf16 noise" means.
         ax = axes[2][col]
@@ -576,7 +576,7 @@ def figure(record: dict):
         ax.set_xlabel("step")
         ax.set_ylabel("loss - loss of 1 GPU (same global batch)")
         ax.grid(alpha=0.3)
-        if ax.has_data():
+        if ax.get_legend_handles_labels()[0]:  # labelled lines only (not the zero line)
             ax.legend(fontsize=8)
     fig.suptitle(f"scaling ({record['tag']})")
     fig.tight_layout()
