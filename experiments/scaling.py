@@ -27,7 +27,8 @@ of them at once on disjoint devices, first come first served):
              under --resume-to (default fsdp_tp); its losses after the checkpoint are compared
              with the uninterrupted runs of both layouts at that N.
   fit        (--fit-check CONFIG) that config at global batch --fit-batch on one GPU (an
-             out-of-memory expected, recorded as such) and under FSDP over the largest N.
+             out-of-memory expected, recorded as such) and under FSDP over the largest N
+             (--fit-layouts; with dp too, the per-GPU memory FSDP saves at that batch).
 
 Every run trains on the embedded corpus (the Python standard library, byte tokens: no download,
 as configs/gsa-340m-stdlib.yaml) with the config's model and optimizer, but a warm-up of
@@ -436,12 +437,13 @@ def planned_runs(args, device_count: int) -> list[dict]:
         runs += [first, second]
     if args.fit_check:
         n = max([1] + ns)
-        for layout in ("single", "fsdp") if n > 1 else ("single",):
-            runs.append(dict(kind="fit", config=args.fit_check, layout=layout,
-                             n=1 if layout == "single" else n,
-                             mesh=layout_mesh(layout, 1 if layout == "single" else n), accum=1,
-                             global_batch=args.fit_batch, steps=args.fit_steps,
-                             stop_at=args.fit_steps))
+        for layout in args.fit_layouts:
+            size = 1 if layout == "single" else n
+            mesh = layout_mesh(layout, size)
+            if mesh is not None:
+                runs.append(dict(kind="fit", config=args.fit_check, layout=layout, n=size,
+                                 mesh=mesh, accum=1, global_batch=args.fit_batch,
+                                 steps=args.fit_steps, stop_at=args.fit_steps))
     return runs
 
 
@@ -584,7 +586,8 @@ def figure(record: dict):
 
 
 CONFIG_KEYS = ("configs", "gpus", "layouts", "steps", "ref_steps", "per_gpu_batch", "seq_len",
-               "warmup", "overrides", "loss_tol", "fit_batch", "fit_steps", "resume_from",
+               "warmup", "overrides", "loss_tol", "fit_batch", "fit_steps", "fit_layouts",
+               "resume_from",
                "resume_to", "resume_at", "mem_fraction", "jobs")
 # Settings that must agree between the runs a --merge puts in one report.
 SHAPE_KEYS = ("steps", "per_gpu_batch", "seq_len", "warmup", "overrides")
@@ -601,7 +604,7 @@ def build_record(args, argv, rows, environment, previous) -> dict:
         # The report's configs and N: those of all its rows.
         config["configs"] = sorted({r["config"] for r in rows if r["kind"] in ("sweep", "ref")})
         config["gpus"] = sorted({r["n"] for r in rows if r["kind"] == "sweep"})
-        for key in ("fit_batch", "fit_steps"):  # a fit check keeps its own settings
+        for key in ("fit_batch", "fit_steps", "fit_layouts"):  # a fit check keeps its own
             if not args.fit_check:
                 config[key] = previous["config"].get(key)
     return {"benchmark": NAME, "tag": args.tag, "command": " ; then ".join(commands),
@@ -664,6 +667,9 @@ def parse_args(argv=None):
                    help="that config on one GPU and under FSDP over the largest N")
     p.add_argument("--fit-batch", type=int, default=128, help="global batch of the fit check")
     p.add_argument("--fit-steps", type=int, default=3)
+    p.add_argument("--fit-layouts", nargs="+", default=["single", "fsdp"], choices=LAYOUTS,
+                   help="layouts of the fit check (add dp: the same batch with replicated "
+                        "parameters and Adam moments, what FSDP saves per GPU)")
     p.add_argument("--profile-steps", type=parse_steps_window, default=None, metavar="A:B",
                    help="a jax.profiler trace of steps A..B of the sweep runs "
                         "(logging.profile_steps; in <work-dir>/<run>/profile)")

@@ -201,6 +201,11 @@ def test_planned_resume_and_fit_runs():
     assert second["after"] == 0 and first.get("after") is None  # resumed after it stopped
     assert (single["n"], single["global_batch"], fsdp["n"], fsdp["mesh"]) == (1, 128, 4,
                                                                                (1, 4, 1))
+    args = scaling.parse_args(["--fit-check", "gsa-2.7b", "--no-sweep", "--fit-layouts",
+                               "single", "dp", "fsdp", "--fit-batch", "64"])
+    runs = scaling.planned_runs(args, device_count=2)
+    assert [(r["layout"], r["n"], r["mesh"], r["global_batch"]) for r in runs] == [
+        ("single", 1, (1, 1, 1), 64), ("dp", 2, (2, 1, 1), 64), ("fsdp", 2, (1, 2, 1), 64)]
 
 
 @pytest.mark.slow  # 3.6 min on a loaded 2-core CPU: ten runs, each its own process
