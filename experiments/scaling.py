@@ -206,6 +206,25 @@ def row_key(row: dict) -> tuple:
             row.get("phase"))
 
 
+def missing_runs(runs: list[dict], previous: list[dict]) -> list[dict]:
+    """The planned `runs` without those that have an ok row in `previous` (--only-missing).
+    A resume check is one unit: both of its phases are made again unless it resumed fine."""
+    done = {row_key(r) for r in previous if r.get("status") == "ok"}
+    key = lambda run: row_key({**run, "config": config_name(run["config"])})  # noqa: E731
+    resumed_ok = any(key(r) in done for r in runs if r.get("phase") == "resumed")
+    out = []
+    for run in runs:
+        if run["kind"] == "resume":
+            if resumed_ok:
+                continue
+        elif key(run) in done:
+            continue
+        out.append(run)
+    # a kept resumed phase waits for its interrupted phase: its index in the kept list
+    first = next((i for i, r in enumerate(out) if r.get("phase") == "interrupted"), None)
+    return [{**r, "after": first} if r.get("phase") == "resumed" else r for r in out]
+
+
 def merge_rows(previous: list[dict], rows: list[dict]) -> list[dict]:
     """`previous` without the runs `rows` made again, then `rows`."""
     done = {row_key(r) for r in rows}
@@ -688,12 +707,17 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no run after this many seconds (the rest is recorded skipped)")
     p.add_argument("--merge", action="store_true", help="add to the report of the same --tag")
+    p.add_argument("--only-missing", action="store_true",
+                   help="with --merge: leave out the runs the report already has ok rows of "
+                        "(continue a command that its budget cut short)")
     p.add_argument("--plot-only", action="store_true", help="rewrite .md/.png from the JSON")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a run's JSON spec
     args = p.parse_args(argv)
     if args.smoke:
         common.apply_smoke_sizes(p, args, SMOKE)
+    if args.only_missing and not args.merge:
+        p.error("--only-missing needs --merge (the report whose rows count as made)")
     if args.resume_from == args.resume_to:
         p.error("--resume-from and --resume-to must differ")
     at = args.resume_at or args.steps // 2
@@ -738,6 +762,11 @@ def main(argv=None) -> int:
     args.tag = args.tag or environment.get("backend") or "unknown"
     count = environment["device_count"]
     runs = planned_runs(args, count)
+    if args.only_missing and previous is not None:
+        runs = missing_runs(runs, previous["rows"])
+        if not runs:
+            print(f"{json_path} has ok rows of every run of this command: nothing to run")
+            return 0
     print(f"{count} {environment['device_kind']} device(s); {len(runs)} runs", flush=True)
     pool = DevicePool(host_device_ids(count))
     rows, record = [], None

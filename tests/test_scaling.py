@@ -127,6 +127,24 @@ def test_merge_replaces_runs_made_again():
         ("single", 1, 1.0), ("single", 2, 3.0), ("dp", 1, 5.0), ("fsdp", 1, 6.0)]
 
 
+def test_only_missing_leaves_out_runs_made():
+    args = scaling.parse_args(["--configs", "configs/tiny.yaml", "--gpus", "1", "2",
+                               "--resume-check", "--merge", "--only-missing", "--tag", "t"])
+    runs = scaling.planned_runs(args, device_count=2)
+    previous = [_row("sweep", "single", 1, config="tiny"),
+                _row("sweep", "dp", 2, config="tiny", status="timeout"),
+                _row("ref", "single", 1, accum=2, config="tiny"),
+                _row("resume", "fsdp", 2, config="tiny", phase="interrupted")]
+    left = scaling.missing_runs(runs, previous)
+    assert [(r["kind"], r["layout"], r["n"], r.get("phase")) for r in left] == [
+        ("sweep", "dp", 2, None), ("sweep", "fsdp", 2, None), ("sweep", "fsdp_tp", 2, None),
+        ("resume", "fsdp", 2, "interrupted"), ("resume", "fsdp_tp", 2, "resumed")]
+    assert left[4]["after"] == 3  # still after its interrupted phase, in the kept list
+    previous.append(_row("resume", "fsdp_tp", 2, config="tiny", phase="resumed"))
+    left = scaling.missing_runs(runs, previous)
+    assert [r["kind"] for r in left] == ["sweep"] * 3  # a resume that resumed fine is kept
+
+
 def test_device_pool_gives_disjoint_devices_in_order():
     import threading
     import time
@@ -248,3 +266,6 @@ def test_smoke_run(tmp_path):
                          str(work), "--layouts", "single", "--no-reference", "--merge"]) == 0
     merged = json.loads((out / "scaling_test.json").read_text())
     assert len(merged["rows"]) == len(rows) and len(merged["commands"]) == 2
+    # --only-missing: every run of the first command has an ok row, so nothing runs
+    assert scaling.main(argv[:-2] + ["--merge", "--only-missing"]) == 0
+    assert json.loads((out / "scaling_test.json").read_text()) == merged
