@@ -57,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
