@@ -46,7 +46,9 @@ def _close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
 
 
-@pytest.mark.parametrize("name", ["gsa-tiny", "transformer-tiny", "gla-tiny", "retnet-tiny"])
+@pytest.mark.parametrize("name", ["gsa-tiny", "transformer-tiny",
+                                  pytest.param("gla-tiny", marks=pytest.mark.slow),
+                                  pytest.param("retnet-tiny", marks=pytest.mark.slow)])
 def test_scanned_model_computes_the_unscanned_function(name):
     scanned, plain = _pair(name, use_short_conv=name != "transformer-tiny")
     assert scanned.scanned and not plain.scanned
@@ -181,7 +183,7 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path, write_scanned):
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 6
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_remat_policies_keep_the_gradients(scan):
     """Every policy computes the gradients of the model without remat, and puts its
     jax.checkpoint policy in the program (none: no rematerialisation at all)."""
