@@ -72,7 +72,8 @@ def _map_stacks(tree: Any, is_stack, convert) -> Any:
 def _stack_node(node: Mapping) -> dict:
     keys = _layer_keys(node)
     if keys != [f"layer_{i}" for i in range(len(keys))]:
-        raise ValueError(f"layer_layout: the layers {keys} are not layer_0 ... layer_{len(keys) - 1}")
+        raise ValueError(f"layer_layout: the layers {keys} are not layer_0 ... "
+                         f"layer_{len(keys) - 1}")
     blocks = [node[k] for k in keys]
     structure = jax.tree.structure(blocks[0])
     for k, block in zip(keys, blocks):
