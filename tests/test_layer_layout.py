@@ -241,3 +241,20 @@ def test_hybrid_stack_falls_back_to_the_list_of_blocks(caplog):
     from gsa_jax.models import presets
     for name, cfg in presets.items():
         assert cfg.scan_layers == cfg.uniform, name
+
+
+def test_params_checkpoint_of_unscanned_layers_initialises_a_scanned_model(tmp_path):
+    """`gsa-jax convert` writes unscanned params checkpoints; `train --init-from` into a scanned
+    model reads them stacked (checkpoint.restore_params, as session.init_from_params calls it)."""
+    from gsa_jax import checkpoint as checkpoint_lib
+    scanned, plain = _pair("gsa-tiny", num_layers=3)
+    params = jax.tree.map(np.asarray, _random_params(plain, seed=8))
+    checkpoint_lib.save_params(tmp_path / "p", params, {"config": {"model": plain.to_dict()}})
+    mesh = shd.make_mesh(shd.MeshConfig())
+    layout = steps.state_layout(CausalLM(scanned), optax.adamw(1e-3), mesh)
+    got, meta = checkpoint_lib.restore_params(tmp_path / "p", layout.abstract.params)
+    assert meta["kind"] == "params"
+    want = layer_layout.to_scanned(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), b)
