@@ -20,6 +20,7 @@ from gsa_jax.checkpoint import Checkpointer
 from gsa_jax.config import Config
 from gsa_jax.data import Datasets, load_datasets
 from gsa_jax.data.datasets import SPLITS
+from gsa_jax.models.config import remat_policy_name
 from gsa_jax.models.lm import CausalLM
 from gsa_jax.optim import make_optimizer
 
@@ -164,6 +165,8 @@ def init_from_params(session: Session, directory: str) -> steps.TrainState:
 
 
 def _model_diff(saved: dict, mine: dict) -> list[str]:
+    if "remat" in saved:  # true/false in configs saved before the named policies
+        saved = {**saved, "remat": remat_policy_name(saved["remat"])}
     return [f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
             for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
 
