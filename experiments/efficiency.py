@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--layers", type=int, default=None, help="override the presets' depth L")
     p.add_argument("--dtype", default="bfloat16", help="train compute dtype (params f32)")
-    p.add_argument("--remat", action="store_true", help="nn.remat around every block")
+    p.add_argument("--remat", action="store_true", help="remat policy 'full' around every block (default 'none')")
     p.add_argument("--gsa-impl", default="auto", help="form of the GSA op (auto | chunk | pallas)")
     p.add_argument("--gsa-num-heads", type=int, default=None,
                    help="override the GSA heads (e.g. 8 for head dims 256, which the Pallas "
@@ -165,7 +165,7 @@ def model_config(args, model: str, decode: bool = False):
     family = FAMILY[model]
     changes = dict(dtype=args.decode_dtype if decode else args.dtype,
                    param_dtype=args.decode_dtype if decode else "float32",
-                   remat=bool(args.remat and not decode))
+                   remat="full" if args.remat and not decode else "none")
     if args.layers:
         changes["num_layers"] = args.layers
     if family == "gsa":
