@@ -12,7 +12,7 @@ compile: for each preset of --presets (default gsa-1.3b, gsa-340m), the project'
   and each case builds a new jitted function, so every compile is a real one.
 train: for --train-preset (default gsa-340m), the same step run on the device: the unscanned
   model's initial weights, and the same weights stacked for the scanned one
-  (gsa_jax.models.layer_layout), so both runs compute the same losses; --warmup steps (the
+  (gsa_jax.layer_layout), so both runs compute the same losses; --warmup steps (the
   first compiles), then the median of --steps timed steps (each waited for), as tokens/s.
 
 Results: `<out>/compile_time_<tag>.{json,md}` with the machine, versions and command
@@ -131,7 +131,7 @@ def train_cases(args) -> list[dict[str, Any]]:
     import jax
     from gsa_jax import sharding as shd
     from gsa_jax import steps
-    from gsa_jax.models import layer_layout
+    from gsa_jax import layer_layout
     rows = []
     initial = None
     for scan in (False, True):

@@ -262,7 +262,10 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
     conv = attention_conv if name == "attention" else short_conv
     over: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=width, num_layers=2,
                                 num_heads=4, attn_num_heads=4, dtype=dtype, impl=impl,
-                                tie_word_embeddings=False, use_short_conv=conv)
+                                tie_word_embeddings=False, use_short_conv=conv,
+                                # unscanned as in the recorded runs (mqar_h100): the layers'
+                                # initial draws and torch_conv_init's [W, C] kernels
+                                scan_layers=False)
     if name == "attention":
         over["attention_short_conv"] = conv
     if name in ("gsa", "abc"):

@@ -13,7 +13,7 @@ warning naming the file and the cause and restores the newest intact one
 (`CorruptCheckpointError` when none is); a checkpoint of another model shape is a
 `CheckpointShapeError`, never taken for a damaged one. A checkpoint written with the other layer
 layout (scanned layers, params under "layers" stacked [L, ...], vs the list "layer_0", ...) is
-converted while it is restored (gsa_jax.models.layer_layout), params and optimizer moments alike.
+converted while it is restored (gsa_jax.layer_layout), params and optimizer moments alike.
 
 A params checkpoint (`save_params` / `restore_params`: what `gsa-jax convert` writes and
 `gsa-jax train --init-from` reads) has the same layout with state = {"params": tree} at step 0
@@ -31,7 +31,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from gsa_jax.models import layer_layout
+from gsa_jax import layer_layout
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class Checkpointer:
         meta = self.restore_meta(step)
         wanted = {"params": abstract_state} if params_only else abstract_state
         # A checkpoint written with the other layer layout (scanned "layers" vs "layer_i"):
-        # read it in its own layout, then convert (gsa_jax.models.layer_layout).
+        # read it in its own layout, then convert (gsa_jax.layer_layout).
         on_disk = layer_layout.layout_of_paths(self._saved_shapes(step))
         target = layer_layout.is_scanned(wanted)
         relayout = on_disk is not None and target is not None and on_disk != target

@@ -59,7 +59,7 @@ from flax import linen as nn
 from gsa_jax import checkpoint as checkpoint_lib
 from gsa_jax.config import build_model_config
 from gsa_jax.models.config import MIXERS, ModelConfig
-from gsa_jax.models import layer_layout
+from gsa_jax import layer_layout
 from gsa_jax.models.lm import CausalLM, build_mixer
 
 # The mixers' fields a conversion from attention sets (the paper's / the peer's defaults).

@@ -82,7 +82,7 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     def decide(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         # Scanned layers stack every block's params on a leading [L] axis: a stacked vector is
-        # still a vector (gsa_jax.models.layer_layout.STACK).
+        # still a vector (gsa_jax.layer_layout.STACK).
         ndim = leaf.ndim - 1 if "layers" in keys else leaf.ndim
         if ndim < 2:
             return False

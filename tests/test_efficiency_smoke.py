@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gsa_jax.models import layer_layout
+from gsa_jax import layer_layout
 from script_util import load_experiment
 
 def _efficiency():

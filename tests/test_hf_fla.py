@@ -190,7 +190,7 @@ def test_export_and_load_with_scanned_layers(tmp_path):
     (scan_layers=True) with the same logits. (No torch needed.)"""
     pytest.importorskip("safetensors")
     from safetensors.numpy import load_file
-    from gsa_jax.models import layer_layout
+    from gsa_jax import layer_layout
     plain = EXPORTS["gsa"]
     scanned = plain.replace(scan_layers=True)
     params = random_params(plain, seed=9)

@@ -291,7 +291,7 @@ def test_numpy_checkpoint_maps_every_tensor(tmp_path, safetensors):
 
 def test_numpy_checkpoint_loads_into_scanned_layers(tmp_path, safetensors):
     """scan_layers=True: the same arrays, stacked under "layers" ([L, ...], layer i at i)."""
-    from gsa_jax.models import layer_layout
+    from gsa_jax import layer_layout
     tensors = write_numpy_checkpoint(tmp_path, seed=4)
     _, plain = load_llama(tmp_path)
     config, params = load_llama(tmp_path, scan_layers=True)

@@ -1,5 +1,5 @@
 """Scanned layers (`scan_layers`, one nn.scan over the blocks) against the list of blocks with the
-same weights (converted by gsa_jax.models.layer_layout): logits, prefill + decode, gradients in
+same weights (converted by gsa_jax.layer_layout): logits, prefill + decode, gradients in
 float32; the layout converter on params and Adam states; checkpoints written in one layout and
 restored in the other; the named remat policies; the hybrid fallback."""
 
@@ -19,7 +19,7 @@ from gsa_jax import steps
 from gsa_jax.checkpoint import CheckpointConfig, Checkpointer
 from gsa_jax.config import build_model_config
 from gsa_jax.models import CausalLM, get_preset
-from gsa_jax.models import layer_layout
+from gsa_jax import layer_layout
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 

@@ -129,7 +129,7 @@ def test_weight_decay_hits_matrices_only():
     assert not any("scale" in n for n in decayed)
     assert any("'layers'" in n for n in decayed)
     # The same parameters decay in both layer layouts.
-    from gsa_jax.models import layer_layout
+    from gsa_jax import layer_layout
     from gsa_jax.optim import weight_decay_mask
     plain = layer_layout.to_unscanned(params)
     assert "layer_1" in plain

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from gsa_jax.models import layer_layout
+from gsa_jax import layer_layout
 from gsa_jax.models.config import ModelConfig
 
 Path = tuple[str, ...]

@@ -15,7 +15,7 @@ dict whose arrays have a leading [L] axis; only attention layers' caches grow wi
 Layers: with `config.scanned` (scan_layers on a uniform stack) the L blocks are one `nn.scan`
 over a block whose params are stacked under "layers" ([L, ...] leaves: one block is traced and
 compiled instead of L); otherwise a list of blocks "layer_0" ... "layer_{L-1}". The two layouts
-compute the same function; `gsa_jax.models.layer_layout` converts params (and optimizer states)
+compute the same function; `gsa_jax.layer_layout` converts params (and optimizer states)
 between them.
 """
 
