@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 RUNS = {  # name: (label, mixer, initialisation)
     "transformer": ("Transformer++ (pretrained)", "attention", "scratch"),
@@ -264,10 +264,7 @@ def plot(record: dict):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        json_path = common.results_paths(args.tag, "t2r_small", args.out_dir)["json"]
-        if not json_path.exists():
-            raise SystemExit(f"--plot-only: no {json_path}")
-        record = json.loads(json_path.read_text())
+        record = harness.read_report(args.tag, "t2r_small", args.out_dir, "--plot-only")
         record["notes"] = record.get("notes", []) + args.note
         common.write_and_print(args.tag, "t2r_small", record, markdown(record),
                                fig=plot(record), out_dir=args.out_dir)
