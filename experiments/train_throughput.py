@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 
 def summarize(records: list[dict]) -> dict:
@@ -93,15 +93,13 @@ def main(argv=None) -> dict:
     final = train(config)
     wall = (datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     start = next((r for r in records if r.get("event") in ("start", "resume")), {})
     report = {
         "tag": args.tag or jax.default_backend(),
         "command": common.command_line(argv, __file__),
         "config": config.to_dict(), "params": start.get("params"),
         "flops_per_token": start.get("flops_per_token"), "wall_s": wall,
-        "peak_bytes": (stats or {}).get("peak_bytes_in_use"),
+        "peak_bytes": harness.peak_bytes(jax.devices()[0]),
         "summary": summarize(records), "sample": final.get("sample"),
     }
     common.write_and_print(report["tag"], "train_throughput", report, markdown(report),
