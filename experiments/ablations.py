@@ -39,10 +39,8 @@ import argparse
 import math
 import os
 import pathlib
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -88,9 +86,7 @@ FIXED = ["eval.every=0", "checkpoint.every=0", "sample.max_new_tokens=0",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="CPU-sized run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1)")
@@ -105,7 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the existing results of this tag that this command "
                         "does not redo (settings must match)")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each in its own process sharing the device (its memory "
@@ -259,14 +254,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         common.fast_cpu_compile()
-    if args.worker:
+    if args.worker:  # one run of a --jobs sweep, in the driver's --work-dir
         variant, seed = args.worker.split(":")
-        work_dir = pathlib.Path(args.work_dir)
-        common.enable_compilation_cache(work_dir / "jax_cache")
-        harness.emit(one_run(args, variant, int(seed), work_dir))
+        with harness.work_dir(args.work_dir, "gsa_ablations_") as work_dir:
+            harness.emit(one_run(args, variant, int(seed), work_dir))
         return 0
-    work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_ablations_"))
-    common.enable_compilation_cache(work_dir / "jax_cache")
+    with harness.work_dir(args.work_dir, "gsa_ablations_") as work_dir:
+        tag, record = sweep(args, argv, work_dir)
+    common.write_and_print(tag, "ablations", record, markdown(record), fig=plot(record),
+                           command=record["commands"][-1], out_dir=args.out_dir)
+    return 0
+
+
+def sweep(args, argv, work_dir: pathlib.Path) -> tuple[str, dict]:
+    """Every (variant, seed) of the command, its report rewritten after each: (tag, record)."""
     import jax
     from gsa_jax.models import count_params
 
@@ -319,20 +320,13 @@ def main(argv=None) -> int:
         execute = lambda run: one_run(args, *run, work_dir)  # noqa: E731
     else:  # each run in its own worker process; one run's failure ends no other run
         execute = lambda run: run_in_worker(argv, *run, work_dir, args.jobs)  # noqa: E731
-    try:
-        for run, row, error in harness.run_cases(ordered, execute, args.jobs,
-                                                 catch=() if args.jobs == 1 else (RuntimeError,)):
-            if error is None:
-                finished(row)
-            else:
-                failed(*run, error)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    fig = plot(record)
-    common.write_and_print(tag, "ablations", record, markdown(record), fig=fig,
-                           command=record["commands"][-1], out_dir=args.out_dir)
-    return 0
+    for run, row, error in harness.run_cases(ordered, execute, args.jobs,
+                                             catch=() if args.jobs == 1 else (RuntimeError,)):
+        if error is None:
+            finished(row)
+        else:
+            failed(*run, error)
+    return tag, record
 
 
 if __name__ == "__main__":

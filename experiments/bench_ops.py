@@ -56,9 +56,7 @@ SMOKE = dict(tokens=2048, seq_lens=[128, 256, 512], heads=2, head_dim=32, slots=
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true",
                    help="small sizes for a CPU check: " + ", ".join(f"{k}={v}" for k, v in
                                                                      SMOKE.items()))
@@ -81,7 +79,6 @@ def parse_args(argv=None):
                         "kept (to split a sweep over several shorter runs)")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocess per (form, T); peak memory is then the running maximum")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "form:T", internal
     args = p.parse_args(argv)
     if args.smoke:

@@ -13,6 +13,7 @@ that need them, so a script can parse its arguments (and set XLA flags) before j
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -33,6 +34,17 @@ def ensure_importable() -> None:
     installed."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """An experiment script's parser: the first line of its docstring `doc` as description (the
+    whole under --help), and the options every script has: --tag and --out-dir."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR),
+                   help="results folder (default experiments/results)")
+    return p
 
 
 def command_line(argv: Optional[Sequence[str]] = None, script: Optional[str] = None) -> str:

@@ -86,9 +86,7 @@ SMOKE = dict(size="tiny", layers=1, tokens=128, seq_lens=[32], prefix=16, gen_le
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a CPU check: " +
                    ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     p.add_argument("--parts", nargs="+", default=["train", "decode"], choices=["train", "decode"])
@@ -136,7 +134,6 @@ def parse_args(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="no subprocess per case (peak memory is then a running maximum)")
     p.add_argument("--plot-only", action="store_true", help="rewrite .md/.png from the JSON")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     # Internal: the case a worker process runs, "train:<model>:<T>" or "decode:<model>".
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -14,12 +14,16 @@ Only the standard library at import time (like experiments/common.py).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
+import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -88,6 +92,20 @@ def run_cases(cases: Iterable[Any], execute: Callable[[Any], Any], jobs: int = 1
                 yield futures[future], future.result(), None
             except catch as error:
                 yield futures[future], None, error
+
+
+@contextlib.contextmanager
+def work_dir(path: Optional[str], prefix: str) -> Iterator[pathlib.Path]:
+    """A script's run directories: `path` (kept; a second command resumes from it) or, without
+    one, a temporary directory removed at the end. jax's persistent compilation cache goes under
+    it (`jax_cache`), so that runs repeating a graph (another seed) skip its compile."""
+    directory = pathlib.Path(path or tempfile.mkdtemp(prefix=prefix))
+    common.enable_compilation_cache(directory / "jax_cache")
+    try:
+        yield directory
+    finally:
+        if path is None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def is_oom(text: str) -> bool:

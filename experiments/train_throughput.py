@@ -13,7 +13,6 @@ config; experiments/common.write_results).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -73,12 +72,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.argument_parser(__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
     p.add_argument("--resume", action="store_true", help="keep the run directory's checkpoints")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
     import jax
 
