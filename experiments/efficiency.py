@@ -98,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--layers", type=int, default=None, help="override the presets' depth L")
     p.add_argument("--dtype", default="bfloat16", help="train compute dtype (params f32)")
-    p.add_argument("--remat", action="store_true", help="nn.remat around every block")
+    p.add_argument("--remat", action="store_true", help="remat policy 'full' around every block (default 'none')")
     p.add_argument("--gsa-impl", default="auto", help="form of the GSA op (auto | chunk | pallas)")
     p.add_argument("--gsa-num-heads", type=int, default=None,
                    help="override the GSA heads (e.g. 8 for head dims 256, which the Pallas "

@@ -20,7 +20,7 @@ def model_config(args, model: str, decode: bool = False):
     family = FAMILY[model]
     changes = dict(dtype=args.decode_dtype if decode else args.dtype,
                    param_dtype=args.decode_dtype if decode else "float32",
-                   remat=bool(args.remat and not decode))
+                   remat="full" if args.remat and not decode else "none")
     if args.layers:
         changes["num_layers"] = args.layers
     if family == "gsa":

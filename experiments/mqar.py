@@ -1,8 +1,14 @@
 """In-context recall on MQAR (the paper's recall figure): accuracy of 2-layer GSA, GLA, RetNet,
 ABC and Transformer++ models against model width, one panel per sequence length.
 
+Two setups. `--authors` runs the GSA authors' own recipe (4 blocks without MLP, T = 512, lr grid,
+seeds, early stop; experiments/mqar_authors.py, results mqar_authors_<tag>). Without it, this
+file's SECOND setup (described below, results mqar_<tag>): ours, a 2-layer variant with MLPs and
+short convolutions trained on a packed mixture of lengths.
+
     python experiments/mqar.py --tag h100        # the real sweep, one GPU (see REAL below)
     python experiments/mqar.py --smoke --tag cpu  # tiny, a CPU check of the whole pipeline
+    python experiments/mqar.py --authors --smoke --tag cpu   # the authors' setup, tiny
 
 Task: Zoology's multi-query associative recall (`gsa_jax.data.mqar`): vocabulary 8192, power-law
 query placement (α = 0.01), random filler tokens; tested on P = 64 key-value pairs at T = 256
@@ -24,11 +30,12 @@ gets a short causal convolution (depthwise, width 4, + SiLU) on q/k/v, as Zoolog
 convolution before every mixer, its attention baseline included (a Hybrid [BaseConv, MHA]): it
 lets one layer bind a key to the value after it. The linear mixers have it as the layers'
 use_short_conv (off with --no-short-conv); Transformer++ gets the same convolution through
-`conv_attention_lm` (off with --no-attention-conv: the project's plain attention layer, which
-must first learn a previous-token head and on CPU analogues stayed on the plateau where the
-conv version learned in a few hundred steps). The convolution kernels are drawn as PyTorch's
-Conv1d default, U(±1/sqrt(4)), which Zoology's models keep (--conv-init torch; "model" keeps the
-project's normal(0.02), fla's init, under which the mixers' q/k/v start ~50x smaller):
+the attention layer's use_short_conv (ModelConfig.attention_short_conv; off with
+--no-attention-conv: the plain attention layer, which must first learn a previous-token head
+and on CPU analogues stayed on the plateau where the conv version learned in a few hundred
+steps.) The convolution kernels are drawn as PyTorch's Conv1d default, U(±1/sqrt(4)), which
+Zoology's models keep (--conv-init torch; "model" keeps the project's normal(0.02), fla's init,
+under which the mixers' q/k/v start ~50x smaller):
 
     gsa        GSA, 4 heads, 64 slots, swish features, τ = 8 (the paper's layer)
     gla        GLA, 4 heads, expand_k 0.5, τ = 16
@@ -71,7 +78,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -248,15 +254,20 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
                  short_conv: bool = True, attention_conv: bool = False):
     """The ModelConfig of model `name` at width D (2 blocks, untied head). short_conv: the
     causal depthwise convolution (width 4) on q/k/v of the gsa/gla/retnet/abc mixers;
-    attention_conv: the same convolution on q/k/v of the attention mixer (`build_model` then
-    builds `conv_attention_lm`'s model; recorded as the attention config's use_short_conv)."""
+    attention_conv: the same convolution on q/k/v of the attention mixer (ModelConfig's
+    attention_short_conv; also recorded as the attention config's use_short_conv)."""
     from gsa_jax.models import ModelConfig, get_preset
     base = {"gsa": "gsa-tiny", "abc": "gsa-tiny", "gla": "gla-tiny", "retnet": "retnet-tiny",
             "attention": "transformer-tiny"}[name]
     conv = attention_conv if name == "attention" else short_conv
     over: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=width, num_layers=2,
                                 num_heads=4, attn_num_heads=4, dtype=dtype, impl=impl,
-                                tie_word_embeddings=False, use_short_conv=conv)
+                                tie_word_embeddings=False, use_short_conv=conv,
+                                # unscanned as in the recorded runs (mqar_h100): the layers'
+                                # initial draws and torch_conv_init's [W, C] kernels
+                                scan_layers=False)
+    if name == "attention":
+        over["attention_short_conv"] = conv
     if name in ("gsa", "abc"):
         over["num_slots"] = 64            # the paper's M (gsa-tiny has 8)
     if name == "abc":
@@ -266,100 +277,10 @@ def model_config(name: str, width: int, vocab_size: int, dtype: str, impl: str,
 
 
 def build_model(config):
-    """CausalLM(config); an attention model with use_short_conv gets the convolution on q/k/v
-    (`conv_attention_lm`), which the project's attention layer does not have."""
+    """CausalLM(config) (an attention model with attention_short_conv has the convolution on
+    q/k/v through the library's Attention(use_short_conv=True))."""
     from gsa_jax.models import CausalLM
-    if config.mixer == "attention" and config.use_short_conv:
-        return conv_attention_lm()(config)
     return CausalLM(config)
-
-
-@functools.lru_cache(maxsize=None)
-def conv_attention_lm():
-    """The CausalLM class whose attention layers put a short convolution (causal, depthwise,
-    width conv_size, + SiLU: the linear mixers' `common.short_convs`) on q, k and v before RoPE,
-    as every linear mixer here has one and as Zoology puts one before every mixer, attention
-    included (its attention baseline is a Hybrid [BaseConv, MHA]). Training forward only (no
-    cache); parameters as CausalLM's plus mixer/{q,k,v}_conv."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from gsa_jax.layers import common as lc
-    from gsa_jax.layers.attention import IMPLEMENTATIONS, Attention
-    from gsa_jax.models import CausalLM, lm
-
-    class ConvAttention(Attention):
-        conv_size: int = 4
-
-        @nn.compact
-        def __call__(self, x, *, segment_ids=None, positions=None, cache=None, mode="train",
-                     max_len=0):
-            if cache is not None or mode != "train":
-                raise ValueError("ConvAttention: training forward only")
-            kv, dh = self.dims()
-            B, T, _ = x.shape
-            H = self.num_heads
-            if positions is None:
-                positions = lc.positions_in_segment(segment_ids, B, T)
-            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-            q = lc.dense(H * dh, ("embed", "heads"), std=self.std, name="q_proj", **kw)(x)
-            k = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="k_proj", **kw)(x)
-            v = lc.dense(kv * dh, ("embed", "kv_heads"), std=self.std, name="v_proj", **kw)(x)
-            runs = lc.segment_runs(segment_ids)
-            q, k, v = lc.short_convs({"q": (q, "heads"), "k": (k, "kv_heads"),
-                                      "v": (v, "kv_heads")}, runs, None, {}, self.conv_size,
-                                     std=self.std, **kw)
-            q = lc.apply_rope(q.reshape(B, T, H, dh), positions, self.rope_theta)
-            k = lc.apply_rope(k.reshape(B, T, kv, dh), positions, self.rope_theta)
-            v = v.reshape(B, T, kv, dh)
-            mask = None if runs is None else (runs[:, :, None] == runs[:, None, :])[:, None]
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                             implementation=IMPLEMENTATIONS[self.implementation])
-            out_std = self.std if self.out_std is None else self.out_std
-            y = lc.dense(self.hidden_size, ("heads", "embed"), std=out_std, name="o_proj",
-                         **kw)(o.reshape(B, T, H * dh))
-            return y, None
-
-    class ConvAttentionBlock(lm.Block):
-        @nn.compact
-        def __call__(self, x, segment_ids, positions, cache, mode: str, max_len: int):
-            cfg = self.config
-            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-            norm = dict(eps=cfg.norm_eps, axis_name="norm", dtype=dtype, param_dtype=pdtype)
-            h = lc.RMSNorm(name="attn_norm", **norm)(x)
-            h, cache = ConvAttention(
-                cfg.hidden_size, cfg.attn_num_heads, cfg.attn_num_kv_heads,
-                rope_theta=cfg.rope_theta, implementation=cfg.attn_implementation,
-                conv_size=cfg.conv_size, std=cfg.initializer_range, out_std=lm._out_std(cfg),
-                dtype=dtype, param_dtype=pdtype, name="mixer")(
-                    h, segment_ids=segment_ids, positions=positions, cache=cache, mode=mode,
-                    max_len=max_len)
-            x = x + h
-            h = lc.RMSNorm(name="mlp_norm", **norm)(x)
-            x = x + lc.SwiGLU(cfg.hidden_size, cfg.mlp_width, std=cfg.initializer_range,
-                              out_std=lm._out_std(cfg), dtype=dtype, param_dtype=pdtype,
-                              name="mlp")(h)
-            return x, cache
-
-    class ConvAttentionLM(CausalLM):
-        def setup(self):   # CausalLM.setup with ConvAttentionBlock (no remat: small models)
-            cfg = self.config
-            dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-            self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=pdtype,
-                                  embedding_init=nn.with_logical_partitioning(
-                                      nn.initializers.normal(cfg.initializer_range),
-                                      ("vocab", "embed")))
-            self.blocks = [ConvAttentionBlock(cfg, i, name=f"layer_{i}")
-                           for i in range(cfg.num_layers)]
-            self.norm = lc.RMSNorm(cfg.norm_eps, axis_name="norm", dtype=dtype,
-                                   param_dtype=pdtype)
-            if not cfg.tie_word_embeddings:
-                self.lm_head = lc.dense(cfg.vocab_size, ("embed", "vocab"),
-                                        std=cfg.initializer_range, dtype=dtype,
-                                        param_dtype=pdtype, name="lm_head")
-
-    return ConvAttentionLM
 
 
 # ------------------------------------------------------------------ training
@@ -627,7 +548,8 @@ def markdown(record: dict) -> str:
     mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
                     for c in cfg["train_mix"])
     lrs = ", ".join(f"{lr:g}" for lr in cfg["lr"])
-    lines = [f"# MQAR: accuracy vs model width ({record['tag']})", "",
+    lines = [f"# MQAR, second setup (ours, not the authors'): accuracy vs model width "
+             f"({record['tag']})", "",
              f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
              f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
              f"models (short convolution on q/k/v: linear mixers {not cfg['no_short_conv']}, "
@@ -725,6 +647,10 @@ def load_previous(args, paths) -> dict:
 
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--authors" in argv:   # the authors' setup has its own options (mqar_authors.py --help)
+        from experiments import mqar_authors
+        return mqar_authors.main([a for a in argv if a != "--authors"])
     args = parse_args(argv)
     common.enable_compilation_cache(args.compile_cache)
     import jax

@@ -11,7 +11,9 @@ A complete checkpoint can still be damaged afterwards (a truncated array file, a
 `state/_METADATA`, a cut `meta/metadata`): `restore()` without a step then skips it with a
 warning naming the file and the cause and restores the newest intact one
 (`CorruptCheckpointError` when none is); a checkpoint of another model shape is a
-`CheckpointShapeError`, never taken for a damaged one.
+`CheckpointShapeError`, never taken for a damaged one. A checkpoint written with the other layer
+layout (scanned layers, params under "layers" stacked [L, ...], vs the list "layer_0", ...) is
+converted while it is restored (gsa_jax.layer_layout), params and optimizer moments alike.
 
 A params checkpoint (`save_params` / `restore_params`: what `gsa-jax convert` writes and
 `gsa-jax train --init-from` reads) has the same layout with state = {"params": tree} at step 0
@@ -28,6 +30,8 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from gsa_jax import layer_layout
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,12 @@ def _path(key_path) -> str:
     return "/".join(parts)
 
 
+def _placed(tree: Any, abstract: Any) -> Any:
+    """`tree`'s arrays placed with the shardings of `abstract` (jax.ShapeDtypeStruct leaves)."""
+    return jax.tree.map(lambda x, a: x if getattr(a, "sharding", None) is None
+                        else jax.device_put(x, a.sharding), tree, abstract)
+
+
 class Checkpointer:
     """Saves / restores (train state, meta dict) pairs under `directory`."""
 
@@ -231,7 +241,19 @@ class Checkpointer:
                       params_only: bool = False) -> tuple[Any, dict]:
         meta = self.restore_meta(step)
         wanted = {"params": abstract_state} if params_only else abstract_state
-        self.check_shapes(wanted, step, meta, partial=params_only)
+        # A checkpoint written with the other layer layout (scanned "layers" vs "layer_i"):
+        # read it in its own layout, then convert (gsa_jax.layer_layout).
+        on_disk = layer_layout.layout_of_paths(self._saved_shapes(step))
+        target = layer_layout.is_scanned(wanted)
+        relayout = on_disk is not None and target is not None and on_disk != target
+        if relayout:
+            log.info("checkpoint step %d holds the %s layer layout; converting it to the %s "
+                     "one", step, *(("scanned", "unscanned") if on_disk
+                                    else ("unscanned", "scanned")))
+            read_as = layer_layout.to_layout(wanted, on_disk)
+        else:
+            read_as = wanted
+        self.check_shapes(read_as, step, meta, partial=params_only)
         _quiet_late_read_callbacks()  # before the read: the callbacks can come at any time
         try:
             if params_only:
@@ -240,21 +262,21 @@ class Checkpointer:
                 with ocp.PyTreeCheckpointer() as reader:
                     restored = reader.restore(self.step_dir(step) / "state",
                                               args=ocp.args.PyTreeRestore(
-                        item=wanted, partial_restore=True,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(wanted)))
-                return restored["params"], meta
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
+                        item=read_as, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(read_as)))
+            else:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(read_as)))["state"]
         except Exception as err:  # tensorstore/orbax read errors: a damaged array file
             raise CorruptCheckpointError(f"{self.step_dir(step) / 'state'}: "
                                          f"{_cause(err)}") from err
-        return restored["state"], meta
+        if relayout:
+            restored = _placed(layer_layout.to_layout(restored, target), wanted)
+        return (restored["params"] if params_only else restored), meta
 
-    def check_shapes(self, abstract_state: Any, step: int, meta: Optional[dict] = None, *,
-                     partial: bool = False) -> None:
-        """CheckpointShapeError when `step` holds arrays of other shapes than `abstract_state`
-        (with `partial`, a subtree of the state: only its top-level keys are compared);
-        CorruptCheckpointError when its array metadata cannot be read."""
+    def _saved_shapes(self, step: int) -> dict[str, tuple]:
+        """{"params/layer_0/mlp/up_proj/kernel": shape} of the arrays `step` holds, from its
+        metadata; CorruptCheckpointError when that cannot be read."""
         state_dir = self.step_dir(step) / "state"
         if not (state_dir / "_METADATA").is_file():
             raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: missing (the list of "
@@ -265,8 +287,15 @@ class Checkpointer:
             raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: {_cause(err)}") from err
         if saved is None:  # orbax returns None where it cannot parse the metadata
             raise CorruptCheckpointError(f"{state_dir / '_METADATA'}: cannot be read")
-        saved_shapes = {_path(p): tuple(getattr(x, "shape", ()))
-                        for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        return {_path(p): tuple(getattr(x, "shape", ()))
+                for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+    def check_shapes(self, abstract_state: Any, step: int, meta: Optional[dict] = None, *,
+                     partial: bool = False) -> None:
+        """CheckpointShapeError when `step` holds arrays of other shapes than `abstract_state`
+        (with `partial`, a subtree of the state: only its top-level keys are compared);
+        CorruptCheckpointError when its array metadata cannot be read."""
+        saved_shapes = self._saved_shapes(step)
         want = {_path(p): tuple(x.shape)
                 for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
         if partial:

@@ -214,7 +214,8 @@ def _run(args) -> int:
     # generate
     from gsa_jax import session as session_lib
     from gsa_jax.generation import sample_text
-    session = session_lib.build(config, read_only=True)
+    # The tokenizer and the checkpoint's params only: no dataset, no optimizer state.
+    session = session_lib.build(config, read_only=True, splits=())
     try:
         params, meta = session_lib.restore_params(session, args.step)
     finally:

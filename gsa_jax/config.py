@@ -26,7 +26,7 @@ from gsa_jax import checks
 from gsa_jax.checkpoint import CheckpointConfig
 from gsa_jax.data.datasets import DataConfig
 from gsa_jax.generation import check_sampling
-from gsa_jax.models.config import ModelConfig, get_preset
+from gsa_jax.models.config import ModelConfig, get_preset, remat_policy_name
 from gsa_jax.optim import OptimConfig
 from gsa_jax.sharding import MeshConfig
 
@@ -157,6 +157,8 @@ def build_model_config(values: Any) -> ModelConfig:
     values = dict(values)
     preset = values.pop("preset", None)
     _check_keys(ModelConfig, values, "model")
+    if "remat" in values:  # true/false of configs written before the named policies
+        values["remat"] = remat_policy_name(values["remat"])
     values = {k: _coerce(f"model.{k}", _field_type(ModelConfig, k), v) for k, v in values.items()}
     if preset is not None:
         return get_preset(preset, **values)

@@ -59,6 +59,7 @@ from flax import linen as nn
 from gsa_jax import checkpoint as checkpoint_lib
 from gsa_jax.config import build_model_config
 from gsa_jax.models.config import MIXERS, ModelConfig
+from gsa_jax import layer_layout
 from gsa_jax.models.lm import CausalLM, build_mixer
 
 # The mixers' fields a conversion from attention sets (the paper's / the peer's defaults).
@@ -129,13 +130,16 @@ def convert_params(source: ModelConfig, params: dict, target: ModelConfig, *,
                    seed: int = 0, match_scale: bool = True) -> tuple[dict, dict]:
     """The target model's params from the source model's (see the module docstring).
 
-    params: the source `CausalLM`'s params collection (NumPy or jax arrays).
+    params: the source `CausalLM`'s params collection (NumPy or jax arrays; either layer
+      layout). The result has the target's layout (stacked under "layers" when
+      `target.scanned`); the report's paths name layers as "layer_i".
     seed: initialisation of the new parameters (layer i uses fold_in(key(seed), i)).
     match_scale: start GSA's output-norm scale at the attention's value scale (else 1).
     Returns (params as NumPy arrays of target.param_dtype, report {"reused_params",
     "new_params", "new": [paths of new arrays]}).
     Raises ValueError naming the field when the two configs cannot share weights.
     """
+    params = layer_layout.to_unscanned(params)  # per-layer work below; stacked again at the end
     for field in ("vocab_size", "hidden_size", "num_layers", "mlp_width"):
         if getattr(source, field) != getattr(target, field):
             raise ValueError(f"convert: {field} differs (source {getattr(source, field)}, "
@@ -183,7 +187,7 @@ def convert_params(source: ModelConfig, params: dict, target: ModelConfig, *,
                              f"attention layers convert into {t_kind} (or keep their kind)")
         out[name] = layer
     dtype = np.dtype(jnp.dtype(target.param_dtype))
-    out = jax.tree.map(lambda x: np.asarray(x, dtype=dtype), out)
+    out = layer_layout.for_config(jax.tree.map(lambda x: np.asarray(x, dtype=dtype), out), target)
     got, want = _flat_shapes(out), _expected_shapes(target)
     if got != want:  # a mapping bug, or a target field without a source counterpart
         diff = [f"{k}: converted {got.get(k)} vs model {want.get(k)}"
@@ -242,8 +246,8 @@ def convert_hf(directory: str | pathlib.Path, mixer: Optional[str] = None, *, se
 def restore_run(run_dir: str | pathlib.Path,
                 step: Optional[int] = None) -> tuple[ModelConfig, dict, int]:
     """(model config, params as NumPy arrays, step) of a gsa-jax training run's checkpoint
-    (latest or `step`). Reads only the checkpoint (not the run's data), on a mesh of the local
-    devices."""
+    (latest or `step`). Reads only the checkpoint's params (not the optimizer state, not the
+    run's data), on a mesh of the local devices; params in the layout of the run's config."""
     from gsa_jax import sharding as shd
     from gsa_jax import steps
     from gsa_jax.checkpoint import Checkpointer
@@ -259,11 +263,11 @@ def restore_run(run_dir: str | pathlib.Path,
     tx, _ = make_optimizer(config.optim, config.steps)
     layout = steps.state_layout(CausalLM(config.model), tx, shd.make_mesh(shd.MeshConfig()))
     reader = Checkpointer(checkpoint_dir(config), read_only=True)
-    try:
-        state, meta = reader.restore(layout.abstract, step)
+    try:  # the params alone: the optimizer moments are neither read nor allocated
+        params, meta = reader.restore(layout.abstract.params, step, params_only=True)
     finally:
         reader.close()
-    return config.model, jax.tree.map(np.asarray, jax.device_get(state.params)), int(meta["step"])
+    return config.model, jax.tree.map(np.asarray, jax.device_get(params)), int(meta["step"])
 
 
 def convert_run(run_dir: str | pathlib.Path, mixer: Optional[str] = None, *,

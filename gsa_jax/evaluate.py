@@ -62,7 +62,8 @@ def evaluate_checkpoint(config, step: Optional[int] = None,
     max_batches None: the whole validation set. progress: a progress bar on stderr.
     Returns the metrics plus "step"."""
     from gsa_jax import session as session_lib  # session imports the steps; keep this light
-    session = session_lib.build(config, read_only=True)
+    # The validation split and the checkpoint's params only: no training data, no optimizer.
+    session = session_lib.build(config, read_only=True, splits=("validation",))
     try:
         params, meta = session_lib.restore_params(session, step)
     finally:

@@ -127,7 +127,8 @@ class GSAJaxLM:
             raise FileNotFoundError(f"{str(path)!r} not found: is {run_dir!r} a training run "
                                     f"directory?")
         config = load_config(path, [f"run_dir={run_dir}"])
-        session = session_lib.build(config, read_only=True)
+        # The tokenizer and the checkpoint's params only: no dataset, no optimizer state.
+        session = session_lib.build(config, read_only=True, splits=())
         params, _ = session_lib.restore_params(session, step)
         params = session_lib.replicated_params(params, session.mesh)
         tok = load_tokenizer(tokenizer or session.data.tokenizer, session.data.bos_id)

@@ -5,7 +5,8 @@ Mixed precision needs nothing here: the model's `dtype` (e.g. bfloat16) is its c
 `param_dtype` (float32) the master copy that the optimizer updates; gradients arrive in float32.
 
 Weight decay (our choice, the common practice of Megatron / OLMo / the GPT-NeoX family): decay
-every matrix (ndim >= 2: projections, MLP, LM head, short-conv kernels); never decay vectors
+every matrix (ndim >= 2, not counting the layer axis of scanned layers: projections, MLP, LM
+head, short-conv kernels); never decay vectors
 (norm scales, biases, the data-independent gate logits); the input embedding table is not
 decayed unless `decay_embeddings` (nanoGPT and HF's Trainer decay it; OLMo does not).
 """
@@ -80,7 +81,10 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     """True for the parameters that are decayed (see the module docstring)."""
     def decide(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if leaf.ndim < 2:
+        # Scanned layers stack every block's params on a leading [L] axis: a stacked vector is
+        # still a vector (gsa_jax.layer_layout.STACK).
+        ndim = leaf.ndim - 1 if "layers" in keys else leaf.ndim
+        if ndim < 2:
             return False
         if not decay_embeddings and "embedding" in keys:  # flax nn.Embed's table
             return False

@@ -19,6 +19,8 @@ from gsa_jax import steps
 from gsa_jax.checkpoint import Checkpointer
 from gsa_jax.config import Config
 from gsa_jax.data import Datasets, load_datasets
+from gsa_jax.data.datasets import SPLITS
+from gsa_jax.models.config import remat_policy_name
 from gsa_jax.models.lm import CausalLM
 from gsa_jax.optim import make_optimizer
 
@@ -80,13 +82,16 @@ def check_compatible(config: Config, data: Datasets, num_batch_shards: int) -> N
                          f"{num_batch_shards} batch shards of the mesh (data x fsdp)")
 
 
-def build(config: Config, *, read_only: bool = False, devices: Optional[list] = None) -> Session:
+def build(config: Config, *, read_only: bool = False, devices: Optional[list] = None,
+          splits: tuple[str, ...] = SPLITS) -> Session:
     """Builds the session (compiles nothing yet; the steps compile on first call).
 
     read_only: the checkpointer only reads (nothing is created or cleaned up; a missing
-    checkpoint directory reads as one without checkpoints)."""
+    checkpoint directory reads as one without checkpoints).
+    splits: the data splits to load ("train", "validation"; the others stay None and their
+    files unopened): ("validation",) for evaluation, () for generation (the tokenizer only)."""
     mesh = shd.make_mesh(config.mesh, devices)
-    data = load_datasets(config.data)
+    data = load_datasets(config.data, splits)
     check_compatible(config, data, shd.data_parallel_size(mesh))
     model = CausalLM(config.model)
     tx, schedule = make_optimizer(config.optim, config.steps)
@@ -160,20 +165,24 @@ def init_from_params(session: Session, directory: str) -> steps.TrainState:
 
 
 def _model_diff(saved: dict, mine: dict) -> list[str]:
+    if "remat" in saved:  # true/false in configs saved before the named policies
+        saved = {**saved, "remat": remat_policy_name(saved["remat"])}
     return [f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
             for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
 
 
 def restore_params(session: Session, step: Optional[int] = None) -> tuple[Any, dict]:
-    """(params, meta) of a checkpoint (FileNotFoundError when there is none)."""
-    state, meta = _restore(session, step)
-    return state.params, meta
+    """(params, meta) of a checkpoint (FileNotFoundError when there is none). Only the params
+    are read (orbax's partial restore): the optimizer moments are neither read nor allocated."""
+    return _restore(session, step, params_only=True)
 
 
-def _restore(session: Session, step: Optional[int]):
+def _restore(session: Session, step: Optional[int], params_only: bool = False):
     """Checkpointer.restore, with the model config fields that differ added to a shape error."""
+    abstract = session.layout.abstract
     try:
-        return session.checkpointer.restore(session.layout.abstract, step)
+        return session.checkpointer.restore(abstract.params if params_only else abstract, step,
+                                            params_only=params_only)
     except checkpoint_lib.CheckpointShapeError as err:
         raise with_model_diff(err, session.config.model.to_dict(), "") from None
 

@@ -44,6 +44,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("conv", None),
     ("norm", None),
     ("lowrank", None),
+    ("layers", None),      # the stacked axis of scanned layers' params (replicated)
 )
 
 

@@ -25,7 +25,8 @@ FLOORS = [
 BASE = ["gsa_jax.checks"]
 # Helpers that import no model code (only each other): any floor from layers up may use them.
 SUPPORT = ["gsa_jax.errors", "gsa_jax.sharding", "gsa_jax.optim", "gsa_jax.checkpoint",
-           "gsa_jax.data", "gsa_jax.run_lock", "gsa_jax.profiling", "gsa_jax._xla_cpu"]
+           "gsa_jax.data", "gsa_jax.run_lock", "gsa_jax.profiling", "gsa_jax._xla_cpu",
+           "gsa_jax.layer_layout"]
 # Package __init__ files import their own floor's modules; the package `gsa_jax` re-exports ops.
 PACKAGE = "gsa_jax"
 PURE = ("kernels", "ops")  # no Flax: pure functions (DESIGN.md)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gsa_jax import layer_layout
 from script_util import load_experiment
 
 def _efficiency():
@@ -186,7 +187,7 @@ def test_torch_fallback_peer_is_our_model():
                 sys.modules[name] = module
     model = CausalLM(cfg)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(5), jnp.zeros((1, 1), jnp.int32)))
-    p = params["params"]
+    p = layer_layout.to_unscanned(params["params"])  # gsa-tiny scans: one tree per layer
     t = lambda x: torch.tensor(np.asarray(x))  # noqa: E731
     with torch.no_grad():
         net.embed.weight.copy_(t(p["embed"]["embedding"]))

@@ -185,6 +185,30 @@ def test_exported_model_loads_in_fla_with_the_same_logits(kind, fla, torch, tmp_
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+def test_export_and_load_with_scanned_layers(tmp_path):
+    """A scanned model exports the same files as its unscanned twin, and loads back stacked
+    (scan_layers=True) with the same logits. (No torch needed.)"""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+    from gsa_jax import layer_layout
+    plain = EXPORTS["gsa"]
+    scanned = plain.replace(scan_layers=True)
+    params = random_params(plain, seed=9)
+    hf_fla.save_fla(tmp_path / "plain", plain, params)
+    hf_fla.save_fla(tmp_path / "scan", scanned, layer_layout.to_scanned(params))
+    a = load_file(str(tmp_path / "plain" / hf_fla.SINGLE_FILE))
+    b = load_file(str(tmp_path / "scan" / hf_fla.SINGLE_FILE))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    config, back = hf_fla.load_fla(tmp_path / "scan", scan_layers=True, impl="parallel")
+    assert config.scanned and "layers" in back and "layer_0" not in back
+    jax.tree.map(np.testing.assert_array_equal, back, layer_layout.to_scanned(params))
+    tokens = tokens_for(9)
+    np.testing.assert_allclose(our_logits(config, back, tokens),
+                               our_logits(plain, params, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_export_bfloat16_and_notes(tmp_path):
     """bf16 files hold our params rounded to bf16; a GSA model whose output norm eps is not
     fla's 1e-5 exports with a note saying so. (No torch needed.)"""

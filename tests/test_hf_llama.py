@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -286,6 +287,19 @@ def test_numpy_checkpoint_maps_every_tensor(tmp_path, safetensors):
                                   tensors["model.layers.0.post_attention_layernorm.weight"])
     with TensorReader(tmp_path) as reader:
         assert len(reader.names()) == len(tensors)
+
+
+def test_numpy_checkpoint_loads_into_scanned_layers(tmp_path, safetensors):
+    """scan_layers=True: the same arrays, stacked under "layers" ([L, ...], layer i at i)."""
+    from gsa_jax import layer_layout
+    tensors = write_numpy_checkpoint(tmp_path, seed=4)
+    _, plain = load_llama(tmp_path)
+    config, params = load_llama(tmp_path, scan_layers=True)
+    assert config.scanned and set(params) == {"embed", "norm", "lm_head", "layers"}
+    q = params["layers"]["mixer"]["q_proj"]["kernel"]
+    for i in range(config.num_layers):
+        np.testing.assert_array_equal(q[i], tensors[f"model.layers.{i}.self_attn.q_proj.weight"].T)
+    jax.tree.map(np.testing.assert_array_equal, layer_layout.to_unscanned(params), plain)
 
 
 def test_missing_config(tmp_path):

@@ -219,8 +219,11 @@ def test_logical_axis_names_and_init():
     # normal(0.02) init; the residual-writing matrices scaled by 1/sqrt(2L) (GPT-2 / the peer).
     big = nn.meta.unbox(jax.jit(CausalLM(get_preset("gsa-tiny", hidden_size=256)).init)(
         jax.random.key(1), tokens))["params"]
-    assert abs(np.std(big["layer_0"]["mixer"]["q_proj"]["kernel"]) / 0.02 - 1) < 0.05
-    assert abs(np.std(big["layer_0"]["mlp"]["down_proj"]["kernel"]) / (0.02 / 2) - 1) < 0.05
+    # (gsa-tiny scans its layers: params stacked [L, ...] under "layers", one draw per layer.)
+    q = big["layers"]["mixer"]["q_proj"]["kernel"]
+    assert q.shape == (2, 256, 256) and not np.allclose(q[0], q[1])
+    assert abs(np.std(q[0]) / 0.02 - 1) < 0.05
+    assert abs(np.std(big["layers"]["mlp"]["down_proj"]["kernel"][0]) / (0.02 / 2) - 1) < 0.05
     assert abs(np.std(big["embed"]["embedding"]) / 0.02 - 1) < 0.05
 
 

@@ -166,5 +166,6 @@ def test_indivisible_dimensions_are_replicated():
     assert emb.spec == jax.sharding.PartitionSpec(None, "fsdp")   # vocab 257 not split
     head = layout.shardings.params["lm_head"]["kernel"]
     assert head.spec == jax.sharding.PartitionSpec("fsdp", None)
-    up = layout.shardings.params["layer_0"]["mlp"]["up_proj"]["kernel"]
-    assert up.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # width 256 splits over 8
+    # gsa-tiny scans its layers: the stacked [L] axis ("layers") is never split.
+    up = layout.shardings.params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # width 256 over 8

@@ -121,10 +121,23 @@ def test_weight_decay_hits_matrices_only():
         else:
             np.testing.assert_array_equal(u, 0.0)
     for name, (p, _) in flat.items():
-        is_matrix = p.ndim >= 2 and "embedding" not in name
+        # gsa-tiny scans its layers: their params carry a leading [L] axis.
+        ndim = p.ndim - 1 if "'layers'" in name else p.ndim
+        is_matrix = ndim >= 2 and "embedding" not in name
         assert (name in decayed) == is_matrix, name
     assert any("lm_head" in n for n in decayed) and any("conv" in n for n in decayed)
     assert not any("scale" in n for n in decayed)
+    assert any("'layers'" in n for n in decayed)
+    # The same parameters decay in both layer layouts.
+    from gsa_jax import layer_layout
+    from gsa_jax.optim import weight_decay_mask
+    plain = layer_layout.to_unscanned(params)
+    assert "layer_1" in plain
+    m_plain, m_scan = weight_decay_mask(plain), weight_decay_mask(params)
+    for i in range(2):
+        assert m_plain[f"layer_{i}"] == m_scan["layers"]
+    assert {k: v for k, v in m_plain.items() if not k.startswith("layer_")} == {
+        k: v for k, v in m_scan.items() if k != "layers"}
 
 
 # ----------------------------------------------------------------------- loss

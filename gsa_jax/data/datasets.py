@@ -49,10 +49,13 @@ class DataConfig:
             fail(f"token_dtype must be one of {token_files.DTYPES}, got {self.token_dtype!r}")
 
 
+SPLITS = ("train", "validation")
+
+
 @dataclasses.dataclass
 class Datasets:
-    train: np.ndarray                 # [N] token ids (memmap for token files)
-    val: Optional[np.ndarray]         # [N'] or None
+    train: Optional[np.ndarray]       # [N] token ids (memmap for token files); None: not loaded
+    val: Optional[np.ndarray]         # [N'] or None (none, or not loaded)
     bos_id: Optional[int]
     vocab_size: Optional[int]         # ids are < vocab_size (None: unknown)
     tokenizer: Optional[str]          # "bytes" or a tokenizers JSON path (None: unknown)
@@ -60,28 +63,50 @@ class Datasets:
     max_ids: dict = dataclasses.field(default_factory=dict)  # token file -> its largest id
 
 
-def load_datasets(config: DataConfig) -> Datasets:
-    """The train and validation streams named by `config` (FileNotFoundError if missing)."""
+def load_datasets(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> Datasets:
+    """The streams of `splits` ("train", "validation") named by `config` (FileNotFoundError if
+    a needed file is missing); the others are None and never opened. With splits=() only the
+    metadata (separator, vocabulary, tokenizer) is read: what generation needs."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"load_datasets: unknown split(s) {unknown}; expected some of {SPLITS}")
+    want_train, want_val = "train" in splits, "validation" in splits
     if config.source == "stdlib":
-        train, val, info = stdlib.build_corpus(config.stdlib_root, config.val_fraction)
         if config.bos_id not in (None, ByteTokenizer.bos_id):
             raise ValueError(f"data: the stdlib source uses the byte tokenizer, whose separator "
                              f"is {ByteTokenizer.bos_id}; got bos_id={config.bos_id}")
-        return Datasets(train, val if val.size else None, ByteTokenizer.bos_id,
-                        ByteTokenizer.vocab_size, "bytes", info)
-    train, meta = token_files.read_token_file(config.train_path, config.token_dtype)
-    val = None
+        train = val = None
+        info = {}
+        if splits:
+            names = tuple(n for n, want in (("train", want_train), ("val", want_val)) if want)
+            train, val, info = stdlib.build_corpus(config.stdlib_root, config.val_fraction,
+                                                   splits=names)
+            train = train if want_train else None
+            val = val if want_val and val.size else None
+        return Datasets(train, val, ByteTokenizer.bos_id, ByteTokenizer.vocab_size, "bytes",
+                        info)
+    train = val = None
+    if want_train:
+        train, meta = token_files.read_token_file(config.train_path, config.token_dtype)
+    else:
+        meta = token_files.read_sidecar(config.train_path)
     if config.val_path:
-        val, val_meta = token_files.read_token_file(config.val_path, config.token_dtype)
+        if want_val:
+            val, val_meta = token_files.read_token_file(config.val_path, config.token_dtype)
+        else:
+            val_meta = token_files.read_sidecar(config.val_path)
         meta = {**val_meta, **meta}
     bos_id = config.bos_id if config.bos_id is not None else meta.get("bos_id")
     if bos_id is None:
         log.warning("data: no bos_id (config or sidecar): sequences are not split into "
                     "documents (segment_ids all 0)")
-    info = {"train_tokens": int(train.size), "val_tokens": None if val is None else int(val.size)}
+    info = {"train_tokens": None if train is None else int(train.size),
+            "val_tokens": None if val is None else int(val.size)}
     # Every id is checked against the model's vocabulary (`session.check_compatible`): an id
     # without an embedding row makes the loss NaN, and a sidecar may understate the vocabulary.
-    max_ids = {config.train_path: token_files.max_token_id(train)}
+    max_ids = {}
+    if train is not None:
+        max_ids[config.train_path] = token_files.max_token_id(train)
     if val is not None:
         max_ids[config.val_path] = token_files.max_token_id(val)
     return Datasets(train, val, bos_id, meta.get("vocab_size"),

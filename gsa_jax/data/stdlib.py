@@ -44,11 +44,14 @@ def is_validation(relpath: str, val_fraction: float) -> bool:
     return h < val_fraction * 2.0 ** 64
 
 
-def build_corpus(root: Optional[str | pathlib.Path] = None,
-                 val_fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict]:
+def build_corpus(root: Optional[str | pathlib.Path] = None, val_fraction: float = 0.05,
+                 splits: tuple[str, ...] = ("train", "val")
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(train tokens, validation tokens) as uint16 arrays, and an info dict.
 
     Each document is [BOS, bytes of the file...]; documents are concatenated in path order.
+    splits: the splits to read ("train", "val"); the files of the others are not opened and
+    their array is empty.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -57,10 +60,11 @@ def build_corpus(root: Optional[str | pathlib.Path] = None,
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
     for rel in list_source_files(root):
-        data = np.frombuffer((root / rel).read_bytes(), np.uint8).astype(np.uint16)
         split = "val" if is_validation(rel, val_fraction) else "train"
-        parts[split] += [bos, data]
         counts[split] += 1
+        if split in splits:
+            data = np.frombuffer((root / rel).read_bytes(), np.uint8).astype(np.uint16)
+            parts[split] += [bos, data]
     if not counts["train"]:
         raise ValueError(f"no training files (*.py) found under {str(root)!r}")
     out = {k: np.concatenate(v) if v else np.zeros((0,), np.uint16) for k, v in parts.items()}

@@ -24,22 +24,28 @@ def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
     return pathlib.Path(str(path) + ".json")
 
 
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The sidecar metadata of a token file ({} without a sidecar); the tokens are not read."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except ValueError as err:
+        raise ValueError(f"token file sidecar {str(side)!r} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"token file sidecar {str(side)!r}: expected a JSON object, got "
+                         f"{type(meta).__name__}")
+    return meta
+
+
 def read_token_file(path: str | os.PathLike, dtype: Optional[str] = None) -> tuple[np.ndarray, dict]:
     """Memory-maps a token file. Returns (ids [N] uint16/uint32, sidecar metadata or {})."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist (create one with "
                                 f"`gsa-jax prepare`, or use data.source=stdlib)")
-    meta = {}
-    if sidecar_path(path).is_file():
-        try:
-            meta = json.loads(sidecar_path(path).read_text())
-        except ValueError as err:
-            raise ValueError(f"token file sidecar {str(sidecar_path(path))!r} is not valid JSON "
-                             f"({err})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"token file sidecar {str(sidecar_path(path))!r}: expected a JSON "
-                             f"object, got {type(meta).__name__}")
+    meta = read_sidecar(path)
     if path.suffix != ".npy" and path.stat().st_size == 0:
         raise ValueError(f"token file {str(path)!r} is empty (0 tokens)")
     if path.suffix == ".npy":

@@ -113,8 +113,8 @@ def _feature_map(kind: str, value) -> str:
 
 def model_config_from_fla(hf: dict[str, Any], **overrides) -> ModelConfig:
     """Our config for an fla GSA/GLA config.json dict; `overrides`: further ModelConfig fields
-    (dtype, param_dtype, remat, impl, ...). Raises ValueError naming the field for anything we
-    cannot represent or whose meaning we do not know."""
+    (dtype, param_dtype, remat, scan_layers, impl, ...). Raises ValueError naming the field for
+    anything we cannot represent or whose meaning we do not know."""
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
         _fail("model_type", f"is {kind!r}; the fla loader reads {MODEL_TYPES}")

@@ -79,7 +79,7 @@ def model_config_from_hf(hf: dict[str, Any], *, allow_sliding_window: bool = Fal
       causal attention. The two agree exactly on sequences of at most W tokens (4096 for
       Mistral-7B-v0.1), and the setting is irrelevant when the attention is converted to
       GSA/GLA/RetNet; `gsa_jax.convert` passes True in that case only.
-    overrides: further ModelConfig fields (dtype, param_dtype, remat, ...).
+    overrides: further ModelConfig fields (dtype, param_dtype, remat, scan_layers, ...).
     Raises ValueError naming the field for anything we cannot represent.
     """
     def fail(field: str, msg: str):
@@ -183,7 +183,8 @@ def load_llama(directory: str | pathlib.Path, *, allow_sliding_window: bool = Fa
 
     params: the `params` collection of `CausalLM(config)` as NumPy arrays of
     config.param_dtype: `model.apply({"params": params}, tokens)` gives HF's logits.
-    overrides: ModelConfig fields to replace (e.g. dtype="bfloat16", remat=True).
+    overrides: ModelConfig fields to replace (e.g. dtype="bfloat16", remat="full",
+      scan_layers=True: the params then come stacked under "layers").
     """
     config = model_config_from_hf(read_config(directory),
                                   allow_sliding_window=allow_sliding_window, **overrides)

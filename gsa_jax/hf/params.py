@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
+from gsa_jax import layer_layout
 from gsa_jax.models.config import ModelConfig
 
 Path = tuple[str, ...]
@@ -37,13 +38,13 @@ Mapping = dict[Path, tuple[str, Transform]]
 
 
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Every parameter path of `CausalLM(config)` -> its shape (jax.eval_shape: nothing
-    allocated)."""
+    """Every parameter path of `CausalLM(config)` in the unscanned layout ("layer_i", the one
+    the tensor tables name) -> its shape (jax.eval_shape: nothing allocated)."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
     from gsa_jax.models.lm import CausalLM
-    boxed = jax.eval_shape(CausalLM(config).init, jax.random.key(0),
+    boxed = jax.eval_shape(CausalLM(config.replace(scan_layers=False)).init, jax.random.key(0),
                            jnp.zeros((1, 1), jnp.int32))["params"]
     flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
     return {tuple(k.key for k in path): tuple(x.shape) for path, x in flat}
@@ -59,8 +60,9 @@ def _put(tree: dict, path: Path, value: Any) -> None:
 def gather_params(reader, mapping: Mapping, config: ModelConfig, dtype: Any, *, family: str,
                   ignored: Iterable[str] = (), tied_head: Optional[tuple[str, str]] = None
                   ) -> dict:
-    """The `params` tree of `CausalLM(config)` (NumPy arrays of `dtype`) from `reader`
-    (a gsa_jax.hf.TensorReader) through `mapping`.
+    """The `params` tree of `CausalLM(config)` (NumPy arrays of `dtype`; stacked under "layers"
+    when `config.scanned`) from `reader` (a gsa_jax.hf.TensorReader) through `mapping` (whose
+    paths are the unscanned layout's).
 
     family: the checkpoint kind, for messages ("Llama/Mistral", "fla GSA", ...).
     ignored: tensor names that hold no parameters (buffers some checkpoints carry).
@@ -98,12 +100,13 @@ def gather_params(reader, mapping: Mapping, config: ModelConfig, dtype: Any, *, 
                              f"config.json implies")
         # Upcast bf16 -> f32 exactly (f32 holds every bf16 value).
         _put(params, path, np.ascontiguousarray(array, dtype=np.dtype(dtype)))
-    return params
+    return layer_layout.for_config(params, config)  # stacked when the config scans its layers
 
 
 def scatter_params(params: dict, mapping: Mapping, dtype: Any) -> dict[str, np.ndarray]:
     """{tensor name: array in the file's layout, `dtype`} of our `params` through `mapping`
-    (every Transform must have `to_file`)."""
+    (every Transform must have `to_file`). params: either layer layout."""
+    params = layer_layout.to_unscanned(params)
     tensors = {}
     for path, (name, transform) in mapping.items():
         node = params

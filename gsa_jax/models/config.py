@@ -25,6 +25,20 @@ from gsa_jax.ops.gla import IMPLS
 
 MIXERS = ("gsa", "gla", "retnet", "attention")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# What a block's rematerialisation keeps for the backward pass (MaxText's names; applied by
+# gsa_jax.models.lm.remat_block, which documents each policy).
+REMAT_POLICIES = ("none", "full", "save_dots", "minimal")
+
+
+def remat_policy_name(value: Any) -> Any:
+    """The remat policy a config value names: configs and checkpoints written before the named
+    policies hold a boolean (true -> "full", false -> "none"); other values pass unchanged
+    (validate() names the bad ones)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return "full" if value.lower() == "true" else "none"
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +89,12 @@ class ModelConfig:
     # Numerics and execution.
     dtype: str = "float32"             # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False                # nn.remat around each block
+    remat: str = "none"                # none | full | save_dots | minimal (lm.remat_block);
+                                       # true/false of older configs read as full/none
+    # One `nn.scan` over the blocks (params stacked under "layers" with a leading [L] axis:
+    # one compiled block instead of L) when every layer has the same mixer; a stack with
+    # attn_layers falls back to the list of blocks "layer_i" (see `scanned`).
+    scan_layers: bool = False
     impl: str = "auto"                 # form of the gsa/gla/retnet ops
     chunk_size: int = 64               # C of the chunk form
     recompute_states: bool = False     # GSA: recompute the op's hidden states in the backward
@@ -83,6 +102,7 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.attn_layers, list):
             object.__setattr__(self, "attn_layers", tuple(self.attn_layers))
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
         self.validate()
 
     # ---------------------------------------------------------------- checks
@@ -102,8 +122,11 @@ class ModelConfig:
                               ("impl", IMPLS),
                               ("attn_implementation", tuple(attention_layer.IMPLEMENTATIONS)),
                               ("feature_map", common.FEATURE_MAPS), ("gate", gsa_layer.GATES),
-                              ("slot_nonlinearity", gsa_layer.SLOT_NONLINEARITIES)):
+                              ("slot_nonlinearity", gsa_layer.SLOT_NONLINEARITIES),
+                              ("remat", REMAT_POLICIES)):
             checks.check_choice(owner, name, getattr(self, name), choices)
+        if not isinstance(self.scan_layers, bool):
+            fail(f"scan_layers must be true or false, got {self.scan_layers!r}")
         layers = self.attn_layers
         if any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
             fail(f"attn_layers must be layer indices (ints), got {list(layers)}")
@@ -129,6 +152,18 @@ class ModelConfig:
     def layer_mixer(self, layer: int) -> str:
         """The token mixer of layer `layer`."""
         return "attention" if layer in self.attn_layers else self.mixer
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the same mixer (the condition for scanning the layers)."""
+        return len({self.layer_mixer(i) for i in range(self.num_layers)}) == 1
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the model runs its blocks as one `nn.scan` (params under "layers", stacked
+        [L, ...]): scan_layers on a uniform stack. A hybrid stack with scan_layers keeps the
+        list of blocks (CausalLM logs a note once); its params are "layer_0", "layer_1", ..."""
+        return self.scan_layers and self.uniform
 
     @property
     def mlp_width(self) -> int:
@@ -203,14 +238,19 @@ def _presets() -> dict[str, ModelConfig]:
         "retnet-tiny": {**retnet, **tiny, "num_heads": 2},
         "transformer-tiny": {**xfmr, **tiny, "attn_num_heads": 4},
     }
-    return {name: ModelConfig.from_dict(values) for name, values in table.items()}
+    # Scanned layers by default wherever the stack is uniform (every preset but the hybrid).
+    out = {}
+    for name, values in table.items():
+        config = ModelConfig.from_dict(values)
+        out[name] = config.replace(scan_layers=True) if config.uniform else config
+    return out
 
 
 presets: dict[str, ModelConfig] = _presets()
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A named preset, optionally with fields replaced (e.g. dtype="bfloat16", remat=True)."""
+    """A named preset, optionally with fields replaced (e.g. dtype="bfloat16", remat="full")."""
     if name not in presets:
         raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(presets)}")
     config = presets[name]

@@ -9,12 +9,19 @@ Entry points (all through `model.apply(params, ..., method=...)`):
   __call__(tokens, segment_ids=None, positions=None) -> logits          training / scoring
   prefill(tokens, segment_ids=None, positions=None, max_len=T) -> (logits, cache)
   decode(tokens [B, T'], positions [B, T'], cache) -> (logits, cache)  continue from a cache
-The cache is a list with one dict per layer (see each mixer); only attention layers' caches grow
-with `max_len`.
+The cache holds one dict per layer (see each mixer): a list of them, or with scanned layers one
+dict whose arrays have a leading [L] axis; only attention layers' caches grow with `max_len`.
+
+Layers: with `config.scanned` (scan_layers on a uniform stack) the L blocks are one `nn.scan`
+over a block whose params are stacked under "layers" ([L, ...] leaves: one block is traced and
+compiled instead of L); otherwise a list of blocks "layer_0" ... "layer_{L-1}". The two layouts
+compute the same function; `gsa_jax.layer_layout` converts params (and optimizer states)
+between them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -29,9 +36,13 @@ from gsa_jax.layers.gsa import GatedSlotAttention
 from gsa_jax.layers.retnet import MultiScaleRetention
 from gsa_jax.models.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 Array = jax.Array
 
 ACTIVATION_AXES = ("batch", "length", "embed")
+SCANNED_LAYERS = "layers"   # name of the scanned stack (its logical axis name too)
+_noted_fallbacks: set = set()
 
 
 def _out_std(cfg: ModelConfig) -> float:
@@ -91,6 +102,53 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
 
 
+# static_argnums of Block.__call__ counts self: (x=1, segment_ids=2, positions=3, cache=4,
+# mode=5, max_len=6).
+_STATIC = (5, 6)
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a remat policy name (what the forward pass keeps for the
+    backward pass of each block; everything else is recomputed from the block's input):
+
+      full       nothing (policy None): only the block's input [B, T, D] is kept; the whole
+                 block, the mixer's op included, runs again in the backward pass.
+      save_dots  every matmul output (jax.checkpoint_policies.checkpoint_dots: every
+                 dot_general), i.e. the projections and MLP matmuls and also the batched ones
+                 (attention scores, the chunk form's intra-chunk products); norms, activations
+                 and custom calls (the Pallas kernels) are recomputed.
+      minimal    the matmul outputs without batch dimensions
+                 (jax.checkpoint_policies.dots_with_no_batch_dims_saveable, MaxText's
+                 "minimal"): the weight matmuls' outputs (q/k/v/f/o projections, the SwiGLU's
+                 gate/up/down); the mixer's op (its batched einsums or its Pallas kernels),
+                 norms and activations are recomputed.
+    """
+    return {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots,
+            "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def remat_block(cfg: ModelConfig):
+    """The Block class wrapped as `cfg.remat` says (the class itself for "none")."""
+    if cfg.remat == "none":
+        return Block
+    # prevent_cse=False inside nn.scan: the scan already keeps XLA from merging the
+    # recomputation into the forward pass (jax.checkpoint's documentation).
+    return nn.remat(Block, static_argnums=_STATIC, policy=remat_policy(cfg.remat),
+                    prevent_cse=not cfg.scanned)
+
+
+def scanned_blocks(cfg: ModelConfig, name: str = SCANNED_LAYERS) -> nn.Module:
+    """The L blocks as one `nn.scan` module: call(x, segment_ids, positions, cache, mode,
+    max_len) -> (x, cache), with x [B, T, D] the carry, cache (None, or the per-layer caches
+    stacked on a leading [L] axis) scanned over, and params stacked [L, ...] (logical axis
+    "layers", replicated)."""
+    stack = nn.scan(remat_block(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: SCANNED_LAYERS})
+    # Layer index 0: the config is uniform, so every layer builds the same mixer.
+    return stack(cfg, 0, name=name)
+
+
 class CausalLM(nn.Module):
     """The GSA language model and its baselines, per `ModelConfig` (see the module docstring)."""
     config: ModelConfig
@@ -102,9 +160,16 @@ class CausalLM(nn.Module):
                               embedding_init=nn.with_logical_partitioning(
                                   nn.initializers.normal(cfg.initializer_range),
                                   ("vocab", "embed")))
-        # static_argnums counts self: (x=1, segment_ids=2, positions=3, cache=4, mode=5, max_len=6).
-        block = nn.remat(Block, static_argnums=(5, 6)) if cfg.remat else Block
-        self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.scanned:
+            self.layers = scanned_blocks(cfg)
+        else:
+            if cfg.scan_layers and cfg not in _noted_fallbacks:
+                _noted_fallbacks.add(cfg)
+                log.warning("scan_layers: the layers mix mixers (attn_layers %s), so they run "
+                            "as a list of blocks (params layer_0 ... layer_%d), not scanned",
+                            list(cfg.attn_layers), cfg.num_layers - 1)
+            block = remat_block(cfg)
+            self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.norm = common.RMSNorm(cfg.norm_eps, axis_name="norm", dtype=dtype,
                                    param_dtype=pdtype)
         if not cfg.tie_word_embeddings:
@@ -120,11 +185,14 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = common.positions_in_segment(segment_ids, B, T)
         x = nn.with_logical_constraint(self.embed(tokens), ACTIVATION_AXES)
-        new_caches = []
-        for i, block in enumerate(self.blocks):
-            x, cache = block(x, segment_ids, positions, None if caches is None else caches[i],
-                             mode, max_len)
-            new_caches.append(cache)
+        if self.config.scanned:
+            x, new_caches = self.layers(x, segment_ids, positions, caches, mode, max_len)
+        else:
+            new_caches = []
+            for i, block in enumerate(self.blocks):
+                x, cache = block(x, segment_ids, positions,
+                                 None if caches is None else caches[i], mode, max_len)
+                new_caches.append(cache)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -154,7 +222,7 @@ class CausalLM(nn.Module):
         max_len = tokens.shape[1] if max_len is None else max_len
         return self._run(tokens, segment_ids, positions, None, "prefill", max_len, last_only)
 
-    def decode(self, tokens: Array, positions: Array, cache: list):
+    def decode(self, tokens: Array, positions: Array, cache):
         """Continue from `cache`: tokens [B, T'] (T' = 1 in the generation loop; the one-step
         recurrent form), positions [B, T'] their RoPE positions. Returns (logits, cache)."""
         return self._run(tokens, None, positions, cache, "decode", 0)

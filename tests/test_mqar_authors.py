@@ -1,0 +1,250 @@
+"""experiments/mqar_authors.py (the authors' MQAR setup) at tiny sizes: it runs end to end with
+2 lrs x 2 seeds vmapped; the vmapped runs equal the same runs trained one by one by a plain
+optax loop (cosine schedule, AdamW); a frozen run (early stop) keeps its parameters and
+optimizer state exactly; two partial reports merge; every model and ABC's cumulative
+normaliser are causal."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # `experiments` is not an installed package
+    sys.path.insert(0, ROOT)
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import mqar_authors as ma  # noqa: E402
+
+TINY = ["--smoke", "--vocab-size", "32", "--seq-len", "16", "--kv-pairs", "2",
+        "--train-examples", "64", "--test-examples", "20", "--batch-size", "16", "--widths", "8",
+        "--lr", "3e-3", "2e-2", "--seeds", "2"]
+
+
+@pytest.mark.slow   # ~75 s on a busy 2-core CPU (a GLA compile of the vmapped program)
+def test_end_to_end_two_lrs_two_seeds(tmp_path):
+    argv = TINY + ["--models", "gla", "--max-epochs", "2", "--eval-every", "2", "--tag", "t",
+                   "--out-dir", str(tmp_path)]
+    assert ma.main(argv) == 0
+    record = json.loads((tmp_path / "mqar_authors_t.json").read_text())
+    (cell,) = record["cells"]
+    assert (cell["model"], cell["width"], cell["epochs_done"]) == ("gla", 8, 2)
+    assert cell["stop_reason"] == "max epochs" and cell["steps_done"] == 8
+    assert sorted((r["lr"], r["seed"]) for r in cell["runs"]) == [
+        (3e-3, 0), (3e-3, 1), (2e-2, 0), (2e-2, 1)]
+    assert all(len(r["curve"]) == 4 for r in cell["runs"])   # 8 steps / eval every 2
+    assert cell["step_s"] > 0 and cell["tokens_per_s"] > 0
+    assert (tmp_path / "mqar_authors_t.md").exists() and (tmp_path / "mqar_authors_t.png").exists()
+
+
+def _setup(model="gla", extra=()):
+    args = ma.parse_args(TINY + ["--eval-every", "3", "--max-epochs", "2", *extra])
+    data = ma.make_data(args)
+    m = ma.build(model, 8, args)
+    return args, data, m
+
+
+def _reference_run(model, args, data, lr, seed, steps):
+    """One run by a plain loop: its own init, optax.adamw with a cosine schedule, the shuffle
+    and dropout keys of the documented convention; returns (params, per-step losses)."""
+    import flax.linen as nn
+    import optax
+    from gsa_jax.data.mqar import IGNORE
+    E = ma.steps_per_epoch(args)
+    total = args.max_epochs * E
+    params = nn.meta.unbox(model.init(jax.random.key(seed),
+                                      jnp.zeros((1, args.seq_len), jnp.int32))["params"])
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, total, alpha=0.0), b1=0.9, b2=0.999,
+                     eps=1e-8, weight_decay=args.weight_decay)
+    opt = tx.init(params)
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    drop_key = jax.random.fold_in(key, 2 ** 32 - 1)
+    x_all, y_all = (np.asarray(a) for a in data["train"])
+
+    def loss_fn(p, x, y, k):
+        logits = model.apply({"params": p}, x, train=True, rngs={"dropout": k})
+        logp = jax.nn.log_softmax(logits)
+        mask = y != IGNORE
+        nll = -jnp.take_along_axis(logp, jnp.where(mask, y, 0)[..., None], -1)[..., 0]
+        return jnp.sum(nll * mask) / jnp.sum(mask)
+
+    @jax.jit
+    def step(params, opt, x, y, k):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, k)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    losses = []
+    for t in range(steps):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, t // E),
+                                                 x_all.shape[0]))
+        rows = perm[(t % E) * args.batch_size:(t % E + 1) * args.batch_size]
+        params, opt, loss = step(params, opt, x_all[rows], y_all[rows],
+                                 jax.random.fold_in(drop_key, t))
+        losses.append(float(loss))
+    return params, losses
+
+
+@pytest.mark.slow   # 45 s (attention) and 160 s (GSA) on a busy 2-core CPU
+@pytest.mark.parametrize("model", ["gsa", "attention"])
+def test_vmapped_runs_equal_runs_one_by_one(model):
+    args, data, m = _setup(model)
+    lrs, seeds = ma.run_grid(args)
+    E = ma.steps_per_epoch(args)   # 4: the second chunk (steps 3..5) crosses an epoch
+    params, opt = ma.init_runs(m, args, [0, 1], seeds)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(seeds))
+    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args), in_axes=(0, 0, 0, 0, 0, None, None, None,
+                                                              None)))
+    frozen = jnp.zeros(len(lrs), bool)
+    losses = []
+    for step0 in (0, 3):
+        params, opt, loss, _ = chunk(params, opt, frozen, jnp.asarray(lrs, jnp.float32), keys,
+                                     jnp.int32(step0), jnp.int32(args.max_epochs * E),
+                                     data["train"], data["test"])
+        losses.append(np.asarray(loss))
+    for r, (lr, seed) in enumerate(zip(lrs, seeds)):
+        ref, ref_losses = _reference_run(m, args, data, lr, seed, 6)
+        np.testing.assert_allclose([losses[0][r], losses[1][r]],
+                                   [np.mean(ref_losses[:3]), np.mean(ref_losses[3:])],
+                                   rtol=1e-5)
+        ours = jax.tree.map(lambda x: x[r], params)
+        if model == "attention":
+            # The key bias gets no gradient (it shifts a query's scores by one constant, which
+            # the softmax removes): only float noise, that Adam's normalisation turns into
+            # steps of any sign. Not comparable; dropped from both sides.
+            for p in (ours, ref):
+                for i in range(args.num_layers):
+                    b = p[f"mixer_{i}"]["Wqkv"]["bias"]
+                    p[f"mixer_{i}"]["Wqkv"]["bias"] = jnp.concatenate([b[:8], b[16:]])
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            # Adam divides by sqrt(v): float32 reorderings of tiny gradients move a parameter
+            # by ~1e-5 at most (an lr-2e-2 step is ~100x that).
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_frozen_run_keeps_its_state_exactly():
+    args, data, m = _setup("attention", ["--num-layers", "1"])
+    lrs, seeds = ma.run_grid(args)
+    params, opt = ma.init_runs(m, args, [0, 1], seeds)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(seeds))
+    chunk = jax.jit(jax.vmap(ma.make_chunk(m, args), in_axes=(0, 0, 0, 0, 0, None, None, None,
+                                                              None)))
+    frozen = jnp.asarray([True, False, True, False])
+    new_p, new_o, _, _ = chunk(params, opt, frozen, jnp.asarray(lrs, jnp.float32), keys,
+                               jnp.int32(0), jnp.int32(8), data["train"], data["test"])
+    for old, new in ((params, new_p), (opt, new_o)):
+        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_array_equal(a[[0, 2]], b[[0, 2]])
+    moved = [not np.array_equal(np.asarray(a)[[1, 3]], np.asarray(b)[[1, 3]])
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new_p))]
+    assert all(moved)
+
+
+def test_cell_stops_when_every_run_passed_the_threshold(monkeypatch):
+    args, data, _ = _setup("attention", ["--max-epochs", "5", "--num-layers", "1"])
+    monkeypatch.setattr(ma, "STOP_ACCURACY", -1.0)   # every run passes after its first chunk
+    cell = ma.train_cell("attention", 8, args, data, log=lambda *_: None)
+    assert cell["stop_reason"] == "all runs early-stopped" and cell["steps_done"] == 3
+    assert all(r["stopped_epoch"] == 0.75 and len(r["curve"]) == 1 for r in cell["runs"])
+
+
+def _cell(model, width, accs, losses, lrs=(1e-3, 1e-2)):
+    runs = [{"lr": lr, "seed": s, "stopped_epoch": None,
+             "curve": [{"step": 1, "epoch": 1, "loss": l, "accuracy": a}]}
+            for (lr, s), a, l in zip([(lr, s) for s in range(2) for lr in lrs], accs, losses)]
+    return {"model": model, "width": width, "params": 1, "state_size": 1, "lrs": list(lrs),
+            "seeds": 2, "max_epochs": 4, "epochs_done": 4, "steps_done": 4,
+            "stop_reason": "max epochs", "cell_seconds": None, "compile_s": 1.0, "train_s": 1.0,
+            "step_s": 0.1, "tokens_per_s": 10, "runs": runs}
+
+
+def test_merge_summary_plateau_and_verdicts():
+    rng = np.random.default_rng(0)
+    cfg = ma.task_config(ma.parse_args(TINY))
+    V = cfg["vocab_size"]
+    plateau = math.log(V / 2)
+    acc = rng.uniform(0.3, 0.6, 4)
+    first = {"tag": "t", "config": cfg, "commands": ["a"], "cells": [
+        _cell("gsa", 8, [0.9, acc[0], 0.95, acc[1]], [1.0, 2.0, 1.0, 2.0]),
+        _cell("gla", 8, [0.01, 0.02, 0.0, 0.01], [plateau, plateau + 0.1, plateau, plateau])]}
+    second = {"tag": "t", "config": cfg, "commands": ["b"], "cells": [
+        _cell("retnet", 8, list(acc), [1.5] * 4),
+        _cell("attention", 8, [1.0, 1.0, 1.0, 1.0], [0.1] * 4),
+        _cell("gla", 8, [0.2, 0.4, 0.3, 0.5], [3.0] * 4)]}   # redoes gla: replaces it
+    merged = ma.finish(ma.merge(first, second))
+    assert merged["commands"] == ["a", "b"]
+    cells = {c["model"]: c for c in merged["cells"]}
+    assert sorted(cells) == sorted(ma.MODELS) and math.isclose(cells["gla"]["summary"]["mean"], 0.45)
+    gsa = cells["gsa"]["summary"]
+    assert gsa["lr"] == 1e-3 and math.isclose(gsa["mean"], 0.925)
+    assert (gsa["min"], gsa["max"]) == (0.9, 0.95)
+    best_ret = max((np.mean(acc[[0, 2]]), 1e-3), (np.mean(acc[[1, 3]]), 1e-2))
+    assert cells["retnet"]["summary"]["lr"] == best_ret[1]
+    verdict = {v["claim"]: v["summary"] for v in merged["verdicts"]}
+    assert verdict == {"GSA ≥ GLA": "holds", "GSA ≥ RetNet": "holds",
+                       "GSA, GLA, RetNet ≤ attention": "holds"}
+    text = ma.markdown(merged)
+    assert "HOLDS" in text and "| GSA | 92.5 (90.0–95.0) |" in text
+    with pytest.raises(ValueError, match="other settings"):
+        ma.merge(first, {**second, "config": {**cfg, "seq_len": 64}})
+    # A cell whose runs never left ln(V/2) is reported as plateau, not an accuracy.
+    flat = ma.summarise(first["cells"][1], V)
+    assert flat["plateau"] and ma.fmt_cell(flat) == "plateau"
+
+
+@pytest.mark.parametrize("model", ma.MODELS)
+def test_models_are_causal(model):
+    """Changing tokens after t leaves the logits at positions <= t exactly unchanged."""
+    args = ma.parse_args(TINY)
+    m = ma.build(model, 8, args)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 32, (2, 16)).astype(np.int32)
+    params = m.init(jax.random.key(0), jnp.asarray(x))["params"]
+    base = np.asarray(m.apply({"params": params}, jnp.asarray(x)))
+    for t in (0, 7, 14):
+        y = x.copy()
+        y[:, t + 1:] = rng.integers(0, 32, y[:, t + 1:].shape)
+        out = np.asarray(m.apply({"params": params}, jnp.asarray(y)))
+        np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])
+        assert not np.array_equal(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_abc_cumulative_normaliser_is_causal():
+    """ABC (GSA, gate="none"): z_t = logcumsumexp(e)_{<=t} must not see e_{t+1..}: perturbing the
+    input after t leaves outputs <= t exactly unchanged."""
+    import flax.linen as nn
+    from gsa_jax.layers import GatedSlotAttention
+    layer = GatedSlotAttention(16, num_heads=2, num_slots=4, gate="none")
+    x = np.random.default_rng(2).standard_normal((2, 12, 16)).astype(np.float32)
+    params = nn.meta.unbox(layer.init(jax.random.key(0), jnp.asarray(x))["params"])
+    base = np.asarray(layer.apply({"params": params}, jnp.asarray(x))[0])
+    for t in range(11):
+        y = x.copy()
+        y[:, t + 1:] += 3.0 * np.random.default_rng(t).standard_normal(y[:, t + 1:].shape)
+        out = np.asarray(layer.apply({"params": params}, jnp.asarray(y))[0])
+        np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])
+        assert not np.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_merge_files_of_two_calls(tmp_path):
+    """Two calls' reports (e.g. two GPU calls' $OUT) combine with --merge-only --merge-files."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"tag": "a", "config": cfg, "commands": ["call 1"],
+                             "cells": [_cell("gsa", 8, [0.5] * 4, [1.0] * 4)]}))
+    b.write_text(json.dumps({"tag": "b", "config": cfg, "commands": ["call 2"],
+                             "cells": [_cell("gla", 16, [0.25] * 4, [2.0] * 4)]}))
+    assert ma.main(TINY + ["--merge-only", "--merge-files", str(a), str(b), "--tag", "m",
+                           "--out-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "mqar_authors_m.json").read_text())
+    assert sorted((c["model"], c["width"]) for c in merged["cells"]) == [("gla", 16), ("gsa", 8)]
+    assert merged["commands"][:2] == ["call 1", "call 2"]
+    assert "| GSA | 50.0 (50.0–50.0) | - |" in (tmp_path / "mqar_authors_m.md").read_text()
