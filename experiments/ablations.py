@@ -36,22 +36,17 @@ part of a GPU, and a first H100 try one run at a time (beside two other experime
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import math
 import os
 import pathlib
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 # name: (label, model config changes from the default GSA)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -91,9 +86,7 @@ FIXED = ["eval.every=0", "checkpoint.every=0", "sample.max_new_tokens=0",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="CPU-sized run")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1)")
@@ -108,7 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="keep the runs of the existing results of this tag that this command "
                         "does not redo (settings must match)")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each in its own process sharing the device (its memory "
@@ -232,21 +224,6 @@ def plot(record: dict):
     return fig
 
 
-def load_previous(args, paths) -> dict:
-    """The existing results of this tag (for --merge; empty without them); the settings must
-    match."""
-    if not paths["json"].exists():
-        return {}
-    old = json.loads(paths["json"].read_text())
-    if old.get("settings") != settings(args):
-        raise ValueError(f"--merge: {paths['json']} was run with other settings: "
-                         f"{old.get('settings')} vs {settings(args)}")
-    return old
-
-
-ROW_PREFIX = "ABLATIONS_ROW "
-
-
 def one_run(args, variant: str, seed: int, work_dir: pathlib.Path) -> dict:
     """Train one (variant, seed) with the project's trainer: its row of the report."""
     from gsa_jax.models import count_params
@@ -264,14 +241,12 @@ def run_in_worker(argv, variant: str, seed: int, work_dir: pathlib.Path, jobs: i
     """`one_run` in a fresh interpreter (for --jobs): the device memory split `jobs` ways."""
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.3f}")
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--work-dir", str(work_dir),
-           "--worker", f"{variant}:{seed}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith(ROW_PREFIX):
-            return json.loads(line[len(ROW_PREFIX):])
-    raise RuntimeError(f"run {variant} seed {seed} failed (exit {proc.returncode}): "
-                       f"{(proc.stderr or proc.stdout)[-1500:]}")
+    out = harness.run_worker(__file__, [*argv, "--work-dir", str(work_dir), "--worker",
+                                        f"{variant}:{seed}"], env=env, tail_chars=1500)
+    if out.payload is None:
+        raise RuntimeError(f"run {variant} seed {seed} failed (exit {out.returncode}): "
+                           f"{out.tail}")
+    return out.payload
 
 
 def main(argv=None) -> int:
@@ -279,31 +254,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         common.fast_cpu_compile()
-    if args.worker:
+    if args.worker:  # one run of a --jobs sweep, in the driver's --work-dir
         variant, seed = args.worker.split(":")
-        work_dir = pathlib.Path(args.work_dir)
-        common.enable_compilation_cache(work_dir / "jax_cache")
-        print(ROW_PREFIX + json.dumps(one_run(args, variant, int(seed), work_dir)), flush=True)
+        with harness.work_dir(args.work_dir, "gsa_ablations_") as work_dir:
+            harness.emit(one_run(args, variant, int(seed), work_dir))
         return 0
-    work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_ablations_"))
-    common.enable_compilation_cache(work_dir / "jax_cache")
+    with harness.work_dir(args.work_dir, "gsa_ablations_") as work_dir:
+        tag, record = sweep(args, argv, work_dir)
+    common.write_and_print(tag, "ablations", record, markdown(record), fig=plot(record),
+                           command=record["commands"][-1], out_dir=args.out_dir)
+    return 0
+
+
+def sweep(args, argv, work_dir: pathlib.Path) -> tuple[str, dict]:
+    """Every (variant, seed) of the command, its report rewritten after each: (tag, record)."""
     import jax
     from gsa_jax.models import count_params
 
     tag = args.tag or jax.default_backend()
-    paths = common.results_paths(tag, "ablations", args.out_dir)
     todo = [(v, s) for v in args.variants for s in args.seeds]
-    previous = load_previous(args, paths) if args.merge else {}
-    runs = [r for r in previous.get("runs", []) if (r["variant"], r["seed"]) not in set(todo)]
+    previous = (harness.merge_base(tag, "ablations", args.out_dir, settings(args),
+                                   field="settings") if args.merge else None)
+    runs = [r for r in (previous or {}).get("runs", []) if (r["variant"], r["seed"]) not in todo]
     base = run_config(args, "gsa", args.seeds[0], work_dir)
     record = {"tag": tag, "settings": settings(args), "seeds": sorted({*args.seeds,
               *(r["seed"] for r in runs)}), "steps": args.steps,
               "tokens_per_step": base.data.batch_size * base.data.seq_len,
               "model": base.model.to_dict(), "params_gsa": count_params(base.model),
               "paper_ppl": PAPER_PPL, "runs": runs,
-              "commands": previous.get("commands", []) + [common.command_line(argv, __file__)],
+              "commands": harness.merged_commands(previous, common.command_line(argv, __file__)),
               "jobs": args.jobs, "summary": summarize(runs),
-              "val_tokens": previous.get("val_tokens", 0)}
+              "val_tokens": (previous or {}).get("val_tokens", 0)}
     print(f"GSA ablations: {len(todo)} runs ({', '.join(args.variants)} x seeds {args.seeds}), "
           f"{args.steps} steps each, {args.jobs} at a time, work dir {work_dir}", flush=True)
     start = time.perf_counter()
@@ -335,27 +316,17 @@ def main(argv=None) -> int:
     # short has each variant once rather than some variants twice.
     ordered = sorted(todo, key=lambda run: (args.seeds.index(run[1]),
                                             args.variants.index(run[0])))
-    try:
-        if args.jobs == 1:  # in this process (the trainer's signal handlers want the main thread)
-            for variant, seed in ordered:
-                finished(one_run(args, variant, seed, work_dir))
+    if args.jobs == 1:  # in this process (the trainer's signal handlers want the main thread)
+        execute = lambda run: one_run(args, *run, work_dir)  # noqa: E731
+    else:  # each run in its own worker process; one run's failure ends no other run
+        execute = lambda run: run_in_worker(argv, *run, work_dir, args.jobs)  # noqa: E731
+    for run, row, error in harness.run_cases(ordered, execute, args.jobs,
+                                             catch=() if args.jobs == 1 else (RuntimeError,)):
+        if error is None:
+            finished(row)
         else:
-            with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-                futures = [pool.submit(run_in_worker, argv, variant, seed, work_dir, args.jobs)
-                           for variant, seed in ordered]
-                by_future = dict(zip(futures, ordered))
-                for future in concurrent.futures.as_completed(futures):
-                    try:
-                        finished(future.result())
-                    except RuntimeError as e:  # one run's failure ends no other run
-                        failed(*by_future[future], e)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    fig = plot(record)
-    common.write_and_print(tag, "ablations", record, markdown(record), fig=fig,
-                           command=record["commands"][-1], out_dir=args.out_dir)
-    return 0
+            failed(*run, error)
+    return tag, record
 
 
 if __name__ == "__main__":

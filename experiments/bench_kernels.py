@@ -29,6 +29,9 @@ The peer autotunes on its first call per (H, K, V, M), minutes each; shapes 0-2 
 Memory: JAX numbers are XLA's compiled footprint of the jitted forward+backward (arguments +
 outputs + temporaries); the peer's is torch.cuda.max_memory_allocated over one forward+backward
 with its inputs already allocated. Both include the inputs and the gradients.
+
+This file: the shapes, inputs, checks and JAX timings, and the command line; the peer's timing:
+bench_kernels_peer.py; the page and the targets: bench_kernels_report.py.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from experiments import common, harness  # noqa: E402
+from experiments.bench_kernels_peer import bench_peer, peer_available  # noqa: E402
+from experiments.bench_kernels_report import markdown, target_lines  # noqa: E402,F401
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from pallas_kernels import gla as pgla  # noqa: E402
 
@@ -123,11 +129,10 @@ def time_jax(fn, args, reps=20, rounds=7):
 
 
 def compiled_bytes(fn, args):
+    """XLA's footprint of the jitted `fn` at `args` (None where the backend reports none)."""
     try:
-        m = fn.lower(*args).compile().memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
+        return harness.compiled_bytes(fn.lower(*args).compile())
+    except Exception:  # noqa: BLE001 - recorded as unknown, not fatal
         return None
 
 
@@ -171,58 +176,6 @@ def copy_bandwidth():
     f = jax.jit(lambda a: a * 1.0001)
     t = time_jax(f, (x,), reps=10, rounds=5)
     return 2 * x.nbytes / t
-
-
-def peer_available():
-    try:
-        import torch  # noqa: F401
-        from fla.ops.gsa import chunk_gsa  # noqa: F401
-        return torch.cuda.is_available()
-    except Exception as e:  # noqa: BLE001
-        print(f"peer unavailable: {type(e).__name__}: {e}")
-        return False
-
-
-def bench_peer(shape, dtype_name):
-    import torch
-    import triton
-    from fla.ops.gsa import chunk_gsa
-
-    args = [torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
-        getattr(torch, dtype_name)) for x in make_inputs(shape, jnp.float32)]
-    for a in args:
-        a.requires_grad_(True)
-    q, k, v, s, g = args
-    do = torch.randn_like(v)
-    scale = shape[3] ** -0.5
-    kw = {}
-    seg = document_ids(shape)
-    if seg is not None:  # packed documents: the peer takes their offsets (batch 1 only)
-        starts = np.flatnonzero(np.diff(np.asarray(seg[0]), prepend=-1))
-        kw["cu_seqlens"] = torch.tensor(np.append(starts, shape[1]), dtype=torch.int32,
-                                        device="cuda")
-
-    def fwd():
-        return chunk_gsa(q, k, v, s, g, scale=scale, **kw)[0]
-
-    def fwd_bwd():
-        o = fwd()
-        torch.autograd.grad(o, (q, k, v, s, g), do)
-
-    t0 = time.time()
-    fwd_bwd()  # autotunes every kernel for this shape
-    torch.cuda.synchronize()
-    tune_s = time.time() - t0
-    t_fwd = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
-    t_fb = triton.testing.do_bench(fwd_bwd, warmup=100, rep=500, return_mode="median") * 1e-3
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    mem = torch.cuda.max_memory_allocated()
-    o = fwd().detach().float().cpu().numpy()
-    return {"fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "mem_bytes": int(mem),
-            "autotune_s": round(tune_s, 1)}, o
 
 
 IMPLS = ("pallas", "pallas_recomp", "chunk", "attn", "peer")  # attn: softmax attention
@@ -283,7 +236,8 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
 
     if use_peer and "peer" in impls:
         try:
-            rows["peer"], o_peer = bench_peer(shape, str(jnp.dtype(dtype)))
+            rows["peer"], o_peer = bench_peer(make_inputs(shape, jnp.float32), seg,
+                                              str(jnp.dtype(dtype)))
             # Same inputs, so the two implementations must agree to bf16 rounding.
             o_ours = jax.jit(gsa_fn("pallas", seg))(*args)
             rows["peer"]["rel_err_o_vs_pallas"] = rel_err(o_ours, o_peer)
@@ -357,117 +311,6 @@ def bench_decode(B, dtype, bandwidth, smoke=False, steps=256):
     return out
 
 
-def markdown(report):
-    lines = [f"# bench_kernels ({report['tag']})", "",
-             f"{report['device']}, jax {report['jax']}, {report['date']}", "",
-             f"Command: `{report['command']}`", "",
-             *[f"Note: {n}\n" for n in report.get("notes", [])],
-             f"Measured copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s", "",
-             "## Correctness (relative error vs the f32 chunk form)", "",
-             "| shape | dtype | gates | o | dq | dk | dv | ds | dg | finite |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in report["checks"]:
-        if "error" in c:
-            lines.append(f"| {tuple(c['shape'])} | {c['dtype']} | {c['gates']} | "
-                         f"error: {c['error'][:80]} |")
-            continue
-        e = c["rel_err"]
-        lines.append(f"| {tuple(c['shape'])} | {c['dtype']} | {c['gates']} | " + " | ".join(
-            f"{e[n]:.1e}" for n in "o dq dk dv ds dg".split()) + f" | {c['finite']} |")
-    lines += ["", "## Time (ms, median) and memory (GiB) of forward+backward", "",
-              "| B,T,H,K,M | impl | fwd | fwd+bwd | mem | fwd vs peer | fwd+bwd vs peer |",
-              "|---|---|---|---|---|---|---|"]
-    for row in report["rows"]:
-        shape = ",".join(str(v) for v in row["shape"].values())
-        peer = row["results"].get("peer", {})
-        for name, r in row["results"].items():
-            if "error" in r:
-                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} | | | | |")
-                continue
-            mem = f"{r['mem_bytes'] / 2**30:.2f}" if r.get("mem_bytes") else "-"
-            sp_f = sp_fb = "-"
-            if "fwd_ms" in peer and name != "peer":
-                sp_f = f"{peer['fwd_ms'] / r['fwd_ms']:.2f}x"
-                sp_fb = f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"
-            lines.append(f"| {shape} | {name} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{mem} | {sp_f} | {sp_fb} |")
-        if row["memory_floor_fwd_ms"]:
-            p = row["results"].get("pallas", {})
-            ratio = (f" (pallas fwd = {p['fwd_ms'] / row['memory_floor_fwd_ms']:.1f}x floor)"
-                     if "fwd_ms" in p else "")
-            lines.append(f"| {shape} | memory floor of fwd | {row['memory_floor_fwd_ms']:.3f} "
-                         f"| | | | {ratio} |")
-    if report.get("decode"):
-        lines += ["", "## One-step decode (µs per token, jitted scan over tokens)", "",
-                  "XLA's fused `gated_slot_attention_step` beside a scan that only reads, decays "
-                  "and writes the state (what any decode kernel must do) and the bandwidth "
-                  "floor of that read and write.", "",
-                  "| B | H | K=V | M | GSA step | state read+decay+write | bandwidth floor |",
-                  "|---|---|---|---|---|---|---|"]
-        for d in report["decode"]:
-            floor = f"{d['state_rw_floor_us']:.2f}" if d.get("state_rw_floor_us") else "-"
-            lines.append(f"| {d['B']} | {d['H']} | {d['K']} | {d['M']} | {d['step_us']:.1f} | "
-                         f"{d['state_touch_us']:.1f} | {floor} |")
-    lines += ["", *target_lines(report["rows"])]
-    return "\n".join(lines) + "\n"
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
-def target_lines(rows) -> list:
-    """The kernels' targets (issue 16) and the chunk form's (issue 15), met or missed by how
-    much, per measured shape."""
-    lines = ["## Targets", "",
-             "Kernels (issue 16): fwd >= 2x peer, fwd+bwd >= 2x peer, memory <= peer, fwd <= 3x "
-             "memory floor, fwd+bwd faster than cuDNN attention at T >= 4096 and within 1.1x at "
-             "T = 2048, per-token fwd+bwd at 1 x 65536 within 1.2x of 8 x 2048. Chunk form "
-             "(issue 15): fwd and fwd+bwd within 2x of the kernels, memory within 2x, fwd no "
-             "slower than its fwd+bwd.", ""]
-    per_token = {}
-    for row in rows:
-        shape = ",".join(str(v) for v in row["shape"].values())
-        res = row["results"]
-        p, peer, attn, chunk = (res.get(n, {}) for n in ("pallas", "peer", "cudnn_attn", "chunk"))
-        if "fwd_ms" not in p:
-            continue
-        sd = row["shape"]
-        per_token[(sd["B"], sd["T"], sd.get("docs"))] = p["fwd_bwd_ms"] / (sd["B"] * sd["T"])
-        items = []
-        if "fwd_ms" in peer:
-            f, fb = peer["fwd_ms"] / p["fwd_ms"], peer["fwd_bwd_ms"] / p["fwd_bwd_ms"]
-            items += [f"fwd {f:.2f}x peer ({_verdict(f >= 2)})",
-                      f"fwd+bwd {fb:.2f}x peer ({_verdict(fb >= 2)})"]
-            if p.get("mem_bytes") and peer.get("mem_bytes"):
-                m = p["mem_bytes"] / peer["mem_bytes"]
-                items.append(f"memory {m:.2f}x peer ({_verdict(m <= 1)})")
-        else:
-            items.append("peer not timed")
-        if row.get("memory_floor_fwd_ms"):
-            fl = p["fwd_ms"] / row["memory_floor_fwd_ms"]
-            items.append(f"fwd {fl:.1f}x floor ({_verdict(fl <= 3)})")
-        if "fwd_bwd_ms" in attn and sd["T"] >= 2048 and not sd.get("docs"):
-            a = p["fwd_bwd_ms"] / attn["fwd_bwd_ms"]
-            bound = 1.0 if sd["T"] >= 4096 else 1.1
-            items.append(f"fwd+bwd {a:.2f}x cuDNN attention ({_verdict(a < bound)})")
-        if "fwd_ms" in chunk:
-            cf, cfb = chunk["fwd_ms"] / p["fwd_ms"], chunk["fwd_bwd_ms"] / p["fwd_bwd_ms"]
-            items += [f"chunk fwd {cf:.2f}x kernels ({_verdict(cf <= 2)})",
-                      f"chunk fwd+bwd {cfb:.2f}x ({_verdict(cfb <= 2)})"]
-            if chunk.get("mem_bytes") and p.get("mem_bytes"):
-                cm = chunk["mem_bytes"] / p["mem_bytes"]
-                items.append(f"chunk memory {cm:.2f}x ({_verdict(cm <= 2)})")
-            items.append("chunk fwd <= its fwd+bwd "
-                         f"({_verdict(chunk['fwd_ms'] <= chunk['fwd_bwd_ms'])})")
-        lines.append(f"- {shape}: " + "; ".join(items))
-    long_, main_ = per_token.get((1, 65536, None)), per_token.get((8, 2048, None))
-    if long_ and main_:
-        r = long_ / main_
-        lines.append(f"- per-token fwd+bwd at 1 x 65536 = {r:.2f}x that of 8 x 2048 "
-                     f"({_verdict(r <= 1.2)})")
-    return lines
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
@@ -500,8 +343,7 @@ def main(argv=None):
                          '\'bv64={"block_v": 64}\' (pallas_kernels.gla.Tuning fields); repeatable')
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the report (how the run was made); repeatable")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                    help="results folder")
+    ap.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
     args = ap.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     tunings = {}
@@ -522,12 +364,11 @@ def main(argv=None):
         indices, shapes, check_shapes = [0], [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]
         decode_batches = (1,)
     dev = jax.devices()[0]
-    command = ["python", "experiments/bench_kernels.py"] + list(
-        sys.argv[1:] if argv is None else argv)
     report = {"tag": args.tag, "device": f"{dev.platform} {dev.device_kind}",
               "jax": jax.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(command), "dtype": str(dtype), "notes": list(args.note)}
+              "command": common.command_line(argv, __file__), "dtype": str(dtype),
+              "notes": list(args.note)}
     report["checks"] = [] if args.no_check else (
         [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32),
                                                    check(check_shapes[0], dtype, 0.05)])
@@ -536,12 +377,9 @@ def main(argv=None):
     report["decode"] = [] if args.no_decode else [
         bench_decode(B, dtype, bw, smoke=args.smoke) for B in decode_batches]
     use_peer = not args.no_peer and "peer" in args.impls and peer_available()
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"bench_kernels_{args.tag}")
     report["rows"] = []
-    if args.merge and os.path.exists(base + ".json"):
-        with open(base + ".json") as f:
-            previous = json.load(f)
+    previous = harness.read_report(args.tag, "bench_kernels", args.out) if args.merge else None
+    if previous is not None:
         measured = [shape_dict(s) for s in shapes]
         report["rows"] = [r for r in previous["rows"] if r["shape"] not in measured]
         report["checks"] = previous["checks"] + report["checks"]
@@ -555,11 +393,9 @@ def main(argv=None):
                                           tunings=tunings, impls=args.impls))
         report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
                             if tuple(r["shape"].values()) in ALL else -1)
-        with open(base + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        md = markdown(report)
-        with open(base + ".md", "w") as f:
-            f.write(md)
+        md = markdown(report)  # names its machine and command: no footer
+        common.write_results(args.tag, "bench_kernels", report, md, out_dir=args.out,
+                             footer=False)
     print(md)
     return 0
 

@@ -37,12 +37,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 
@@ -50,20 +46,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 FORMS = ("recurrent", "parallel", "chunk")
 GIB = 2 ** 30
-ROW_PREFIX = "BENCH_OPS_ROW "
 
 SMOKE = dict(tokens=2048, seq_lens=[128, 256, 512], heads=2, head_dim=32, slots=16, repeats=5,
              warmup=1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true",
                    help="small sizes for a CPU check: " + ", ".join(f"{k}={v}" for k, v in
                                                                      SMOKE.items()))
@@ -86,7 +79,6 @@ def parse_args(argv=None):
                         "kept (to split a sweep over several shorter runs)")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocess per (form, T); peak memory is then the running maximum")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "form:T", internal
     args = p.parse_args(argv)
     if args.smoke:
@@ -98,49 +90,11 @@ def parse_args(argv=None):
 def _memory_limit(args, device) -> tuple[int, str]:
     if args.mem_limit_gb:
         return int(args.mem_limit_gb * GIB), "--mem-limit-gb"
-    stats = _memory_stats(device)
+    stats = harness.memory_stats(device)
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), "device bytes_limit"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // 2, "half the RAM"
-
-
-def _memory_stats(device):
-    try:
-        return device.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without it raise or return None
-        return None
-
-
-def _peak_bytes(device):
-    stats = _memory_stats(device)
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def _is_oom(error: Exception) -> bool:
-    text = f"{type(error).__name__}: {error}".lower()
-    return "resource_exhausted" in text or "out of memory" in text or "oom" in text.split()
-
-
-def _compiled_bytes(compiled):
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
-
-
-def _time_ms(fn, inputs, warmup: int, repeats: int) -> tuple[float, float]:
-    import jax
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*inputs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
 def make_inputs(B, T, H, D, M, dtype, seed=0):
@@ -156,16 +110,6 @@ def make_inputs(B, T, H, D, M, dtype, seed=0):
     return tuple(x.astype(dtype) for x in (q, k, v, s, g))
 
 
-def machine_info() -> dict:
-    import jax
-    import jaxlib
-    device = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
-            "device_count": jax.device_count(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.machine()}", "cpu_count": os.cpu_count()}
-
-
 def run_one(args, form: str, T: int) -> dict:
     """Forward and forward+backward of one form at one T: the record of the JSON 'rows'."""
     import jax
@@ -176,7 +120,7 @@ def run_one(args, form: str, T: int) -> dict:
     B, H, D, M = max(1, args.tokens // T), args.heads, args.head_dim, args.slots
     limit, limit_source = _memory_limit(args, device)
     row = {"form": form, "T": T, "B": B, "memory_limit_bytes": limit,
-           "memory_limit_source": limit_source, "machine": machine_info()}
+           "memory_limit_source": limit_source, "machine": common.environment()}
     modes = ("fwd", "fwd_bwd")
     if form == "parallel":
         decay_bytes = B * H * T * T * M * 4
@@ -208,19 +152,19 @@ def run_one(args, form: str, T: int) -> dict:
             start = time.perf_counter()
             compiled = jax.jit(fn).lower(*fn_inputs).compile()
             result["compile_s"] = round(time.perf_counter() - start, 2)
-            result["compiled_bytes"] = footprint = _compiled_bytes(compiled)
+            result["compiled_bytes"] = footprint = harness.compiled_bytes(compiled)
             if footprint is not None and footprint > limit:
                 result.update(status="skipped", reason=(
                     f"compiled footprint {footprint / GIB:.2f} GiB > limit "
                     f"{limit / GIB:.2f} GiB ({limit_source})"))
                 continue
-            result["median_ms"], result["min_ms"] = _time_ms(compiled, fn_inputs, args.warmup,
-                                                             args.repeats)
-            result["peak_bytes"] = _peak_bytes(device)
+            median, fastest = harness.time_calls(
+                lambda: jax.block_until_ready(compiled(*fn_inputs)), args.repeats, args.warmup)
+            result["median_ms"], result["min_ms"] = 1e3 * median, 1e3 * fastest
+            result["peak_bytes"] = harness.peak_bytes(device)
             result["status"] = "ok"
         except Exception as error:  # noqa: BLE001 - record it, go on with the next one
-            result.update(status="oom" if _is_oom(error) else "error",
-                          reason=f"{type(error).__name__}: {str(error)[:400]}")
+            result.update(harness.failure(error))
         finally:
             compiled = None  # free the executable before the next mode
     return row
@@ -229,29 +173,18 @@ def run_one(args, form: str, T: int) -> dict:
 def worker_main(args) -> int:
     form, T = args.worker.split(":")
     row = run_one(args, form, int(T))
-    print(ROW_PREFIX + json.dumps(row), flush=True)
+    harness.emit(row)
     return 0
 
 
 # ---------------------------------------------------------------- driver
 def run_isolated(argv, form: str, T: int, timeout: float) -> dict:
     """Run one (form, T) in a fresh interpreter with the same arguments."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{form}:{T}"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        reason = f"worker timed out after {timeout:.0f} s"
-        return {"form": form, "T": T, "fwd": {"status": "error", "reason": reason},
-                "fwd_bwd": {"status": "error", "reason": reason}}
-    for line in proc.stdout.splitlines():
-        if line.startswith(ROW_PREFIX):
-            return json.loads(line[len(ROW_PREFIX):])
-    tail = (proc.stderr or proc.stdout)[-600:]
-    status = "oom" if "resource_exhausted" in tail.lower() or "out of memory" in tail.lower() \
-        else "error"
-    reason = f"worker exited with {proc.returncode}: {tail}"
-    return {"form": form, "T": T, "fwd": {"status": status, "reason": reason},
-            "fwd_bwd": {"status": status, "reason": reason}}
+    out = harness.run_worker(__file__, [*argv, "--worker", f"{form}:{T}"], timeout=timeout)
+    if out.payload is not None:
+        return out.payload
+    failed = out.failure()
+    return {"form": form, "T": T, "fwd": dict(failed), "fwd_bwd": dict(failed)}
 
 
 def _gib(x):
@@ -296,25 +229,11 @@ SHAPE_KEYS = ("tokens", "heads", "head_dim", "slots", "dtype", "chunk_size")
 FORM_ORDER = {form: i for i, form in enumerate(FORMS)}
 
 
-def _previous_report(path: str, config: dict):
-    """The report a --merge run adds to; it must have been run with the same shape settings."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        previous = json.load(f)
-    mismatch = common.merge_mismatch(previous["config"], {k: config[k] for k in SHAPE_KEYS})
-    if mismatch:
-        raise SystemExit(f"--merge: {path} was run with other settings (old, new): {mismatch}")
-    return previous
-
-
 def build_report(tag, command, config, machine, rows, previous) -> dict:
     """The JSON report; with a previous one (--merge), its rows for other (form, T) are kept."""
-    commands = [command]
+    commands = harness.merged_commands(previous, command)
     if previous is not None:
-        done = {(r["form"], r["T"]) for r in rows}
-        rows = [r for r in previous["rows"] if (r["form"], r["T"]) not in done] + rows
-        commands = previous.get("commands", [previous["command"]]) + commands
+        rows = harness.merge_rows(previous["rows"], rows, lambda r: (r["form"], r["T"]))
         config = {**config, "seq_lens": sorted({r["T"] for r in rows}),
                   "forms": sorted({r["form"] for r in rows}, key=FORM_ORDER.get)}
     rows = sorted(rows, key=lambda r: (r["T"], FORM_ORDER[r["form"]]))
@@ -341,18 +260,16 @@ def main(argv=None) -> int:
     import jax  # versions only: the driver does not start a backend when isolating
     import jaxlib
 
-    command = " ".join(shlex.quote(a) for a in
-                       ["python", os.path.relpath(os.path.abspath(__file__)), *argv])
+    command = common.command_line(argv, __file__)
     config = {key: getattr(args, key) for key in (
         "tokens", "seq_lens", "heads", "head_dim", "slots", "dtype", "chunk_size", "forms",
         "repeats", "warmup", "mem_limit_gb", "in_process")}
     machine = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                "python": platform.python_version()}
-    os.makedirs(args.out_dir, exist_ok=True)
-    previous, base, rows, report = None, None, [], None
+    previous, paths, rows, report = None, None, [], None
     if args.merge:
-        previous = _previous_report(os.path.join(args.out_dir, f"bench_ops_{args.tag}.json"),
-                                    config)
+        previous = harness.merge_base(args.tag, "bench_ops", args.out_dir,
+                                      {k: config[k] for k in SHAPE_KEYS})
     for T in args.seq_lens:
         for form in args.forms:
             start = time.perf_counter()
@@ -368,18 +285,16 @@ def main(argv=None) -> int:
             rows.append(row)
             # Written after every row: a run cut short (a time limit) keeps what it measured.
             tag = args.tag or machine.get("backend", "unknown")
-            base = os.path.join(args.out_dir, f"bench_ops_{tag}")
             report = build_report(tag, command, config, machine, rows, previous)
-            with open(base + ".json", "w") as f:
-                json.dump(report, f, indent=1)
-                f.write("\n")
-            with open(base + ".md", "w") as f:
-                f.write(markdown(report))
+            # The page names its machine and commands itself (no footer); the driver starts
+            # no backend (the device is the workers'): the workers' machine is the record's.
+            paths = common.write_results(tag, "bench_ops", {**report, "environment": machine},
+                                         markdown(report), out_dir=args.out_dir, footer=False)
 
     if report is None:
         raise SystemExit("nothing to run: no --seq-lens or --forms")
     print(markdown(report))
-    print(f"wrote {base}.json and {base}.md")
+    print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Helpers shared by the experiment scripts: where results go, the machine/version/command record
-that every result carries, markdown tables, and optional matplotlib plots.
+that every result carries, markdown tables, and optional matplotlib plots (the sweeps' worker
+processes, failures, measurements and --merge: experiments/harness.py).
 
     record = {"config": ..., "rows": [...]}                 # the script's own results
     paths = write_results("h100", "mqar", record, markdown, fig=fig)
     # -> experiments/results/mqar_h100.{json,md,png}; the JSON gains "environment" and
-    #    "command", the markdown a footer with both (unless the script put them in already)
+    #    "command", the markdown a footer with both (footer=False: the page has them already)
 
 Only the standard library at import time: jax and matplotlib are imported inside the functions
 that need them, so a script can parse its arguments (and set XLA flags) before jax starts.
@@ -12,6 +13,7 @@ that need them, so a script can parse its arguments (and set XLA flags) before j
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -32,6 +34,17 @@ def ensure_importable() -> None:
     installed."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """An experiment script's parser: the first line of its docstring `doc` as description (the
+    whole under --help), and the options every script has: --tag and --out-dir."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR),
+                   help="results folder (default experiments/results)")
+    return p
 
 
 def command_line(argv: Optional[Sequence[str]] = None, script: Optional[str] = None) -> str:
@@ -120,12 +133,13 @@ def results_paths(tag: str, name: str, out_dir: Optional[str | os.PathLike] = No
 
 def write_results(tag: str, name: str, record: dict[str, Any], markdown: str, fig=None, *,
                   out_dir: Optional[str | os.PathLike] = None,
-                  command: Optional[str] = None) -> dict[str, pathlib.Path]:
+                  command: Optional[str] = None, footer: bool = True) -> dict[str, pathlib.Path]:
     """Writes `<name>_<tag>.json` (the record plus "environment" and "command", NaN as null),
     `.md` (the markdown plus a footer with the command, or every command of the record's
-    "commands" list when it holds several, and the machine) and, given a matplotlib figure,
-    `.png`. Returns the paths written. Keys already in the record are kept (so a script that
-    merges runs can pass its own "command"/"environment")."""
+    "commands" list when it holds several, and the machine; footer=False: the markdown as it
+    is, for a page that names them itself) and, given a matplotlib figure, `.png`. Returns the
+    paths written. Keys already in the record are kept (so a script that merges runs, or whose
+    driver leaves the device to its workers, can pass its own "command"/"environment")."""
     paths = results_paths(tag, name, out_dir)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     record = dict(record)
@@ -139,9 +153,10 @@ def write_results(tag: str, name: str, record: dict[str, Any], markdown: str, fi
         shown = "Commands:\n\n" + "\n".join(f"- `{c}`" for c in commands)
     else:
         shown = f"Command: `{commands[0]}`"
-    footer = (f"\n\n{shown}\n\n"
-              f"Machine: {describe_environment(record['environment'])}\n")
-    paths["md"].write_text(markdown.rstrip() + footer)
+    if footer:
+        markdown = (f"{markdown.rstrip()}\n\n{shown}\n\n"
+                    f"Machine: {describe_environment(record['environment'])}\n")
+    paths["md"].write_text(markdown)
     written = {"json": paths["json"], "md": paths["md"]}
     if fig is not None:
         fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
@@ -240,3 +255,4 @@ def fast_cpu_compile() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+

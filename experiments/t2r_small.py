@@ -32,15 +32,13 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 RUNS = {  # name: (label, mixer, initialisation)
     "transformer": ("Transformer++ (pretrained)", "attention", "scratch"),
@@ -67,9 +65,7 @@ TARGET_OVERRIDES = {"gsa": {"num_slots": 64}, "gla": {}, "retnet": {}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
+    p = common.argument_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="CPU-sized run")
     p.add_argument("--pretrain-steps", type=int, help="Transformer pretraining steps")
     p.add_argument("--finetune-steps", type=int,
@@ -80,7 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="run directories and compile cache (default: a temporary directory, "
                         "removed at the end); an existing one resumes its runs")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--no-progress", action="store_true", help="no printed progress lines")
     p.add_argument("--note", action="append", default=[],
                    help="a line for the report (how the run was made); repeatable")
@@ -264,16 +259,21 @@ def plot(record: dict):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        json_path = common.results_paths(args.tag, "t2r_small", args.out_dir)["json"]
-        if not json_path.exists():
-            raise SystemExit(f"--plot-only: no {json_path}")
-        record = json.loads(json_path.read_text())
+        record = harness.read_report(args.tag, "t2r_small", args.out_dir, "--plot-only")
         record["notes"] = record.get("notes", []) + args.note
         common.write_and_print(args.tag, "t2r_small", record, markdown(record),
                                fig=plot(record), out_dir=args.out_dir)
         return 0
-    work_dir = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="gsa_t2r_"))
-    common.enable_compilation_cache(work_dir / "jax_cache")
+    with harness.work_dir(args.work_dir, "gsa_t2r_") as work_dir:
+        tag, record = train_runs(args, work_dir)
+    common.write_and_print(tag, "t2r_small", record, markdown(record), fig=plot(record),
+                           out_dir=args.out_dir)
+    return 0
+
+
+def train_runs(args, work_dir: pathlib.Path) -> tuple[str, dict]:
+    """Pretraining, the conversions and the scratch run, the report rewritten after each:
+    (tag, record)."""
     import jax
     from gsa_jax import convert
     from gsa_jax.models import count_params
@@ -291,45 +291,38 @@ def main(argv=None) -> int:
           f"{size['finetune_steps']} steps ({tokens_per_step:,} tokens/step), work dir "
           f"{work_dir}", flush=True)
     start = time.perf_counter()
-    try:
-        for i, (name, (label, mixer, init)) in enumerate(RUNS.items()):
-            t0 = time.perf_counter()
-            init_from = None
-            if name == "transformer":
-                model = pre_model
-            elif init == "t2r":
-                model, init_from = convert_pretrained(args, mixer, work_dir / "transformer",
-                                                      work_dir)
-            else:
-                model = convert.target_config(pre_model, mixer, **TARGET_OVERRIDES[mixer])
-            config = run_config(args, name, model, work_dir)
-            print(f"[{i + 1}/{len(RUNS)}] {label}: {config.steps} steps, lr "
-                  f"{config.optim.lr:g}" + (f", from {init_from}" if init_from else ""),
-                  flush=True)
-            out = train(config, quiet=args.no_progress,
-                        init_from=None if init_from is None else str(init_from))
-            run = {"label": label, "mixer": mixer, "init": init, "steps": config.steps,
-                   "lr": config.optim.lr, "params": count_params(model),
-                   "curve": curve(work_dir / name, tokens_per_step),
-                   "final_val_loss": out["val_loss"], "final_val_ppl": out["val_ppl"],
-                   "last_train_loss": out.get("loss", math.nan),
-                   "time_s": round(time.perf_counter() - t0, 1)}
-            record["runs"][name] = run
-            record["val_tokens"] = out["val_tokens"]
-            print(f"[{i + 1}/{len(RUNS)}] {name}: val ppl {run['final_val_ppl']:.3f} in "
-                  f"{run['time_s']:.0f} s (total {time.perf_counter() - start:.0f} s)",
-                  flush=True)
-            record.update(claim=claim(record["runs"]),
-                          elapsed_s=round(time.perf_counter() - start, 1))
-            common.write_results(tag, "t2r_small", record, markdown(record),
-                                 out_dir=args.out_dir)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    fig = plot(record)
-    common.write_and_print(tag, "t2r_small", record, markdown(record), fig=fig,
-                           out_dir=args.out_dir)
-    return 0
+    for i, (name, (label, mixer, init)) in enumerate(RUNS.items()):
+        t0 = time.perf_counter()
+        init_from = None
+        if name == "transformer":
+            model = pre_model
+        elif init == "t2r":
+            model, init_from = convert_pretrained(args, mixer, work_dir / "transformer",
+                                                  work_dir)
+        else:
+            model = convert.target_config(pre_model, mixer, **TARGET_OVERRIDES[mixer])
+        config = run_config(args, name, model, work_dir)
+        print(f"[{i + 1}/{len(RUNS)}] {label}: {config.steps} steps, lr "
+              f"{config.optim.lr:g}" + (f", from {init_from}" if init_from else ""),
+              flush=True)
+        out = train(config, quiet=args.no_progress,
+                    init_from=None if init_from is None else str(init_from))
+        run = {"label": label, "mixer": mixer, "init": init, "steps": config.steps,
+               "lr": config.optim.lr, "params": count_params(model),
+               "curve": curve(work_dir / name, tokens_per_step),
+               "final_val_loss": out["val_loss"], "final_val_ppl": out["val_ppl"],
+               "last_train_loss": out.get("loss", math.nan),
+               "time_s": round(time.perf_counter() - t0, 1)}
+        record["runs"][name] = run
+        record["val_tokens"] = out["val_tokens"]
+        print(f"[{i + 1}/{len(RUNS)}] {name}: val ppl {run['final_val_ppl']:.3f} in "
+              f"{run['time_s']:.0f} s (total {time.perf_counter() - start:.0f} s)",
+              flush=True)
+        record.update(claim=claim(record["runs"]),
+                      elapsed_s=round(time.perf_counter() - start, 1))
+        common.write_results(tag, "t2r_small", record, markdown(record),
+                             out_dir=args.out_dir)
+    return tag, record
 
 
 if __name__ == "__main__":

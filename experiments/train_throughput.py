@@ -13,7 +13,6 @@ config; experiments/common.write_results).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
 
 
 def summarize(records: list[dict]) -> dict:
@@ -73,12 +72,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.argument_parser(__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--tag", default=None, help="results file suffix (default: the backend)")
     p.add_argument("--resume", action="store_true", help="keep the run directory's checkpoints")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
     import jax
 
@@ -93,15 +90,13 @@ def main(argv=None) -> dict:
     final = train(config)
     wall = (datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     start = next((r for r in records if r.get("event") in ("start", "resume")), {})
     report = {
         "tag": args.tag or jax.default_backend(),
         "command": common.command_line(argv, __file__),
         "config": config.to_dict(), "params": start.get("params"),
         "flops_per_token": start.get("flops_per_token"), "wall_s": wall,
-        "peak_bytes": (stats or {}).get("peak_bytes_in_use"),
+        "peak_bytes": harness.peak_bytes(jax.devices()[0]),
         "summary": summarize(records), "sample": final.get("sample"),
     }
     common.write_and_print(report["tag"], "train_throughput", report, markdown(report),

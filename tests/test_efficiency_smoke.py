@@ -176,9 +176,9 @@ def test_torch_fallback_peer_is_our_model():
     saved = {name: sys.modules.get(name) for name in stubs}
     sys.modules.update(stubs)
     try:
-        eff = _efficiency()
+        peer = load_experiment("efficiency_peer")
         cfg = get_preset("gsa-tiny", num_layers=2, initializer_range=0.1)
-        net = eff._torch_gsa_lm(cfg, level=2)
+        net = peer._torch_gsa_lm(cfg, level=2)
     finally:
         for name, module in saved.items():
             if module is None:

@@ -1,0 +1,66 @@
+"""The peer of experiments/bench_kernels.py: flash-linear-attention's `fla.ops.gsa.chunk_gsa`
+(PyTorch/Triton) timed on our inputs with triton's do_bench, and its memory from
+torch.cuda.max_memory_allocated. torch, triton and fla are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def peer_available():
+    """Whether torch with a CUDA device and fla's `chunk_gsa` import (a note when not)."""
+    try:
+        import torch  # noqa: F401
+        from fla.ops.gsa import chunk_gsa  # noqa: F401
+        return torch.cuda.is_available()
+    except Exception as e:  # noqa: BLE001
+        print(f"peer unavailable: {type(e).__name__}: {e}")
+        return False
+
+
+def bench_peer(inputs, segment_ids, dtype_name):
+    """Forward and forward+backward times (median) and memory of the peer's `chunk_gsa` on the
+    same (q, k, v, s, g) as ours (float32 JAX arrays, cast to `dtype_name` in torch); returns
+    (its row, its output o as a NumPy array)."""
+    import torch
+    import triton
+    from fla.ops.gsa import chunk_gsa
+
+    args = [torch.from_numpy(np.asarray(x, np.float32)).cuda().to(
+        getattr(torch, dtype_name)) for x in inputs]
+    for a in args:
+        a.requires_grad_(True)
+    q, k, v, s, g = args
+    do = torch.randn_like(v)
+    scale = q.shape[-1] ** -0.5
+    kw = {}
+    if segment_ids is not None:  # packed documents: the peer takes their offsets (batch 1 only)
+        starts = np.flatnonzero(np.diff(np.asarray(segment_ids[0]), prepend=-1))
+        kw["cu_seqlens"] = torch.tensor(np.append(starts, q.shape[1]), dtype=torch.int32,
+                                        device="cuda")
+
+    def fwd():
+        return chunk_gsa(q, k, v, s, g, scale=scale, **kw)[0]
+
+    def fwd_bwd():
+        o = fwd()
+        torch.autograd.grad(o, (q, k, v, s, g), do)
+
+    t0 = time.time()
+    fwd_bwd()  # autotunes every kernel for this shape
+    torch.cuda.synchronize()
+    tune_s = time.time() - t0
+    t_fwd = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    t_fb = triton.testing.do_bench(fwd_bwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    mem = torch.cuda.max_memory_allocated()
+    o = fwd().detach().float().cpu().numpy()
+    return {"fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "mem_bytes": int(mem),
+            "autotune_s": round(tune_s, 1)}, o
+
