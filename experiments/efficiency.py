@@ -302,12 +302,8 @@ def main(argv=None) -> int:
         print(f"{_case_id(case)}: {summary} ({case_s} s)", flush=True)
         record = build_record(args, argv, rows, environment, previous)
         write(record, args.out_dir, plots=False)  # after every case: a cut run keeps rows
-    if record is None:
-        raise SystemExit("nothing to run: no --parts, --models or --seq-lens")
-    paths = write(record, args.out_dir, plots=True)
-    print(markdown(record))
-    print("wrote " + ", ".join(map(str, paths.values())))
-    return 0
+    return harness.finish_report(record, write, markdown, args.out_dir,
+                                 "no --parts, --models or --seq-lens")
 
 
 if __name__ == "__main__":

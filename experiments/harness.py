@@ -55,13 +55,15 @@ class WorkerOutcome:
 
 
 def run_worker(script: str, argv: Sequence[str], *, timeout: Optional[float] = None,
-               env: Optional[dict[str, str]] = None, tail_chars: int = 600) -> WorkerOutcome:
+               env: Optional[dict[str, str]] = None, tail_chars: int = 600,
+               cwd: Optional[str] = None) -> WorkerOutcome:
     """`python <script> <argv>` in a fresh interpreter (its own device memory and peak; an OOM
     or a crash is its own), stopped after `timeout` seconds. env: its environment (default
-    this process's)."""
+    this process's); cwd: its working directory (default this process's)."""
     cmd = [sys.executable, os.path.abspath(script), *argv]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=cwd)
     except subprocess.TimeoutExpired:
         return WorkerOutcome(None, None, "", timeout)
     for line in proc.stdout.splitlines():
@@ -191,6 +193,19 @@ def merge_rows(previous_rows: Iterable[dict], rows: list[dict],
     """An earlier report's rows but those measured again (same `key`), then the new rows."""
     done = {key(r) for r in rows}
     return [r for r in previous_rows if key(r) not in done] + rows
+
+
+def finish_report(record: Optional[dict[str, Any]], write: Callable[..., dict],
+                  markdown: Callable[[dict], str], out_dir: str, nothing: str) -> int:
+    """A sweep driver's last step: `write(record, out_dir, plots=True)`, then the page and the
+    paths written printed; 0 (its exit code). SystemExit("nothing to run: <nothing>") when no
+    case ran (record None)."""
+    if record is None:
+        raise SystemExit(f"nothing to run: {nothing}")
+    paths = write(record, out_dir, plots=True)
+    print(markdown(record))
+    print("wrote " + ", ".join(map(str, paths.values())))
+    return 0
 
 
 def merged_commands(previous: Optional[dict[str, Any]], command: str) -> list[str]:
