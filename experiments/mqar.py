@@ -86,15 +86,13 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common, harness  # noqa: E402
+from experiments.mqar_report import LABELS, MODELS, markdown, plot, verdict  # noqa: E402
 # The data, the models and their training (mqar_train.py); make_runner, model_config and
 # torch_conv_init also as mqar.<name>, which the tests use.
 from experiments.mqar_train import (  # noqa: E402,F401
     data_shapes, fit, make_data, make_runner, model_config, prepare, task, torch_conv_init,
     train_row_len)
 
-MODELS = ("gsa", "gla", "retnet", "abc", "attention")
-LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "abc": "ABC",
-          "attention": "Transformer++"}
 
 # The real sweep (results/mqar_h100.md): ~40 minutes of training on one H100.
 REAL = dict(vocab_size=8192, seq_lens=[256, 512], kv_pairs=[64],
@@ -244,126 +242,6 @@ def task_config(args) -> dict[str, Any]:
                         for T, P, w in args.train_mix]
     out["train_row_len"] = train_row_len(args)
     return out
-
-
-# ------------------------------------------------------------------ reporting
-def verdict(rows: list[dict]) -> dict[str, Any]:
-    """Per (T, width) with GSA, GLA and RetNet: does GSA's accuracy exceed both?
-
-    margin = acc(GSA) − max(acc(GLA), acc(RetNet)). A margin within the noise of the held-out
-    set is a tie: |margin| ≤ max(0.5 points, 2 standard errors of the difference of two
-    accuracies measured on n queries, sqrt(a(1−a)/n + b(1−b)/n)). Holds: no loss and at least
-    one win; inconclusive: only ties."""
-    cells = []
-    by_key = {(r["seq_len"], r["width"], r["model"]): r for r in rows}
-    for seq_len, width in sorted({(r["seq_len"], r["width"]) for r in rows}):
-        got = {m: by_key.get((seq_len, width, m)) for m in ("gsa", "gla", "retnet")}
-        if any(r is None for r in got.values()):
-            continue
-        a = got["gsa"]["accuracy"]
-        b = max(got["gla"]["accuracy"], got["retnet"]["accuracy"])
-        n = got["gsa"]["test_queries"]
-        tie = max(0.005, 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / n))
-        margin = a - b
-        outcome = "win" if margin > tie else ("tie" if margin >= -tie else "loss")
-        cells.append({"seq_len": seq_len, "width": width, "margin": margin, "tie_within": tie,
-                      "outcome": outcome})
-    wins = sum(c["outcome"] == "win" for c in cells)
-    losses = sum(c["outcome"] == "loss" for c in cells)
-    ties = len(cells) - wins - losses
-    summary = (None if not cells else "does not hold" if losses else
-               "holds" if wins else "inconclusive")
-    return {"cells": cells, "wins": wins, "ties": ties, "losses": losses,
-            "holds": (losses == 0 and wins > 0) if cells else None, "summary": summary}
-
-
-def markdown(record: dict) -> str:
-    rows, cfg = record["rows"], record["config"]
-    mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
-                    for c in cfg["train_mix"])
-    lrs = ", ".join(f"{lr:g}" for lr in cfg["lr"])
-    lines = [f"# MQAR, second setup (ours, not the authors'): accuracy vs model width "
-             f"({record['tag']})", "",
-             f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
-             f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
-             f"models (short convolution on q/k/v: linear mixers {not cfg['no_short_conv']}, "
-             f"Transformer++ {bool(cfg.get('attention_conv'))}; kernels initialised as "
-             f"{cfg.get('conv_init', 'model')}). "
-             f"Trained on a mixture of (T, P) tasks (share of the training tokens): {mix}, "
-             f"packed into rows of {cfg['train_row_len']} tokens; {cfg['steps']} steps x "
-             f"{cfg['batch_size']} rows per lr of {lrs} (warmup {cfg['warmup_frac']:.0%}, "
-             f"cosine to x{cfg['min_lr_ratio']}), weight decay {cfg['weight_decay']}, "
-             f"{cfg['dtype']} compute. One training run per model, width and lr, tested on "
-             f"every (T, P) below: accuracy = share of held-out queries "
-             f"({cfg['test_examples']} sequences per T) whose argmax is the bound value, after "
-             f"the last step, at the lr that is best for that test set (every lr's and the "
-             f"best over evaluations in the JSON).", ""]
-    v = record["verdict"]
-    if v["holds"] is None:
-        lines.append("**Claim (GSA beats GLA and RetNet at equal width):** not testable here "
-                     "(needs gsa, gla and retnet at the same widths).")
-    else:
-        cells = ", ".join(f"T={c['seq_len']} D={c['width']}: {c['outcome']} "
-                          f"({100 * c['margin']:+.1f} pts)" for c in v["cells"])
-        word = v["summary"].upper()
-        lines.append(f"**Claim (GSA beats GLA and RetNet at equal width): {word}** in this run: "
-                     f"GSA wins {v['wins']}, ties {v['ties']} (within the held-out noise: "
-                     f"max(0.5 points, 2 standard errors)), loses {v['losses']} of "
-                     f"{len(v['cells'])} (T, width) cells. {cells}.")
-    for seq_len in sorted({r["seq_len"] for r in rows}):
-        sub = [r for r in rows if r["seq_len"] == seq_len]
-        widths = sorted({r["width"] for r in sub})
-        kv = sub[0]["num_kv_pairs"]
-        lines += ["", f"## T = {seq_len}, {kv} key-value pairs", ""]
-        table = []
-        for m in [m for m in MODELS if any(r["model"] == m for r in sub)]:
-            acc = {r["width"]: r["accuracy"] for r in sub if r["model"] == m}
-            table.append([LABELS[m]] + [common.fmt(100 * acc[w], 1) if w in acc else "-"
-                                        for w in widths])
-        lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], table))
-        if len(cfg["lr"]) > 1:
-            chosen = "; ".join(
-                f"{LABELS[m]} " + ", ".join(f"{r['lr']:g}" for r in sorted(
-                    (r for r in sub if r["model"] == m), key=lambda r: r["width"]))
-                for m in MODELS if any(r["model"] == m for r in sub))
-            lines += ["", f"Best lr per model (by width): {chosen}."]
-    # The rows of one training run (one per test set) share its times.
-    runs = {(r["model"], r["width"], r["compile_s"], r["train_s"]) for r in rows}
-    compile_s = sum(r[2] for r in runs)
-    train_s = sum(r[3] for r in runs)
-    lines += ["", f"Accuracy in %. {len(runs)} runs: {train_s:.0f} s of training and "
-                  f"{compile_s:.0f} s of init + compile (in worker threads, overlapping the "
-                  f"training) summed over runs; per run in the JSON. Wall time of the last "
-                  f"command: {record.get('elapsed_s', 0):.0f} s."]
-    lines += common.notes_lines(record)
-    return "\n".join(lines)
-
-
-def plot(record: dict):
-    plt = common.pyplot()
-    rows = record["rows"]
-    if plt is None or not rows:
-        return None
-    seq_lens = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6),
-                             squeeze=False, sharey=True)
-    for ax, seq_len in zip(axes[0], seq_lens):
-        sub = [r for r in rows if r["seq_len"] == seq_len]
-        for m in MODELS:
-            pts = sorted((r["width"], 100 * r["accuracy"]) for r in sub if r["model"] == m)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=LABELS[m])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["width"] for r in sub}),
-                      [str(w) for w in sorted({r["width"] for r in sub})])
-        ax.set_title(f"T = {seq_len}, {sub[0]['num_kv_pairs']} KV pairs")
-        ax.set_xlabel("model width")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR accuracy (%)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def load_previous(args, tag: str) -> dict:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -61,21 +60,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common, harness  # noqa: E402
 # The parts of this setup: the model (mqar_models.py), the data and the compiled runs of a cell
-# (mqar_authors_train.py); build, init_runs, make_chunk and run_grid also as
-# mqar_authors.<name>, which the tests use.
+# (mqar_authors_train.py), the report (mqar_report.py); build, init_runs, make_chunk, run_grid,
+# fmt_cell and summarise also as mqar_authors.<name>, which the tests use.
 from experiments.mqar_authors_train import (  # noqa: E402,F401
     data_shapes, init_runs, make_chunk, make_data, prepare_cell, run_grid, steps_per_epoch,
     task)
 from experiments.mqar_models import build, state_size  # noqa: E402,F401
+from experiments.mqar_report import (  # noqa: E402,F401
+    AUTHORS_LABELS as LABELS, AUTHORS_MODELS as MODELS, GSA_LRS, STOP_ACCURACY,
+    authors_markdown as markdown, authors_plot as plot, finish, fmt_cell, merge, summarise)
 
 NAME = "mqar_authors"
-MODELS = ("gsa", "gla", "retnet", "attention")
-LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "attention": "Attention"}
-GSA_LRS = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]   # the authors' grid for GSA
-STOP_ACCURACY = 0.99                            # Zoology's early stop (valid accuracy >)
-# A run whose training loss never fell this far below ln(V/2) (the uniform guess over the
-# values) "never left the plateau": reported as such, not as an accuracy.
-PLATEAU_MARGIN = 0.25
 
 # The report's notes (issue 21, items 1 and 4): what was checked beside the sweep.
 NOTES = [
@@ -265,212 +260,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                       "curve": curves[r]} for r in range(R)]}
 
 
-# ------------------------------------------------------------------ reporting
-def summarise(cell: dict, vocab_size: int) -> dict[str, Any]:
-    """The cell at its best lr (highest mean final accuracy over seeds; ties: lower mean final
-    loss): mean/min/max accuracy over seeds, and whether every run of that lr stayed on the
-    plateau (its lowest training loss above ln(V/2) − PLATEAU_MARGIN)."""
-    plateau_loss = math.log(vocab_size / 2)
-    by_lr = []
-    for lr in cell["lrs"]:
-        runs = [r for r in cell["runs"] if r["lr"] == lr and r["curve"]]
-        if not runs:
-            continue
-        acc = [r["curve"][-1]["accuracy"] for r in runs]
-        loss = [r["curve"][-1]["loss"] for r in runs]
-        flat = [min(p["loss"] for p in r["curve"]) > plateau_loss - PLATEAU_MARGIN for r in runs]
-        by_lr.append({"lr": lr, "mean": sum(acc) / len(acc), "min": min(acc), "max": max(acc),
-                      "final_loss": sum(loss) / len(loss), "plateau": all(flat),
-                      "plateau_runs": sum(flat), "n": len(acc)})
-    if not by_lr:
-        return {"lr": None, "mean": None, "min": None, "max": None, "plateau": None, "by_lr": []}
-    best = max(by_lr, key=lambda b: (b["mean"], -b["final_loss"]))
-    return {**best, "by_lr": by_lr}
-
-
-def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
-    """The paper's claims per width, on mean accuracy over seeds at the best lr: GSA ≥ GLA,
-    GSA ≥ RetNet, and GSA, GLA, RetNet each ≤ attention. `a ≥ b` holds where mean(a) ≥ mean(b)
-    − tie, tie = max(0.5 points, the larger seed spread (max − min) of the two): within the
-    seed-to-seed spread the data cannot order them."""
-    at = {(c["model"], c["width"]): summarise(c, vocab_size) for c in cells}
-    widths = sorted({c["width"] for c in cells})
-
-    def geq(a, b, width):
-        x, y = at.get((a, width)), at.get((b, width))
-        if not x or not y or x["mean"] is None or y["mean"] is None:
-            return None
-        tie = max(0.005, x["max"] - x["min"], y["max"] - y["min"])
-        return {"width": width, "margin": x["mean"] - y["mean"], "tie": tie,
-                "holds": x["mean"] >= y["mean"] - tie}
-
-    claims = [("GSA ≥ GLA", [geq("gsa", "gla", w) for w in widths]),
-              ("GSA ≥ RetNet", [geq("gsa", "retnet", w) for w in widths]),
-              ("GSA, GLA, RetNet ≤ attention",
-               [min((geq("attention", m, w) for m in ("gsa", "gla", "retnet")
-                     if geq("attention", m, w)), key=lambda c: c["margin"], default=None)
-                for w in widths])]
-    out = []
-    for claim, per_width in claims:
-        tested = [c for c in per_width if c is not None]
-        fails = [c["width"] for c in tested if not c["holds"]]
-        summary = ("not testable" if not tested else "holds" if not fails else
-                   f"does not hold (D = {', '.join(map(str, fails))})")
-        out.append({"claim": claim, "summary": summary, "cells": tested})
-    return out
-
-
-def fmt_cell(s: dict) -> str:
-    if s["mean"] is None:
-        return "-"
-    if s["plateau"]:
-        return "plateau"
-    spread = f" ({100 * s['min']:.1f}–{100 * s['max']:.1f})" if s["n"] > 1 else ""
-    return f"{100 * s['mean']:.1f}{spread}"
-
-
-def markdown(record: dict) -> str:
-    cfg, cells = record["config"], record["cells"]
-    V = cfg["vocab_size"]
-    widths = sorted({c["width"] for c in cells})
-    lines = [f"# MQAR, the authors' setup: accuracy vs model width ({record['tag']})", "",
-             f"The GSA authors' MQAR recipe (their Zoology fork, shared/PAPER.md §4; "
-             f"`experiments/mqar_authors.py`): T = {cfg['seq_len']}, {cfg['kv_pairs']} "
-             f"key-value pairs, V = {V}, α = {cfg['power_a']}, filler 0; "
-             f"{cfg['train_examples']} training / {cfg['test_examples']} held-out sequences; "
-             f"{cfg['num_layers']} blocks without MLP (pre-LayerNorm, tied embeddings, embedding "
-             f"dropout {cfg['embed_dropout']}, positions for attention only); batch "
-             f"{cfg['batch_size']}, AdamW (wd {cfg['weight_decay']}), cosine to 0 over the "
-             f"epoch cap, early stop at {STOP_ACCURACY:.0%} held-out accuracy; {cfg['dtype']} "
-             f"compute. Accuracy in % at the best lr per cell: mean over seeds (min–max); "
-             f"'plateau': every run at that lr kept its training loss above ln(V/2) − "
-             f"{PLATEAU_MARGIN} = {math.log(V / 2) - PLATEAU_MARGIN:.2f} (never left the "
-             f"uniform guess), not an accuracy.", ""]
-    for v in record["verdicts"]:
-        detail = "; ".join(f"D={c['width']}: {100 * c['margin']:+.1f} pts "
-                           f"({'ok' if c['holds'] else 'FAILS'}, tie ±{100 * c['tie']:.1f})"
-                           for c in v["cells"])
-        lines.append(f"- **{v['claim']}: {v['summary'].upper()}**" +
-                     (f" — {detail}." if detail else "."))
-    lines += ["", "(a ≥ b holds where mean(a) ≥ mean(b) − max(0.5 pts, the larger min–max "
-                  "spread over seeds of the two); the attention claim lists the closest "
-                  "model per width.)", ""]
-    summaries = {(c["model"], c["width"]): summarise(c, V) for c in cells}
-    rows = []
-    for m in [m for m in MODELS if any(c["model"] == m for c in cells)]:
-        rows.append([LABELS[m]] + [fmt_cell(summaries[(m, w)]) if (m, w) in summaries else "-"
-                                   for w in widths])
-    lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], rows))
-    lines += ["", "State per layer (floats per sequence; attention: its KV cache at T):", ""]
-    lines.append(common.markdown_table(
-        ["model"] + [f"D={w}" for w in widths],
-        [[LABELS[m]] + [f"{state_size(m, w, cfg['seq_len']):,}" for w in widths]
-         for m in MODELS if any(c["model"] == m for c in cells)]))
-    lines += ["", "Per cell: best lr, lrs tried, seeds, epochs done of the cap and why the cell "
-                  "stopped, training time, step time (all runs together) and tokens/s:", ""]
-    table = []
-    for c in sorted(cells, key=lambda c: (MODELS.index(c["model"]), c["width"])):
-        s = summaries[(c["model"], c["width"])]
-        table.append([LABELS[c["model"]], c["width"],
-                      "-" if s["lr"] is None else f"{s['lr']:g}",
-                      " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
-                      f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
-                      f" / {c['max_epochs']}", c["stop_reason"],
-                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
-                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M"])
-    lines.append(common.markdown_table(
-        ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by", "train s", "s/step",
-         "tokens/s"], table))
-    cut = cuts(record)
-    if cut:
-        lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
-    lines += common.notes_lines(record)
-    return "\n".join(lines)
-
-
-def cuts(record: dict) -> list[str]:
-    """What this run did less of than the authors (64 epochs, their lr grid, early stop)."""
-    out = []
-    cells = record["cells"]
-    short = [c for c in cells if c["stop_reason"] != "all runs early-stopped"
-             and c["epochs_done"] < 64]
-    if short:
-        out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
-                   "epochs without every run reaching 99% (" + ", ".join(
-                       f"{LABELS[c['model']]} D={c['width']}: {c['epochs_done']:g} epochs, "
-                       f"{c['stop_reason']}" for c in short) + ").")
-    if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
-        out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
-                   "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
-                   "than the authors' 64-epoch schedule.")
-    fewer = [c for c in cells if set(GSA_LRS) - set(c["lrs"])]
-    if fewer:
-        out.append("lr grid smaller than the authors' {" + ", ".join(f"{x:g}" for x in GSA_LRS)
-                   + "} in " + ", ".join(f"{LABELS[c['model']]} D={c['width']} "
-                                         f"({' '.join(f'{x:g}' for x in c['lrs'])})"
-                                         for c in fewer) + ".")
-    return out
-
-
-def plot(record: dict):
-    plt = common.pyplot()
-    cells = record["cells"]
-    if plt is None or not cells:
-        return None
-    V = record["config"]["vocab_size"]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for m in MODELS:
-        pts = sorted((c["width"], summarise(c, V)) for c in cells if c["model"] == m)
-        pts = [(w, s) for w, s in pts if s["mean"] is not None]
-        if not pts:
-            continue
-        w = [p[0] for p in pts]
-        mean = [100 * p[1]["mean"] for p in pts]
-        lo = [100 * (p[1]["mean"] - p[1]["min"]) for p in pts]
-        hi = [100 * (p[1]["max"] - p[1]["mean"]) for p in pts]
-        line = ax.errorbar(w, mean, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[m])
-        for x, (_, s) in zip(w, pts):
-            if s["plateau"]:
-                ax.annotate("plateau", (x, 100 * s["mean"]), fontsize=6,
-                            color=line[0].get_color(), textcoords="offset points",
-                            xytext=(0, 5), ha="center")
-    widths = sorted({c["width"] for c in cells})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(widths, [str(w) for w in widths])
-    ax.set_xlabel("model width D")
-    ax.set_ylabel("MQAR accuracy (%), mean and min–max over seeds")
-    ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
-                 "(authors' setup)", fontsize=9)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 # ------------------------------------------------------------------ main
-def merge(previous: dict, record: dict) -> dict:
-    """`record` with the cells of `previous` that it does not redo (same (model, width));
-    the task settings must match."""
-    diff = common.merge_mismatch(previous["config"], record["config"])
-    if diff:
-        raise ValueError(f"--merge: the existing results were run with other settings "
-                         f"(old, new): {diff}")
-    redo = {(c["model"], c["width"]) for c in record["cells"]}
-    cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
-    return {**record, "cells": cells + record["cells"],
-            "commands": previous.get("commands", []) + record.get("commands", []),
-            "notes": record.get("notes") or previous.get("notes")}
-
-
-def finish(record: dict) -> dict:
-    record["cells"].sort(key=lambda c: (MODELS.index(c["model"]), c["width"]))
-    for c in record["cells"]:
-        c["summary"] = summarise(c, record["config"]["vocab_size"])
-    record["verdicts"] = verdicts(record["cells"], record["config"]["vocab_size"])
-    return record
-
-
 def main(argv=None) -> int:
     import concurrent.futures
     args = parse_args(argv)
