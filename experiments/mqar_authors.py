@@ -50,9 +50,7 @@ the sweep over GPU calls by --models/--widths).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import os
 import sys
 import time
@@ -60,16 +58,19 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common  # noqa: E402
+from experiments import common, harness  # noqa: E402
+# The parts of this setup: the model (mqar_models.py), the data and the compiled runs of a cell
+# (mqar_authors_train.py), the report (mqar_report.py); build, init_runs, make_chunk, run_grid,
+# fmt_cell and summarise also as mqar_authors.<name>, which the tests use.
+from experiments.mqar_authors_train import (  # noqa: E402,F401
+    data_shapes, init_runs, make_chunk, make_data, prepare_cell, run_grid, steps_per_epoch,
+    task)
+from experiments.mqar_models import build, state_size  # noqa: E402,F401
+from experiments.mqar_report import (  # noqa: E402,F401
+    AUTHORS_LABELS as LABELS, AUTHORS_MODELS as MODELS, GSA_LRS, STOP_ACCURACY,
+    authors_markdown as markdown, authors_plot as plot, finish, fmt_cell, merge, summarise)
 
 NAME = "mqar_authors"
-MODELS = ("gsa", "gla", "retnet", "attention")
-LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "attention": "Attention"}
-GSA_LRS = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]   # the authors' grid for GSA
-STOP_ACCURACY = 0.99                            # Zoology's early stop (valid accuracy >)
-# A run whose training loss never fell this far below ln(V/2) (the uniform guess over the
-# values) "never left the plateau": reported as such, not as an accuracy.
-PLATEAU_MARGIN = 0.25
 
 # The report's notes (issue 21, items 1 and 4): what was checked beside the sweep.
 NOTES = [
@@ -182,17 +183,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def steps_per_epoch(args) -> int:
-    """Full batches per pass over the training set (the last partial batch is dropped)."""
-    return args.train_examples // args.batch_size
-
-
-def task(args):
-    from gsa_jax.data.mqar import MQARConfig
-    return MQARConfig(vocab_size=args.vocab_size, seq_len=args.seq_len,
-                      num_kv_pairs=args.kv_pairs, power_a=args.power_a, random_non_queries=False)
-
-
 def task_config(args) -> dict[str, Any]:
     """The settings every merged cell must share (lrs, seeds and epochs may differ per cell)."""
     keys = ("vocab_size", "seq_len", "kv_pairs", "power_a", "train_examples", "test_examples",
@@ -201,276 +191,7 @@ def task_config(args) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys} | {"random_non_queries": False}
 
 
-# ------------------------------------------------------------------ models
-def state_size(name: str, width: int, seq_len: int) -> int:
-    """Recurrent state per layer (floats per sequence): GSA H·(dk·M + M·dv) = D²/2 (M = D/4);
-    GLA H·dk·dv = D²/2 (2 heads, expand_k 1); RetNet H·dk·dv = D² (expand_v 2); attention its
-    KV cache 2·T·D at T."""
-    return {"gsa": width * width // 2, "gla": width * width // 2, "retnet": width * width,
-            "attention": 2 * seq_len * width}[name]
-
-
-def build(name: str, width: int, args):
-    """AuthorsLM for model `name` at width D."""
-    return AuthorsLM(name, width, args.vocab_size, args.seq_len, args.num_layers,
-                     args.embed_dropout, args.attn_dropout, args.dtype, args.impl)
-
-
-@functools.lru_cache(maxsize=None)
-def _modules():
-    """(MHA, AuthorsLM): flax classes, built on first use so that parsing needs no jax."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from gsa_jax.layers import GatedLinearAttention, GatedSlotAttention, MultiScaleRetention
-
-    normal = nn.initializers.normal
-
-    class MHA(nn.Module):
-        """Zoology's MHA: x [B, T, D] -> [B, T, D], causal softmax attention, weights dropped
-        with `dropout` in training."""
-        width: int
-        num_heads: int = 1
-        dropout: float = 0.1
-        out_std: float = 0.02
-        dtype: Any = jnp.float32
-
-        @nn.compact
-        def __call__(self, x_BTD, train: bool):
-            B, T, D = x_BTD.shape
-            H, dh = self.num_heads, D // self.num_heads
-            qkv = nn.Dense(3 * D, kernel_init=normal(0.02), dtype=self.dtype, name="Wqkv")(x_BTD)
-            q_BTHd, k_BTHd, v_BTHd = (a.reshape(B, T, H, dh) for a in jnp.split(qkv, 3, -1))
-            s_BHTT = jnp.einsum("bthd,bshd->bhts", q_BTHd, k_BTHd).astype(jnp.float32)
-            s_BHTT = s_BHTT / math.sqrt(dh)
-            causal = jnp.tril(jnp.ones((T, T), bool))
-            # float32 softmax: the logits of 512 positions in bfloat16 lose the small weights.
-            w_BHTT = jax.nn.softmax(jnp.where(causal, s_BHTT, -jnp.inf), axis=-1)
-            w_BHTT = nn.Dropout(self.dropout, deterministic=not train)(w_BHTT)
-            o_BTHd = jnp.einsum("bhts,bshd->bthd", w_BHTT.astype(self.dtype), v_BTHd)
-            return nn.Dense(D, kernel_init=normal(self.out_std), dtype=self.dtype,
-                            name="out_proj")(o_BTHd.reshape(B, T, D))
-
-    class AuthorsLM(nn.Module):
-        """Zoology's LanguageModel with the authors' mixers (module docstring). Call:
-        (tokens [B, T] int, train) -> float32 logits [B, T, V]; train=True drops (needs the
-        "dropout" rng)."""
-        model: str
-        width: int
-        vocab_size: int
-        seq_len: int
-        num_layers: int = 4
-        embed_dropout: float = 0.1
-        attn_dropout: float = 0.1
-        dtype: str = "float32"
-        impl: str = "auto"
-
-        def mixer(self, i: int):
-            D, dt = self.width, jnp.dtype(self.dtype)
-            # Zoology re-initialises every linear normal(0.02) and rescales only modules named
-            # out_proj/fc2, which fla's layers (o_proj) do not have: out_std 0.02 here.
-            kw = dict(std=0.02, out_std=0.02, dtype=dt, norm_eps=1e-5, impl=self.impl,
-                      name=f"mixer_{i}")
-            if self.model == "gsa":
-                return GatedSlotAttention(D, num_heads=4, num_slots=D // 4,
-                                          gate_logit_normalizer=16.0, feature_map="swish",
-                                          scale=(D // 4) ** -0.5, **kw)
-            if self.model == "gla":
-                return GatedLinearAttention(D, num_heads=2, expand_k=1.0, expand_v=1.0,
-                                            feature_map="identity", gate_logit_normalizer=16.0,
-                                            gate_low_rank_dim=16, use_output_gate=True, **kw)
-            if self.model == "retnet":
-                return MultiScaleRetention(D, num_heads=2, expand_k=1.0, expand_v=2.0,
-                                           use_output_gate=True, **kw)
-            raise ValueError(f"unknown model {self.model!r}")
-
-        @nn.compact
-        def __call__(self, tokens_BT, train: bool = False, where_BP=None):
-            """where_BP: [B, P] positions whose logits to return ([B, P, V]; None: all)."""
-            B, T = tokens_BT.shape
-            dt = jnp.dtype(self.dtype)
-            embed = nn.Embed(self.vocab_size, self.width, embedding_init=normal(0.02), dtype=dt,
-                             name="embed")
-            r_BTD = embed(tokens_BT).astype(dt)
-            if self.model == "attention":   # positions only for attention, as Zoology
-                pos = nn.Embed(self.seq_len, self.width, embedding_init=normal(0.02),
-                               name="pos_embed")
-                r_BTD = r_BTD + pos(jnp.arange(T))[None].astype(dt)
-            r_BTD = nn.Dropout(self.embed_dropout, deterministic=not train)(r_BTD)
-            ln = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=dt)
-            for i in range(self.num_layers):
-                h_BTD = ln(name=f"norm1_{i}")(r_BTD)
-                if self.model == "attention":
-                    h_BTD = MHA(self.width, 1, self.attn_dropout,
-                                out_std=0.02 / math.sqrt(2 * self.num_layers), dtype=dt,
-                                name=f"mixer_{i}")(h_BTD, train)
-                else:
-                    h_BTD = self.mixer(i)(h_BTD)[0]
-                r_BTD = r_BTD + h_BTD
-                # Zoology's block returns norm2(residual) (state mixer Identity) and the next
-                # block, or the final norm, adds it to the residual.
-                r_BTD = r_BTD + ln(name=f"norm2_{i}")(r_BTD)
-            x_BTD = ln(name="norm_f")(r_BTD)
-            if where_BP is not None:   # the head only where the loss looks: 64 of 512 positions
-                x_BTD = jnp.take_along_axis(x_BTD, where_BP[..., None], axis=1)
-            # The head in the compute dtype; the loss and argmax want float32.
-            return embed.attend(x_BTD).astype(jnp.float32)
-
-    return MHA, AuthorsLM
-
-
-def AuthorsLM(*args, **kwargs):   # noqa: N802 (a class, built lazily)
-    return _modules()[1](*args, **kwargs)
-
-
-# ------------------------------------------------------------------ data
-def make_data(args) -> dict:
-    """Training set x, y [N, T] and the held-out set [n_batches, B, T] (padded to whole batches
-    with rows whose labels are all IGNORE), int32 on the device."""
-    import jax.numpy as jnp
-    import numpy as np
-    from gsa_jax.data.mqar import IGNORE, generate
-
-    B = args.batch_size
-    train = generate(task(args), args.train_examples, seed=args.data_seed * 1_000_003)
-    test = generate(task(args), args.test_examples, seed=args.data_seed * 1_000_003 + 1)
-    pad = -args.test_examples % B
-    tx = np.concatenate([test.inputs, np.zeros((pad, args.seq_len), np.int32)])
-    ty = np.concatenate([test.labels, np.full((pad, args.seq_len), IGNORE, np.int32)])
-    return {"train": (jnp.asarray(train.inputs), jnp.asarray(train.labels)),
-            "test": (jnp.asarray(tx.reshape(-1, B, args.seq_len)),
-                     jnp.asarray(ty.reshape(-1, B, args.seq_len)))}
-
-
 # ------------------------------------------------------------------ training
-def make_chunk(model, args):
-    """chunk(params, opt_state, frozen, lr, key, step0, horizon, train, test) -> (params,
-    opt_state, mean training loss of the chunk, held-out accuracy), for ONE run (unjitted; `vmap`
-    it over runs). args.eval_every steps from step0 in a `lax.scan`.
-
-    params/opt_state: one run's pytrees; frozen: bool scalar, True keeps params and opt_state
-    (early stop); lr: peak lr (float32 scalar); key: the run's PRNG key (shuffle: fold_in(key,
-    epoch); dropout: fold_in(fold_in(key, -1 mod 2^32), step)); step0, horizon: int32 scalars;
-    train: (x, y) [N, T]; test: (x, y) [n_batches, B, T]. The lr at step t is
-    lr · ½(1 + cos(π min(t, horizon) / horizon)): cosine to 0 at `horizon` (an input, so the
-    cell can fit it to its time budget without a recompile)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from gsa_jax.data.mqar import IGNORE
-    from gsa_jax.optim import loss_sums
-
-    B, S, E = args.batch_size, args.eval_every, steps_per_epoch(args)
-    tx = optimizer(args)
-
-    def queries(y_BT):
-        """(positions [B, P], labels [B, P], mask [B, P]) of the labelled positions: every MQAR
-        row has P = kv_pairs of them (padding rows none: mask False)."""
-        mask_BT = y_BT != IGNORE
-        where_BP = jnp.argsort(~mask_BT, axis=1, stable=True)[:, :args.kv_pairs]
-        y_BP = jnp.take_along_axis(y_BT, where_BP, axis=1)
-        return where_BP, jnp.where(y_BP == IGNORE, 0, y_BP), y_BP != IGNORE
-
-    def loss_fn(params, x, y, key):
-        where, y, mask = queries(y)
-        logits = model.apply({"params": params}, x, train=True, where_BP=where,
-                             rngs={"dropout": key})
-        sums = loss_sums(logits, y, mask)
-        return sums.ce / jnp.maximum(sums.count, 1.0)
-
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def chunk(params, opt_state, frozen, lr, key, step0, horizon, train, test):
-        train_x, train_y = train
-        drop_key = jax.random.fold_in(key, 2 ** 32 - 1)
-        N = train_x.shape[0]
-        epoch0 = step0 // E
-        # The chunk spans at most two epochs (eval_every <= E): both orders drawn once here.
-        perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, epoch0 + i), N)
-                           for i in range(2)])
-
-        def step(carry, i):
-            params, opt_state = carry
-            t = step0 + i
-            order = perms[t // E - epoch0]
-            rows = jax.lax.dynamic_slice_in_dim(order, (t % E) * B, B)
-            loss, grads = grad_fn(params, train_x[rows], train_y[rows],
-                                  jax.random.fold_in(drop_key, t))
-            updates, new_opt = tx.update(grads, opt_state, params)
-            frac = jnp.minimum(t, horizon) / horizon
-            scale = lr * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-            new_params = optax.apply_updates(
-                params, jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates))
-            keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(frozen, a, b), old, new)
-            return (keep(params, new_params), keep(opt_state, new_opt)), loss
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(S))
-
-        def correct(xy):
-            x, y = xy
-            where, y, mask = queries(y)
-            pred = jnp.argmax(model.apply({"params": params}, x, where_BP=where), axis=-1)
-            return jnp.sum((pred == y) & mask), jnp.sum(mask)
-
-        hits, count = jax.lax.map(correct, test)
-        return params, opt_state, jnp.mean(losses), jnp.sum(hits) / jnp.maximum(jnp.sum(count), 1)
-
-    return chunk
-
-
-def optimizer(args):
-    """AdamW at lr 1 (torch's defaults, Zoology's weight decay on every parameter, no
-    clipping): its update is linear in the lr, so the chunk scales it by each run's lr."""
-    import optax
-    return optax.adamw(1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
-
-
-def init_runs(model, args, seeds: list[int], runs_seed: list[int]):
-    """Parameters and optimizer states of the runs, stacked [R, ...]: run r starts from the
-    initialisation of seed runs_seed[r] (all lrs of a seed share it)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    dummy = jnp.zeros((1, args.seq_len), jnp.int32)
-    init = jax.vmap(lambda k: nn.meta.unbox(model.init({"params": k}, dummy)["params"]))
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    by_seed = init(keys)
-    index = jnp.asarray([seeds.index(s) for s in runs_seed])
-    params = jax.tree.map(lambda a: a[index], by_seed)
-    opt_state = jax.vmap(optimizer(args).init)(params)
-    return params, opt_state
-
-
-def run_grid(args) -> tuple[list[float], list[int]]:
-    """(lr, seed) of each run r, seed-major: R = len(lrs) x seeds."""
-    pairs = [(lr, s) for s in range(args.seeds) for lr in args.lr]
-    return [lr for lr, _ in pairs], [s for _, s in pairs]
-
-
-def prepare_cell(name: str, width: int, args, shapes) -> dict[str, Any]:
-    """Builds, initialises (stacked runs) and compiles one cell's vmapped chunk for data of
-    `shapes` (make_data's, or ShapeDtypeStructs). Thread-safe: main() prepares the next cell
-    while one trains, so compiles overlap training."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    t0 = time.perf_counter()
-    model = build(name, width, args)
-    lrs, run_seeds = run_grid(args)
-    params, opt_state = init_runs(model, args, list(range(args.seeds)), run_seeds)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(run_seeds))
-    vchunk = jax.vmap(make_chunk(model, args), in_axes=(0, 0, 0, 0, 0, None, None, None, None))
-    frozen = jnp.zeros((len(lrs),), bool)
-    lr_R = jnp.asarray(lrs, jnp.float32)
-    compiled = jax.jit(vchunk, donate_argnums=(0, 1)).lower(
-        params, opt_state, frozen, lr_R, keys, jnp.int32(0), jnp.int32(1), *shapes).compile()
-    return {"name": name, "width": width, "lrs": lrs, "run_seeds": run_seeds, "params": params,
-            "opt_state": opt_state, "keys": keys, "lr_R": lr_R, "compiled": compiled,
-            "num_params": sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params)),
-            "compile_s": time.perf_counter() - t0}
-
-
 def train_cell(name: str, width: int, args, data: dict, log=print,
                prepared: Optional[dict] = None) -> dict[str, Any]:
     """Trains every (lr, seed) run of one (model, width) cell at once (vmapped) until all are
@@ -539,237 +260,22 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                       "curve": curves[r]} for r in range(R)]}
 
 
-# ------------------------------------------------------------------ reporting
-def summarise(cell: dict, vocab_size: int) -> dict[str, Any]:
-    """The cell at its best lr (highest mean final accuracy over seeds; ties: lower mean final
-    loss): mean/min/max accuracy over seeds, and whether every run of that lr stayed on the
-    plateau (its lowest training loss above ln(V/2) − PLATEAU_MARGIN)."""
-    plateau_loss = math.log(vocab_size / 2)
-    by_lr = []
-    for lr in cell["lrs"]:
-        runs = [r for r in cell["runs"] if r["lr"] == lr and r["curve"]]
-        if not runs:
-            continue
-        acc = [r["curve"][-1]["accuracy"] for r in runs]
-        loss = [r["curve"][-1]["loss"] for r in runs]
-        flat = [min(p["loss"] for p in r["curve"]) > plateau_loss - PLATEAU_MARGIN for r in runs]
-        by_lr.append({"lr": lr, "mean": sum(acc) / len(acc), "min": min(acc), "max": max(acc),
-                      "final_loss": sum(loss) / len(loss), "plateau": all(flat),
-                      "plateau_runs": sum(flat), "n": len(acc)})
-    if not by_lr:
-        return {"lr": None, "mean": None, "min": None, "max": None, "plateau": None, "by_lr": []}
-    best = max(by_lr, key=lambda b: (b["mean"], -b["final_loss"]))
-    return {**best, "by_lr": by_lr}
-
-
-def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
-    """The paper's claims per width, on mean accuracy over seeds at the best lr: GSA ≥ GLA,
-    GSA ≥ RetNet, and GSA, GLA, RetNet each ≤ attention. `a ≥ b` holds where mean(a) ≥ mean(b)
-    − tie, tie = max(0.5 points, the larger seed spread (max − min) of the two): within the
-    seed-to-seed spread the data cannot order them."""
-    at = {(c["model"], c["width"]): summarise(c, vocab_size) for c in cells}
-    widths = sorted({c["width"] for c in cells})
-
-    def geq(a, b, width):
-        x, y = at.get((a, width)), at.get((b, width))
-        if not x or not y or x["mean"] is None or y["mean"] is None:
-            return None
-        tie = max(0.005, x["max"] - x["min"], y["max"] - y["min"])
-        return {"width": width, "margin": x["mean"] - y["mean"], "tie": tie,
-                "holds": x["mean"] >= y["mean"] - tie}
-
-    claims = [("GSA ≥ GLA", [geq("gsa", "gla", w) for w in widths]),
-              ("GSA ≥ RetNet", [geq("gsa", "retnet", w) for w in widths]),
-              ("GSA, GLA, RetNet ≤ attention",
-               [min((geq("attention", m, w) for m in ("gsa", "gla", "retnet")
-                     if geq("attention", m, w)), key=lambda c: c["margin"], default=None)
-                for w in widths])]
-    out = []
-    for claim, per_width in claims:
-        tested = [c for c in per_width if c is not None]
-        fails = [c["width"] for c in tested if not c["holds"]]
-        summary = ("not testable" if not tested else "holds" if not fails else
-                   f"does not hold (D = {', '.join(map(str, fails))})")
-        out.append({"claim": claim, "summary": summary, "cells": tested})
-    return out
-
-
-def fmt_cell(s: dict) -> str:
-    if s["mean"] is None:
-        return "-"
-    if s["plateau"]:
-        return "plateau"
-    spread = f" ({100 * s['min']:.1f}–{100 * s['max']:.1f})" if s["n"] > 1 else ""
-    return f"{100 * s['mean']:.1f}{spread}"
-
-
-def markdown(record: dict) -> str:
-    cfg, cells = record["config"], record["cells"]
-    V = cfg["vocab_size"]
-    widths = sorted({c["width"] for c in cells})
-    lines = [f"# MQAR, the authors' setup: accuracy vs model width ({record['tag']})", "",
-             f"The GSA authors' MQAR recipe (their Zoology fork, shared/PAPER.md §4; "
-             f"`experiments/mqar_authors.py`): T = {cfg['seq_len']}, {cfg['kv_pairs']} "
-             f"key-value pairs, V = {V}, α = {cfg['power_a']}, filler 0; "
-             f"{cfg['train_examples']} training / {cfg['test_examples']} held-out sequences; "
-             f"{cfg['num_layers']} blocks without MLP (pre-LayerNorm, tied embeddings, embedding "
-             f"dropout {cfg['embed_dropout']}, positions for attention only); batch "
-             f"{cfg['batch_size']}, AdamW (wd {cfg['weight_decay']}), cosine to 0 over the "
-             f"epoch cap, early stop at {STOP_ACCURACY:.0%} held-out accuracy; {cfg['dtype']} "
-             f"compute. Accuracy in % at the best lr per cell: mean over seeds (min–max); "
-             f"'plateau': every run at that lr kept its training loss above ln(V/2) − "
-             f"{PLATEAU_MARGIN} = {math.log(V / 2) - PLATEAU_MARGIN:.2f} (never left the "
-             f"uniform guess), not an accuracy.", ""]
-    for v in record["verdicts"]:
-        detail = "; ".join(f"D={c['width']}: {100 * c['margin']:+.1f} pts "
-                           f"({'ok' if c['holds'] else 'FAILS'}, tie ±{100 * c['tie']:.1f})"
-                           for c in v["cells"])
-        lines.append(f"- **{v['claim']}: {v['summary'].upper()}**" +
-                     (f" — {detail}." if detail else "."))
-    lines += ["", "(a ≥ b holds where mean(a) ≥ mean(b) − max(0.5 pts, the larger min–max "
-                  "spread over seeds of the two); the attention claim lists the closest "
-                  "model per width.)", ""]
-    summaries = {(c["model"], c["width"]): summarise(c, V) for c in cells}
-    rows = []
-    for m in [m for m in MODELS if any(c["model"] == m for c in cells)]:
-        rows.append([LABELS[m]] + [fmt_cell(summaries[(m, w)]) if (m, w) in summaries else "-"
-                                   for w in widths])
-    lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], rows))
-    lines += ["", "State per layer (floats per sequence; attention: its KV cache at T):", ""]
-    lines.append(common.markdown_table(
-        ["model"] + [f"D={w}" for w in widths],
-        [[LABELS[m]] + [f"{state_size(m, w, cfg['seq_len']):,}" for w in widths]
-         for m in MODELS if any(c["model"] == m for c in cells)]))
-    lines += ["", "Per cell: best lr, lrs tried, seeds, epochs done of the cap and why the cell "
-                  "stopped, training time, step time (all runs together) and tokens/s:", ""]
-    table = []
-    for c in sorted(cells, key=lambda c: (MODELS.index(c["model"]), c["width"])):
-        s = summaries[(c["model"], c["width"])]
-        table.append([LABELS[c["model"]], c["width"],
-                      "-" if s["lr"] is None else f"{s['lr']:g}",
-                      " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
-                      f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
-                      f" / {c['max_epochs']}", c["stop_reason"],
-                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
-                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M"])
-    lines.append(common.markdown_table(
-        ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by", "train s", "s/step",
-         "tokens/s"], table))
-    cut = cuts(record)
-    if cut:
-        lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
-    lines += common.notes_lines(record)
-    return "\n".join(lines)
-
-
-def cuts(record: dict) -> list[str]:
-    """What this run did less of than the authors (64 epochs, their lr grid, early stop)."""
-    out = []
-    cells = record["cells"]
-    short = [c for c in cells if c["stop_reason"] != "all runs early-stopped"
-             and c["epochs_done"] < 64]
-    if short:
-        out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
-                   "epochs without every run reaching 99% (" + ", ".join(
-                       f"{LABELS[c['model']]} D={c['width']}: {c['epochs_done']:g} epochs, "
-                       f"{c['stop_reason']}" for c in short) + ").")
-    if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
-        out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
-                   "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
-                   "than the authors' 64-epoch schedule.")
-    fewer = [c for c in cells if set(GSA_LRS) - set(c["lrs"])]
-    if fewer:
-        out.append("lr grid smaller than the authors' {" + ", ".join(f"{x:g}" for x in GSA_LRS)
-                   + "} in " + ", ".join(f"{LABELS[c['model']]} D={c['width']} "
-                                         f"({' '.join(f'{x:g}' for x in c['lrs'])})"
-                                         for c in fewer) + ".")
-    return out
-
-
-def plot(record: dict):
-    plt = common.pyplot()
-    cells = record["cells"]
-    if plt is None or not cells:
-        return None
-    V = record["config"]["vocab_size"]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for m in MODELS:
-        pts = sorted((c["width"], summarise(c, V)) for c in cells if c["model"] == m)
-        pts = [(w, s) for w, s in pts if s["mean"] is not None]
-        if not pts:
-            continue
-        w = [p[0] for p in pts]
-        mean = [100 * p[1]["mean"] for p in pts]
-        lo = [100 * (p[1]["mean"] - p[1]["min"]) for p in pts]
-        hi = [100 * (p[1]["max"] - p[1]["mean"]) for p in pts]
-        line = ax.errorbar(w, mean, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[m])
-        for x, (_, s) in zip(w, pts):
-            if s["plateau"]:
-                ax.annotate("plateau", (x, 100 * s["mean"]), fontsize=6,
-                            color=line[0].get_color(), textcoords="offset points",
-                            xytext=(0, 5), ha="center")
-    widths = sorted({c["width"] for c in cells})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(widths, [str(w) for w in widths])
-    ax.set_xlabel("model width D")
-    ax.set_ylabel("MQAR accuracy (%), mean and min–max over seeds")
-    ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
-                 "(authors' setup)", fontsize=9)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 # ------------------------------------------------------------------ main
-def merge(previous: dict, record: dict) -> dict:
-    """`record` with the cells of `previous` that it does not redo (same (model, width));
-    the task settings must match."""
-    diff = common.merge_mismatch(previous["config"], record["config"])
-    if diff:
-        raise ValueError(f"--merge: the existing results were run with other settings "
-                         f"(old, new): {diff}")
-    redo = {(c["model"], c["width"]) for c in record["cells"]}
-    cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
-    return {**record, "cells": cells + record["cells"],
-            "commands": previous.get("commands", []) + record.get("commands", []),
-            "notes": record.get("notes") or previous.get("notes")}
-
-
-def finish(record: dict) -> dict:
-    record["cells"].sort(key=lambda c: (MODELS.index(c["model"]), c["width"]))
-    for c in record["cells"]:
-        c["summary"] = summarise(c, record["config"]["vocab_size"])
-    record["verdicts"] = verdicts(record["cells"], record["config"]["vocab_size"])
-    return record
-
-
-def data_shapes(args) -> tuple:
-    """ShapeDtypeStructs of make_data's (train, test), to compile before the data exist."""
-    import jax
-    import jax.numpy as jnp
-    B, T = args.batch_size, args.seq_len
-    row = jax.ShapeDtypeStruct((args.train_examples, T), jnp.int32)
-    test = jax.ShapeDtypeStruct((-(-args.test_examples // B), B, T), jnp.int32)
-    return (row, row), (test, test)
-
-
 def main(argv=None) -> int:
     import concurrent.futures
     args = parse_args(argv)
     common.enable_compilation_cache(args.compile_cache)
     import jax
     tag = args.tag or jax.default_backend()
-    paths = common.results_paths(tag, NAME, args.out_dir)
     record = {"tag": tag, "config": task_config(args), "cells": [],
               "commands": [common.command_line(argv, __file__)], "notes": NOTES}
     if args.merge_only and args.merge_files:   # the settings are those of the reports merged
         record["config"] = json.loads(open(args.merge_files[0]).read())["config"]
-    for path in reversed(args.merge_files):   # reports of other calls (other GPU calls' $OUT); later files win
-        record = merge(json.loads(open(path).read()), record)
-    if args.merge and paths["json"].exists():
-        record = merge(json.loads(paths["json"].read_text()), record)
+    for path in reversed(args.merge_files):   # reports of other calls (other GPU calls' $OUT);
+        record = merge(json.loads(open(path).read()), record)   # later files win
+    previous = harness.read_report(tag, NAME, args.out_dir) if args.merge else None
+    if previous is not None:
+        record = merge(previous, record)
     cells = [] if args.merge_only else [(m, D) for D in args.widths for m in args.models]
     R = len(args.lr) * args.seeds
     print(f"MQAR, authors' setup: {len(cells)} cells x {R} runs (lrs {args.lr} x {args.seeds} "

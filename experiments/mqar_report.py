@@ -1,0 +1,357 @@
+"""The reports of both MQAR setups: verdicts on the paper's claims, the Markdown and the plot.
+
+The second setup (experiments/mqar.py, results mqar_<tag>): `verdict`, `markdown`, `plot` over
+rows of (model, width, T). The authors' setup (experiments/mqar_authors.py, results
+mqar_authors_<tag>): `summarise` (a cell at its best lr), `verdicts`, `authors_markdown`,
+`authors_plot`, and `merge`/`finish` of the cells of several calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from experiments import common
+from experiments.mqar_models import state_size
+
+# The second setup's models.
+MODELS = ("gsa", "gla", "retnet", "abc", "attention")
+LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "abc": "ABC",
+          "attention": "Transformer++"}
+
+# The authors' setup.
+AUTHORS_MODELS = ("gsa", "gla", "retnet", "attention")
+AUTHORS_LABELS = {"gsa": "GSA", "gla": "GLA", "retnet": "RetNet", "attention": "Attention"}
+GSA_LRS = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]   # the authors' grid for GSA
+STOP_ACCURACY = 0.99                            # Zoology's early stop (valid accuracy >)
+# A run whose training loss never fell this far below ln(V/2) (the uniform guess over the
+# values) "never left the plateau": reported as such, not as an accuracy.
+PLATEAU_MARGIN = 0.25
+
+
+
+# ------------------------------------------------------------------ second setup
+def verdict(rows: list[dict]) -> dict[str, Any]:
+    """Per (T, width) with GSA, GLA and RetNet: does GSA's accuracy exceed both?
+
+    margin = acc(GSA) − max(acc(GLA), acc(RetNet)). A margin within the noise of the held-out
+    set is a tie: |margin| ≤ max(0.5 points, 2 standard errors of the difference of two
+    accuracies measured on n queries, sqrt(a(1−a)/n + b(1−b)/n)). Holds: no loss and at least
+    one win; inconclusive: only ties."""
+    cells = []
+    by_key = {(r["seq_len"], r["width"], r["model"]): r for r in rows}
+    for seq_len, width in sorted({(r["seq_len"], r["width"]) for r in rows}):
+        got = {m: by_key.get((seq_len, width, m)) for m in ("gsa", "gla", "retnet")}
+        if any(r is None for r in got.values()):
+            continue
+        a = got["gsa"]["accuracy"]
+        b = max(got["gla"]["accuracy"], got["retnet"]["accuracy"])
+        n = got["gsa"]["test_queries"]
+        tie = max(0.005, 2 * math.sqrt((a * (1 - a) + b * (1 - b)) / n))
+        margin = a - b
+        outcome = "win" if margin > tie else ("tie" if margin >= -tie else "loss")
+        cells.append({"seq_len": seq_len, "width": width, "margin": margin, "tie_within": tie,
+                      "outcome": outcome})
+    wins = sum(c["outcome"] == "win" for c in cells)
+    losses = sum(c["outcome"] == "loss" for c in cells)
+    ties = len(cells) - wins - losses
+    summary = (None if not cells else "does not hold" if losses else
+               "holds" if wins else "inconclusive")
+    return {"cells": cells, "wins": wins, "ties": ties, "losses": losses,
+            "holds": (losses == 0 and wins > 0) if cells else None, "summary": summary}
+
+
+def markdown(record: dict) -> str:
+    rows, cfg = record["rows"], record["config"]
+    mix = ", ".join(f"({c['seq_len']}, {c['num_kv_pairs']}) {100 * c['share']:.0f}%"
+                    for c in cfg["train_mix"])
+    lrs = ", ".join(f"{lr:g}" for lr in cfg["lr"])
+    lines = [f"# MQAR, second setup (ours, not the authors'): accuracy vs model width "
+             f"({record['tag']})", "",
+             f"Zoology's multi-query associative recall, V = {cfg['vocab_size']}, power law "
+             f"α = {cfg['power_a']}, random filler = {cfg['random_non_queries']}; 2-layer "
+             f"models (short convolution on q/k/v: linear mixers {not cfg['no_short_conv']}, "
+             f"Transformer++ {bool(cfg.get('attention_conv'))}; kernels initialised as "
+             f"{cfg.get('conv_init', 'model')}). "
+             f"Trained on a mixture of (T, P) tasks (share of the training tokens): {mix}, "
+             f"packed into rows of {cfg['train_row_len']} tokens; {cfg['steps']} steps x "
+             f"{cfg['batch_size']} rows per lr of {lrs} (warmup {cfg['warmup_frac']:.0%}, "
+             f"cosine to x{cfg['min_lr_ratio']}), weight decay {cfg['weight_decay']}, "
+             f"{cfg['dtype']} compute. One training run per model, width and lr, tested on "
+             f"every (T, P) below: accuracy = share of held-out queries "
+             f"({cfg['test_examples']} sequences per T) whose argmax is the bound value, after "
+             f"the last step, at the lr that is best for that test set (every lr's and the "
+             f"best over evaluations in the JSON).", ""]
+    v = record["verdict"]
+    if v["holds"] is None:
+        lines.append("**Claim (GSA beats GLA and RetNet at equal width):** not testable here "
+                     "(needs gsa, gla and retnet at the same widths).")
+    else:
+        cells = ", ".join(f"T={c['seq_len']} D={c['width']}: {c['outcome']} "
+                          f"({100 * c['margin']:+.1f} pts)" for c in v["cells"])
+        word = v["summary"].upper()
+        lines.append(f"**Claim (GSA beats GLA and RetNet at equal width): {word}** in this run: "
+                     f"GSA wins {v['wins']}, ties {v['ties']} (within the held-out noise: "
+                     f"max(0.5 points, 2 standard errors)), loses {v['losses']} of "
+                     f"{len(v['cells'])} (T, width) cells. {cells}.")
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        sub = [r for r in rows if r["seq_len"] == seq_len]
+        widths = sorted({r["width"] for r in sub})
+        kv = sub[0]["num_kv_pairs"]
+        lines += ["", f"## T = {seq_len}, {kv} key-value pairs", ""]
+        table = []
+        for m in [m for m in MODELS if any(r["model"] == m for r in sub)]:
+            acc = {r["width"]: r["accuracy"] for r in sub if r["model"] == m}
+            table.append([LABELS[m]] + [common.fmt(100 * acc[w], 1) if w in acc else "-"
+                                        for w in widths])
+        lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], table))
+        if len(cfg["lr"]) > 1:
+            chosen = "; ".join(
+                f"{LABELS[m]} " + ", ".join(f"{r['lr']:g}" for r in sorted(
+                    (r for r in sub if r["model"] == m), key=lambda r: r["width"]))
+                for m in MODELS if any(r["model"] == m for r in sub))
+            lines += ["", f"Best lr per model (by width): {chosen}."]
+    # The rows of one training run (one per test set) share its times.
+    runs = {(r["model"], r["width"], r["compile_s"], r["train_s"]) for r in rows}
+    compile_s = sum(r[2] for r in runs)
+    train_s = sum(r[3] for r in runs)
+    lines += ["", f"Accuracy in %. {len(runs)} runs: {train_s:.0f} s of training and "
+                  f"{compile_s:.0f} s of init + compile (in worker threads, overlapping the "
+                  f"training) summed over runs; per run in the JSON. Wall time of the last "
+                  f"command: {record.get('elapsed_s', 0):.0f} s."]
+    lines += common.notes_lines(record)
+    return "\n".join(lines)
+
+
+def width_axis(ax, widths, xlabel: str) -> None:
+    """The x axis of both setups' plots (model width, log2, a tick per width) and the y range of
+    an accuracy in %."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
+def plot(record: dict):
+    plt = common.pyplot()
+    rows = record["rows"]
+    if plt is None or not rows:
+        return None
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, seq_len in zip(axes[0], seq_lens):
+        sub = [r for r in rows if r["seq_len"] == seq_len]
+        for m in MODELS:
+            pts = sorted((r["width"], 100 * r["accuracy"]) for r in sub if r["model"] == m)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=LABELS[m])
+        width_axis(ax, sorted({r["width"] for r in sub}), "model width")
+        ax.set_title(f"T = {seq_len}, {sub[0]['num_kv_pairs']} KV pairs")
+    axes[0][0].set_ylabel("MQAR accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ authors' setup
+def summarise(cell: dict, vocab_size: int) -> dict[str, Any]:
+    """The cell at its best lr (highest mean final accuracy over seeds; ties: lower mean final
+    loss): mean/min/max accuracy over seeds, and whether every run of that lr stayed on the
+    plateau (its lowest training loss above ln(V/2) − PLATEAU_MARGIN)."""
+    plateau_loss = math.log(vocab_size / 2)
+    by_lr = []
+    for lr in cell["lrs"]:
+        runs = [r for r in cell["runs"] if r["lr"] == lr and r["curve"]]
+        if not runs:
+            continue
+        acc = [r["curve"][-1]["accuracy"] for r in runs]
+        loss = [r["curve"][-1]["loss"] for r in runs]
+        flat = [min(p["loss"] for p in r["curve"]) > plateau_loss - PLATEAU_MARGIN for r in runs]
+        by_lr.append({"lr": lr, "mean": sum(acc) / len(acc), "min": min(acc), "max": max(acc),
+                      "final_loss": sum(loss) / len(loss), "plateau": all(flat),
+                      "plateau_runs": sum(flat), "n": len(acc)})
+    if not by_lr:
+        return {"lr": None, "mean": None, "min": None, "max": None, "plateau": None, "by_lr": []}
+    best = max(by_lr, key=lambda b: (b["mean"], -b["final_loss"]))
+    return {**best, "by_lr": by_lr}
+
+
+def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
+    """The paper's claims per width, on mean accuracy over seeds at the best lr: GSA ≥ GLA,
+    GSA ≥ RetNet, and GSA, GLA, RetNet each ≤ attention. `a ≥ b` holds where mean(a) ≥ mean(b)
+    − tie, tie = max(0.5 points, the larger seed spread (max − min) of the two): within the
+    seed-to-seed spread the data cannot order them."""
+    at = {(c["model"], c["width"]): summarise(c, vocab_size) for c in cells}
+    widths = sorted({c["width"] for c in cells})
+
+    def geq(a, b, width):
+        x, y = at.get((a, width)), at.get((b, width))
+        if not x or not y or x["mean"] is None or y["mean"] is None:
+            return None
+        tie = max(0.005, x["max"] - x["min"], y["max"] - y["min"])
+        return {"width": width, "margin": x["mean"] - y["mean"], "tie": tie,
+                "holds": x["mean"] >= y["mean"] - tie}
+
+    claims = [("GSA ≥ GLA", [geq("gsa", "gla", w) for w in widths]),
+              ("GSA ≥ RetNet", [geq("gsa", "retnet", w) for w in widths]),
+              ("GSA, GLA, RetNet ≤ attention",
+               [min((geq("attention", m, w) for m in ("gsa", "gla", "retnet")
+                     if geq("attention", m, w)), key=lambda c: c["margin"], default=None)
+                for w in widths])]
+    out = []
+    for claim, per_width in claims:
+        tested = [c for c in per_width if c is not None]
+        fails = [c["width"] for c in tested if not c["holds"]]
+        summary = ("not testable" if not tested else "holds" if not fails else
+                   f"does not hold (D = {', '.join(map(str, fails))})")
+        out.append({"claim": claim, "summary": summary, "cells": tested})
+    return out
+
+
+def fmt_cell(s: dict) -> str:
+    if s["mean"] is None:
+        return "-"
+    if s["plateau"]:
+        return "plateau"
+    spread = f" ({100 * s['min']:.1f}–{100 * s['max']:.1f})" if s["n"] > 1 else ""
+    return f"{100 * s['mean']:.1f}{spread}"
+
+
+def authors_markdown(record: dict) -> str:
+    cfg, cells = record["config"], record["cells"]
+    V = cfg["vocab_size"]
+    widths = sorted({c["width"] for c in cells})
+    lines = [f"# MQAR, the authors' setup: accuracy vs model width ({record['tag']})", "",
+             f"The GSA authors' MQAR recipe (their Zoology fork, shared/PAPER.md §4; "
+             f"`experiments/mqar_authors.py`): T = {cfg['seq_len']}, {cfg['kv_pairs']} "
+             f"key-value pairs, V = {V}, α = {cfg['power_a']}, filler 0; "
+             f"{cfg['train_examples']} training / {cfg['test_examples']} held-out sequences; "
+             f"{cfg['num_layers']} blocks without MLP (pre-LayerNorm, tied embeddings, embedding "
+             f"dropout {cfg['embed_dropout']}, positions for attention only); batch "
+             f"{cfg['batch_size']}, AdamW (wd {cfg['weight_decay']}), cosine to 0 over the "
+             f"epoch cap, early stop at {STOP_ACCURACY:.0%} held-out accuracy; {cfg['dtype']} "
+             f"compute. Accuracy in % at the best lr per cell: mean over seeds (min–max); "
+             f"'plateau': every run at that lr kept its training loss above ln(V/2) − "
+             f"{PLATEAU_MARGIN} = {math.log(V / 2) - PLATEAU_MARGIN:.2f} (never left the "
+             f"uniform guess), not an accuracy.", ""]
+    for v in record["verdicts"]:
+        detail = "; ".join(f"D={c['width']}: {100 * c['margin']:+.1f} pts "
+                           f"({'ok' if c['holds'] else 'FAILS'}, tie ±{100 * c['tie']:.1f})"
+                           for c in v["cells"])
+        lines.append(f"- **{v['claim']}: {v['summary'].upper()}**" +
+                     (f" — {detail}." if detail else "."))
+    lines += ["", "(a ≥ b holds where mean(a) ≥ mean(b) − max(0.5 pts, the larger min–max "
+                  "spread over seeds of the two); the attention claim lists the closest "
+                  "model per width.)", ""]
+    summaries = {(c["model"], c["width"]): summarise(c, V) for c in cells}
+    rows = []
+    for m in [m for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]:
+        rows.append([AUTHORS_LABELS[m]] + [fmt_cell(summaries[(m, w)])
+                                           if (m, w) in summaries else "-" for w in widths])
+    lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], rows))
+    lines += ["", "State per layer (floats per sequence; attention: its KV cache at T):", ""]
+    lines.append(common.markdown_table(
+        ["model"] + [f"D={w}" for w in widths],
+        [[AUTHORS_LABELS[m]] + [f"{state_size(m, w, cfg['seq_len']):,}" for w in widths]
+         for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]))
+    lines += ["", "Per cell: best lr, lrs tried, seeds, epochs done of the cap and why the cell "
+                  "stopped, training time, step time (all runs together) and tokens/s:", ""]
+    table = []
+    for c in sorted(cells, key=lambda c: (AUTHORS_MODELS.index(c["model"]), c["width"])):
+        s = summaries[(c["model"], c["width"])]
+        table.append([AUTHORS_LABELS[c["model"]], c["width"],
+                      "-" if s["lr"] is None else f"{s['lr']:g}",
+                      " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
+                      f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
+                      f" / {c['max_epochs']}", c["stop_reason"],
+                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
+                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M"])
+    lines.append(common.markdown_table(
+        ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by",
+         "train s", "s/step", "tokens/s"], table))
+    cut = cuts(record)
+    if cut:
+        lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
+    lines += common.notes_lines(record)
+    return "\n".join(lines)
+
+
+def cuts(record: dict) -> list[str]:
+    """What this run did less of than the authors (64 epochs, their lr grid, early stop)."""
+    out = []
+    cells = record["cells"]
+    short = [c for c in cells if c["stop_reason"] != "all runs early-stopped"
+             and c["epochs_done"] < 64]
+    if short:
+        out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
+                   "epochs without every run reaching 99% (" + ", ".join(
+                       f"{AUTHORS_LABELS[c['model']]} D={c['width']}: {c['epochs_done']:g} epochs, "
+                       f"{c['stop_reason']}" for c in short) + ").")
+    if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
+        out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
+                   "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
+                   "than the authors' 64-epoch schedule.")
+    fewer = [c for c in cells if set(GSA_LRS) - set(c["lrs"])]
+    if fewer:
+        out.append("lr grid smaller than the authors' {" + ", ".join(f"{x:g}" for x in GSA_LRS)
+                   + "} in " + ", ".join(f"{AUTHORS_LABELS[c['model']]} D={c['width']} "
+                                         f"({' '.join(f'{x:g}' for x in c['lrs'])})"
+                                         for c in fewer) + ".")
+    return out
+
+
+def authors_plot(record: dict):
+    plt = common.pyplot()
+    cells = record["cells"]
+    if plt is None or not cells:
+        return None
+    V = record["config"]["vocab_size"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for m in AUTHORS_MODELS:
+        pts = sorted((c["width"], summarise(c, V)) for c in cells if c["model"] == m)
+        pts = [(w, s) for w, s in pts if s["mean"] is not None]
+        if not pts:
+            continue
+        w = [p[0] for p in pts]
+        mean = [100 * p[1]["mean"] for p in pts]
+        lo = [100 * (p[1]["mean"] - p[1]["min"]) for p in pts]
+        hi = [100 * (p[1]["max"] - p[1]["mean"]) for p in pts]
+        line = ax.errorbar(w, mean, yerr=[lo, hi], marker="o", capsize=3,
+                           label=AUTHORS_LABELS[m])
+        for x, (_, s) in zip(w, pts):
+            if s["plateau"]:
+                ax.annotate("plateau", (x, 100 * s["mean"]), fontsize=6,
+                            color=line[0].get_color(), textcoords="offset points",
+                            xytext=(0, 5), ha="center")
+    width_axis(ax, sorted({c["width"] for c in cells}), "model width D")
+    ax.set_ylabel("MQAR accuracy (%), mean and min–max over seeds")
+    ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
+                 "(authors' setup)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def merge(previous: dict, record: dict) -> dict:
+    """`record` with the cells of `previous` that it does not redo (same (model, width));
+    the task settings must match."""
+    diff = common.merge_mismatch(previous["config"], record["config"])
+    if diff:
+        raise ValueError(f"--merge: the existing results were run with other settings "
+                         f"(old, new): {diff}")
+    redo = {(c["model"], c["width"]) for c in record["cells"]}
+    cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
+    return {**record, "cells": cells + record["cells"],
+            "commands": previous.get("commands", []) + record.get("commands", []),
+            "notes": record.get("notes") or previous.get("notes")}
+
+
+def finish(record: dict) -> dict:
+    record["cells"].sort(key=lambda c: (AUTHORS_MODELS.index(c["model"]), c["width"]))
+    for c in record["cells"]:
+        c["summary"] = summarise(c, record["config"]["vocab_size"])
+    record["verdicts"] = verdicts(record["cells"], record["config"]["vocab_size"])
+    return record
+
