@@ -101,3 +101,21 @@ def test_bench_kernels_chunk_targets():
     for item in ("chunk fwd 5.00x kernels (MISSED)", "chunk fwd+bwd 1.12x (met)",
                  "chunk memory 2.01x (MISSED)", "chunk fwd <= its fwd+bwd (MISSED)"):
         assert item in missed
+
+
+@pytest.mark.slow  # ~20 small compiles: CI's second step
+def test_chunk_parts_times_every_part_of_both_passes(tmp_path):
+    parts = load_experiment("chunk_parts")
+    assert parts.main(["--tag", "cpu", "--shape", "1", "40", "--heads", "2",
+                       "--chunk-size", "16", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "chunk_parts_cpu.json").read_text())
+    from gsa_jax.ops import chunk
+    levels = [f"level{h}" for h in chunk._level_sizes(16)]
+    expected = {"prepare", "delta", "scan", "inter", "diag", "intra", "diag_vjp", "intra_vjp",
+                "scan_vjp", "full_fwd", "full_fwd_bwd"} | set(levels) | \
+        {f"{n}_vjp" for n in levels}
+    assert set(record["passes"]) == {name for name, *_ in parts.PASSES}
+    for times in record["passes"].values():
+        assert set(times) == expected
+        assert all(t > 0 for t in times.values())
+    assert "| full_fwd_bwd |" in (tmp_path / "chunk_parts_cpu.md").read_text()
