@@ -265,9 +265,9 @@ def test_remat_and_bfloat16():
     np.testing.assert_allclose(l0, l2, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            g0, g2)
-    eqns = jax.make_jaxpr(jax.grad(lambda p: loss(recompute, p)))(params).jaxpr.eqns
-    names = {e.primitive.name for e in eqns}
-    assert names & {"remat2", "checkpoint", "remat"}, names
+    # Printed whole, sub-jaxprs included: gsa-tiny's blocks run inside an nn.scan.
+    program = str(jax.make_jaxpr(jax.grad(lambda p: loss(recompute, p)))(params))
+    assert "checkpoint[" in program or "remat2[" in program, program[:2000]
     bf16 = CausalLM(dataclasses.replace(cfg, dtype="bfloat16"))
     logits16 = _forward(bf16, params, tokens)
     logits32 = np.asarray(_forward(model, params, tokens))
