@@ -49,7 +49,7 @@ if ROOT not in sys.path:
 from experiments import common, harness  # noqa: E402
 
 FORMS = ("recurrent", "parallel", "chunk")
-GIB = 2 ** 30
+GIB = common.GIB
 
 SMOKE = dict(tokens=2048, seq_lens=[128, 256, 512], heads=2, head_dim=32, slots=16, repeats=5,
              warmup=1)
@@ -187,10 +187,6 @@ def run_isolated(argv, form: str, T: int, timeout: float) -> dict:
     return {"form": form, "T": T, "fwd": dict(failed), "fwd_bwd": dict(failed)}
 
 
-def _gib(x):
-    return f"{x / GIB:.2f}" if x is not None else "-"
-
-
 def markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     lines = [
@@ -220,8 +216,8 @@ def markdown(report: dict) -> str:
         ms = lambda r: f"{r['median_ms']:.2f}" if r.get("status") == "ok" else r.get("status", "-")
         lines.append(
             f"| {row['T']} | {row.get('B', '-')} | {row['form']} | {ms(fwd)} | {ms(bwd)} | "
-            f"{_gib(fwd.get('peak_bytes'))} | {_gib(bwd.get('peak_bytes'))} | "
-            f"{_gib(bwd.get('compiled_bytes'))} | {'; '.join(notes).replace('|', '/')} |")
+            f"{common.fmt_gib(fwd.get('peak_bytes'))} | {common.fmt_gib(bwd.get('peak_bytes'))} | "
+            f"{common.fmt_gib(bwd.get('compiled_bytes'))} | {'; '.join(notes).replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

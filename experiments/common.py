@@ -27,6 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "experiments" / "results"
+GIB = 2 ** 30
 
 
 def ensure_importable() -> None:
@@ -227,6 +228,11 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.{digits}f}"
+
+
+def fmt_gib(nbytes: Optional[float], digits: int = 2) -> str:
+    """A byte count in GiB for a table; '-' for None/NaN."""
+    return fmt(None if nbytes is None else nbytes / GIB, digits)
 
 
 def enable_compilation_cache(directory: Optional[str | os.PathLike]) -> None:

@@ -10,12 +10,8 @@ import os
 
 from experiments import common
 
-GIB = 2 ** 30
+GIB = common.GIB
 NAME = "efficiency"
-
-
-def _gib(x) -> str:
-    return common.fmt(None if x is None else x / GIB)
 
 
 def markdown(record: dict) -> str:
@@ -34,7 +30,8 @@ def markdown(record: dict) -> str:
         [[r["T"], r.get("B", "-"), r["model"], r.get("form", "-") + (
             f" ({r['recompute']})" if r.get("recompute") else ""),
           common.fmt(r.get("step_ms"), 1), common.fmt(r.get("tokens_per_s"), 0),
-          _gib(r.get("peak_bytes")), _gib(r.get("compiled_bytes")), note(r)] for r in train],
+          common.fmt_gib(r.get("peak_bytes")), common.fmt_gib(r.get("compiled_bytes")),
+          note(r)] for r in train],
         align="rrllrrrrl"))
     lines += ["", f"(c) greedy generation, batch 1, after a {c['prefix']}-token prompt "
                   f"({c['decode_dtype']} weights); latency = the whole `generate` call (prefill + "
@@ -45,7 +42,7 @@ def markdown(record: dict) -> str:
         [[r["model"], r["N"], common.fmt(r.get("latency_ms"), 1),
           common.fmt(r.get("ms_per_token"), 2), common.fmt(r.get("prefill_ms"), 1),
           common.fmt(None if r.get("cache_bytes") is None else r["cache_bytes"] / 2 ** 20, 3),
-          _gib(r.get("peak_bytes_so_far")), note(r)] for r in decode], align="lrrrrrrl"))
+          common.fmt_gib(r.get("peak_bytes_so_far")), note(r)] for r in decode], align="lrrrrrrl"))
     lines += common.notes_lines(record)
     return "\n".join(lines) + "\n"
 

@@ -66,7 +66,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from experiments import common, harness  # noqa: E402  (needs ROOT on sys.path)
-from experiments.scaling_report import (LOSS_TOL, NAME, _gib, analyse,  # noqa: E402,F401
+from experiments.scaling_report import (LOSS_TOL, NAME, analyse,  # noqa: E402,F401
                                         markdown, max_loss_diff, merge_rows,
                                         scaling_efficiency, write)
 from experiments.scaling_runs import (LAYOUTS, DevicePool, config_name,  # noqa: E402,F401
@@ -380,7 +380,8 @@ def main(argv=None) -> int:
         print(f"{row['kind']} {row['config']} {row['layout']} N={row['n']} accum "
               f"{row.get('accum', 1)}{' ' + row['phase'] if row.get('phase') else ''}: "
               f"{row['status']}, {common.fmt(row.get('tokens_per_s'), 0)} tokens/s{extra}, "
-              f"peak {_gib(row.get('peak_bytes_max'))} GiB/device ({row.get('case_s')} s)"
+              f"peak {common.fmt_gib(row.get('peak_bytes_max'), 1)} GiB/device "
+              f"({row.get('case_s')} s)"
               + (f" {row.get('reason', '')[:300]}" if row["status"] != "ok" else ""),
               flush=True)
         record = build_record(args, argv, rows, environment, previous)

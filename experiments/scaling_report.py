@@ -14,7 +14,6 @@ from experiments import common, harness
 from experiments.scaling_runs import LAYOUTS, row_key
 
 NAME = "scaling"
-GIB = 2 ** 30
 # Max |loss difference| tolerated between layouts at the same global batch (bf16 compute).
 # Judged on a CPU (2026-12-02; tiny config, 50 steps of 4 x 128 tokens per device, warm-up 10):
 # fsdp over 4 simulated devices vs one device as 4 micro-batches: 9.5e-7 in float32 and 1.0e-3
@@ -99,10 +98,6 @@ def merge_rows(previous: list[dict], rows: list[dict]) -> list[dict]:
     return harness.merge_rows(previous, rows, row_key)
 
 
-def _gib(x) -> str:
-    return common.fmt(None if x is None else x / GIB, 1)
-
-
 def _reason(r: dict) -> str:
     if r.get("status") == "ok":
         return ""
@@ -134,7 +129,7 @@ def markdown(record: dict) -> str:
           r.get("global_batch", "-"), common.fmt(r.get("tokens_per_s"), 0),
           common.fmt(r.get("tokens_per_s_per_device"), 0),
           "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
-          _gib(r.get("peak_bytes_max")),
+          common.fmt_gib(r.get("peak_bytes_max"), 1),
           "-" if eff.get((r["config"], r["layout"], r["n"])) is None or r["kind"] != "sweep"
           else f"{100 * eff[(r['config'], r['layout'], r['n'])]:.1f}%",
           common.fmt(dloss.get((r["config"], r["layout"], r["n"])) if r["kind"] == "sweep"
@@ -163,7 +158,8 @@ def markdown(record: dict) -> str:
             ["config", "layout", "N", "mesh", "status", "peak GiB/GPU", "tokens/s/GPU", "MFU",
              "note"],
             [[r["config"], r["layout"], r["n"], "x".join(map(str, r["mesh"])), r["status"],
-              _gib(r.get("peak_bytes_max")), common.fmt(r.get("tokens_per_s_per_device"), 0),
+              common.fmt_gib(r.get("peak_bytes_max"), 1),
+              common.fmt(r.get("tokens_per_s_per_device"), 0),
               "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", _reason(r)]
              for r in fits], align="llrllrrrl"))
     profiles = [r for r in rows if r.get("profile")]
