@@ -64,7 +64,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-autotune", action="store_true",
                    help="let Triton autotune fla's kernels over all their configs (default: "
                         "the first config of each, see `one_config_autotune`)")
+    p.add_argument("--merge-files", nargs="+", metavar="JSON",
+                   help="no run: merge these fla_parity results (e.g. one call per --cases, "
+                        "as the device's 10-minute calls need) into fla_parity_<tag>")
     return p.parse_args(argv)
+
+
+def merge(args) -> int:
+    """The rows of several fla_parity records as one record, with every run's command."""
+    import json
+    records = [json.loads(pathlib.Path(f).read_text()) for f in args.merge_files]
+    rows = [row for r in records for row in r["rows"]]
+    config = dict(records[0]["config"])
+    config["cases"] = {k: v for r in records for k, v in r["config"]["cases"].items()}
+    config["seq_lens"] = sorted({t for r in records for t in r["config"]["seq_lens"]})
+    record = {"config": config, "rows": rows, "environment": records[0]["environment"],
+              "commands": [r["command"] for r in records], "command": records[0]["command"]}
+    args.batch = config["batch"]
+    common.write_and_print(args.tag, "fla_parity", record, markdown(rows, args),
+                           out_dir=args.out_dir)
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def one_config_autotune() -> None:
@@ -196,6 +215,8 @@ def markdown(rows: list[dict[str, Any]], args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge_files:
+        return merge(args)
     # fla's float32 reference with IEEE float32 dots (Triton uses TF32 by default); set before
     # any kernel compiles.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
