@@ -119,3 +119,19 @@ def test_chunk_parts_times_every_part_of_both_passes(tmp_path):
         assert set(times) == expected
         assert all(t > 0 for t in times.values())
     assert "| full_fwd_bwd |" in (tmp_path / "chunk_parts_cpu.md").read_text()
+
+
+@pytest.mark.slow  # the kernels interpreted, forward and backward, twice: CI's second step
+def test_kernel_shard_check_runs_the_kernels_inside_shard_map(tmp_path):
+    """experiments/kernel_shard_check.py (its GPU run is committed) on the CPU, kernels
+    interpreted: per_shard's wrapper is really in the program (not skipped on one device), it
+    changes no value or gradient, and nothing is all-gathered."""
+    check = load_experiment("kernel_shard_check")
+    assert check.main(["--tag", "cpu", "--interpret", "--shape", "2", "40", "2", "1", "16",
+                       "16", "16", "--out-dir", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "kernel_shard_check_cpu.json").read_text())
+    assert [r["dtype"] for r in record["rows"]] == ["float32", "bfloat16"]
+    for row in record["rows"]:
+        assert row["ok"] and row["shard_maps_in_jaxpr"] >= 2 and row["all_gathers"] == 0
+        assert max(row["sharded_vs_plain"].values()) == 0.0
+        assert 0 < max(row["sharded_vs_chunk_f32"].values()) < 3e-2

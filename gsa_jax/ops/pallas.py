@@ -69,6 +69,14 @@ def per_shard(fn, B: int, Hkv: int, with_runs: bool):
     heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and Hkv % sizes[HEAD_AXIS] == 0 else None
     if not batch and heads is None:
         return fn
+    return shard_mapped(fn, batch, heads, with_runs)
+
+
+def shard_mapped(fn, batch: tuple[str, ...], heads: Optional[str], with_runs: bool):
+    """fn under `jax.shard_map` over the current mesh: the batch dim split over the mesh axes
+    `batch` (none: whole), the head dim over `heads` (None: whole). per_shard's construction,
+    public so the GPU check (experiments/kernel_shard_check.py) runs the very same wrapper on
+    a one-device mesh."""
     b = batch or None
     seq, state = P(b, None, heads, None), P(b, heads, None, None)
     in_specs = (seq, seq, seq, seq, state) + ((P(b, None),) if with_runs else ())
