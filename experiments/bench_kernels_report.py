@@ -48,15 +48,19 @@ def markdown(report):
                          f"| | | | {ratio} |")
     if report.get("decode"):
         lines += ["", "## One-step decode (µs per token, jitted scan over tokens)", "",
-                  "XLA's fused `gated_slot_attention_step` beside a scan that only reads, decays "
-                  "and writes the state (what any decode kernel must do) and the bandwidth "
-                  "floor of that read and write.", "",
-                  "| B | H | K=V | M | GSA step | state read+decay+write | bandwidth floor |",
-                  "|---|---|---|---|---|---|---|"]
+                  "`gated_slot_attention_step` by XLA (`impl='xla'`) and by the fused decode "
+                  "kernel (`impl='pallas'`, its outputs' relative error against XLA's), beside "
+                  "a scan that only reads, decays and writes the state (what any decode kernel "
+                  "must do) and the bandwidth floor of that read and write.", "",
+                  "| B | H | K=V | M | GSA step (XLA) | GSA step (kernel) | kernel vs XLA "
+                  "| state read+decay+write | bandwidth floor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for d in report["decode"]:
             floor = f"{d['state_rw_floor_us']:.2f}" if d.get("state_rw_floor_us") else "-"
+            kernel = (f"{d['pallas_step_us']:.1f} | {d['pallas_vs_xla_rel_err']:.1e}"
+                      if "pallas_step_us" in d else "- | -")   # records from before the kernel
             lines.append(f"| {d['B']} | {d['H']} | {d['K']} | {d['M']} | {d['step_us']:.1f} | "
-                         f"{d['state_touch_us']:.1f} | {floor} |")
+                         f"{kernel} | {d['state_touch_us']:.1f} | {floor} |")
     lines += ["", *target_lines(report["rows"])]
     return "\n".join(lines) + "\n"
 

@@ -83,6 +83,22 @@ def test_bench_kernels_times_the_chunk_form_alone(tmp_path):
     assert "| chunk |" in (tmp_path / "bench_kernels_test.md").read_text()
 
 
+def test_bench_kernels_decode_row_times_and_checks_the_kernel():
+    """The decode benchmark at its smoke size (CPU, the kernel interpreted): the XLA step and
+    the fused kernel both timed, the kernel's outputs within float32 rounding of XLA's over the
+    scan of steps, and the report's decode table carries both."""
+    bench = load_experiment("bench_kernels")
+    import jax.numpy as jnp
+    row = bench.bench_decode(2, jnp.float32, None, smoke=True, steps=3)
+    assert row["step_us"] > 0 and row["pallas_step_us"] > 0 and row["state_touch_us"] > 0
+    assert 0 <= row["pallas_vs_xla_rel_err"] < 1e-5
+    page = load_experiment("bench_kernels_report").markdown(
+        {"tag": "test", "device": "cpu", "jax": "x", "date": "x", "command": "x",
+         "copy_bandwidth_GBps": 1.0, "checks": [], "rows": [], "decode": [row]})
+    assert "GSA step (kernel)" in page
+    assert f"| {row['step_us']:.1f} | {row['pallas_step_us']:.1f} | " in page
+
+
 def test_bench_kernels_chunk_targets():
     """Issue 15's targets read off a hand-made report: 2x the kernels is met, above is missed,
     and a forward slower than forward+backward is flagged."""

@@ -138,17 +138,23 @@ def gated_slot_attention_step(
     q: Array, k: Array, v: Array, s: Array, g: Array, state: Optional[GSAState] = None, *,
     scale: Optional[float] = None,
     slot_activation: str = "softmax",
+    impl: str = "xla",
 ) -> tuple[Array, GSAState]:
     """One recurrent GSA step, for decoding.
 
     Args:
       q: [B, H, K]; k: [B, Hkv, K]; v: [B, Hkv, V]; s, g: [B, Hkv, M];
       state: (Hk [B, Hkv, K, M], Hv [B, Hkv, M, V]) or None (zeros).
+      impl: "xla" (the two GLA steps, XLA-fused) or "pallas" (`pallas_kernels/gsa_decode.py`:
+        one Triton kernel per step, the state read and written once, float32 state; a GPU
+        kernel, interpreted on a CPU, refused on a TPU; K, M, V powers of two in 16..256 and
+        H / Hkv in 1, 2, 4, 8; not differentiable).
     Returns:
-      (o [B, H, V] in q's dtype, new state in float32/float64).
+      (o [B, H, V] in q's dtype, new state in float32/float64; "pallas": float32).
     """
     fn = "gated_slot_attention_step"
     checks.check_choice(fn, "slot_activation", slot_activation, common.SLOT_ACTIVATIONS)
+    checks.check_choice(fn, "impl", impl, ("xla", "pallas"))
     inputs = {"q": q, "k": k, "v": v, "s": s, "g": g}
     B, _, Hkv, group = common.check_sequence_inputs(fn, time_axis=False, **inputs)
     K, M, V = _check_dims(fn, q, k, v, s, g)
@@ -160,6 +166,8 @@ def gated_slot_attention_step(
         scale = K ** -0.5
     if state is None:
         state = (jnp.zeros((B, Hkv, K, M), dtype), jnp.zeros((B, Hkv, M, V), dtype))
+    if impl == "pallas":
+        return _step_pallas(fn, q, k, v, s, g, state, scale, slot_activation, group)
     k, v, s, g = (common.repeat_heads(x.astype(dtype), group, axis=1) for x in (k, v, s, g))
     hk, hv = (common.repeat_heads(x.astype(dtype), group, axis=1) for x in state)
     z, hk = gla_step(q.astype(dtype), k, s, g, hk, gate_axis="value", scale=scale)
@@ -167,3 +175,20 @@ def gated_slot_attention_step(
     o, hv = gla_step(p, s, v, g, hv, gate_axis="key", scale=1.0)
     new_state = (common.first_of_group(hk, group), common.first_of_group(hv, group))
     return o.astype(q.dtype), new_state
+
+
+def _step_pallas(fn, q, k, v, s, g, state, scale, slot_activation, group):
+    """gated_slot_attention_step by the fused decode kernel (checked inputs)."""
+    from pallas_kernels.gsa_decode import DECODE_DIMS, decode_supports, gsa_decode_step_pallas
+    if pallas.backend() == "tpu":
+        raise ValueError(f"{fn}: impl='pallas' is a GPU (Triton) decode kernel; use impl='xla' "
+                         "on a TPU")
+    K, M, V = q.shape[-1], s.shape[-1], v.shape[-1]
+    if not decode_supports(K, M, V, group):
+        raise ValueError(f"{fn}: impl='pallas' needs K, M, V in {DECODE_DIMS} and H / Hkv in "
+                         f"1, 2, 4, 8; got K={K}, M={M}, V={V}, H / Hkv = {group} "
+                         "(impl='xla' takes any)")
+    o, hk, hv = gsa_decode_step_pallas(q, k, v, s, g, *state, scale=scale,
+                                       slot_activation=slot_activation,
+                                       interpret=pallas.backend() != "gpu")
+    return o, (hk, hv)
