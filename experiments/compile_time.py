@@ -55,6 +55,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (params float32)")
     p.add_argument("--remat", default="none", help="remat policy: none | full | save_dots | "
                    "minimal")
+    p.add_argument("--scan-unroll", type=int, nargs="+", default=[1],
+                   help="train: time the scanned step at each of these model.scan_unroll "
+                        "(layers per loop iteration)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed train steps before them")
     p.add_argument("--smoke", action="store_true",
@@ -65,9 +68,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def model_config(args, preset: str, scan: bool):
+def model_config(args, preset: str, scan: bool, unroll: int = 1):
     from gsa_jax.models import get_preset
-    changes = dict(scan_layers=scan, dtype=args.dtype, param_dtype="float32", remat=args.remat)
+    changes = dict(scan_layers=scan, scan_unroll=unroll, dtype=args.dtype,
+                   param_dtype="float32", remat=args.remat)
     if args.layers:
         changes["num_layers"] = args.layers
     cfg = get_preset(preset, **changes)
@@ -134,8 +138,8 @@ def train_cases(args) -> list[dict[str, Any]]:
     from gsa_jax import layer_layout
     rows = []
     initial = None
-    for scan in (False, True):
-        cfg = model_config(args, args.train_preset, scan)
+    for scan, unroll in [(False, 1)] + [(True, u) for u in args.scan_unroll]:
+        cfg = model_config(args, args.train_preset, scan, unroll)
         model, tx, layout, step, mesh = _setup(cfg)
         if initial is None:
             state = steps.init_state(model, tx, 0, layout, mesh)
@@ -154,7 +158,8 @@ def train_cases(args) -> list[dict[str, Any]]:
             losses.append(loss)
         median = statistics.median(times) if times else float("nan")
         rows.append({"part": "train", "preset": args.train_preset, "layers": cfg.num_layers,
-                     "scan": scan, "B": args.batch, "T": args.seq_len,
+                     "scan": scan, "unroll": unroll if scan else None,
+                     "B": args.batch, "T": args.seq_len,
                      "step_ms_median": 1e3 * median,
                      "tokens_per_s": args.batch * args.seq_len / median,
                      "losses": losses})
@@ -187,7 +192,9 @@ def markdown(record: dict) -> str:
                   common.markdown_table(
                       ["preset", "layers scanned", "step ms", "tokens/s", "first loss",
                        "last loss"],
-                      [[r["preset"], "yes" if r["scan"] else "no",
+                      [[r["preset"], (f"yes (unroll {r['unroll']})"
+                                      if r["scan"] and r.get("unroll", 1) != 1
+                                      else "yes" if r["scan"] else "no"),
                         common.fmt(r["step_ms_median"], 1), f"{r['tokens_per_s']:,.0f}",
                         common.fmt(r["losses"][0], 4), common.fmt(r["losses"][-1], 4)]
                        for r in train])]

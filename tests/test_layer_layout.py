@@ -267,3 +267,26 @@ def test_params_checkpoint_of_unscanned_layers_initialises_a_scanned_model(tmp_p
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_scan_unroll_keeps_the_function():
+    """model.scan_unroll (blocks per loop iteration; 2 leaves a remainder at L = 3, 5 exceeds L)
+    gives the logits and gradients of the rolled loop; 0 is refused."""
+    rolled = get_preset("gsa-tiny", num_layers=3, scan_layers=True)
+    params = layer_layout.to_scanned(_random_params(rolled.replace(scan_layers=False), 3))
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, rolled.vocab_size)
+
+    def logits_and_grads(cfg):
+        model = CausalLM(cfg)
+        def loss(p):
+            logits = model.apply({"params": p}, tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 1]), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, want_logits), want_grads = logits_and_grads(rolled)
+    for unroll in (2, 5):
+        (_, logits), grads = logits_and_grads(rolled.replace(scan_unroll=unroll))
+        _close(logits, want_logits)
+        _close(grads, want_grads)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        rolled.replace(scan_unroll=0)

@@ -95,6 +95,7 @@ class ModelConfig:
     # one compiled block instead of L) when every layer has the same mixer; a stack with
     # attn_layers falls back to the list of blocks "layer_i" (see `scanned`).
     scan_layers: bool = False
+    scan_unroll: int = 1               # layers per iteration of the scanned loop (nn.scan unroll)
     impl: str = "auto"                 # form of the gsa/gla/retnet ops
     chunk_size: int = 64               # C of the chunk form
     recompute_states: bool = False     # GSA: recompute the op's hidden states in the backward
@@ -113,7 +114,7 @@ class ModelConfig:
 
         owner = "ModelConfig"
         for name in ("vocab_size", "hidden_size", "num_layers", "conv_size", "chunk_size",
-                     "hidden_ratio", "attn_num_heads", "gate_low_rank_dim"):
+                     "hidden_ratio", "attn_num_heads", "gate_low_rank_dim", "scan_unroll"):
             # Plain ints only: the config is written to YAML.
             checks.check_positive_int(owner, name, getattr(self, name), numpy_ints=False)
         for name in ("norm_eps", "initializer_range", "gate_logit_normalizer", "rope_theta"):
