@@ -231,8 +231,9 @@ class CausalLM(nn.Module):
 
 
 def count_params(config: ModelConfig) -> int:
-    """Number of parameters of the model, from shapes only (jax.eval_shape: nothing allocated)."""
-    model = CausalLM(config)
+    """Number of parameters of the model, from shapes only (jax.eval_shape: nothing allocated).
+    A uniform stack is traced scanned (the same parameters, one block traced instead of L)."""
+    model = CausalLM(config.replace(scan_layers=True) if config.uniform else config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     leaves = jax.tree_util.tree_leaves(nn.meta.unbox(shapes))
     return sum(math.prod(leaf.shape) for leaf in leaves)
