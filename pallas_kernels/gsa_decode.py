@@ -39,23 +39,8 @@ def decode_supports(K: int, M: int, V: int, group: int) -> bool:
     return all(d in DECODE_DIMS for d in (K, M, V)) and group in (1, 2, 4, 8)
 
 
-def _activation(z, kind: str):
-    if kind == "softmax":
-        z = z - jnp.max(z, axis=-1, keepdims=True)
-        e = jnp.exp(z)
-        return e / jnp.sum(e, axis=-1, keepdims=True)
-    if kind == "swish":
-        return z / (1.0 + jnp.exp(-z))
-    if kind == "relu":
-        return jnp.maximum(z, 0.0)
-    if kind == "relu2":
-        r = jnp.maximum(z, 0.0)
-        return r * r
-    raise ValueError(f"unknown slot activation {kind!r}")
-
-
 def _kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk_ref, hv_ref, o_ref, hk_out, hv_out, *,
-            group: int, scale: float, activation: str):
+            group: int, scale: float, activation):
     f32 = jnp.float32
     k = k_ref[0, 0, :].astype(f32)            # [K]
     v = v_ref[0, 0, :].astype(f32)            # [V]
@@ -68,16 +53,18 @@ def _kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk_ref, hv_ref, o_ref, hk_out, hv
     for j in range(group):   # G query heads read the same state (unrolled: G <= 8)
         qj = q_ref[0, 0, j, :].astype(f32)                                   # [K]
         z = jnp.sum(qj[:, None] * hk, axis=0) * scale                        # [M]
-        p = _activation(z, activation)
+        p = activation(z)
         o_ref[0, 0, j, :] = jnp.sum(p[:, None] * hv, axis=0).astype(o_ref.dtype)   # [V]
 
 
-def gsa_decode_step_pallas(q, k, v, s, g, hk, hv, *, scale: float, slot_activation: str,
+def gsa_decode_step_pallas(q, k, v, s, g, hk, hv, *, scale: float, slot_activation_fn,
                            interpret: bool = False, num_warps: int = 4):
     """One GSA step for every (row, head) by one kernel.
 
     Args: q [B, H, K]; k [B, Hkv, K]; v [B, Hkv, V]; s, g [B, Hkv, M]; hk [B, Hkv, K, M] and
-    hv [B, Hkv, M, V] float32 (updated in place when the caller donates them).
+    hv [B, Hkv, M, V] float32 (updated in place when the caller donates them);
+    slot_activation_fn: z [M] -> p [M], run inside the kernel (given by the ops layer, as
+    `gsa_jax.ops.pallas.gsa_pallas` is given it for the sequence kernels).
     Returns (o [B, H, V] in q's dtype, hk', hv' float32). Dims: `decode_supports`.
     """
     B, H, K = q.shape
@@ -90,7 +77,7 @@ def gsa_decode_step_pallas(q, k, v, s, g, hk, hv, *, scale: float, slot_activati
     row = lambda n: pl.BlockSpec((1, 1, n), lambda b, h: (b, h, 0))  # noqa: E731
     square = lambda a, c: pl.BlockSpec((1, 1, a, c), lambda b, h: (b, h, 0, 0))  # noqa: E731
     kernel = functools.partial(_kernel, group=group, scale=float(scale),
-                               activation=slot_activation)
+                               activation=slot_activation_fn)
     o, hk, hv = pl.pallas_call(
         kernel,
         grid=(B, Hkv),

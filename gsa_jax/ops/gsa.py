@@ -189,6 +189,7 @@ def _step_pallas(fn, q, k, v, s, g, state, scale, slot_activation, group):
                          f"1, 2, 4, 8; got K={K}, M={M}, V={V}, H / Hkv = {group} "
                          "(impl='xla' takes any)")
     o, hk, hv = gsa_decode_step_pallas(q, k, v, s, g, *state, scale=scale,
-                                       slot_activation=slot_activation,
+                                       slot_activation_fn=functools.partial(
+                                           common.slot_activation, kind=slot_activation),
                                        interpret=pallas.backend() != "gpu")
     return o, (hk, hv)
