@@ -30,7 +30,7 @@ def _modules():
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from gsa_jax.layers import GatedLinearAttention, GatedSlotAttention, MultiScaleRetention
+    from gsa_jax.layers import Embed, GatedLinearAttention, GatedSlotAttention, MultiScaleRetention
 
     normal = nn.initializers.normal
 
@@ -97,11 +97,11 @@ def _modules():
             """where_BP: [B, P] positions whose logits to return ([B, P, V]; None: all)."""
             B, T = tokens_BT.shape
             dt = jnp.dtype(self.dtype)
-            embed = nn.Embed(self.vocab_size, self.width, embedding_init=normal(0.02), dtype=dt,
+            embed = Embed(self.vocab_size, self.width, embedding_init=normal(0.02), dtype=dt,
                              name="embed")
             r_BTD = embed(tokens_BT).astype(dt)
             if self.model == "attention":   # positions only for attention, as Zoology
-                pos = nn.Embed(self.seq_len, self.width, embedding_init=normal(0.02),
+                pos = Embed(self.seq_len, self.width, embedding_init=normal(0.02),
                                name="pos_embed")
                 r_BTD = r_BTD + pos(jnp.arange(T))[None].astype(dt)
             r_BTD = nn.Dropout(self.embed_dropout, deterministic=not train)(r_BTD)

@@ -151,3 +151,16 @@ def test_kernel_shard_check_runs_the_kernels_inside_shard_map(tmp_path):
         assert row["ok"] and row["shard_maps_in_jaxpr"] >= 2 and row["all_gathers"] == 0
         assert max(row["sharded_vs_plain"].values()) == 0.0
         assert 0 < max(row["sharded_vs_chunk_f32"].values()) < 3e-2
+
+
+def test_embed_grad_reports_both_embeddings(tmp_path):
+    """experiments/embed_grad.py --smoke: four cases written, finite times; gsa_jax's Embed sums
+    the gradient within float32 rounding of the float64 sum, flax's bfloat16 one does not."""
+    embed_grad = load_experiment("embed_grad")
+    embed_grad.main(["--smoke", "--tag", "test", "--repeats", "1", "--out-dir", str(tmp_path)])
+    record = json.loads((tmp_path / "embed_grad_test.json").read_text())
+    cases = {(c["module"], c["ids"]): c for c in record["cases"]}
+    assert len(cases) == 4 and all(c["ms"] > 0 for c in cases.values())
+    assert cases[("gsa_jax Embed", "repeated")]["rel_err"] < 1e-5
+    assert cases[("flax nn.Embed", "repeated")]["rel_err"] > 1e-3
+    assert "| repeated | 16 | gsa_jax Embed |" in (tmp_path / "embed_grad_test.md").read_text()

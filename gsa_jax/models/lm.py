@@ -158,10 +158,10 @@ class CausalLM(nn.Module):
     def setup(self):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                              embedding_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(cfg.initializer_range),
-                                  ("vocab", "embed")))
+        self.embed = common.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
         if cfg.scanned:
             self.layers = scanned_blocks(cfg)
         else:
