@@ -248,3 +248,17 @@ def test_merge_files_of_two_calls(tmp_path):
     assert sorted((c["model"], c["width"]) for c in merged["cells"]) == [("gla", 16), ("gsa", 8)]
     assert merged["commands"][:2] == ["call 1", "call 2"]
     assert "| GSA | 50.0 (50.0–50.0) | - |" in (tmp_path / "mqar_authors_m.md").read_text()
+
+
+def test_near_chance_cells_are_not_ordered():
+    """Two cells that both stay under LEARNED_ACCURACY test no claim at that width; one that
+    learned against one that did not still does."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    low = lambda m, w: _cell(m, w, [0.012, 0.02, 0.01, 0.018], [7.0] * 4)   # noqa: E731
+    cells = [low("gsa", 8), low("gla", 8), _cell("gsa", 16, [0.6, 0.5, 0.7, 0.4], [2.0] * 4),
+             low("gla", 16)]
+    record = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": cells})
+    gla = {v["claim"]: v for v in record["verdicts"]}["GSA ≥ GLA"]
+    assert [c["width"] for c in gla["cells"]] == [16] and gla["summary"] == "holds"
+    only_low = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": cells[:2]})
+    assert {v["claim"]: v["summary"] for v in only_low["verdicts"]}["GSA ≥ GLA"] == "not testable"
