@@ -269,13 +269,13 @@ def main(argv=None) -> int:
     tag = args.tag or jax.default_backend()
     record = {"tag": tag, "config": task_config(args), "cells": [],
               "commands": [common.command_line(argv, __file__)], "notes": NOTES}
-    if args.merge_only and args.merge_files:   # the settings are those of the reports merged,
-        first = json.loads(open(args.merge_files[0]).read())   # and so is the machine
-        record["config"] = first["config"]
-        if "environment" in first:
-            record["environment"] = first["environment"]
-    for path in reversed(args.merge_files):   # reports of other calls (other GPU calls' $OUT);
-        record = merge(json.loads(open(path).read()), record)   # later files win
+    reports = [json.loads(open(path).read()) for path in args.merge_files]
+    if args.merge_only and reports:   # the settings are those of the reports merged, and so
+        record["config"] = reports[0]["config"]   # is the machine
+        if "environment" in reports[0]:
+            record["environment"] = reports[0]["environment"]
+    for report in reversed(reports):   # reports of other calls (other GPU calls' $OUT);
+        record = merge(report, record)   # later files win
     previous = harness.read_report(tag, NAME, args.out_dir) if args.merge else None
     if previous is not None:
         record = merge(previous, record)

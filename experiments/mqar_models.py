@@ -98,12 +98,12 @@ def _modules():
             B, T = tokens_BT.shape
             dt = jnp.dtype(self.dtype)
             embed = Embed(self.vocab_size, self.width, embedding_init=normal(0.02), dtype=dt,
-                             name="embed")
-            r_BTD = embed(tokens_BT).astype(dt)
+                          name="embed")
+            r_BTD = embed(tokens_BT)   # [B, T, D] in dt
             if self.model == "attention":   # positions only for attention, as Zoology
-                pos = Embed(self.seq_len, self.width, embedding_init=normal(0.02),
-                               name="pos_embed")
-                r_BTD = r_BTD + pos(jnp.arange(T))[None].astype(dt)
+                pos = Embed(self.seq_len, self.width, embedding_init=normal(0.02), dtype=dt,
+                            name="pos_embed")
+                r_BTD = r_BTD + pos(jnp.arange(T))[None]
             r_BTD = nn.Dropout(self.embed_dropout, deterministic=not train)(r_BTD)
             ln = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=dt)
             for i in range(self.num_layers):
