@@ -58,6 +58,11 @@ class Tuning:
     programs) splitting cost 0.21 ms of 1.87, hence no split from 128 programs up. 2048 target
     programs instead of 512 were slower at 1 x 65536 (8.6 ms).
 
+    A forward that keeps no chunk states and has a split plan (few programs) runs the fused walk
+    over the big chunks instead (`fused_split`, two_level.split_fused_forward: final states
+    only, combine, then each big chunk's fused walk from its true entering state), with big
+    chunks of at most `fused_max_chunks` chunks; no chunk state goes through memory.
+
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
     tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
@@ -75,6 +80,7 @@ class Tuning:
     split_below_programs: int = 128
     split_programs: int = 512
     split_min_chunks: int = 8
+    fused_split: bool = True
 
 
 def _tuning_from_env() -> Tuning:
@@ -164,12 +170,34 @@ def _kernel_fn(cfg: KernelConfig):
         return two_level.split_dstates(kernel, q, v, g, runs, do, dsT, sp=sp, C=cfg.chunk_size,
                                        key_gated=cfg.key_gated)
 
+    def fused_split_plan(q, v):
+        """The split plan of a fused forward (None: no split), big chunks of at most
+        fused_max_chunks chunks."""
+        t = cfg.tuning
+        sp = split_plan(q, v, cfg.kw(parallel=False, fused=True)["block_v"])
+        if sp is None or not t.fused_split or sp.L <= t.fused_max_chunks:
+            return sp
+        L = t.fused_max_chunks
+        return two_level.SplitPlan(N=sp.N, L=L, NB=-(-sp.N // L))
+
     def forward(q, k, v, g, s0, runs, keep_states: bool):
         """(o, final state, entering states or None)."""
+        t = cfg.tuning
         chunks = q.shape[1] // cfg.chunk_size
-        fused = cfg.tuning.fused_forward and chunks <= cfg.tuning.fused_max_chunks
-        if fused and not keep_states:
-            o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=cfg.out_dtype or q.dtype,
+        out_dtype = cfg.out_dtype or q.dtype
+        fused = t.fused_forward and t.fused_max_chunks > 0 and not keep_states
+        sp = fused_split_plan(q, v) if fused and t.fused_split else None
+        if sp is not None:
+            final_fn = functools.partial(states_fwd, final_only=True,
+                                         **cfg.kw(parallel=False, with_scale=False))
+            fused_fn = functools.partial(fused_fwd, out_dtype=out_dtype,
+                                         **cfg.kw(parallel=False, fused=True))
+            o, sT = two_level.split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs,
+                                                  sp=sp, C=cfg.chunk_size,
+                                                  key_gated=cfg.key_gated)
+            return o, sT, None
+        if fused and chunks <= t.fused_max_chunks:
+            o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=out_dtype,
                               **cfg.kw(parallel=False, fused=True))
             return o, sT, None
         chunk_states, sT = states(q, k, v, g, s0, runs)

@@ -23,10 +23,12 @@ from pallas_kernels import chunk_math, common
 f32 = jnp.float32
 
 
-def _states_kernel(*refs, lay: common.Layout, has_runs, dot):
+def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot):
     k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
-    s0_ref, states_ref, sT_ref = refs
+    s0_ref, *refs = refs
+    states_ref = refs.pop(0) if store_states else None
+    (sT_ref,) = refs
     C, K = lay.C, lay.K
     causal = common.causal_mask(C)
 
@@ -35,7 +37,8 @@ def _states_kernel(*refs, lay: common.Layout, has_runs, dot):
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
         gt = chunk_math.gates(g_ref[rows, :], masks)
-        states_ref[pl.ds(n * K, K), :] = S.astype(states_ref.dtype)
+        if store_states:
+            states_ref[pl.ds(n * K, K), :] = S.astype(states_ref.dtype)
         S = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], S, gt,
                                     key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
@@ -98,8 +101,9 @@ def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_w
 
 
 def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpret=False,
-               num_warps=4, num_stages=2):
-    """States entering each chunk [B, H, N·K, V] and the final state [B, H, K, V] f32.
+               num_warps=4, num_stages=2, final_only=False):
+    """States entering each chunk [B, H, N·K, V] and the final state [B, H, K, V] f32
+    (final_only: (None, the final state); no chunk state is written).
 
     The chunk states are stored in the inputs' dtype: the kernels that read them feed them to
     matmuls in that dtype anyway, and bf16 halves their memory traffic. Inputs padded to Tp = N·C: q [B, Tp, H, K] (only its shape is used), k [B, Tp, Hkv, K],
@@ -115,11 +119,15 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
     in_specs.append(lay.state())
     out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), k.dtype),
                  jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
+    out_specs = [lay.states(), lay.state()]
+    if final_only:
+        out_shape, out_specs = out_shape[1:], out_specs[1:]
     kernel = functools.partial(_states_kernel, lay=lay, has_runs=runs is not None,
-                               dot=common.Dot(k.dtype, interpret))
-    return _call(kernel, lay, args, in_specs, out_shape, [lay.states(), lay.state()],
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                 name="gla_states_fwd")
+                               store_states=not final_only, dot=common.Dot(k.dtype, interpret))
+    out = _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
+                num_warps=num_warps, num_stages=num_stages,
+                name="gla_final_state_fwd" if final_only else "gla_states_fwd")
+    return (None, out[0]) if final_only else tuple(out)
 
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,

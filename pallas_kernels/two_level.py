@@ -18,6 +18,12 @@ Here the time axis is cut into NB "big chunks" of L chunks each, and the same ke
 The decays multiply the key axis (key-gated) or the value axis (value-gated) of the [K, V]
 state. Every factor is a product of numbers ≤ 1: nothing overflows, whatever the gate.
 
+Forward without chunk states (no gradient wanted, or recompute_states): step 1 keeps only the
+local final states F_j, the combine gives the true state entering every big chunk (s0 for the
+first, the state leaving big chunk j − 1 for the others), and the fused kernel (`fused_fwd`:
+outputs inside the walk) then walks each big chunk from it, all big chunks in parallel. No
+chunk state is written or read back, and no walk is longer than L chunks.
+
 The backward pass is the mirror image: the gradient of the state leaving each chunk, walked in
 reverse, with dsT entering the last big chunk, G_{NB-1} = 0, G_{j-1} = D_j ⊙ G_j + dS0_j (the
 local gradients of the states entering the big chunks), fix-up with the suffix products
@@ -174,6 +180,29 @@ def split_states(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_
     states = _per_chunk(local, _exclusive_cumprod(decay, axis=2), entering, sp, key_gated,
                         k.dtype)
     return states, through[:, -1]
+
+
+def split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int,
+                        key_gated: bool):
+    """The fused forward over a split time axis (module docstring). final_fn(q, k, v, g, s0,
+    runs) -> (None, final state) is the state kernel without chunk states, fused_fn(q, k, v, g,
+    s0, runs) -> (o, final state) the fused kernel (shapes as `gla_fwd`). Returns (o [B, Tp, H,
+    V], final state [B, H, K, V] f32)."""
+    B, Tp, H = q.shape[:3]
+    extra = sp.padded_chunks * C - Tp
+    q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
+    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    row_runs = None if runs is None else _relative_runs(runs, sp, C)
+    rows = [_rows(x, sp, C) for x in (q, k, v, g)]
+    s0 = s0.astype(f32)
+    s0_rows = jnp.zeros((B, sp.NB) + s0.shape[1:], f32).at[:, 0].set(s0)
+    _, final = final_fn(*rows, s0_rows.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
+    big_decay = jnp.prod(chunk_decays(g, runs, sp, C, H), axis=2)  # [B, NB, H, Dg]
+    through = _affine_scan(big_decay, final.reshape((B, sp.NB) + final.shape[1:]), key_gated)
+    entering = jnp.concatenate([s0[:, None], through[:, :-1]], axis=1)  # true, per big chunk
+    o, _ = fused_fn(*rows, entering.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
+    o = o.reshape((B, sp.padded_chunks * C) + o.shape[2:])
+    return o[:, :Tp], through[:, -1]
 
 
 def split_dstates(dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan, C: int,

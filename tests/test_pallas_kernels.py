@@ -174,6 +174,38 @@ def test_two_level_state_passes_on_more_cases(case):
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
+@pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
+                                             ("K16_V16_M64_no_state", 1)])
+def test_fused_forward_over_big_chunks(case, max_chunks):
+    """A forward without gradient on few programs: final states of the big chunks, their
+    combine, then the fused walk of every big chunk from its true entering state
+    (two_level.split_fused_forward). 3 chunks: big chunks of 2 (one padding chunk), or of 1
+    where `fused_max_chunks` = 1 caps them; packed segments, grouped heads, no initial state.
+    Outputs and final states against the float64 recurrence, and the same as the split pair
+    (`fused_split` off) to float32 rounding."""
+    seed = 220
+    ref_out, _ = _reference(seed, case)
+    args, _, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+
+    def forward(**tuning):
+        before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                                 split_min_chunks=2, fused_max_chunks=max_chunks, **tuning)
+        try:
+            return jax.jit(lambda *a: gated_slot_attention(
+                *a[:5], initial_state=(a[5], a[6]) if state else None, return_final_state=True,
+                segment_ids=a[7] if segs else None, impl="pallas", chunk_size=C))(*args, seg)
+        finally:
+            pgla.set_tuning(**dataclasses.asdict(before))
+
+    o, (hk, hv) = forward()
+    ro, (rhk, rhv) = ref_out
+    _assert_rel(o, ro, F32_REL, "o")
+    _assert_rel(hk, rhk, F32_REL, "final Hk")
+    _assert_rel(hv, rhv, F32_REL, "final Hv")
+    o_pair, _ = forward(fused_split=False)
+    _assert_rel(o, o_pair, 1e-5, "o against the split pair")
+
+
 def test_two_level_plan():
     """Enough big chunks for the wanted programs (a power of two), none shorter than the minimum
     chunk count, no big chunk of padding only, and no split where it is not needed."""
