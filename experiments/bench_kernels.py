@@ -235,20 +235,25 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
     tpu_roofline(rows, shape, dtype)
 
     if use_peer and "peer" in impls:
-        try:
-            rows["peer"], o_peer = bench_peer(make_inputs(shape, jnp.float32), seg,
-                                              str(jnp.dtype(dtype)))
-            # Same inputs, so the two implementations must agree to bf16 rounding.
-            o_ours = jax.jit(gsa_fn("pallas", seg))(*args)
-            rows["peer"]["rel_err_o_vs_pallas"] = rel_err(o_ours, o_peer)
-        except Exception as e:  # noqa: BLE001
-            rows["peer"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(shape, "peer", rows["peer"], flush=True)
+        rows["peer"] = peer_row(shape, dtype)
 
     io_bytes = sum(x.nbytes for x in args) + q.nbytes  # read q,k,v,s,g; write o
     floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
     return {"shape": shape_dict(shape), "results": rows,
             "memory_floor_fwd_ms": floor_ms}
+
+
+def peer_row(shape, dtype):
+    """The peer's row at one shape (its error where it fails), checked against our output."""
+    args, seg = make_inputs(shape, dtype), document_ids(shape)
+    try:
+        row, o_peer = bench_peer(make_inputs(shape, jnp.float32), seg, str(jnp.dtype(dtype)))
+        # Same inputs, so the two implementations must agree to bf16 rounding.
+        row["rel_err_o_vs_pallas"] = rel_err(jax.jit(gsa_fn("pallas", seg))(*args), o_peer)
+    except Exception as e:  # noqa: BLE001
+        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(shape, "peer", row, flush=True)
+    return row
 
 
 def tpu_roofline(rows, shape, dtype):
@@ -394,15 +399,26 @@ def main(argv=None):
         report["command"] = previous["command"] + " ; then " + report["command"]
         report["notes"] = previous.get("notes", []) + report["notes"]
     on_tpu = jax.default_backend() == "tpu"  # TPU rows: the TPU kernels and the chunk form
-    for i, s in zip(indices, shapes):  # results are rewritten after every shape
-        with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
-        report["rows"].append(bench_shape(s, dtype, use_peer, bw, with_chunk=with_chunk,
-                                          tunings=tunings, impls=args.impls))
+    def write():
         report["rows"].sort(key=lambda r: ALL.index(tuple(r["shape"].values()))
                             if tuple(r["shape"].values()) in ALL else -1)
-        md = markdown(report)  # names its machine and command: no footer
-        common.write_results(args.tag, "bench_kernels", report, md, out_dir=args.out,
-                             footer=False)
+        common.write_results(args.tag, "bench_kernels", report, markdown(report),
+                             out_dir=args.out, footer=False)  # the page names its machine
+
+    # The JAX rows of every shape first, then the peer's: its autotuning restarts in every
+    # process (5+ minutes on an H200), and a run cut short must not lose the rows before it.
+    # Results are rewritten after every shape.
+    new_rows = []
+    for i, s in zip(indices, shapes):
+        with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
+        new_rows.append(bench_shape(s, dtype, False, bw, with_chunk=with_chunk,
+                                    tunings=tunings, impls=args.impls))
+        report["rows"].append(new_rows[-1])
+        write()
+    for s, row in zip(shapes, new_rows) if use_peer else ():
+        row["results"]["peer"] = peer_row(s, dtype)
+        write()
+    md = markdown(report)
     print(md)
     return 0
 

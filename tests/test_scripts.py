@@ -83,6 +83,33 @@ def test_bench_kernels_times_the_chunk_form_alone(tmp_path):
     assert "| chunk |" in (tmp_path / "bench_kernels_test.md").read_text()
 
 
+def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatch):
+    """The peer (its autotuning can outlast a device call) runs after every shape's JAX rows
+    are on disk; its row then joins the shape's, checked against our output. The peer is
+    faked here (no CUDA): it reads the results file when called and returns our own output
+    perturbed by 1e-3."""
+    import numpy as np
+    bench = load_experiment("bench_kernels")
+    seen = []
+
+    def fake_peer(inputs, segment_ids, dtype_name):
+        seen.append(json.loads((tmp_path / "bench_kernels_test.json").read_text()))
+        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
+            x.astype(dtype_name) for x in inputs]), np.float64)
+        return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o * (1 + 1e-3)
+
+    monkeypatch.setattr(bench, "peer_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_peer", fake_peer)
+    argv = ["--smoke", "--impls", "pallas", "peer", "--no-check", "--no-decode", "--tag",
+            "test", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (before,) = seen
+    assert [list(r["results"]) for r in before["rows"]] == [["pallas"]]
+    (row,) = json.loads((tmp_path / "bench_kernels_test.json").read_text())["rows"]
+    assert list(row["results"]) == ["pallas", "peer"]
+    assert abs(row["results"]["peer"]["rel_err_o_vs_pallas"] - 1e-3) < 1e-4
+
+
 def test_bench_kernels_decode_row_times_and_checks_the_kernel():
     """The decode benchmark at its smoke size (CPU, the kernel interpreted): the XLA step and
     the fused kernel both timed, the kernel's outputs within float32 rounding of XLA's over the
