@@ -181,10 +181,11 @@ def copy_bandwidth():
 IMPLS = ("pallas", "pallas_recomp", "chunk", "attn", "peer")  # attn: softmax attention
 
 
-def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None, impls=IMPLS):
-    """Time one shape. tunings: {row name: `pallas_kernels.gla.Tuning` changes}, extra pallas
-    rows each traced under its launch parameters (the defaults restored after). impls: the rows
-    to time (of IMPLS; "attn" is softmax attention; the peer also needs use_peer)."""
+def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IMPLS):
+    """Time one shape's JAX rows (the peer's: `peer_row`). tunings: {row name:
+    `pallas_kernels.gla.Tuning` changes}, extra pallas rows each traced under its launch
+    parameters (the defaults restored after). impls: the rows to time (of IMPLS; "attn" is
+    softmax attention; "peer" is left to peer_row)."""
     B, T, H, K, M = shape[:5]
     args = make_inputs(shape, dtype)
     seg = document_ids(shape)
@@ -233,9 +234,6 @@ def bench_shape(shape, dtype, use_peer, bandwidth, with_chunk=True, tunings=None
             rows[attn_row] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(shape, attn_row, rows[attn_row], flush=True)
     tpu_roofline(rows, shape, dtype)
-
-    if use_peer and "peer" in impls:
-        rows["peer"] = peer_row(shape, dtype)
 
     io_bytes = sum(x.nbytes for x in args) + q.nbytes  # read q,k,v,s,g; write o
     floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
@@ -411,7 +409,7 @@ def main(argv=None):
     new_rows = []
     for i, s in zip(indices, shapes):
         with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
-        new_rows.append(bench_shape(s, dtype, False, bw, with_chunk=with_chunk,
+        new_rows.append(bench_shape(s, dtype, bw, with_chunk=with_chunk,
                                     tunings=tunings, impls=args.impls))
         report["rows"].append(new_rows[-1])
         write()

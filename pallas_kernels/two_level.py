@@ -159,23 +159,32 @@ def _per_chunk(local, prefix, entering, sp: SplitPlan, key_gated: bool, dtype):
     return full[:, :, :sp.N * K].astype(dtype)
 
 
-def split_states(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_gated: bool):
-    """`states_fwd` over a split time axis. states_fn(q, k, v, g, s0, runs) is the kernel
-    (shapes as `gla_fwd.states_fwd`). Returns (chunk states [B, H, N·K, V] in k's dtype,
-    final state [B, H, K, V] f32)."""
+def _local_pass(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_gated: bool):
+    """Steps 1 and 2 of the module docstring: the big chunks' local walks (states_fn on the
+    [B·NB, L·C] rows, big chunk 0 from s0) and their combine. Returns (the padded rows (q, k, v,
+    g), their relative runs, states_fn's local chunk states (or None), the chunk decays [B, NB,
+    L, H, Dg], the true state leaving each big chunk [B, NB, H, K, V] f32)."""
     B, H = q.shape[0], q.shape[2]
     extra = sp.padded_chunks * C - q.shape[1]
     q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
     runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    row_runs = None if runs is None else _relative_runs(runs, sp, C)
+    rows = [_rows(x, sp, C) for x in (q, k, v, g)]
     s0_rows = jnp.zeros((B, sp.NB) + s0.shape[1:], f32).at[:, 0].set(s0.astype(f32))
-    local, final = states_fn(
-        _rows(q, sp, C), _rows(k, sp, C), _rows(v, sp, C), _rows(g, sp, C),
-        s0_rows.reshape((B * sp.NB,) + s0.shape[1:]),
-        None if runs is None else _relative_runs(runs, sp, C))
+    local, final = states_fn(*rows, s0_rows.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
     decay = chunk_decays(g, runs, sp, C, H)  # [B, NB, L, H, Dg]
     big_decay = jnp.prod(decay, axis=2)  # [B, NB, H, Dg]
     final = final.reshape((B, sp.NB) + final.shape[1:])
     through = _affine_scan(big_decay, final, key_gated)  # state leaving big chunk j
+    return rows, row_runs, local, decay, through
+
+
+def split_states(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_gated: bool):
+    """`states_fwd` over a split time axis. states_fn(q, k, v, g, s0, runs) is the kernel
+    (shapes as `gla_fwd.states_fwd`). Returns (chunk states [B, H, N·K, V] in k's dtype,
+    final state [B, H, K, V] f32)."""
+    _, _, local, decay, through = _local_pass(states_fn, q, k, v, g, s0, runs, sp=sp, C=C,
+                                              key_gated=key_gated)
     entering = _shift(through, reverse=False)
     states = _per_chunk(local, _exclusive_cumprod(decay, axis=2), entering, sp, key_gated,
                         k.dtype)
@@ -188,18 +197,11 @@ def split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs, *, sp: SplitPl
     runs) -> (None, final state) is the state kernel without chunk states, fused_fn(q, k, v, g,
     s0, runs) -> (o, final state) the fused kernel (shapes as `gla_fwd`). Returns (o [B, Tp, H,
     V], final state [B, H, K, V] f32)."""
-    B, Tp, H = q.shape[:3]
-    extra = sp.padded_chunks * C - Tp
-    q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
-    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
-    row_runs = None if runs is None else _relative_runs(runs, sp, C)
-    rows = [_rows(x, sp, C) for x in (q, k, v, g)]
-    s0 = s0.astype(f32)
-    s0_rows = jnp.zeros((B, sp.NB) + s0.shape[1:], f32).at[:, 0].set(s0)
-    _, final = final_fn(*rows, s0_rows.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
-    big_decay = jnp.prod(chunk_decays(g, runs, sp, C, H), axis=2)  # [B, NB, H, Dg]
-    through = _affine_scan(big_decay, final.reshape((B, sp.NB) + final.shape[1:]), key_gated)
-    entering = jnp.concatenate([s0[:, None], through[:, :-1]], axis=1)  # true, per big chunk
+    B, Tp = q.shape[:2]
+    rows, row_runs, _, _, through = _local_pass(final_fn, q, k, v, g, s0, runs, sp=sp, C=C,
+                                                key_gated=key_gated)
+    # the true state entering each big chunk: s0, then the state leaving the one before
+    entering = jnp.concatenate([s0.astype(f32)[:, None], through[:, :-1]], axis=1)
     o, _ = fused_fn(*rows, entering.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
     o = o.reshape((B, sp.padded_chunks * C) + o.shape[2:])
     return o[:, :Tp], through[:, -1]
