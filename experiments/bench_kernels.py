@@ -336,7 +336,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows and checks of an existing results file of the same tag "
-                         "(rows of re-measured shapes are replaced)")
+                         "(a re-measured shape's impls are replaced, its other impls kept)")
     ap.add_argument("--dtype", default="bfloat16", help="input dtype (default bfloat16)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer (same as leaving "
                     "'peer' out of --impls)")
@@ -390,8 +390,7 @@ def main(argv=None):
     report["rows"] = []
     previous = harness.read_report(args.tag, "bench_kernels", args.out) if args.merge else None
     if previous is not None:
-        measured = [shape_dict(s) for s in shapes]
-        report["rows"] = [r for r in previous["rows"] if r["shape"] not in measured]
+        report["rows"] = previous["rows"]
         report["checks"] = previous["checks"] + report["checks"]
         report["decode"] = report["decode"] or previous.get("decode", [])
         report["command"] = previous["command"] + " ; then " + report["command"]
@@ -409,9 +408,16 @@ def main(argv=None):
     new_rows = []
     for i, s in zip(indices, shapes):
         with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
-        new_rows.append(bench_shape(s, dtype, bw, with_chunk=with_chunk,
-                                    tunings=tunings, impls=args.impls))
-        report["rows"].append(new_rows[-1])
+        row = bench_shape(s, dtype, bw, with_chunk=with_chunk, tunings=tunings,
+                          impls=args.impls)
+        # --merge: a re-measured shape keeps the rows of impls this run did not time
+        # (e.g. a call that adds the peer to shapes whose JAX rows an earlier call wrote)
+        old = [r for r in report["rows"] if r["shape"] == row["shape"]]
+        if old:
+            row["results"] = {**old[0]["results"], **row["results"]}
+            report["rows"] = [r for r in report["rows"] if r["shape"] != row["shape"]]
+        new_rows.append(row)
+        report["rows"].append(row)
         write()
     for s, row in zip(shapes, new_rows) if use_peer else ():
         row["results"]["peer"] = peer_row(s, dtype)

@@ -108,6 +108,12 @@ def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatc
     (row,) = json.loads((tmp_path / "bench_kernels_test.json").read_text())["rows"]
     assert list(row["results"]) == ["pallas", "peer"]
     assert abs(row["results"]["peer"]["rel_err_o_vs_pallas"] - 1e-3) < 1e-4
+    # --merge at the same shape: the chunk row joins, the rows this call did not time stay
+    assert bench.main(["--smoke", "--impls", "chunk", "--no-check", "--no-decode", "--merge",
+                       "--tag", "test", "--out", str(tmp_path)]) == 0
+    (merged,) = json.loads((tmp_path / "bench_kernels_test.json").read_text())["rows"]
+    assert merged["results"]["peer"] == row["results"]["peer"]
+    assert sorted(merged["results"]) == ["chunk", "pallas", "peer"]
 
 
 def test_bench_kernels_decode_row_times_and_checks_the_kernel():
