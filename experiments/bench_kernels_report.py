@@ -86,7 +86,8 @@ def target_lines(rows) -> list:
         if "fwd_ms" not in p:
             continue
         sd = row["shape"]
-        per_token[(sd["B"], sd["T"], sd.get("docs"))] = p["fwd_bwd_ms"] / (sd["B"] * sd["T"])
+        per_token[tuple(sd.get(k) for k in ("B", "T", "H", "K", "M", "docs"))] = (
+            p["fwd_bwd_ms"] / (sd["B"] * sd["T"]))
         items = []
         if "fwd_ms" in peer:
             f, fb = peer["fwd_ms"] / p["fwd_ms"], peer["fwd_bwd_ms"] / p["fwd_bwd_ms"]
@@ -114,7 +115,9 @@ def target_lines(rows) -> list:
             items.append("chunk fwd <= its fwd+bwd "
                          f"({_verdict(chunk['fwd_ms'] <= chunk['fwd_bwd_ms'])})")
         lines.append(f"- {shape}: " + "; ".join(items))
-    long_, main_ = per_token.get((1, 65536, None)), per_token.get((8, 2048, None))
+    # the same heads and sizes at both (8 x 2048 also runs at other H, K, M)
+    long_ = per_token.get((1, 65536, 16, 128, 64, None))
+    main_ = per_token.get((8, 2048, 16, 128, 64, None))
     if long_ and main_:
         r = long_ / main_
         lines.append(f"- per-token fwd+bwd at 1 x 65536 = {r:.2f}x that of 8 x 2048 "

@@ -152,6 +152,20 @@ def test_bench_kernels_chunk_targets():
         assert item in missed
 
 
+def test_bench_kernels_per_token_target_compares_like_shapes():
+    """The 1 x 65536 per-token cost is compared with 8 x 2048 at the same H, K, M, not with
+    whichever 8 x 2048 row comes last (the M = 128 one once made a 1.07x ratio read 0.37x)."""
+    bench = load_experiment("bench_kernels")
+
+    def row(B, T, M, fwd_bwd_ms):
+        return {"shape": dict(zip("B T H K M".split(), (B, T, 16, 128, M))),
+                "results": {"pallas": {"fwd_ms": 1.0, "fwd_bwd_ms": fwd_bwd_ms}}}
+
+    rows = [row(8, 2048, 64, 2.0), row(8, 2048, 128, 6.0), row(1, 65536, 64, 10.0)]
+    (line,) = [x for x in bench.target_lines(rows) if x.startswith("- per-token")]
+    assert "= 1.25x that of 8 x 2048 (MISSED)" in line   # (10 / 65536) / (2 / 16384)
+
+
 @pytest.mark.slow  # ~20 small compiles: CI's second step
 def test_chunk_parts_times_every_part_of_both_passes(tmp_path):
     parts = load_experiment("chunk_parts")
