@@ -45,6 +45,15 @@ report records the epochs done and why, per cell.
 
 Results: results/mqar_authors_<tag>.{json,md,png}; --merge adds cells to an existing tag (split
 the sweep over GPU calls by --models/--widths).
+
+A cell longer than one call (the authors' 64 epochs: ~50K steps, 10+ minutes on an H200) pauses
+and resumes: with --state-dir DIR and --pause-seconds S a cell stops after S seconds of training
+in this call, keeping its cosine horizon (the epoch cap: unlike --cell-seconds, nothing is cut),
+and writes its runs (parameters, optimizer states, curves, step) to DIR/<model>_D<width>.state.*;
+the same command again (with --merge) resumes it where it stopped, exactly: every batch, dropout
+mask and lr is a function of the step. The state is written in parts of at most
+--state-part-mb MiB (a device call returns files of at most 16 MiB); a cell's state is about
+12 x (parameters per run) x runs bytes (float32 parameters and two AdamW moments).
 """
 
 from __future__ import annotations
@@ -63,8 +72,8 @@ from experiments import common, harness  # noqa: E402
 # (mqar_authors_train.py), the report (mqar_report.py); build, init_runs, make_chunk, run_grid,
 # fmt_cell and summarise also as mqar_authors.<name>, which the tests use.
 from experiments.mqar_authors_train import (  # noqa: E402,F401
-    data_shapes, init_runs, make_chunk, make_data, prepare_cell, run_grid, steps_per_epoch,
-    task)
+    data_shapes, init_runs, load_cell_state, make_chunk, make_data, prepare_cell, run_grid,
+    save_cell_state, steps_per_epoch, task)
 from experiments.mqar_models import build, state_size  # noqa: E402,F401
 from experiments.mqar_report import (  # noqa: E402,F401
     AUTHORS_LABELS as LABELS, AUTHORS_MODELS as MODELS, GSA_LRS, STOP_ACCURACY,
@@ -148,6 +157,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cell-seconds", type=float,
                    help="training wall-clock budget per cell (compile excluded): no chunk is "
                         "started that would end past it (default: none)")
+    p.add_argument("--state-dir", default=None,
+                   help="pause/resume: where each cell's runs are saved when paused (or done) "
+                        "and resumed from by the same command")
+    p.add_argument("--pause-seconds", type=float, default=None,
+                   help="with --state-dir: training seconds per cell in this call; then the "
+                        "cell is saved and reported as paused (its cosine horizon unchanged)")
+    p.add_argument("--state-part-mb", type=float, default=15.0,
+                   help="largest file of a saved state, MiB")
     p.add_argument("--eval-every", type=int,
                    help="steps per jitted chunk; held-out accuracy and early stop after each "
                         "(default: one epoch, as Zoology)")
@@ -182,6 +199,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.seeds < 1 or args.max_epochs < 1 or any(not lr > 0 for lr in args.lr):
         p.error("--seeds, --max-epochs and --lr must be positive")
+    if args.pause_seconds is not None and (args.state_dir is None or args.pause_seconds < 0):
+        p.error("--pause-seconds needs --state-dir and a value >= 0")
+    if args.state_dir is not None and args.cell_seconds is not None:
+        p.error("--state-dir (pause, resume later) and --cell-seconds (cut the cosine to a "
+                "budget) exclude each other")
     if args.train_examples < args.batch_size:
         p.error("--train-examples must be at least --batch-size")
     if args.eval_every is None:
@@ -206,9 +228,13 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     """Trains every (lr, seed) run of one (model, width) cell at once (vmapped) until all are
     frozen past STOP_ACCURACY, args.max_epochs, or args.cell_seconds. With a time budget the
     cosine horizon is fitted to it after the first chunk: min(max_epochs, the chunks that fit)
-    (the first chunk ran on the max_epochs horizon). Returns the cell: its runs (lr, seed,
+    (the first chunk ran on the max_epochs horizon). With args.state_dir the cell resumes from
+    its saved state, if any, and is saved when it stops; with args.pause_seconds it stops
+    ("paused") after that much training in this call (at least one chunk). Returns the cell:
+    its runs (lr, seed,
     curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the stop reason, the
     schedule horizon, compile and training seconds, step time and tokens/s."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -222,11 +248,30 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     curves = [[] for _ in range(R)]
     stopped = [None] * R
     step, train_s, chunk_s, reason = 0, 0.0, 0.0, "max epochs"
+    prefix, calls = None, 1
+    if args.state_dir is not None:
+        prefix = os.path.join(args.state_dir, f"{name}_D{width}")
+        identity = state_identity(name, width, args, lrs, run_seeds)
+        saved = load_cell_state(prefix)
+        if saved is not None:
+            (params, opt_state), step, train_s, curves, stopped, calls = restore_cell(
+                prefix, saved, identity, (params, opt_state))
+            calls += 1
+            frozen = jnp.asarray([s is not None for s in stopped])
+            log(f"  {LABELS[name]} D={width}: resumed at epoch {step / E:.2f} (call {calls})")
+    resumed_at, call_s = step, 0.0
     while True:
         if step >= total:
             break
+        if all(s is not None for s in stopped):   # (a resumed cell that had finished)
+            reason = "all runs early-stopped"
+            break
         if args.cell_seconds is not None and train_s + chunk_s > args.cell_seconds:
             reason = "time budget"
+            break
+        if (args.pause_seconds is not None and step > resumed_at
+                and call_s + chunk_s > args.pause_seconds):
+            reason = "paused (resumes from --state-dir)"
             break
         start = time.perf_counter()
         params, opt_state, loss, acc = prep["compiled"](
@@ -235,6 +280,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         loss, acc = np.asarray(loss), np.asarray(acc)   # waits for the chunk
         chunk_s = time.perf_counter() - start
         train_s += chunk_s
+        call_s += chunk_s
         step += S
         if step == S and args.cell_seconds is not None:
             # The chunks that fit the budget, at this chunk's speed, set the cosine horizon.
@@ -255,18 +301,49 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
             break
     if reason == "max epochs" and total < args.max_epochs * E:
         reason = "time budget"   # the horizon was cut to fit the budget
+    if prefix is not None:
+        meta = {"identity": identity, "step": step, "train_s": train_s, "curves": curves,
+                "stopped": stopped, "calls": calls}
+        save_cell_state(prefix, meta, jax.tree.leaves((params, opt_state)), args.state_part_mb)
     per_step = train_s / step if step else None   # all R runs' step together
     tokens = R * args.batch_size * args.seq_len
     return {"model": name, "width": width, "params": prep["num_params"],
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
             "steps_done": step, "schedule_epochs": round(horizon / E, 3), "stop_reason": reason,
-            "cell_seconds": args.cell_seconds, "compile_s": round(prep["compile_s"], 2),
+            "cell_seconds": args.cell_seconds, "calls": calls,
+            "compile_s": round(prep["compile_s"], 2),
             "train_s": round(train_s, 2),
             "step_s": None if per_step is None else round(per_step, 5),
             "tokens_per_s": None if not per_step else round(tokens / per_step),
             "runs": [{"lr": lrs[r], "seed": run_seeds[r], "stopped_epoch": stopped[r],
                       "curve": curves[r]} for r in range(R)]}
+
+
+def state_identity(name, width, args, lrs, run_seeds) -> dict:
+    """What a saved cell must share with the command that resumes it."""
+    return {"model": name, "width": width, "task": task_config(args), "lrs": list(lrs),
+            "run_seeds": list(run_seeds), "max_epochs": args.max_epochs,
+            "eval_every": args.eval_every}
+
+
+def restore_cell(prefix, saved, identity, template):
+    """(params, opt_state), step, train_s, curves, stopped, calls of a saved cell; raises
+    ValueError when it was saved by another setup (a silent restart would mix two runs)."""
+    import jax
+    import jax.numpy as jnp
+    meta, leaves = saved
+    if meta["identity"] != json.loads(json.dumps(identity)):
+        diff = sorted(k for k in identity if meta["identity"].get(k) != identity[k])
+        raise ValueError(f"{prefix}.state.*: saved by another setup (differs in {diff}); "
+                         "remove it or use another --state-dir")
+    want = jax.tree.leaves(template)
+    if len(leaves) != len(want) or any(a.shape != b.shape or a.dtype != b.dtype
+                                       for a, b in zip(leaves, want)):
+        raise ValueError(f"{prefix}.state.*: its arrays do not match this cell's runs")
+    state = jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves])
+    return (state, meta["step"], meta["train_s"], meta["curves"], meta["stopped"],
+            meta["calls"])
 
 
 # ------------------------------------------------------------------ main

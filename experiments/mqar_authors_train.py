@@ -6,6 +6,7 @@ The loop over chunks (train_cell) is in mqar_authors.py.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -180,4 +181,50 @@ def data_shapes(args) -> tuple:
     row = jax.ShapeDtypeStruct((args.train_examples, T), jnp.int32)
     test = jax.ShapeDtypeStruct((-(-args.test_examples // B), B, T), jnp.int32)
     return (row, row), (test, test)
+
+
+# ------------------------------------------------------------------ pause / resume
+def state_files(prefix: str) -> list[str]:
+    """The parts of a saved cell state, in order (prefix.state.000, .001, ...)."""
+    import glob
+    return sorted(glob.glob(glob.escape(prefix) + ".state.[0-9][0-9][0-9]"))
+
+
+def save_cell_state(prefix: str, meta: dict, leaves: list, part_mb: float) -> list[str]:
+    """Writes `leaves` (arrays) and `meta` (JSON-able) as one .npz split into parts of at most
+    part_mb MiB: prefix.state.000, ... (a part is written under a temporary name, then renamed;
+    parts of an earlier, longer state are removed). Returns the paths."""
+    import io
+    import json as json_
+    import numpy as np
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json_.dumps(meta).encode(), np.uint8),
+             **{f"leaf{i:05d}": np.asarray(x) for i, x in enumerate(leaves)})
+    data, size = buf.getvalue(), max(1, int(part_mb * 2 ** 20))
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    paths = []
+    for i, start in enumerate(range(0, len(data), size)):
+        path = f"{prefix}.state.{i:03d}"
+        with open(path + ".tmp", "wb") as f:
+            f.write(data[start:start + size])
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    for stale in state_files(prefix)[len(paths):]:
+        os.remove(stale)
+    return paths
+
+
+def load_cell_state(prefix: str):
+    """(meta, leaves) of a state save_cell_state wrote, or None when there is none."""
+    import io
+    import json as json_
+    import numpy as np
+    paths = state_files(prefix)
+    if not paths:
+        return None
+    data = b"".join(open(p, "rb").read() for p in paths)
+    with np.load(io.BytesIO(data)) as z:
+        meta = json_.loads(bytes(z["meta"]).decode())
+        leaves = [z[f"leaf{i:05d}"] for i in range(len(z.files) - 1)]
+    return meta, leaves
 

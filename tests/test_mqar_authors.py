@@ -44,6 +44,40 @@ def test_end_to_end_two_lrs_two_seeds(tmp_path):
     assert (tmp_path / "mqar_authors_t.md").exists() and (tmp_path / "mqar_authors_t.png").exists()
 
 
+@pytest.mark.slow   # five small attention compiles (~40 s on 2 cores): CI's second step
+def test_paused_cell_resumes_exactly(tmp_path):
+    """A cell paused after every chunk (--pause-seconds 0) and resumed call by call from
+    --state-dir (its state in several small parts) ends with the curves and the parameters and
+    optimizer states of the same cell trained in one call; a state saved by another setup (other
+    lrs) is refused, not silently restarted."""
+    base = TINY + ["--eval-every", "2", "--max-epochs", "2"]
+    quiet = lambda *_: None  # noqa: E731
+    one_go = ma.parse_args(base + ["--state-dir", str(tmp_path / "a")])
+    data = ma.make_data(one_go)
+    straight = ma.train_cell("attention", 8, one_go, data, log=quiet)
+    paused = ma.parse_args(base + ["--state-dir", str(tmp_path / "b"), "--pause-seconds", "0",
+                                   "--state-part-mb", "0.01"])
+    cells = []
+    while not cells or cells[-1]["stop_reason"].startswith("paused"):
+        cells.append(ma.train_cell("attention", 8, paused, data, log=quiet))
+        assert len(cells) <= 4
+    assert [c["steps_done"] for c in cells] == [2, 4, 6, 8] and cells[-1]["calls"] == 4
+    assert cells[-1]["stop_reason"] == straight["stop_reason"] == "max epochs"
+    assert [r["curve"] for r in cells[-1]["runs"]] == [r["curve"] for r in straight["runs"]]
+    prefix = lambda d: str(tmp_path / d / "attention_D8")  # noqa: E731
+    from experiments.mqar_authors_train import state_files
+    assert len(state_files(prefix("b"))) > 1
+    (meta_a, leaves_a), (meta_b, leaves_b) = (ma.load_cell_state(prefix(d)) for d in "ab")
+    assert meta_a["step"] == meta_b["step"] == 8
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = ma.parse_args(TINY[:-5] + ["--lr", "1e-3", "2e-2", "--seeds", "2", "--eval-every",
+                                       "2", "--max-epochs", "2", "--state-dir",
+                                       str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="another setup"):
+        ma.train_cell("attention", 8, other, data, log=quiet)
+
+
 def _setup(model="gla", extra=()):
     args = ma.parse_args(TINY + ["--eval-every", "3", "--max-epochs", "2", *extra])
     data = ma.make_data(args)
