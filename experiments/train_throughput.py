@@ -6,7 +6,9 @@
 Runs `gsa_jax.train.train` (fresh run directory unless --resume), then reads the run's
 metrics.jsonl: tokens/s and MFU are the medians of the logged intervals (the compiling first step
 is never timed; intervals broken by evaluation or checkpoints restart their timer), the peak
-device memory is the backend's `peak_bytes_in_use` where it reports one. Results:
+device memory is the backend's `peak_bytes_in_use` where it reports one. With --profile FIRST
+LAST the trainer traces those steps (logging.profile_steps) and the report adds where their
+device time went, per category and per op (experiments/profile_summary.py). Results:
 experiments/results/train_throughput_<tag>.json and .md (with the machine, versions, command and
 config; experiments/common.write_results).
 """
@@ -47,6 +49,19 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+def profile_report(run_dir, steps, config, summary) -> dict:
+    """The traced steps' device time per category (experiments/profile_summary.py); a step's
+    wall time from the run's median tokens/s."""
+    from experiments import profile_summary as ps
+    first, last = steps
+    trace = ps.find_trace(pathlib.Path(run_dir) / "profile")
+    ops, source = ps.device_events(ps.load_events(trace))
+    tokens = summary.get("tokens_per_s_median")
+    step_ms = (config.data.batch_size * config.data.seq_len / tokens * 1e3) if tokens else None
+    return {"first": first, "last": last, "trace": str(trace), "source": source,
+            "summary": ps.summarize(ops, last - first + 1, step_ms)}
+
+
 def markdown(report: dict) -> str:
     s, c = report["summary"], report["config"]
     m = c["model"]
@@ -68,6 +83,11 @@ def markdown(report: dict) -> str:
                  f" | {val} | {report['wall_s']:.0f} |")
     lines += ["", "MFU counts 6·N + attention/mixer FLOPs per token (gsa_jax/flops.py) against "
               "the device's dense bf16 peak."]
+    if report.get("profile"):
+        from experiments.profile_summary import markdown_lines
+        prof = report["profile"]
+        lines += ["", f"## Profile of steps {prof['first']}-{prof['last']}", ""]
+        lines += markdown_lines(prof["summary"], prof["source"])
     return "\n".join(lines) + "\n"
 
 
@@ -76,13 +96,24 @@ def main(argv=None) -> dict:
     p.add_argument("--config", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="keep the run directory's checkpoints")
+    p.add_argument("--profile", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
+                   help="trace train steps FIRST..LAST (after the first, which compiles) and "
+                        "report where their device time went")
     args = p.parse_args(argv)
+    if args.profile is not None:
+        first, last = args.profile
+        if not 2 <= first <= last:
+            p.error(f"--profile wants 2 <= FIRST <= LAST (step 1 compiles), got {first} {last}")
+        args.overrides.append(f"logging.profile_steps=[{first},{last}]")
     import jax
 
     from gsa_jax.config import load_config
     from gsa_jax.train import train
 
     config = load_config(args.config, args.overrides)
+    if args.profile is not None and args.profile[1] > config.steps:
+        p.error(f"--profile {args.profile[0]} {args.profile[1]}: the run has only "
+                f"{config.steps} steps")
     run_dir = pathlib.Path(config.run_dir)
     if not args.resume and run_dir.exists():
         shutil.rmtree(run_dir)  # a throughput run starts fresh
@@ -99,6 +130,8 @@ def main(argv=None) -> dict:
         "peak_bytes": harness.peak_bytes(jax.devices()[0]),
         "summary": summarize(records), "sample": final.get("sample"),
     }
+    if args.profile is not None:
+        report["profile"] = profile_report(run_dir, args.profile, config, report["summary"])
     common.write_and_print(report["tag"], "train_throughput", report, markdown(report),
                            out_dir=args.out_dir)
     return report

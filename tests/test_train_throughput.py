@@ -23,7 +23,7 @@ def test_tiny_run_summary_matches_its_metrics(tmp_path):
                  "eval.batches=2", "checkpoint.every=0", "sample.max_new_tokens=0",
                  "logging.progress=false", "data.batch_size=4", "data.seq_len=64"]
     argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--tag", "test",
-            "--out-dir", str(tmp_path)]
+            "--out-dir", str(tmp_path), "--profile", "9", "11"]
     for item in overrides:
         argv += ["--set", item]
     report = script.main(argv)
@@ -49,3 +49,12 @@ def test_tiny_run_summary_matches_its_metrics(tmp_path):
         "python experiments/train_throughput.py --config")
     md = (tmp_path / "train_throughput_test.md").read_text()
     assert f"{summary['tokens_per_s_median']:,.0f}" in md and "Machine:" in md
+    # --profile 9 11: the trace of those 3 steps, its device time split into categories
+    prof = report["profile"]
+    assert (prof["first"], prof["last"], prof["summary"]["steps"]) == (9, 11, 3)
+    cats = prof["summary"]["categories"]
+    assert cats and math.isclose(sum(c["ms_per_step"] for c in cats),
+                                 prof["summary"]["device_ms_per_step"], rel_tol=1e-9)
+    assert any(c["category"] == "matmuls" and c["ms_per_step"] > 0 for c in cats)
+    assert math.isclose(sum(c["share"] for c in cats), 1.0, rel_tol=1e-9)
+    assert "## Profile of steps 9-11" in md
