@@ -63,6 +63,10 @@ class Tuning:
     only, combine, then each big chunk's fused walk from its true entering state), with big
     chunks of at most `fused_max_chunks` chunks; no chunk state goes through memory.
 
+    `split_fixup` (off: not yet timed on a GPU) runs that split forward in one walk instead of
+    two: every big chunk's fused walk from a zero state, then the outputs fixed up with the
+    state each walk missed (two_level.split_fused_fixup_forward).
+
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
     tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
@@ -81,6 +85,7 @@ class Tuning:
     split_programs: int = 512
     split_min_chunks: int = 8
     fused_split: bool = True
+    split_fixup: bool = False
 
 
 def _tuning_from_env() -> Tuning:
@@ -187,6 +192,13 @@ def _kernel_fn(cfg: KernelConfig):
         out_dtype = cfg.out_dtype or q.dtype
         fused = t.fused_forward and t.fused_max_chunks > 0 and not keep_states
         sp = fused_split_plan(q, v) if fused and t.fused_split else None
+        if sp is not None and t.split_fixup:
+            fused_fn = functools.partial(fused_fwd, out_dtype=jnp.float32,
+                                         **cfg.kw(parallel=False, fused=True))
+            o, sT = two_level.split_fused_fixup_forward(
+                fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
+                key_gated=cfg.key_gated, scale=cfg.scale, out_dtype=out_dtype)
+            return o, sT, None
         if sp is not None:
             final_fn = functools.partial(states_fwd, final_only=True,
                                          **cfg.kw(parallel=False, with_scale=False))

@@ -207,6 +207,44 @@ def split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs, *, sp: SplitPl
     return o[:, :Tp], through[:, -1]
 
 
+def split_fused_fixup_forward(fused_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int,
+                              key_gated: bool, scale: float, out_dtype):
+    """The fused forward over a split time axis in ONE walk (`Tuning.split_fixup`): each big
+    chunk's fused walk runs from a zero state (big chunk 0 from s0) while the combine is not
+    known yet, and the outputs are fixed up afterwards with the state each walk missed:
+
+        o_t = o_t^local + scale · (q_t ⊙ Λ_t) M_j          (key-gated; value-gated:
+                                                             o_t^local + scale · (q_t M_j) ⊙ Λ_t)
+
+    with M_j the true state entering big chunk j (0 for j = 0, whose walk had s0), and
+    Λ_t = Π_{m<l} decay_{j,m} · exp(Σ_{τ ≤ t in chunk l} g_τ) · [no new segment since the
+    big chunk began] the decay from the big chunk's start through t: a product of numbers
+    ≤ 1, nothing overflows. fused_fn(q, k, v, g, s0, runs) -> (o, final state) must return
+    float32 outputs (the sum is rounded once, to out_dtype). Against split_fused_forward this
+    trades the second walk over k, v, g for one pass over q, g and o. Returns (o [B, Tp, H, V]
+    in out_dtype, final state [B, H, K, V] f32)."""
+    B, Tp, H, K = q.shape
+    rows, row_runs, local, decay, through = _local_pass(
+        fused_fn, q, k, v, g, s0, runs, sp=sp, C=C, key_gated=key_gated)
+    missing = _shift(through, reverse=False)                       # [B, NB, H, K, V]
+    q_rows, g_rows = rows[0], rows[3]                              # [B·NB, L·C, ., .]
+    Hkv, Dg = g_rows.shape[2:]
+    shape = (B, sp.NB, sp.L, C)
+    within = jnp.exp(jnp.cumsum(g_rows.astype(f32).reshape(shape + (Hkv, Dg)), axis=3))
+    within = jnp.repeat(within, H // Hkv, axis=4)                  # [B, NB, L, C, H, Dg]
+    lam = within * _exclusive_cumprod(decay, axis=2)[:, :, :, None]
+    if row_runs is not None:   # a new segment inside the big chunk cuts the entering state
+        lam = lam * (row_runs.reshape(shape) == 0).astype(f32)[..., None, None]
+    qr = q_rows.astype(f32).reshape(shape + (H, K))
+    if key_gated:
+        fix = jnp.einsum("bjlchk,bjhkv->bjlchv", qr * lam, missing)
+    else:
+        fix = jnp.einsum("bjlchk,bjhkv->bjlchv", qr, missing) * lam
+    o = local.reshape(fix.shape) + scale * fix
+    o = o.reshape((B, sp.padded_chunks * C) + o.shape[-2:])
+    return o[:, :Tp].astype(out_dtype), through[:, -1]
+
+
 def split_dstates(dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan, C: int,
                   key_gated: bool):
     """`dstates_bwd` over a split time axis; dstates_fn(q, v, g, runs, do, dsT) is the kernel.

@@ -174,15 +174,18 @@ def test_two_level_state_passes_on_more_cases(case):
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
+@pytest.mark.parametrize("fixup", [False, True], ids=["two_walks", "fixup"])
 @pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
                                              ("K16_V16_M64_no_state", 1)])
-def test_fused_forward_over_big_chunks(case, max_chunks):
+def test_fused_forward_over_big_chunks(case, max_chunks, fixup):
     """A forward without gradient on few programs: final states of the big chunks, their
     combine, then the fused walk of every big chunk from its true entering state
-    (two_level.split_fused_forward). 3 chunks: big chunks of 2 (one padding chunk), or of 1
-    where `fused_max_chunks` = 1 caps them; packed segments, grouped heads, no initial state.
-    Outputs and final states against the float64 recurrence, and the same as the split pair
-    (`fused_split` off) to float32 rounding."""
+    (two_level.split_fused_forward); or (fixup) one fused walk of every big chunk from a zero
+    state and the outputs fixed up with the state it missed (split_fused_fixup_forward).
+    3 chunks: big chunks of 2 (one padding chunk), or of 1 where `fused_max_chunks` = 1 caps
+    them; packed segments, grouped heads, no initial state. Outputs and final states against
+    the float64 recurrence, and the same as the split pair (`fused_split` off) to float32
+    rounding."""
     seed = 220
     ref_out, _ = _reference(seed, case)
     args, _, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
@@ -197,7 +200,7 @@ def test_fused_forward_over_big_chunks(case, max_chunks):
         finally:
             pgla.set_tuning(**dataclasses.asdict(before))
 
-    o, (hk, hv) = forward()
+    o, (hk, hv) = forward(split_fixup=fixup)
     ro, (rhk, rhv) = ref_out
     _assert_rel(o, ro, F32_REL, "o")
     _assert_rel(hk, rhk, F32_REL, "final Hk")
@@ -245,6 +248,38 @@ def test_strong_gates_take_the_exact_path():
     out, grads = _value_and_grads("pallas", C, True, False)(strong(args), cot, seg)
     scale = max(np.abs(g).max() for g in ref_grads[:4])  # dq, dk, dv, ds: O(1)..O(10)
     _compare(out, grads, ref_out, ref_grads, F32_REL, True, dg_atol=1e-7 * scale)
+
+
+def test_fixup_forward_with_strong_gates():
+    """The one-walk split forward (`split_fixup`) with g ≈ -3 per step, packed segments and an
+    initial state: a chunk of 32 decays by ~e^-96 (its inverse would overflow float32), the
+    decay from a big chunk's start underflows to 0 within it, while the first few positions
+    of each big chunk still get a fix-up that matters; outputs and final states match the
+    float64 recurrence on the same inputs."""
+    case, seed = "segments_C32", 310
+    C = CASES[case][7]
+
+    def strong(args):
+        q, k, v, s, g, hk0, hv0 = args
+        return (q, k, v, s, g * 0 - 3.0 + 0.5 * jnp.tanh(g), hk0, hv0)
+
+    def run(impl, args, seg):
+        return gated_slot_attention(*args[:5], initial_state=args[5:], return_final_state=True,
+                                    segment_ids=seg, impl=impl, chunk_size=C)
+
+    with enable_x64():
+        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref = jax.tree.map(np.asarray, run("recurrent", strong(args), seg))
+    args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
+    before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                             split_min_chunks=1, fused_max_chunks=1, split_fixup=True)
+    try:
+        o, (hk, hv) = jax.jit(lambda a, sg: run("pallas", a, sg))(strong(args), seg)
+    finally:
+        pgla.set_tuning(**dataclasses.asdict(before))
+    _assert_rel(o, ref[0], F32_REL, "o")
+    _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
+    _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
 
 
 def test_bfloat16_inputs_close_to_float64():

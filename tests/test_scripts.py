@@ -83,6 +83,25 @@ def test_bench_kernels_times_the_chunk_form_alone(tmp_path):
     assert "| chunk |" in (tmp_path / "bench_kernels_test.md").read_text()
 
 
+@pytest.mark.slow  # the kernels interpreted and timed, 3 rows: CI's second step
+def test_bench_kernels_variant_rows_are_checked_against_the_default():
+    """A launch variant (here the one-walk split forward, `split_fixup`, on big chunks of two
+    chunks) is timed as its own row and its output compared with the default pallas row's: the
+    same result to float32 rounding."""
+    import jax.numpy as jnp
+    bench = load_experiment("bench_kernels")
+    split = {"split_below_programs": 10 ** 6, "split_programs": 10 ** 6, "split_min_chunks": 2,
+             "fused_max_chunks": 2}   # 4 chunks in 2 big chunks
+    row = bench.bench_shape((1, 256, 2, 16, 16), jnp.float32, None, impls=("pallas",),
+                            tunings={"pallas two_walks": split,
+                                     "pallas fixup": {**split, "split_fixup": True}})
+    res = row["results"]
+    assert list(res) == ["pallas", "pallas two_walks", "pallas fixup"]
+    assert "rel_err_o_vs_pallas" not in res["pallas"]
+    for name in ("pallas two_walks", "pallas fixup"):
+        assert res[name]["fwd_ms"] > 0 and 0 <= res[name]["rel_err_o_vs_pallas"] < 1e-5
+
+
 def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatch):
     """The peer (its autotuning can outlast a device call) runs after every shape's JAX rows
     are on disk; its row then joins the shape's, checked against our output. The peer is
