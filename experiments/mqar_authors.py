@@ -237,9 +237,8 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     (the first chunk ran on the max_epochs horizon). With args.state_dir the cell resumes from
     its saved state, if any, and is saved when it stops; with args.pause_seconds it stops
     ("paused") after that much training in this call (at least one chunk). Returns the cell:
-    its runs (lr, seed,
-    curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the stop reason, the
-    schedule horizon, compile and training seconds, step time and tokens/s."""
+    its runs (lr, seed, curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the
+    stop reason, the schedule horizon, compile and training seconds, step time and tokens/s."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -339,7 +338,8 @@ def restore_cell(prefix, saved, identity, template):
     import jax
     import jax.numpy as jnp
     meta, leaves = saved
-    if meta["identity"] != json.loads(json.dumps(identity)):
+    identity = json.loads(json.dumps(identity))   # as saved: tuples become lists
+    if meta["identity"] != identity:
         diff = sorted(k for k in identity if meta["identity"].get(k) != identity[k])
         raise ValueError(f"{prefix}.state.*: saved by another setup (differs in {diff}); "
                          "remove it or use another --state-dir")

@@ -25,16 +25,22 @@ def task(args):
 
 
 # ------------------------------------------------------------------ data
+def datasets(args):
+    """(training, held-out) `MQARData` of the task, drawn from seeds of args.data_seed."""
+    from gsa_jax.data.mqar import generate
+    return (generate(task(args), args.train_examples, seed=args.data_seed * 1_000_003),
+            generate(task(args), args.test_examples, seed=args.data_seed * 1_000_003 + 1))
+
+
 def make_data(args) -> dict:
     """Training set x, y [N, T] and the held-out set [n_batches, B, T] (padded to whole batches
     with rows whose labels are all IGNORE), int32 on the device."""
     import jax.numpy as jnp
     import numpy as np
-    from gsa_jax.data.mqar import IGNORE, generate
+    from gsa_jax.data.mqar import IGNORE
 
     B = args.batch_size
-    train = generate(task(args), args.train_examples, seed=args.data_seed * 1_000_003)
-    test = generate(task(args), args.test_examples, seed=args.data_seed * 1_000_003 + 1)
+    train, test = datasets(args)
     pad = -args.test_examples % B
     tx = np.concatenate([test.inputs, np.zeros((pad, args.seq_len), np.int32)])
     ty = np.concatenate([test.labels, np.full((pad, args.seq_len), IGNORE, np.int32)])

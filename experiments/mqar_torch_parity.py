@@ -8,7 +8,7 @@ weights) with no MLP, Zoology's residual bookkeeping (a block returns norm2(resi
 next block adds it), a final LayerNorm and tied output embeddings; every Linear normal(0.02)
 with zero bias (out_proj 0.02 / sqrt(2L)); AdamW (weight decay 0.1 on every parameter), a
 cosine lr to 0 stepped per step, cross-entropy over the query positions only. The data are
-ours (`gsa_jax.data.mqar.generate`, the same seeds as `mqar_authors_train.make_data`).
+ours (`mqar_authors_train.datasets`: what the harness trains and evaluates on).
 
 Two modes:
 
@@ -114,14 +114,13 @@ def _torch_modules():
 
 
 def make_data(vocab, seq_len, kv_pairs, n_train, n_test, data_seed=0):
-    """((inputs, labels) train, (inputs, labels) held out) as int64 torch tensors, drawn as
-    `mqar_authors_train.make_data` draws them."""
+    """((inputs, labels) train, (inputs, labels) held out) as int64 torch tensors: the data
+    of our harness (`mqar_authors_train.datasets`) at these sizes."""
     import torch
-    from gsa_jax.data.mqar import MQARConfig, generate
-    cfg = MQARConfig(vocab_size=vocab, seq_len=seq_len, num_kv_pairs=kv_pairs, power_a=0.01,
-                     random_non_queries=False)
-    tr = generate(cfg, n_train, seed=data_seed * 1_000_003)
-    te = generate(cfg, n_test, seed=data_seed * 1_000_003 + 1)
+    from experiments.mqar_authors_train import datasets
+    tr, te = datasets(SimpleNamespace(vocab_size=vocab, seq_len=seq_len, kv_pairs=kv_pairs,
+                                      power_a=0.01, train_examples=n_train,
+                                      test_examples=n_test, data_seed=data_seed))
     t = lambda a: torch.from_numpy(np.asarray(a, np.int64))  # noqa: E731
     return (t(tr.inputs), t(tr.labels)), (t(te.inputs), t(te.labels))
 
