@@ -127,9 +127,10 @@ NOTES = [
     "and recipe (experiments/mqar_torch_parity.py) from our initial parameters gives logits "
     "within 3.6e-7, loss 9.0168953 vs 9.0168972, gradients within ~1e-8 and one AdamW step "
     "within 4.6e-7 (V = 8192, T = 64, 8 pairs, D = 64); trained from its own init on the same "
-    "data (CPU, one seed each) its curves equal ours: both ~13.5% after 3120 steps at 20k rows, "
-    "lr 1e-3; with 100k rows and lr 3e-3 both sit at ~11% (one of the P in-context values, "
-    "guessed) and jump to ~99% between steps 2500 and 3600. So the near-chance cells are a "
+    "data (CPU) its curves equal ours: both 13-14% after 3120 steps at 20k rows, lr 1e-3; "
+    "with 100k rows and lr 3e-3 both sit at ~11% (one of the P in-context values, guessed) "
+    "and jump to ~99% between steps 2500 and 3650 (results/mqar_authors_cpu{A,B}.md, "
+    "results/logs/mqar_torch_t64_*.txt). So the near-chance cells are a "
     "plateau that a longer run at a higher lr leaves: the authors' 64 epochs and the top of "
     "their lr grid (2e-3 to 1e-2) are what these cut cells lack.",
     "Runs of one seed share the initialisation, the data order and the dropout masks across "
