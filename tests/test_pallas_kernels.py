@@ -174,7 +174,8 @@ def test_two_level_state_passes_on_more_cases(case):
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
-@pytest.mark.parametrize("fixup", [False, True], ids=["two_walks", "fixup"])
+@pytest.mark.parametrize("fixup", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["two_walks", "fixup"])  # fixup: ~1 min of interpreting, tier 2
 @pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
                                              ("K16_V16_M64_no_state", 1)])
 def test_fused_forward_over_big_chunks(case, max_chunks, fixup):
