@@ -56,16 +56,24 @@ class Tuning:
     On an H200 (experiments/results/bench_kernels_h200probe.md, bf16, H = 16, K = V = 128,
     M = 64): 1 x 16384 fwd+bwd 3.81 -> 2.15 ms, 1 x 65536 15.1 -> 7.9 ms; at 8 x 2048 (128
     programs) splitting cost 0.21 ms of 1.87, hence no split from 128 programs up. 2048 target
-    programs instead of 512 were slower at 1 x 65536 (8.6 ms).
+    programs instead of 512 were slower at 1 x 65536 (8.6 ms); 256 instead of 512 is faster at
+    every split shape timed (experiments/results/bench_kernels_h200split.md, one process):
+    forward 0.644 / 0.661 / 0.667 / 1.224 / 2.369 ms against 0.706 / 0.734 / 0.724 / 1.284 /
+    2.388 at 4 x 4096, 2 x 8192, 1 x 16K, 32K, 64K; forward+backward 1-6% faster.
 
     A forward that keeps no chunk states and has a split plan (few programs) runs the fused walk
     over the big chunks instead (`fused_split`, two_level.split_fused_forward: final states
     only, combine, then each big chunk's fused walk from its true entering state), with big
     chunks of at most `fused_max_chunks` chunks; no chunk state goes through memory.
 
-    `split_fixup` (off: not yet timed on a GPU) runs that split forward in one walk instead of
+    `split_fixup` (off: measured slower) runs that split forward in one walk instead of
     two: every big chunk's fused walk from a zero state, then the outputs fixed up with the
-    state each walk missed (two_level.split_fused_fixup_forward).
+    state each walk missed (two_level.split_fused_fixup_forward). On an H200 it costs more than
+    the walk it saves: forward 0.977 / 1.003 / 1.024 / 1.905 / 3.761 ms against the two-walk
+    0.706 / 0.734 / 0.724 / 1.284 / 2.388 at the shapes above (bench_kernels_h200split; same
+    outputs within 2.7e-4): the fix-up is XLA ops in float32 (the walk's float32 outputs, the
+    decays' cumulative sums, q ⊙ Λ each go through memory), several passes over [T, H, K]
+    where the second walk it replaces is one kernel.
 
     `block_v_bwd=None` (auto) takes LARGE_STATE_BWD_BLOCK_V for states of at least 128 x 128
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
@@ -82,7 +90,7 @@ class Tuning:
     fused_forward: bool = True
     fused_max_chunks: int = 32
     split_below_programs: int = 128
-    split_programs: int = 512
+    split_programs: int = 256
     split_min_chunks: int = 8
     fused_split: bool = True
     split_fixup: bool = False
