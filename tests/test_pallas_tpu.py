@@ -190,6 +190,21 @@ def test_auto_picks_the_kernels_of_the_backend(monkeypatch, backend, expected):
         assert _kernel_names(functools.partial(fn, impl="pallas"), *x[:5]) == expected
 
 
+@pytest.mark.parametrize("backend, auto", [("gpu", "pallas"), ("tpu", "chunk"), ("cpu", "chunk")])
+def test_auto_takes_wide_head_dims_on_a_gpu_only(monkeypatch, backend, auto):
+    """The 1.3B / 2.7B presets' head dim 512 (key slices) and value dims that are multiples of
+    128: "auto" takes the kernels on a GPU (timed faster in a whole train step there), the
+    chunk form on a TPU (untimed) and a CPU; an explicit "pallas" takes them everywhere, and a
+    dim that is neither a kernel dim nor a multiple of 128 never."""
+    monkeypatch.setattr(ops_pallas, "backend", lambda: backend)
+    assert resolve_impl("f", "auto", (512, 64, 512), 64, jnp.bfloat16) == auto
+    assert resolve_impl("f", "auto", (128, 64, 384), 64, jnp.bfloat16) == auto
+    assert resolve_impl("f", "pallas", (512, 64, 512), 64, jnp.bfloat16) == "pallas"
+    assert resolve_impl("f", "auto", (96, 64, 96), 64, jnp.bfloat16) == "chunk"
+    assert resolve_impl("f", "auto", (128, 64, 128), 64, jnp.bfloat16) == (
+        "chunk" if backend == "cpu" else "pallas")
+
+
 @pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
 def test_kernels_run_per_device_slice_under_a_mesh(tier):
     """tests/test_pallas_sharded_devices.py on 8 simulated devices (a subprocess): the TPU

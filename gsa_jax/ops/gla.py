@@ -30,11 +30,16 @@ _FORMS = {"recurrent": gla_recurrent, "parallel": gla_parallel, "chunk": gla_chu
 
 
 def resolve_impl(fn: str, impl: str, dims: tuple, chunk_size: int, dtype) -> str:
-    """"auto" -> "pallas" on a GPU or TPU where the kernels support the shapes, else "chunk"."""
+    """"auto" -> "pallas" on a GPU or TPU where the kernels support the shapes, else "chunk".
+
+    Wide dims (multiples of 128 outside KERNEL_DIMS: key slices, value blocks) count on a GPU,
+    where a whole 1.3B train step (head dim 512) ran 1.23-1.32x faster with the kernels than
+    with the chunk form (experiments/results/efficiency_h100pallas.md); on a TPU they have not
+    been timed, so only an explicit impl="pallas" takes them there."""
     supported = (pallas.kernel_supports(*dims, chunk_size=chunk_size)
                  and jnp.dtype(dtype) != jnp.float64)
     if impl == "auto":
-        measured = pallas.kernel_supports(*dims, chunk_size=chunk_size, wide=False)
+        measured = pallas.kernel_supports(*dims, chunk_size=chunk_size, wide=pallas.on_gpu())
         on_device = pallas.on_gpu() or pallas.on_tpu()
         return "pallas" if supported and measured and on_device else "chunk"
     if impl == "pallas" and not supported:
