@@ -89,6 +89,7 @@ def test_stop_tokens_end_rows():
             assert got[at + 1:] == [255] * (5 - at) and int(out.lengths[row]) == at + 1
 
 
+@pytest.mark.slow  # ~12 s; CI runs it in its second step
 def test_array_prompts_with_lengths_and_sampling_is_reproducible():
     model, params = _model("gsa-hybrid-tiny")
     tokens, lengths = generation.left_pad(PROMPTS, pad_id=0)

@@ -140,7 +140,7 @@ def test_layout_conversion_of_params_and_adam_state_round_trips():
     assert jax.tree.structure(layer_layout.to_scanned(scanned)) == jax.tree.structure(scanned)
 
 
-@pytest.mark.parametrize("write_scanned", [False, True])
+@pytest.mark.parametrize("write_scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_checkpoint_restores_into_the_other_layout(tmp_path, write_scanned):
     """A checkpoint of one layout resumes (whole state, and params only) in the other."""
     scanned, plain = _pair("gsa-tiny")
@@ -222,6 +222,7 @@ def test_remat_reads_old_booleans_and_names_bad_policies(tmp_path):
         get_preset("gsa-tiny", remat="everything")
 
 
+@pytest.mark.slow  # ~15 s; CI runs it in its second step
 def test_hybrid_stack_falls_back_to_the_list_of_blocks(caplog):
     """scan_layers on a stack that mixes mixers: the unscanned blocks (same params and logits as
     scan_layers off), with a note."""
@@ -269,6 +270,7 @@ def test_params_checkpoint_of_unscanned_layers_initialises_a_scanned_model(tmp_p
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow  # ~20 s; CI runs it in its second step
 def test_scan_unroll_keeps_the_function():
     """model.scan_unroll (blocks per loop iteration; 2 leaves a remainder at L = 3, 5 exceeds L)
     gives the logits and gradients of the rolled loop; 0 is refused."""

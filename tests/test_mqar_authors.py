@@ -163,6 +163,7 @@ def test_vmapped_runs_equal_runs_one_by_one(model):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # ~19 s; CI runs it in its second step
 def test_frozen_run_keeps_its_state_exactly():
     args, data, m = _setup("attention", ["--num-layers", "1"])
     lrs, seeds = ma.run_grid(args)
@@ -182,6 +183,7 @@ def test_frozen_run_keeps_its_state_exactly():
     assert all(moved)
 
 
+@pytest.mark.slow  # ~9 s; CI runs it in its second step
 def test_cell_stops_when_every_run_passed_the_threshold(monkeypatch):
     args, data, _ = _setup("attention", ["--max-epochs", "5", "--num-layers", "1"])
     monkeypatch.setattr(ma, "STOP_ACCURACY", -1.0)   # every run passes after its first chunk
@@ -251,6 +253,7 @@ def test_models_are_causal(model):
         assert not np.array_equal(out[:, t + 1:], base[:, t + 1:])
 
 
+@pytest.mark.slow  # ~9 s; CI runs it in its second step
 def test_abc_cumulative_normaliser_is_causal():
     """ABC (GSA, gate="none"): z_t = logcumsumexp(e)_{<=t} must not see e_{t+1..}: perturbing the
     input after t leaves outputs <= t exactly unchanged."""

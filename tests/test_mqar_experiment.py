@@ -132,6 +132,7 @@ def test_lr_grid_reports_the_best_per_test_set():
         [g["curve"][-1]["loss"] for g in rows[1]["by_lr"]]
 
 
+@pytest.mark.slow  # ~10 s; CI runs it in its second step
 def test_torch_conv_init_redraws_only_the_conv_kernels():
     import flax.linen as nn
     from gsa_jax.models import CausalLM

@@ -15,6 +15,7 @@ def _bench_ops():
     return load_experiment("bench_ops")
 
 
+@pytest.mark.slow  # ~9 s; the forms agree in tests/test_ops_forms.py too
 def test_demo_forms_agree(capsys):
     status = demo.main(["--batch", "1", "--seq-len", "24", "--heads", "2", "--head-dim", "4",
                         "--slots", "3", "--chunk-size", "8", "--repeats", "1"])
