@@ -170,6 +170,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pause-seconds", type=float, default=None,
                    help="with --state-dir: training seconds per cell in this call; then the "
                         "cell is saved and reported as paused (its cosine horizon unchanged)")
+    p.add_argument("--call-seconds", type=float, default=None,
+                   help="with --state-dir: wall-clock seconds for this whole process (from its "
+                        "start, compiles included): a cell pauses before a chunk that would end "
+                        "past it and later cells wait for the next call; leave ~30 s under the "
+                        "call's limit for saving and the report")
     p.add_argument("--state-part-mb", type=float, default=15.0,
                    help="largest file of a saved state, MiB")
     p.add_argument("--eval-every", type=int,
@@ -208,6 +213,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seeds, --max-epochs and --lr must be positive")
     if args.pause_seconds is not None and (args.state_dir is None or args.pause_seconds < 0):
         p.error("--pause-seconds needs --state-dir and a value >= 0")
+    if args.call_seconds is not None and (args.state_dir is None or args.call_seconds <= 0):
+        p.error("--call-seconds needs --state-dir and a positive value")
+    # --pause-seconds counts each cell's training alone; a call that trains several cells
+    # also needs the whole process's deadline (a cell killed by the call's limit loses its
+    # chunks since the last save).
+    args.call_deadline = (None if args.call_seconds is None
+                          else time.perf_counter() + args.call_seconds)
     if args.state_dir is not None and args.cell_seconds is not None:
         p.error("--state-dir (pause, resume later) and --cell-seconds (cut the cosine to a "
                 "budget) exclude each other")
@@ -237,9 +249,11 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     cosine horizon is fitted to it after the first chunk: min(max_epochs, the chunks that fit)
     (the first chunk ran on the max_epochs horizon). With args.state_dir the cell resumes from
     its saved state, if any, and is saved when it stops; with args.pause_seconds it stops
-    ("paused") after that much training in this call (at least one chunk). Returns the cell:
-    its runs (lr, seed, curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs done, the
-    stop reason, the schedule horizon, compile and training seconds, step time and tokens/s."""
+    ("paused") after that much training in this call, or before a chunk that would end past
+    args.call_deadline (time.perf_counter() seconds; at least one chunk either way). Returns
+    the cell: its runs (lr, seed, curve of {step, epoch, loss, accuracy}, stopped_epoch), epochs
+    done, the stop reason, the schedule horizon, compile and training seconds, step time and
+    tokens/s."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -275,8 +289,10 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         if args.cell_seconds is not None and train_s + chunk_s > args.cell_seconds:
             reason = "time budget"
             break
-        if (args.pause_seconds is not None and step > resumed_at
-                and call_s + chunk_s > args.pause_seconds):
+        if step > resumed_at and (
+                (args.pause_seconds is not None and call_s + chunk_s > args.pause_seconds)
+                or (getattr(args, "call_deadline", None) is not None
+                    and time.perf_counter() + chunk_s > args.call_deadline)):
             reason = "paused (resumes from --state-dir)"
             break
         start = time.perf_counter()
@@ -389,6 +405,10 @@ def main(argv=None) -> int:
         print(f"data: {time.perf_counter() - start:.1f} s", flush=True)
         for i, (m, D) in enumerate(cells):
             prepared = pending.pop(i).result()
+            if args.call_deadline is not None and time.perf_counter() >= args.call_deadline:
+                left = ", ".join(f"{LABELS[n].strip()} D={w}" for n, w in cells[i:])
+                print(f"--call-seconds spent: not started in this call: {left}", flush=True)
+                break
             nxt = i + max(1, args.compile_ahead)
             if nxt < len(cells) and nxt not in pending:
                 pending[nxt] = pool.submit(prepare_cell, *cells[nxt], args, shapes)

@@ -315,7 +315,13 @@ def authors_plot(record: dict):
     if plt is None or not cells:
         return None
     V = record["config"]["vocab_size"]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    widths = sorted({c["width"] for c in cells})
+    # Left: accuracy vs width. Then one panel per width: every run's held-out accuracy per
+    # evaluation, where a plateau and its sudden end (the phase change) can be seen.
+    fig, axes = plt.subplots(1, 1 + len(widths), figsize=(5.2 + 3.2 * len(widths), 3.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    colors = {}
     for m in AUTHORS_MODELS:
         pts = sorted((c["width"], summarise(c, V)) for c in cells if c["model"] == m)
         pts = [(w, s) for w, s in pts if s["mean"] is not None]
@@ -327,16 +333,32 @@ def authors_plot(record: dict):
         hi = [100 * (p[1]["max"] - p[1]["mean"]) for p in pts]
         line = ax.errorbar(w, mean, yerr=[lo, hi], marker="o", capsize=3,
                            label=AUTHORS_LABELS[m])
+        colors[m] = line[0].get_color()
         for x, (_, s) in zip(w, pts):
             if s["plateau"]:
                 ax.annotate("plateau", (x, 100 * s["mean"]), fontsize=6,
                             color=line[0].get_color(), textcoords="offset points",
                             xytext=(0, 5), ha="center")
-    width_axis(ax, sorted({c["width"] for c in cells}), "model width D")
+    width_axis(ax, widths, "model width D")
     ax.set_ylabel("MQAR accuracy (%), mean and min–max over seeds")
     ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
                  "(authors' setup)", fontsize=9)
     ax.legend(fontsize=8)
+    styles = [("-", "solid"), ("--", "dashed"), (":", "dotted"), ("-.", "dash-dot")]
+    for panel, width in zip(axes[0][1:], widths):
+        here = [c for c in cells if c["width"] == width]
+        lrs = sorted({r["lr"] for c in here for r in c["runs"]})
+        for c in here:
+            for r in c["runs"]:
+                pts = r["curve"]
+                panel.plot([p["epoch"] for p in pts], [100 * p["accuracy"] for p in pts],
+                           color=colors.get(c["model"]), lw=1, alpha=0.8,
+                           ls=styles[lrs.index(r["lr"]) % len(styles)][0])
+        panel.set_title(f"D = {width}, every run: lr " + ", ".join(
+            f"{x:g} {styles[i % len(styles)][1]}" for i, x in enumerate(lrs)), fontsize=8)
+        panel.set_xlabel("epoch")
+        panel.set_ylim(-2, 102)
+        panel.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -299,3 +299,31 @@ def test_near_chance_cells_are_not_ordered():
     assert [c["width"] for c in gla["cells"]] == [16] and gla["summary"] == "holds"
     only_low = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": cells[:2]})
     assert {v["claim"]: v["summary"] for v in only_low["verdicts"]}["GSA ≥ GLA"] == "not testable"
+
+
+@pytest.mark.slow   # two small attention compiles (~15 s on 2 cores): CI's second step
+def test_call_deadline_pauses_the_cell_and_defers_the_next(tmp_path, monkeypatch, capsys):
+    """--call-seconds: when the process's deadline passes during a cell, the cell pauses after
+    its current chunk and is saved (resumable), and the cells after it are not started (the
+    deadline is moved into the past at the first cell's start, as a slow compile would)."""
+    import time
+    real_train_cell = ma.train_cell
+
+    def train_cell_late(name, width, args, data, **kw):
+        args.call_deadline = time.perf_counter()
+        return real_train_cell(name, width, args, data, **kw)
+
+    monkeypatch.setattr(ma, "train_cell", train_cell_late)
+    argv = TINY + ["--models", "attention", "--widths", "8", "16", "--max-epochs", "2",
+                   "--eval-every", "2", "--tag", "t", "--out-dir", str(tmp_path),
+                   "--state-dir", str(tmp_path / "s"), "--call-seconds", "3600"]
+    assert ma.main(argv) == 0
+    assert "not started in this call: Attention D=16" in capsys.readouterr().out
+    (cell,) = json.loads((tmp_path / "mqar_authors_t.json").read_text())["cells"]
+    assert (cell["width"], cell["steps_done"]) == (8, 2)   # one chunk of 2 steps, of 8
+    assert cell["stop_reason"].startswith("paused")
+    saved, _ = ma.load_cell_state(str(tmp_path / "s" / "attention_D8"))
+    assert saved["step"] == 2
+    assert ma.load_cell_state(str(tmp_path / "s" / "attention_D16")) is None
+    with pytest.raises(SystemExit):   # a deadline without a state to pause into
+        ma.parse_args(TINY + ["--call-seconds", "60"])
