@@ -46,7 +46,8 @@ def _close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
 
 
-@pytest.mark.parametrize("name", ["gsa-tiny", "transformer-tiny",
+@pytest.mark.parametrize("name", ["gsa-tiny",
+                                  pytest.param("transformer-tiny", marks=pytest.mark.slow),
                                   pytest.param("gla-tiny", marks=pytest.mark.slow),
                                   pytest.param("retnet-tiny", marks=pytest.mark.slow)])
 def test_scanned_model_computes_the_unscanned_function(name):
@@ -140,7 +141,8 @@ def test_layout_conversion_of_params_and_adam_state_round_trips():
     assert jax.tree.structure(layer_layout.to_scanned(scanned)) == jax.tree.structure(scanned)
 
 
-@pytest.mark.parametrize("write_scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow   # ~23 s each; the fast tier keeps the conversion round trip (above)
+@pytest.mark.parametrize("write_scanned", [False, True])
 def test_checkpoint_restores_into_the_other_layout(tmp_path, write_scanned):
     """A checkpoint of one layout resumes (whole state, and params only) in the other."""
     scanned, plain = _pair("gsa-tiny")
@@ -183,10 +185,13 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path, write_scanned):
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 6
 
 
-@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_remat_policies_keep_the_gradients(scan):
-    """Every policy computes the gradients of the model without remat, and puts its
-    jax.checkpoint policy in the program (none: no rematerialisation at all)."""
+@pytest.mark.parametrize("scan, compared", [
+    (True, ("save_dots",)),   # the fast tier compiles one policy's gradient (~15 s each)
+    pytest.param(True, ("full", "minimal"), marks=pytest.mark.slow),
+    pytest.param(False, ("full", "save_dots", "minimal"), marks=pytest.mark.slow)])
+def test_remat_policies_keep_the_gradients(scan, compared):
+    """Every policy puts its jax.checkpoint policy in the program (none: no rematerialisation
+    at all), and the `compared` ones compute the gradients of the model without remat."""
     base = get_preset("gsa-tiny", scan_layers=scan, remat="none")
     params = layer_layout.for_config(_random_params(base.replace(scan_layers=False), 4), base)
     tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, base.vocab_size)
@@ -206,7 +211,7 @@ def test_remat_policies_keep_the_gradients(scan):
         assert has_remat == (policy != "none"), policy
         if marker is not None and policy != "full":
             assert marker in jaxpr, policy
-        if policy != "none":
+        if policy in compared:
             _close(jax.jit(grad_fn(cfg))(params), g0)
 
 
