@@ -291,7 +291,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
             break
         if step > resumed_at and (
                 (args.pause_seconds is not None and call_s + chunk_s > args.pause_seconds)
-                or (getattr(args, "call_deadline", None) is not None
+                or (args.call_deadline is not None
                     and time.perf_counter() + chunk_s > args.call_deadline)):
             reason = "paused (resumes from --state-dir)"
             break
