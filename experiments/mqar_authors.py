@@ -133,6 +133,13 @@ NOTES = [
     "results/logs/mqar_torch_t64_*.txt). So the near-chance cells are a "
     "plateau that a longer run at a higher lr leaves: the authors' 64 epochs and the top of "
     "their lr grid (2e-3 to 1e-2) are what these cut cells lack.",
+    "Speed drift (h200e64, results/logs/mqar_authors_h200e64_call*.txt): the same compiled "
+    "chunk got slower as a cell's runs learned: GSA D = 64 from 12.0 s per epoch (epochs 1-16) "
+    "to 20.7 s (epoch 64), GLA D = 64 from 7.3 s to 13.4 s (epochs 22-45, from its loss's "
+    "second drop). Not the process or the machine's age: the drift carried over a resume in "
+    "a fresh process on a fresh machine, and GLA ran at 7.3 s right after GSA's slow epochs "
+    "on the same machine. Cause not determined (a guess: lower clocks under a data-dependent "
+    "power draw); the per-cell table's last column records first / last / max chunk seconds.",
     "Runs of one seed share the initialisation, the data order and the dropout masks across "
     "lrs (as Zoology's seeded runs); every run sees the same data set (data seed 0).",
     "Left as differences from the authors: the cosine is stepped per step, not per epoch; the "
@@ -268,14 +275,17 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     curves = [[] for _ in range(R)]
     stopped = [None] * R
     step, train_s, chunk_s, reason = 0, 0.0, 0.0, "max epochs"
+    # Seconds per chunk, kept across pauses: on the H200 a cell's epochs got up to 1.8x slower as
+    # its runs learned (same program, same machine), so the report records the drift.
+    chunk_times: list[float] = []
     prefix, calls = None, 1
     if args.state_dir is not None:
         prefix = os.path.join(args.state_dir, f"{name}_D{width}")
         identity = state_identity(name, width, args, lrs, run_seeds)
         saved = load_cell_state(prefix)
         if saved is not None:
-            (params, opt_state), step, train_s, curves, stopped, calls = restore_cell(
-                prefix, saved, identity, (params, opt_state))
+            (params, opt_state), step, train_s, curves, stopped, calls, chunk_times = \
+                restore_cell(prefix, saved, identity, (params, opt_state))
             calls += 1
             frozen = jnp.asarray([s is not None for s in stopped])
             log(f"  {LABELS[name]} D={width}: resumed at epoch {step / E:.2f} (call {calls})")
@@ -303,6 +313,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         chunk_s = time.perf_counter() - start
         train_s += chunk_s
         call_s += chunk_s
+        chunk_times.append(round(chunk_s, 3))
         step += S
         if step == S and args.cell_seconds is not None:
             # The chunks that fit the budget, at this chunk's speed, set the cosine horizon.
@@ -325,7 +336,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         reason = "time budget"   # the horizon was cut to fit the budget
     if prefix is not None:
         meta = {"identity": identity, "step": step, "train_s": train_s, "curves": curves,
-                "stopped": stopped, "calls": calls}
+                "stopped": stopped, "calls": calls, "chunk_times": chunk_times}
         save_cell_state(prefix, meta, jax.tree.leaves((params, opt_state)), args.state_part_mb)
     per_step = train_s / step if step else None   # all R runs' step together
     tokens = R * args.batch_size * args.seq_len
@@ -337,6 +348,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
             "compile_s": round(prep["compile_s"], 2),
             "train_s": round(train_s, 2),
             "step_s": None if per_step is None else round(per_step, 5),
+            "chunk_seconds": chunk_times,
             "tokens_per_s": None if not per_step else round(tokens / per_step),
             "runs": [{"lr": lrs[r], "seed": run_seeds[r], "stopped_epoch": stopped[r],
                       "curve": curves[r]} for r in range(R)]}
@@ -350,7 +362,8 @@ def state_identity(name, width, args, lrs, run_seeds) -> dict:
 
 
 def restore_cell(prefix, saved, identity, template):
-    """(params, opt_state), step, train_s, curves, stopped, calls of a saved cell; raises
+    """(params, opt_state), step, train_s, curves, stopped, calls, chunk times of a saved cell
+    (states saved before chunk times were kept: []); raises
     ValueError when it was saved by another setup (a silent restart would mix two runs)."""
     import jax
     import jax.numpy as jnp
@@ -366,7 +379,7 @@ def restore_cell(prefix, saved, identity, template):
         raise ValueError(f"{prefix}.state.*: its arrays do not match this cell's runs")
     state = jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves])
     return (state, meta["step"], meta["train_s"], meta["curves"], meta["stopped"],
-            meta["calls"])
+            meta["calls"], meta.get("chunk_times", []))
 
 
 # ------------------------------------------------------------------ main

@@ -274,10 +274,11 @@ def authors_markdown(record: dict) -> str:
                       f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
                       f" / {c['max_epochs']}", c["stop_reason"],
                       f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
-                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M"])
+                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M",
+                      chunk_drift(c.get("chunk_seconds"))])
     lines.append(common.markdown_table(
         ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by",
-         "train s", "s/step", "tokens/s"], table))
+         "train s", "s/step", "tokens/s", "s per chunk: first / last / max"], table))
     cut = cuts(record)
     if cut:
         lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
@@ -375,6 +376,15 @@ def merge(previous: dict, record: dict) -> dict:
     return {**record, "cells": cells + record["cells"],
             "commands": previous.get("commands", []) + record.get("commands", []),
             "notes": record.get("notes") or previous.get("notes")}
+
+
+def chunk_drift(times) -> str:
+    """'first / last / max' seconds of a cell's training chunks (the same compiled program each
+    time: a spread is the machine's or the data's doing, not the harness's); '-' when the cell
+    predates the record. The first chunk of each call is left in: compiles are timed apart."""
+    if not times:
+        return "-"
+    return f"{times[0]:.1f} / {times[-1]:.1f} / {max(times):.1f}"
 
 
 def finish(record: dict) -> dict:

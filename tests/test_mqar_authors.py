@@ -62,6 +62,9 @@ def test_paused_cell_resumes_exactly(tmp_path):
         cells.append(ma.train_cell("attention", 8, paused, data, log=quiet))
         assert len(cells) <= 4
     assert [c["steps_done"] for c in cells] == [2, 4, 6, 8] and cells[-1]["calls"] == 4
+    # chunk times survive the pauses: one per chunk so far, in each call's report
+    assert [len(c["chunk_seconds"]) for c in cells] == [1, 2, 3, 4]
+    assert len(straight["chunk_seconds"]) == 4
     assert cells[-1]["stop_reason"] == straight["stop_reason"] == "max epochs"
     assert [r["curve"] for r in cells[-1]["runs"]] == [r["curve"] for r in straight["runs"]]
     prefix = lambda d: str(tmp_path / d / "attention_D8")  # noqa: E731
