@@ -133,13 +133,20 @@ NOTES = [
     "results/logs/mqar_torch_t64_*.txt). So the near-chance cells are a "
     "plateau that a longer run at a higher lr leaves: the authors' 64 epochs and the top of "
     "their lr grid (2e-3 to 1e-2) are what these cut cells lack.",
-    "Speed drift (h200e64, results/logs/mqar_authors_h200e64_call*.txt): the same compiled "
-    "chunk got slower as a cell's runs learned: GSA D = 64 from 12.0 s per epoch (epochs 1-16) "
-    "to 20.7 s (epoch 64), GLA D = 64 from 7.3 s to 13.4 s (epochs 22-45, from its loss's "
-    "second drop). Not the process or the machine's age: the drift carried over a resume in "
-    "a fresh process on a fresh machine, and GLA ran at 7.3 s right after GSA's slow epochs "
-    "on the same machine. Cause not determined (a guess: lower clocks under a data-dependent "
-    "power draw); the per-cell table's last column records first / last / max chunk seconds.",
+    "Speed drift, found (h200e64, results/logs/mqar_authors_h200e64_call*.txt): the same "
+    "compiled chunk got slower as a cell's runs learned: GSA D = 64 from 12.0 s per epoch "
+    "(epochs 1-16) to 20.7 s (epoch 64), GLA D = 64 from 7.3 s to 13.4-15.5 s, while RetNet "
+    "(fixed decays) held 17.3 s per epoch from its plateau to 13% (side by side with GLA). "
+    "The cause is the kernels' exact intra-chunk path (pallas_kernels/chunk_math.py): a tile "
+    "whose gate decays a channel by more than 120 (natural log) over a 64-step chunk loops "
+    "over the chunk's positions instead of two matmuls. At init no tile does; in the trained "
+    "GLA D = 64 (epoch 64) the lr 2e-3 runs send 27-100% of their tiles down it in layers "
+    "0-2 (min g -8 per token), the plateaued lr 5e-3 runs none, and a vmapped cell pays for "
+    "its slowest run (results/gate_extremes_h200e64_gla64.md, experiments/gate_extremes.py). "
+    "Not clocks: nvidia-smi during call 5 read 1980 MHz, ~500 W of 700 W, no throttle reason "
+    "(results/logs/mqar_authors_h200e64_call5_smi.csv). GLA and RetNet ran as two processes "
+    "on one GPU in calls 4-6, so their s/step are about twice their solo ones (GLA ran "
+    "15.5 s per epoch once RetNet had finished).",
     "Runs of one seed share the initialisation, the data order and the dropout masks across "
     "lrs (as Zoology's seeded runs); every run sees the same data set (data seed 0).",
     "Left as differences from the authors: the cosine is stepped per step, not per epoch; the "

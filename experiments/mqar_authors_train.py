@@ -29,7 +29,13 @@ def datasets(args):
     """(training, held-out) `MQARData` of the task, drawn from seeds of args.data_seed."""
     from gsa_jax.data.mqar import generate
     return (generate(task(args), args.train_examples, seed=args.data_seed * 1_000_003),
-            generate(task(args), args.test_examples, seed=args.data_seed * 1_000_003 + 1))
+            held_out_set(args))
+
+
+def held_out_set(args):
+    """The held-out `MQARData` alone (datasets()'s second; no training set drawn)."""
+    from gsa_jax.data.mqar import generate
+    return generate(task(args), args.test_examples, seed=args.data_seed * 1_000_003 + 1)
 
 
 def make_data(args) -> dict:

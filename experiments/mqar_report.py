@@ -366,7 +366,8 @@ def authors_plot(record: dict):
 
 def merge(previous: dict, record: dict) -> dict:
     """`record` with the cells of `previous` that it does not redo (same (model, width));
-    the task settings must match."""
+    the task settings must match. Commands are kept once each, in first-seen order (reports
+    of side-by-side calls each carry the history they were merged onto)."""
     diff = common.merge_mismatch(previous["config"], record["config"])
     if diff:
         raise ValueError(f"--merge: the existing results were run with other settings "
@@ -374,7 +375,8 @@ def merge(previous: dict, record: dict) -> dict:
     redo = {(c["model"], c["width"]) for c in record["cells"]}
     cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
     return {**record, "cells": cells + record["cells"],
-            "commands": previous.get("commands", []) + record.get("commands", []),
+            "commands": list(dict.fromkeys(previous.get("commands", [])
+                                           + record.get("commands", []))),
             "notes": record.get("notes") or previous.get("notes")}
 
 

@@ -280,13 +280,15 @@ def test_merge_files_of_two_calls(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"tag": "a", "config": cfg, "commands": ["call 1"],
                              "cells": [_cell("gsa", 8, [0.5] * 4, [1.0] * 4)]}))
-    b.write_text(json.dumps({"tag": "b", "config": cfg, "commands": ["call 2"],
+    # b was merged onto a before its call (the same history): its copy of "call 1" is not repeated
+    b.write_text(json.dumps({"tag": "b", "config": cfg, "commands": ["call 1", "call 2"],
                              "cells": [_cell("gla", 16, [0.25] * 4, [2.0] * 4)]}))
     assert ma.main(TINY + ["--merge-only", "--merge-files", str(a), str(b), "--tag", "m",
                            "--out-dir", str(tmp_path)]) == 0
     merged = json.loads((tmp_path / "mqar_authors_m.json").read_text())
     assert sorted((c["model"], c["width"]) for c in merged["cells"]) == [("gla", 16), ("gsa", 8)]
     assert merged["commands"][:2] == ["call 1", "call 2"]
+    assert merged["commands"].count("call 1") == 1
     assert "| GSA | 50.0 (50.0–50.0) | - |" in (tmp_path / "mqar_authors_m.md").read_text()
 
 
