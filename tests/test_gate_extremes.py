@@ -83,3 +83,16 @@ def test_reads_a_paused_cell(tmp_path):
         assert all(x["g_min"] < 0 for x in r[which])
     with pytest.raises(ValueError, match="another setup"):
         ge.main(argv + [a if a != "2e-2" else "1e-2" for a in cell])
+
+
+def test_bench_gate_strength_smoke(tmp_path):
+    """experiments/bench_gate_strength.py --smoke (chunk form, CPU): one row per gate scale,
+    the share of tiles past the bound rising from none (the benchmarks' mild gate) to all as
+    the gate sharpens, finite times, ratios against the mildest row."""
+    from experiments import bench_gate_strength as bgs
+    assert bgs.main(["--smoke", "--tag", "t", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_gate_strength_t.json").read_text())["rows"]
+    assert [r["gate_scale"] for r in rows] == bgs.SCALES
+    share = [r["extreme_tiles"] for r in rows]
+    assert share[0] == 0.0 and share[-1] == 1.0 and share == sorted(share)
+    assert rows[0]["fwd_ratio"] == 1.0 and all(r["fwd_bwd_ms"] > 0 for r in rows)
