@@ -21,12 +21,22 @@ overflow inside the matmul; they are discarded by a select, never multiplied by 
 with a stronger gate takes the exact path instead (an in-kernel branch): a loop over source
 positions i that exponentiates b_t − b_i directly, C times the elementwise work, no overflow.
 
+Sub-chunk tier (`sub` > 0, Tuning.sub_chunk; off by default until measured on the GPU): a tile
+past the bound whose sub-chunks of `sub` steps each stay within it takes neither path but a
+sum of factored terms, all matmuls. With β_I the value of b just before sub-chunk I (β_0 = 0):
+    pairs inside sub-chunk I:   e^{b_t − μ_I} · e^{μ_I − b_i}, μ_I = (β_I + β_{I+1}) / 2,
+                                each factor ≤ e^{(β_I − β_{I+1}) / 2} ≤ e^{60};
+    t in sub-chunk I, i before it:   e^{b_t − β_I} · e^{β_I − b_i}, both factors ≤ 1 (b falls),
+one term per target sub-chunk (the peer's `chunk_gla` factors its off-diagonal sub-chunk blocks
+the same way). Only a sub-chunk past the bound still takes the exact loop.
+
 Backward, with dS the gradient of the state *leaving* the chunk (derivation in gla_bwd.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +86,97 @@ def is_extreme(gt: Gates):
     return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
 
 
+def _sub_bounds(gt: Gates, sub: int) -> list:
+    """[β_0, ..., β_n] ([D] each): b just before each sub-chunk of `sub` rows, and b_C."""
+    C = gt.b.shape[0]
+    return ([jnp.zeros_like(gt.b_last)]
+            + [common.pick_row(gt.b, I * sub - 1) for I in range(1, C // sub)] + [gt.b_last])
+
+
+def is_sub_extreme(gt: Gates, sub: int):
+    """Whether some gated channel decays beyond the bound within one sub-chunk of the tile."""
+    bounds = _sub_bounds(gt, sub)
+    decays = [jnp.max(hi - lo) for hi, lo in zip(bounds, bounds[1:])]   # b falls: hi >= lo
+    return functools.reduce(jnp.maximum, decays) > MAX_CHUNK_DECAY
+
+
+def _sub_terms(gt: Gates, masks, sub: int) -> list:
+    """The sub-chunk tier's factored terms [(e_t [C, D], e_i [C, D], mask [C, C])]: the decay
+    of a kept pair (t, i) of a term is e_t[t] · e_i[i] (module docstring); the first term
+    holds the pairs inside a sub-chunk, then one per target sub-chunk I ≥ 1 for the pairs
+    whose source lies before it. Every factor is finite; rows outside a term's range are 0."""
+    C = gt.b.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (1, C), 1)
+    sub_of_row, sub_of_col = rows // sub, cols // sub
+    bounds = _sub_bounds(gt, sub)
+    mid = sum(jnp.where(sub_of_row == I, 0.5 * (bounds[I] + bounds[I + 1])[None, :], 0.0)
+              for I in range(C // sub))
+    terms = [(jnp.exp(gt.b - mid), jnp.exp(mid - gt.b),
+              jnp.logical_and(masks.intra, sub_of_row == sub_of_col))]
+    for I in range(1, C // sub):
+        beta = bounds[I][None, :]
+        e_t = jnp.exp(jnp.where(sub_of_row == I, gt.b - beta, -jnp.inf))
+        e_i = jnp.exp(jnp.where(rows < I * sub, beta - gt.b, -jnp.inf))
+        keep = jnp.logical_and(masks.intra,
+                               jnp.logical_and(sub_of_row == I, cols < I * sub))
+        terms.append((e_t, e_i, keep))
+    return terms
+
+
+def intra_output_sub(q, k, v, gt, masks, *, key_gated, scale, dot, sub):
+    """The within-chunk part of o [C, BV] as the sub-chunk tier's sum of factored terms."""
+    terms = _sub_terms(gt, masks, sub)
+    if key_gated:
+        q32, k32 = q.astype(f32), k.astype(f32)
+        A = sum(jnp.where(keep, dot.nt(q32 * e_t, k32 * e_i), 0.0) for e_t, e_i, keep in terms)
+        return dot.nn(scale * A, v)
+    raw = scale * dot.nt(q, k)
+    v32 = v.astype(f32)
+    return sum(e_t * dot.nn(jnp.where(keep, raw, 0.0), v32 * e_i) for e_t, e_i, keep in terms)
+
+
+def intra_grads_sub(q, k, v, do, gt, masks, *, key_gated, scale, dot, sub):
+    """(dq, dk, dv, db) of the within-chunk part, sub-chunk tier (intra_grads_fast's algebra
+    per term: each term is a product through its own reference, so db collects
+    dq̂ ⊙ q̂ − dk̂ ⊙ k̂ (key gate) or dY ⊙ (A v̂) − dv̂ ⊙ v̂ (value gate) term by term)."""
+    terms = _sub_terms(gt, masks, sub)
+    q32, k32, v32, do32 = (x.astype(f32) for x in (q, k, v, do))
+    if key_gated:
+        dA_all = scale * dot.nt(do, v)
+        A, dq, dk, db = 0.0, 0.0, 0.0, 0.0
+        for e_t, e_i, keep in terms:
+            q_hat, k_hat = q32 * e_t, k32 * e_i
+            A = A + scale * jnp.where(keep, dot.nt(q_hat, k_hat), 0.0)
+            dA = jnp.where(keep, dA_all, 0.0)
+            dq_hat, dk_hat = dot.nn(dA, k_hat), dot.tn(dA, q_hat)
+            dq = dq + dq_hat * e_t
+            dk = dk + dk_hat * e_i
+            db = db + dq_hat * q_hat - dk_hat * k_hat
+        return dq, dk, dot.tn(A, do), db
+    raw = scale * dot.nt(q, k)
+    dA_sum, dv, db = 0.0, 0.0, 0.0
+    for e_t, e_i, keep in terms:
+        A = jnp.where(keep, raw, 0.0)
+        v_hat, dY = v32 * e_i, do32 * e_t
+        dv_hat = dot.tn(A, dY)
+        dA_sum = dA_sum + jnp.where(keep, dot.nt(dY, v_hat), 0.0)
+        dv = dv + dv_hat * e_i
+        db = db + dY * dot.nn(A, v_hat) - dv_hat * v_hat
+    dA_sum = scale * dA_sum
+    return dot.nn(dA_sum, k), dot.tn(dA_sum, q), dv, db
+
+
+def _strong_gate_path(fast, sub_tier, exact, gt, sub: int, C: int):
+    """The branch a tile takes: fast unless its gate passes the bound over the chunk; then the
+    sub-chunk tier where enabled and every sub-chunk stays within it; else exact."""
+    if not sub or sub >= C:
+        strong = exact
+    else:
+        strong = lambda *a: lax.cond(is_sub_extreme(gt, sub), exact, sub_tier, *a)  # noqa: E731
+    return lambda *a: lax.cond(is_extreme(gt), strong, fast, *a)
+
+
 def _pair_decay(gt: Gates, masks, i):
     """[C, D] exp(b_t − b_i) for the targets t that position i reaches, 0 elsewhere."""
     b_i = common.pick_row(gt.b, i)
@@ -106,23 +207,26 @@ def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, q.shape[0], source, jnp.zeros(v.shape, f32))
 
 
-def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot):
-    """The within-chunk part of o [C, BV] (fast or exact path, chosen per tile)."""
+def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+    """The within-chunk part of o [C, BV] (fast, sub-chunk or exact path, chosen per tile)."""
     kw = dict(key_gated=key_gated, scale=scale)
-    return lax.cond(is_extreme(gt),
-                    lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
-                    lambda q, k, v: intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
-                    q, k, v)
+    return _strong_gate_path(
+        lambda q, k, v: intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
+        lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw),
+        lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
+        gt, sub, q.shape[0])(q, k, v)
 
 
-def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot):
-    """o [C, BV] of one chunk from its inputs and the entering state S."""
+def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+    """o [C, BV] of one chunk from its inputs and the entering state S (sub: the sub-chunk
+    tier's size, 0 for none)."""
     if key_gated:
         q_start = q.astype(f32) * (jnp.exp(gt.b) * masks.from_state[:, None])
         inter = scale * dot.nn(q_start, S)
     else:
         inter = jnp.exp(gt.b) * dot.nn(q, S) * (scale * masks.from_state[:, None])
-    return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot)
+    return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot,
+                                sub=sub)
 
 
 def state_update(k, v, S, gt: Gates, *, key_gated, dot):
@@ -197,20 +301,21 @@ def _intra_grads_exact(q, k, v, do, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, C, source, zeros)
 
 
-def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot):
+def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
-    S: state entering the chunk; dS: gradient of the state leaving it.
+    S: state entering the chunk; dS: gradient of the state leaving it; sub: the sub-chunk
+    tier's size (0: none).
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
     from_ = masks.from_state[:, None]
     kw = dict(key_gated=key_gated, scale=scale)
-    dq, dk, dv, db = lax.cond(
-        is_extreme(gt),
-        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+    dq, dk, dv, db = _strong_gate_path(
         lambda q, k, v, do: intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
-        q, k, v, do)
+        lambda q, k, v, do: intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub, **kw),
+        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+        gt, sub, C)(q, k, v, do)
     if key_gated:  # the state terms: q̄ = q e^{b}·from reads S, k̄ = k e^{b_C−b}·into writes it
         e_b = jnp.exp(gt.b) * from_
         k_bar = k.astype(f32) * gt.to_end

@@ -164,6 +164,7 @@ class Layout:
     BV: int
     key_gated: bool
     parallel: bool
+    sub: int = 0   # the intra-chunk sub-chunk tier's size (chunk_math; 0: none)
 
     @property
     def N(self) -> int:

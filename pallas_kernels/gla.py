@@ -79,7 +79,15 @@ class Tuning:
     (K and V both >= 128), `block_v` otherwise: the backward holds a state and its gradient
     tile in registers, and at 128 x 128 a value block of 128 spills. On an H100, GSA with
     M = 128 slots at (8, 2048, 16, 128) bf16: forward+backward 6.87 ms with 128, 5.94 ms
-    with 64 (experiments/results/bench_kernels_h100.md, shape 5, same run as the peer)."""
+    with 64 (experiments/results/bench_kernels_h100.md, shape 5, same run as the peer).
+
+    `sub_chunk` (0: off) enables the intra-chunk sub-chunk tier (chunk_math.py): a tile whose
+    gate decays some channel by more than MAX_CHUNK_DECAY over the chunk is computed as a sum
+    of factored terms over sub-chunks of this many steps (a divisor of the chunk size)
+    instead of the exact loop, which stays for tiles with a sub-chunk past the bound. Sharp
+    gates are what trained models have; the exact loop made the forward 3.4x slower with 4% of
+    tiles past the bound and 18x with 81% (8 x 2048 on an H200,
+    experiments/results/bench_gate_strength_h200.md). Off until checked and timed on a GPU."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -94,6 +102,7 @@ class Tuning:
     split_min_chunks: int = 8
     fused_split: bool = True
     split_fixup: bool = False
+    sub_chunk: int = 0
 
 
 def _tuning_from_env() -> Tuning:
@@ -142,6 +151,11 @@ class KernelConfig:
         block_v = t.block_v_bwd if backward and t.block_v_bwd else t.block_v
         kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=block_v,
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
+        if (parallel or fused) and t.sub_chunk:   # the kernels that compute intra-chunk terms
+            if self.chunk_size % t.sub_chunk:
+                raise ValueError(f"Tuning.sub_chunk ({t.sub_chunk}) must divide the chunk size "
+                                 f"({self.chunk_size})")
+            kw["sub_chunk"] = t.sub_chunk
         if with_scale:
             kw["scale"] = self.scale
         return kw

@@ -66,7 +66,8 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     gt = chunk_math.gates(g_ref[rows, :], masks)
     dq, dk, dv, db = chunk_math.grads(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-        state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated, scale=scale, dot=dot)
+        state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks,
+        key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -95,13 +96,13 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
-              interpret=False, num_warps=4, num_stages=2):
+              interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
     """Per-query-head gradients (the caller sums value blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [B, Tp, H, V],
     dg [NV, B, Tp, H, K] (key gate) or [B, Tp, H, V] (value gate).
     Float32 where partial sums follow (NV > 1, grouped heads), else the inputs' dtypes."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True)
+                 parallel=True, sub_chunk=sub_chunk)
     args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
     if runs is not None:
         args.append(runs)

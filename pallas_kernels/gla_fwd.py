@@ -58,7 +58,7 @@ def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     gt = chunk_math.gates(g_ref[rows, :], masks)
     o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                           state_ref[...].astype(f32), gt,
-                          masks, key_gated=lay.key_gated, scale=scale, dot=dot)
+                          masks, key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
     o_ref[rows, :] = o.astype(o_ref.dtype)
 
 
@@ -76,7 +76,7 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
         gt = chunk_math.gates(g_ref[rows, :], masks)
         k, v = k_ref[rows, :], v_ref[rows, :]
         o = chunk_math.output(q_ref[rows, :], k, v, S, gt, masks, key_gated=lay.key_gated,
-                              scale=scale, dot=dot)
+                              scale=scale, dot=dot, sub=lay.sub)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
@@ -85,10 +85,11 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     sT_ref[...] = S
 
 
-def layout(q, v, *, key_gated, chunk_size, block_v, parallel) -> common.Layout:
+def layout(q, v, *, key_gated, chunk_size, block_v, parallel, sub_chunk=0) -> common.Layout:
     B, Tp, H, K = q.shape
     return common.Layout(B=B, Tp=Tp, H=H, Hkv=v.shape[2], K=K, V=v.shape[3], C=chunk_size,
-                         BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel)
+                         BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel,
+                         sub=sub_chunk)
 
 
 def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_warps,
@@ -131,10 +132,10 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
 
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
-               interpret=False, num_warps=4, num_stages=2):
+               interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
     """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True)
+                 parallel=True, sub_chunk=sub_chunk)
     args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
     if runs is not None:
         args.append(runs)
@@ -150,10 +151,10 @@ def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_
 
 
 def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
-              interpret=False, num_warps=4, num_stages=2):
+              interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
     """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=False)
+                 parallel=False, sub_chunk=sub_chunk)
     args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
     if runs is not None:
         args.append(runs)

@@ -96,3 +96,21 @@ def test_bench_gate_strength_smoke(tmp_path):
     share = [r["extreme_tiles"] for r in rows]
     assert share[0] == 0.0 and share[-1] == 1.0 and share == sorted(share)
     assert rows[0]["fwd_ratio"] == 1.0 and all(r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow   # the kernels interpreted at the smoke shape, twice (~25 s on 2 cores)
+def test_bench_gate_strength_times_and_checks_the_sub_chunk_tier(tmp_path):
+    """--impls pallas --sub-chunk 0 16 --check (the GPU run's options) at the smoke shape:
+    rows for both tunings, and the kernels with the tier agree with the float32 chunk form at
+    a gate sharp enough to send tiles past the bound (bf16 inputs: errors of bf16 size)."""
+    from experiments import bench_gate_strength as bgs
+    assert bgs.main(["--smoke", "--impls", "pallas", "--sub-chunk", "0", "16", "--scales", "8",
+                     "0.5", "--check", "0.5", "--tag", "t", "--out-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench_gate_strength_t.json").read_text())
+    assert sorted({(x["sub_chunk"], x["gate_scale"]) for x in r["rows"]}) == [
+        (0, 0.5), (0, 8.0), (16, 0.5), (16, 8.0)]
+    assert [c["sub_chunk"] for c in r["checks"]] == [0, 16]
+    for c in r["checks"]:
+        assert c["finite"] and c["extreme_tiles"] > 0
+        assert max(c["rel_err"].values()) < 0.1, c
+    assert "| 16 |" in (tmp_path / "bench_gate_strength_t.md").read_text()

@@ -251,6 +251,127 @@ def test_strong_gates_take_the_exact_path():
     _compare(out, grads, ref_out, ref_grads, F32_REL, True, dg_atol=1e-7 * scale)
 
 
+def _sharp_tile(seed, key_gated, segments, C=32, sub=8, K=16, V=12, per_step=-5.0):
+    """One chunk's float64 inputs whose gate decays every channel by ~|per_step|·C over the
+    chunk (past MAX_CHUNK_DECAY at -5 x 32) but ~|per_step|·sub per sub-chunk (within it)."""
+    from pallas_kernels import chunk_math, common
+    rng = np.random.default_rng(seed)
+    D = K if key_gated else V
+    q, k = rng.standard_normal((C, K)), rng.standard_normal((C, K))
+    v, do = rng.standard_normal((C, V)), rng.standard_normal((C, V))
+    g = per_step + 0.5 * np.tanh(rng.standard_normal((C, D)))
+    runs = (np.cumsum(rng.random(C) < 0.15) if segments else np.zeros(C)).astype(np.int32)
+    masks = common.chunk_masks(jnp.asarray(runs), slice(None), jnp.int32(0),
+                               common.causal_mask(C))
+    gt = chunk_math.gates(jnp.asarray(g), masks)
+    return tuple(map(jnp.asarray, (q, k, v, do, g))), gt, masks
+
+
+def _direct_intra(q, k, v, b, intra, key_gated, scale):
+    """Float64 within-chunk output straight from the definition, one decay per pair:
+    o_t = Σ_{i ≤ t, same document} scale · (q_t ⊙ e^{b_t − b_i}) · k_i v_i (key gate) or
+    scale · (q_t · k_i) e^{b_t − b_i} ⊙ v_i (value gate); differentiable in b."""
+    diff = jnp.where(intra[:, :, None], b[:, None, :] - b[None, :, :], -jnp.inf)
+    decay = jnp.exp(diff)                                                   # [t, i, D]
+    if key_gated:
+        A = scale * jnp.einsum("tk,ik,tik->ti", q, k, decay)
+        return A @ v
+    return scale * jnp.einsum("tk,ik,tiv,iv->tv", q, k, decay, v)
+
+
+@pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
+@pytest.mark.parametrize("segments", [False, True], ids=["one_doc", "segments"])
+def test_sub_chunk_tier_matches_the_definition(key_gated, segments):
+    """The sub-chunk tier (chunk_math.intra_output_sub / intra_grads_sub: sums of factored
+    terms, float32 inside as in the kernels) against the definition in float64 (one decay per
+    pair; gradients by autodiff, db the gradient of the cumulative gate b), output and every
+    gradient, on a tile past the chunk bound with every sub-chunk within it; the exact loop
+    the tier replaces is held to the same reference, and the predicates pick the tier."""
+    from pallas_kernels import chunk_math, common
+    sub, scale = 8, 0.3
+    with enable_x64():
+        (q, k, v, do, g), gt, masks = _sharp_tile(7 + 2 * key_gated + segments, key_gated,
+                                                  segments, sub=sub)
+        assert bool(chunk_math.is_extreme(gt)) and not bool(chunk_math.is_sub_extreme(gt, sub))
+        ref_o, vjp = jax.vjp(lambda q, k, v, b: _direct_intra(q, k, v, b, masks.intra,
+                                                              key_gated, scale),
+                             q, k, v, gt.b)
+        ref = (ref_o,) + vjp(do)
+        kw = dict(key_gated=key_gated, scale=scale)
+        dot = common.Dot(jnp.float32, interpret=True)
+        q32, k32, v32, do32, g32 = (x.astype(jnp.float32) for x in (q, k, v, do, g))
+        gt32 = chunk_math.gates(g32, masks)
+        for name, o, grads in (
+                ("sub-chunk tier",
+                 chunk_math.intra_output_sub(q32, k32, v32, gt32, masks, dot=dot, sub=sub, **kw),
+                 chunk_math.intra_grads_sub(q32, k32, v32, do32, gt32, masks, dot=dot, sub=sub,
+                                            **kw)),
+                ("exact loop", chunk_math._intra_output_exact(q32, k32, v32, gt32, masks, **kw),
+                 chunk_math._intra_grads_exact(q32, k32, v32, do32, gt32, masks, **kw))):
+            for what, a, b in zip(("o", "dq", "dk", "dv", "db"), (o,) + tuple(grads), ref):
+                _assert_rel(a, np.asarray(b), 2e-5, f"{name} {what}")
+
+
+def test_sub_chunk_predicate_sends_sharper_tiles_to_the_exact_loop():
+    """At -20 per step a sub-chunk of 8 decays by ~160: past the bound, so the tile keeps the
+    exact loop; at -5 per step (~40 per sub-chunk) it does not."""
+    from pallas_kernels import chunk_math
+    with enable_x64():
+        _, sharp, _ = _sharp_tile(3, True, False, per_step=-20.0)
+        _, mid, _ = _sharp_tile(3, True, False, per_step=-5.0)
+        assert bool(chunk_math.is_sub_extreme(sharp, 8))
+        assert not bool(chunk_math.is_sub_extreme(mid, 8))
+        assert bool(chunk_math.is_sub_extreme(mid, 32))   # one sub-chunk = the whole chunk
+
+
+def test_kernels_with_the_sub_chunk_tier_match_float64():
+    """The kernels with Tuning.sub_chunk = 8 (chunk 32, packed segments, an initial state):
+    gates at ~-5 per step for the first half of the sequence (tiles past the chunk bound,
+    sub-chunks within it: the sub-chunk tier) and ~-20 for the second (sub-chunks past it too:
+    the exact loop); values and gradients match the float64 recurrence. (The gate's gradient
+    is not tiny here, as it is at -20 throughout: relative error, like the others.)"""
+    case, seed = "segments_C32", 320
+    B, T, H, Hkv, K, V, M, C, _, _ = CASES[case]
+
+    def sharp(args):
+        q, k, v, s, g, hk0, hv0 = args
+        per_step = jnp.where(jnp.arange(T)[None, :, None, None] < T // 2, -5.0, -20.0)
+        return (q, k, v, s, g * 0 + per_step + 0.5 * jnp.tanh(g), hk0, hv0)
+
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, True, True)(sharp(args), cot, seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    conds = {}
+    before = pgla.set_tuning()
+    try:
+        for sub in (0, 8):
+            pgla.set_tuning(sub_chunk=sub)
+            # a fresh jit (not the cached one): the tuning is read when the kernels are traced
+            fn = _value_and_grads.__wrapped__("pallas", C, True, True)
+            conds[sub] = str(jax.make_jaxpr(fn)(sharp(args), cot, seg)).count("cond[")
+        out, grads = fn(sharp(args), cot, seg)
+    finally:
+        pgla.set_tuning(**dataclasses.asdict(before))
+    # the tier is in the kernels: each intra-chunk branch gains the nested sub-chunk branch
+    assert conds[0] > 0 and conds[8] == 2 * conds[0], conds
+    _compare(out, grads, ref_out, ref_grads, F32_REL, True)
+
+
+def test_sub_chunk_must_divide_the_chunk():
+    """A sub-chunk size that does not divide the chunk size is refused when the kernels are
+    built, naming both."""
+    case, seed = "segments_C32", 321
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+    before = pgla.set_tuning(sub_chunk=12)
+    try:
+        with pytest.raises(ValueError, match=r"sub_chunk \(12\) must divide the chunk size \(32\)"):
+            gated_slot_attention(*args[:5], impl="pallas", chunk_size=C)
+    finally:
+        pgla.set_tuning(**dataclasses.asdict(before))
+
+
 def test_fixup_forward_with_strong_gates():
     """The one-walk split forward (`split_fixup`) with g ≈ -3 per step, packed segments and an
     initial state: a chunk of 32 decays by ~e^-96 (its inverse would overflow float32), the
