@@ -65,9 +65,9 @@ def chunk_decays(g_BTHK, chunk: int):
     return jnp.max(sums, axis=-1)
 
 
-def layer_gates(model, params, x_BT, name: str, dims: tuple[int, int]):
+def layer_gates(model, params, x_BT, name: str, heads: int):
     """[layers] gate log-decays g [B, T, H, K] of every mixer (float32), from the captured
-    gate-logit projections."""
+    gate-logit projections (K: GLA's key channels or GSA's slots per head)."""
     import jax
     import jax.numpy as jnp
     module, tau = GATE_MODULES[name]
@@ -78,11 +78,11 @@ def layer_gates(model, params, x_BT, name: str, dims: tuple[int, int]):
     for layer in sorted((k for k in inter if k.startswith("mixer_")), key=lambda k: int(k[6:])):
         logits = inter[layer][module]["__call__"][0].astype(jnp.float32)
         B, T = x_BT.shape
-        out.append(jax.nn.log_sigmoid(logits).reshape(B, T, *dims) / tau)
+        out.append(jax.nn.log_sigmoid(logits).reshape(B, T, heads, -1) / tau)
     return out
 
 
-def count(model, params_R, x_BT, args, dims, bound: float) -> list[dict]:
+def count(model, params_R, x_BT, args, heads: int, bound: float) -> list[dict]:
     """Per run and layer: fraction of extreme tiles per chunk size, and decay quantiles."""
     import jax
     import numpy as np
@@ -90,7 +90,7 @@ def count(model, params_R, x_BT, args, dims, bound: float) -> list[dict]:
     R = jax.tree.leaves(params_R)[0].shape[0]
     for r in range(R):
         params = jax.tree.map(lambda a, r=r: a[r], params_R)
-        for layer, g in enumerate(layer_gates(model, params, x_BT, args.model, dims)):
+        for layer, g in enumerate(layer_gates(model, params, x_BT, args.model, heads)):
             row = {"run": r, "layer": layer}
             for C in args.chunk:
                 d = np.asarray(chunk_decays(g, C))
@@ -122,15 +122,13 @@ def main(argv=None) -> int:
                                              (init_params, opt_state))
     test = held_out_set(margs)
     x = jnp.asarray(test.inputs[:args.rows])
-    heads = {"gla": 2, "gsa": 4}[args.model]
-    gated = {"gla": width // heads, "gsa": width // 4 // heads}[args.model]
-    dims = (heads, gated)
+    heads = {"gla": 2, "gsa": 4}[args.model]   # the authors' MQAR mixers (mqar_models.py)
     result = {"tag": args.tag, "state": args.state, "model": args.model, "width": width,
               "lrs": lrs, "run_seeds": run_seeds, "step": int(step),
               "epochs": step / ma.steps_per_epoch(margs), "rows": args.rows,
               "bound": MAX_CHUNK_DECAY, "chunks": args.chunk,
-              "trained": count(model, params, x, args, dims, MAX_CHUNK_DECAY),
-              "init": count(model, init_params, x, args, dims, MAX_CHUNK_DECAY),
+              "trained": count(model, params, x, args, heads, MAX_CHUNK_DECAY),
+              "init": count(model, init_params, x, args, heads, MAX_CHUNK_DECAY),
               "elapsed_s": time.perf_counter() - t0}
     common.write_and_print(args.tag, "gate_extremes", result, markdown(result),
                            out_dir=args.out_dir)

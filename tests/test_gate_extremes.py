@@ -58,9 +58,10 @@ def test_criterion_is_the_kernels_branch_predicate(C):
     np.testing.assert_array_equal(ours, kernel)
 
 
-@pytest.mark.slow   # a tiny GLA cell's compile and two model passes (~20 s on 2 cores)
-def test_reads_a_paused_cell(tmp_path):
-    """A GLA cell trained one chunk and paused (mqar_authors --pause-seconds 0) is read back:
+@pytest.mark.slow   # a tiny cell's compile and two model passes (~20 s on 2 cores)
+@pytest.mark.parametrize("model", ["gla", "gsa"])
+def test_reads_a_paused_cell(tmp_path, model):
+    """A GLA or GSA cell trained one chunk and paused (mqar_authors --pause-seconds 0) is read back:
     the report holds every run x layer at init and trained, at the saved step, with its
     fractions in [0, 1]; a state of another setup is refused (mqar_authors.restore_cell)."""
     from experiments import mqar_authors as ma
@@ -69,9 +70,9 @@ def test_reads_a_paused_cell(tmp_path):
             "--widths", "8", "--lr", "3e-3", "2e-2", "--seeds", "2", "--max-epochs", "4",
             "--eval-every", "2"]
     states = tmp_path / "s"
-    assert ma.main(cell + ["--models", "gla", "--tag", "t", "--out-dir", str(tmp_path),
+    assert ma.main(cell + ["--models", model, "--tag", "t", "--out-dir", str(tmp_path),
                            "--state-dir", str(states), "--pause-seconds", "0"]) == 0
-    argv = ["--state", str(states / "gla_D8"), "--model", "gla", "--rows", "8",
+    argv = ["--state", str(states / f"{model}_D8"), "--model", model, "--rows", "8",
             "--chunk", "8", "4", "--tag", "t", "--out-dir", str(tmp_path)]
     assert ge.main(argv + cell) == 0
     r = json.loads((tmp_path / "gate_extremes_t.json").read_text())
