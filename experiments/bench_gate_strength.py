@@ -11,7 +11,8 @@ bound (experiments/gate_extremes.chunk_decays, the kernels' own predicate):
 
     python experiments/bench_gate_strength.py --tag h200            # GPU: pallas and chunk
     python experiments/bench_gate_strength.py --tag h200sub --impls pallas --sub-chunk 0 16 32
-        # the kernels without and with the sub-chunk tier (Tuning.sub_chunk), same process
+        # the kernels without (0: the exact loop) and with the sub-chunk tier (Tuning.sub_chunk;
+        # the default, "auto", is 16 at chunk 64), same process
     python experiments/bench_gate_strength.py --smoke --tag cpu     # the script on a CPU
 
 Medians of 7 rounds of 20 calls (bench_kernels.time_jax); ratios against the mildest gate of
@@ -40,6 +41,10 @@ SCALES = [8.0, 0.6, 0.55, 0.5, 0.25]   # g = logsigmoid(x) / s: mild ... every t
 SHAPES = [(8, 2048, 16, 128, 64), (1, 16384, 16, 128, 64)]   # (B, T, H, K = V, M)
 
 
+def _sub_chunk_arg(text: str):
+    return None if text == "auto" else int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tag", default=jax.default_backend())
@@ -48,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", type=int, nargs="+", default=list(range(len(SHAPES))),
                    help="indices into SHAPES")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--sub-chunk", type=int, nargs="+", default=[0],
-                   help="Tuning.sub_chunk values to time the pallas kernels with (0: off)")
+    p.add_argument("--sub-chunk", type=_sub_chunk_arg, nargs="+", default=[None],
+                   help="Tuning.sub_chunk values to time the pallas kernels with (0: off, the "
+                        "exact loop for tiles past the bound; auto: the default)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--check", type=float, nargs="*", default=None, metavar="SCALE",
                    help="also check the pallas kernels (each --sub-chunk) against the f32 chunk "
@@ -73,15 +79,13 @@ def extreme_share(g, chunk: int) -> float:
                          > MAX_CHUNK_DECAY))
 
 
-def bench(shape, impl, scales, dtype, chunk_size, reps, rounds, sub_chunk=0) -> list[dict]:
+def bench(shape, impl, scales, dtype, chunk_size, reps, rounds, sub_chunk=None) -> list[dict]:
     """Rows (one per gate scale) of forward and forward+backward medians for one impl (the
     pallas kernels with Tuning.sub_chunk = sub_chunk, read when the jitted functions trace)."""
     from pallas_kernels import gla as pgla
-    before = pgla.set_tuning(sub_chunk=sub_chunk if impl == "pallas" else 0)
-    try:
-        return _bench(shape, impl, scales, dtype, chunk_size, reps, rounds, sub_chunk)
-    finally:
-        pgla.set_tuning(sub_chunk=before.sub_chunk)
+    with pgla.tuning(sub_chunk=sub_chunk):
+        return _bench(shape, impl, scales, dtype, chunk_size, reps, rounds,
+                      pgla.sub_chunk_for(sub_chunk, chunk_size) if impl == "pallas" else 0)
 
 
 def _bench(shape, impl, scales, dtype, chunk_size, reps, rounds, sub_chunk):
@@ -116,16 +120,14 @@ def checked(shape, dtype, sub_chunk, scales) -> list[dict]:
     Tuning.sub_chunk = sub_chunk at each gate scale, each with its share of tiles past the
     bound."""
     from pallas_kernels import gla as pgla
-    before = pgla.set_tuning(sub_chunk=sub_chunk)
-    try:
+    with pgla.tuning(sub_chunk=sub_chunk):
         out = []
         for s in scales:
             g = make_inputs(shape, dtype, seed=1, gate_scale=s)[4]
-            out.append({**check(shape, dtype, s), "sub_chunk": sub_chunk, "gate_scale": s,
+            out.append({**check(shape, dtype, s), "gate_scale": s,
+                        "sub_chunk": pgla.sub_chunk_for(sub_chunk, 64),   # check's chunk
                         "extreme_tiles": extreme_share(g, 64)})
         return out
-    finally:
-        pgla.set_tuning(sub_chunk=before.sub_chunk)
 
 
 def markdown(record: dict) -> str:
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     rows, checks = [], []
     for shape in args.shape_list:
         for impl in args.impls:
-            for sub in (args.sub_chunk if impl == "pallas" else [0]):
+            for sub in (args.sub_chunk if impl == "pallas" else [None]):
                 if impl == "pallas" and args.check:
                     checks += checked(shape, jnp.dtype(args.dtype), sub, args.check)
                 rows += bench(shape, impl, args.scales, jnp.dtype(args.dtype), args.chunk_size,

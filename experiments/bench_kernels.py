@@ -181,13 +181,14 @@ def copy_bandwidth():
 IMPLS = ("pallas", "pallas_recomp", "chunk", "attn", "peer")  # attn: softmax attention
 
 
-def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IMPLS):
+def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IMPLS,
+                gate_scale=8.0):
     """Time one shape's JAX rows (the peer's: `peer_row`). tunings: {row name:
     `pallas_kernels.gla.Tuning` changes}, extra pallas rows each traced under its launch
     parameters (the defaults restored after). impls: the rows to time (of IMPLS; "attn" is
-    softmax attention; "peer" is left to peer_row)."""
+    softmax attention; "peer" is left to peer_row). gate_scale: make_inputs'."""
     B, T, H, K, M = shape[:5]
-    args = make_inputs(shape, dtype)
+    args = make_inputs(shape, dtype, gate_scale=gate_scale)
     seg = document_ids(shape)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
     rows = {}
@@ -248,11 +249,12 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
             "memory_floor_fwd_ms": floor_ms}
 
 
-def peer_row(shape, dtype):
+def peer_row(shape, dtype, gate_scale=8.0):
     """The peer's row at one shape (its error where it fails), checked against our output."""
-    args, seg = make_inputs(shape, dtype), document_ids(shape)
+    args, seg = make_inputs(shape, dtype, gate_scale=gate_scale), document_ids(shape)
     try:
-        row, o_peer = bench_peer(make_inputs(shape, jnp.float32), seg, str(jnp.dtype(dtype)))
+        row, o_peer = bench_peer(make_inputs(shape, jnp.float32, gate_scale=gate_scale), seg,
+                                 str(jnp.dtype(dtype)))
         # Same inputs, so the two implementations must agree to bf16 rounding.
         row["rel_err_o_vs_pallas"] = rel_err(jax.jit(gsa_fn("pallas", seg))(*args), o_peer)
     except Exception as e:  # noqa: BLE001
@@ -358,6 +360,10 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help='an extra pallas row under other launch parameters, e.g. '
                          '\'bv64={"block_v": 64}\' (pallas_kernels.gla.Tuning fields); repeatable')
+    ap.add_argument("--gate-scale", type=float, default=8.0,
+                    help="timed inputs' gates g = logsigmoid(x) / S (8: layer-like, no kernel "
+                         "tile past the chunk bound; 0.5: ~81%% of tiles past it, like trained "
+                         "MQAR gates: bench_gate_strength.py)")
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the report (how the run was made); repeatable")
     ap.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
@@ -385,7 +391,7 @@ def main(argv=None):
               "jax": jax.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": common.command_line(argv, __file__), "dtype": str(dtype),
-              "notes": list(args.note)}
+              "notes": list(args.note), "gate_scale": args.gate_scale}
     report["checks"] = [] if args.no_check else (
         [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32),
                                                    check(check_shapes[0], dtype, 0.05)])
@@ -416,7 +422,7 @@ def main(argv=None):
     for i, s in zip(indices, shapes):
         with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
         row = bench_shape(s, dtype, bw, with_chunk=with_chunk, tunings=tunings,
-                          impls=args.impls)
+                          impls=args.impls, gate_scale=args.gate_scale)
         # --merge: a re-measured shape keeps the rows of impls this run did not time
         # (e.g. a call that adds the peer to shapes whose JAX rows an earlier call wrote)
         old = [r for r in report["rows"] if r["shape"] == row["shape"]]
@@ -427,7 +433,7 @@ def main(argv=None):
         report["rows"].append(row)
         write()
     for s, row in zip(shapes, new_rows) if use_peer else ():
-        row["results"]["peer"] = peer_row(s, dtype)
+        row["results"]["peer"] = peer_row(s, dtype, args.gate_scale)
         write()
     md = markdown(report)
     print(md)

@@ -11,6 +11,9 @@ def markdown(report):
              f"{report['device']}, jax {report['jax']}, {report['date']}", "",
              f"Command: `{report['command']}`", "",
              *[f"Note: {n}\n" for n in report.get("notes", [])],
+             *([f"Gates of the timed inputs: g = logsigmoid(x) / {report['gate_scale']:g} "
+                f"(layer-like is 8; smaller is sharper: bench_gate_strength.py)\n"]
+               if report.get("gate_scale", 8.0) != 8.0 else []),
              f"Measured copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s", "",
              "## Correctness (relative error vs the f32 chunk form)", "",
              "| shape | dtype | gates | o | dq | dk | dv | ds | dg | finite |",

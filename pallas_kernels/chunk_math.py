@@ -21,14 +21,16 @@ overflow inside the matmul; they are discarded by a select, never multiplied by 
 with a stronger gate takes the exact path instead (an in-kernel branch): a loop over source
 positions i that exponentiates b_t − b_i directly, C times the elementwise work, no overflow.
 
-Sub-chunk tier (`sub` > 0, Tuning.sub_chunk; off by default until measured on the GPU): a tile
-past the bound whose sub-chunks of `sub` steps each stay within it takes neither path but a
-sum of factored terms, all matmuls. With β_I the value of b just before sub-chunk I (β_0 = 0):
-    pairs inside sub-chunk I:   e^{b_t − μ_I} · e^{μ_I − b_i}, μ_I = (β_I + β_{I+1}) / 2,
-                                each factor ≤ e^{(β_I − β_{I+1}) / 2} ≤ e^{60};
-    t in sub-chunk I, i before it:   e^{b_t − β_I} · e^{β_I − b_i}, both factors ≤ 1 (b falls),
-one term per target sub-chunk (the peer's `chunk_gla` factors its off-diagonal sub-chunk blocks
-the same way). Only a sub-chunk past the bound still takes the exact loop.
+Sub-chunk tier (`sub` > 0, Tuning.sub_chunk): a tile past the bound whose sub-chunks of
+`sub` steps each stay within it takes neither path but a sum of factored terms, all matmuls, one
+per target sub-chunk I. With β_I the value of b just before sub-chunk I (β_0 = 0) and the
+reference μ_I = (β_I + β_{I+1}) / 2, every pair (t, i ≤ t) with t in sub-chunk I is
+    e^{b_t − b_i} = e^{b_t − μ_I} · e^{μ_I − b_i}:
+the first factor is ≤ e^{(β_I − β_{I+1}) / 2} ≤ e^{60}; the second likewise for i inside
+sub-chunk I, and ≤ 1 for i before it (b falls, so b_i ≥ β_I ≥ μ_I), underflowing only where
+the pair's decay is below e^{−27} (the peer's `chunk_gla` factors its off-diagonal sub-chunk
+blocks through the target sub-chunk's first gate and loops inside diagonal blocks). Only a
+sub-chunk past the bound still takes the exact loop.
 
 Backward, with dS the gradient of the state *leaving* the chunk (derivation in gla_bwd.py).
 """
@@ -100,69 +102,87 @@ def is_sub_extreme(gt: Gates, sub: int):
     return functools.reduce(jnp.maximum, decays) > MAX_CHUNK_DECAY
 
 
-def _sub_terms(gt: Gates, masks, sub: int) -> list:
-    """The sub-chunk tier's factored terms [(e_t [C, D], e_i [C, D], mask [C, C])]: the decay
-    of a kept pair (t, i) of a term is e_t[t] · e_i[i] (module docstring); the first term
-    holds the pairs inside a sub-chunk, then one per target sub-chunk I ≥ 1 for the pairs
-    whose source lies before it. Every factor is finite; rows outside a term's range are 0."""
+def _sub_term(gt: Gates, masks, sub: int, I):
+    """Target sub-chunk I's factored term (e_t [C, D], e_i [C, D], keep [C, C]): the decay of a
+    kept pair (t, i) is e_t[t] · e_i[i] with the reference μ_I (module docstring). I may be
+    traced (a loop index); rows of e_t outside sub-chunk I and rows of e_i after it are 0, so
+    nothing overflows, and the two factors of a kept pair never exceed e^{60} (i inside
+    sub-chunk I) or e^{60} and 1 (i before it)."""
     C = gt.b.shape[0]
     rows = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (1, C), 1)
-    sub_of_row, sub_of_col = rows // sub, cols // sub
-    bounds = _sub_bounds(gt, sub)
-    mid = sum(jnp.where(sub_of_row == I, 0.5 * (bounds[I] + bounds[I + 1])[None, :], 0.0)
-              for I in range(C // sub))
-    terms = [(jnp.exp(gt.b - mid), jnp.exp(mid - gt.b),
-              jnp.logical_and(masks.intra, sub_of_row == sub_of_col))]
-    for I in range(1, C // sub):
-        beta = bounds[I][None, :]
-        e_t = jnp.exp(jnp.where(sub_of_row == I, gt.b - beta, -jnp.inf))
-        e_i = jnp.exp(jnp.where(rows < I * sub, beta - gt.b, -jnp.inf))
-        keep = jnp.logical_and(masks.intra,
-                               jnp.logical_and(sub_of_row == I, cols < I * sub))
-        terms.append((e_t, e_i, keep))
-    return terms
+    in_target = rows // sub == I
+    # β_I (0 for I = 0: no row has index −1) and β_{I+1}, picked as masked sums (traced I).
+    mu = 0.5 * (common.pick_row(gt.b, I * sub - 1) + common.pick_row(gt.b, I * sub + sub - 1))
+    e_t = jnp.exp(jnp.where(in_target, gt.b - mu[None, :], -jnp.inf))
+    e_i = jnp.exp(jnp.where(rows < I * sub + sub, mu[None, :] - gt.b, -jnp.inf))
+    return e_t, e_i, jnp.logical_and(masks.intra, in_target)
+
+
+def _over_sub_chunks(body, init, C: int, sub: int):
+    """Σ over target sub-chunks as a loop (one term live at a time: an unrolled sum kept every
+    term's [C, D] factors live and slowed the kernels' other paths on the GPU)."""
+    return lax.fori_loop(0, C // sub, body, init)
 
 
 def intra_output_sub(q, k, v, gt, masks, *, key_gated, scale, dot, sub):
     """The within-chunk part of o [C, BV] as the sub-chunk tier's sum of factored terms."""
-    terms = _sub_terms(gt, masks, sub)
+    C = q.shape[0]
     if key_gated:
         q32, k32 = q.astype(f32), k.astype(f32)
-        A = sum(jnp.where(keep, dot.nt(q32 * e_t, k32 * e_i), 0.0) for e_t, e_i, keep in terms)
+
+        def add_term(I, A):
+            e_t, e_i, keep = _sub_term(gt, masks, sub, I)
+            return A + jnp.where(keep, dot.nt(q32 * e_t, k32 * e_i), 0.0)
+
+        A = _over_sub_chunks(add_term, jnp.zeros((C, C), f32), C, sub)
         return dot.nn(scale * A, v)
     raw = scale * dot.nt(q, k)
     v32 = v.astype(f32)
-    return sum(e_t * dot.nn(jnp.where(keep, raw, 0.0), v32 * e_i) for e_t, e_i, keep in terms)
+
+    def add_term(I, o):
+        e_t, e_i, keep = _sub_term(gt, masks, sub, I)
+        return o + e_t * dot.nn(jnp.where(keep, raw, 0.0), v32 * e_i)
+
+    return _over_sub_chunks(add_term, jnp.zeros((C, v.shape[1]), f32), C, sub)
 
 
 def intra_grads_sub(q, k, v, do, gt, masks, *, key_gated, scale, dot, sub):
     """(dq, dk, dv, db) of the within-chunk part, sub-chunk tier (intra_grads_fast's algebra
     per term: each term is a product through its own reference, so db collects
-    dq̂ ⊙ q̂ − dk̂ ⊙ k̂ (key gate) or dY ⊙ (A v̂) − dv̂ ⊙ v̂ (value gate) term by term)."""
-    terms = _sub_terms(gt, masks, sub)
+    dq̂ ⊙ q̂ − dk̂ ⊙ k̂ (key gate) or dY ⊙ (A v̂) − dv̂ ⊙ v̂ (value gate) term by term; the
+    reference μ_I cancels within its term, so it is held constant)."""
+    C = q.shape[0]
     q32, k32, v32, do32 = (x.astype(f32) for x in (q, k, v, do))
+    zeros_k, zeros_v = jnp.zeros(q.shape, f32), jnp.zeros(v.shape, f32)
     if key_gated:
         dA_all = scale * dot.nt(do, v)
-        A, dq, dk, db = 0.0, 0.0, 0.0, 0.0
-        for e_t, e_i, keep in terms:
-            q_hat, k_hat = q32 * e_t, k32 * e_i
+
+        def add_term(I, carry):
+            A, dq, dk, db = carry
+            e_t, e_i, keep = _sub_term(gt, masks, sub, I)
+            q_hat, k_hat = dot.rounded(q32 * e_t), dot.rounded(k32 * e_i)
             A = A + scale * jnp.where(keep, dot.nt(q_hat, k_hat), 0.0)
             dA = jnp.where(keep, dA_all, 0.0)
             dq_hat, dk_hat = dot.nn(dA, k_hat), dot.tn(dA, q_hat)
-            dq = dq + dq_hat * e_t
-            dk = dk + dk_hat * e_i
-            db = db + dq_hat * q_hat - dk_hat * k_hat
+            return (A, dq + dq_hat * e_t, dk + dk_hat * e_i,
+                    db + dq_hat * q_hat - dk_hat * k_hat)
+
+        A, dq, dk, db = _over_sub_chunks(
+            add_term, (jnp.zeros((C, C), f32), zeros_k, zeros_k, zeros_k), C, sub)
         return dq, dk, dot.tn(A, do), db
     raw = scale * dot.nt(q, k)
-    dA_sum, dv, db = 0.0, 0.0, 0.0
-    for e_t, e_i, keep in terms:
+
+    def add_term(I, carry):
+        dA_sum, dv, db = carry
+        e_t, e_i, keep = _sub_term(gt, masks, sub, I)
         A = jnp.where(keep, raw, 0.0)
-        v_hat, dY = v32 * e_i, do32 * e_t
+        v_hat, dY = dot.rounded(v32 * e_i), dot.rounded(do32 * e_t)
         dv_hat = dot.tn(A, dY)
-        dA_sum = dA_sum + jnp.where(keep, dot.nt(dY, v_hat), 0.0)
-        dv = dv + dv_hat * e_i
-        db = db + dY * dot.nn(A, v_hat) - dv_hat * v_hat
+        return (dA_sum + jnp.where(keep, dot.nt(dY, v_hat), 0.0), dv + dv_hat * e_i,
+                db + dY * dot.nn(A, v_hat) - dv_hat * v_hat)
+
+    dA_sum, dv, db = _over_sub_chunks(
+        add_term, (jnp.zeros((C, C), f32), zeros_v, zeros_v), C, sub)
     dA_sum = scale * dA_sum
     return dot.nn(dA_sum, k), dot.tn(dA_sum, q), dv, db
 
@@ -253,11 +273,11 @@ def intra_grads_fast(q, k, v, do, gt, masks, *, key_gated, scale, dot):
         dq_hat, dk_hat = dot.nn(dA, k_hat), dot.tn(dA, q_hat)
         dq = dq_hat * jnp.exp(gt.b - gt.rho)
         dk = dk_hat * jnp.exp(gt.rho - gt.b)
-        db = dq_hat * q_hat - dk_hat * k_hat
+        db = dq_hat * dot.rounded(q_hat) - dk_hat * dot.rounded(k_hat)
         return dq, dk, dv, db
-    v_hat = v.astype(f32) * jnp.exp(gt.rho - gt.b)
+    v_hat = dot.rounded(v.astype(f32) * jnp.exp(gt.rho - gt.b))
     out_factor = jnp.exp(gt.b - gt.rho)
-    dY = do.astype(f32) * out_factor
+    dY = dot.rounded(do.astype(f32) * out_factor)
     dv_hat = dot.tn(A, dY)
     dA = scale * jnp.where(masks.intra, dot.nt(dY, v_hat), 0.0)
     dq, dk = dot.nn(dA, k), dot.tn(dA, q)

@@ -50,6 +50,14 @@ class Dot:
     def tn(self, a, b):  # aᵀ @ b
         return self._dot(a, b, ((0,), (0,)))
 
+    def rounded(self, x):
+        """x (float32) as the matmuls see it. A gate gradient built as dq̂ ⊙ q̂ − dk̂ ⊙ k̂ must
+        multiply by the operands the matmuls used: each pair (t, i) then enters db_t and db_i
+        with the same value, and the diagonal pairs (decay 1, no gate gradient) cancel instead
+        of leaving a bf16 rounding residue as large as the true gradient under sharp gates."""
+        dtype = jnp.dtype(self.dtype)
+        return x if dtype == jnp.float32 else x.astype(dtype).astype(jnp.float32)
+
 
 def keep_or_recompute_vjp(forward, states, backward, *, recompute_states: bool):
     """fn(*args) -> (o, final state), differentiable by custom_vjp, for both kernel families.

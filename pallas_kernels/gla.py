@@ -13,6 +13,7 @@ paper's "hidden state recomputation", less memory held between the passes for a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -81,13 +82,17 @@ class Tuning:
     M = 128 slots at (8, 2048, 16, 128) bf16: forward+backward 6.87 ms with 128, 5.94 ms
     with 64 (experiments/results/bench_kernels_h100.md, shape 5, same run as the peer).
 
-    `sub_chunk` (0: off) enables the intra-chunk sub-chunk tier (chunk_math.py): a tile whose
-    gate decays some channel by more than MAX_CHUNK_DECAY over the chunk is computed as a sum
-    of factored terms over sub-chunks of this many steps (a divisor of the chunk size)
-    instead of the exact loop, which stays for tiles with a sub-chunk past the bound. Sharp
-    gates are what trained models have; the exact loop made the forward 3.4x slower with 4% of
-    tiles past the bound and 18x with 81% (8 x 2048 on an H200,
-    experiments/results/bench_gate_strength_h200.md). Off until checked and timed on a GPU."""
+    `sub_chunk` sets the intra-chunk sub-chunk tier (chunk_math.py): a tile whose gate decays
+    some channel by more than MAX_CHUNK_DECAY over the chunk is computed as a sum of factored
+    terms, one per sub-chunk of this many steps (a divisor of the chunk size), instead of the
+    exact loop over positions, which stays for tiles with a sub-chunk past the bound. None
+    (auto): AUTO_SUB_CHUNK where it divides the chunk and is smaller, else off; 0: off. Sharp
+    gates are what trained models have (MQAR GLA: 27-100% of tiles past the bound). On an
+    H200, 8 x 2048, H 16, K 128, M 64, bf16 (experiments/results/bench_gate_strength_h200sub.md):
+    with 81% of tiles past the bound the exact loop takes 8.16 / 19.6 ms (fwd / fwd+bwd), the
+    tier 0.89 / 2.81 ms; with layer-like gates (no tile past it, the tier never taken) 0.456 /
+    1.976 ms without and 0.458 / 1.944 ms with it. A sub-chunk of 32 is faster still at 81%
+    (0.63 / 2.32 ms) but falls back to the loop when gates are sharper (100%: 8.5 / 24.0 ms)."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -102,7 +107,7 @@ class Tuning:
     split_min_chunks: int = 8
     fused_split: bool = True
     split_fixup: bool = False
-    sub_chunk: int = 0
+    sub_chunk: Optional[int] = None
 
 
 def _tuning_from_env() -> Tuning:
@@ -121,6 +126,7 @@ def _tuning_from_env() -> Tuning:
 
 _TUNING = _tuning_from_env()
 LARGE_STATE_BWD_BLOCK_V = 64
+AUTO_SUB_CHUNK = 16   # Tuning.sub_chunk = None; the peer's chunk_gla sub-chunks are 16 too
 
 
 def set_tuning(**changes) -> Tuning:
@@ -130,6 +136,17 @@ def set_tuning(**changes) -> Tuning:
     previous = _TUNING
     _TUNING = dataclasses.replace(_TUNING, **changes)
     return previous
+
+
+@contextlib.contextmanager
+def tuning(**changes):
+    """`with tuning(sub_chunk=0): ...`: set_tuning for the calls traced inside, restored after
+    (yields the tuning in force inside)."""
+    previous = set_tuning(**changes)
+    try:
+        yield _TUNING
+    finally:
+        set_tuning(**dataclasses.asdict(previous))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,14 +168,22 @@ class KernelConfig:
         block_v = t.block_v_bwd if backward and t.block_v_bwd else t.block_v
         kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=block_v,
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
-        if (parallel or fused) and t.sub_chunk:   # the kernels that compute intra-chunk terms
-            if self.chunk_size % t.sub_chunk:
-                raise ValueError(f"Tuning.sub_chunk ({t.sub_chunk}) must divide the chunk size "
-                                 f"({self.chunk_size})")
-            kw["sub_chunk"] = t.sub_chunk
+        if parallel or fused:   # the kernels that compute intra-chunk terms
+            kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
         if with_scale:
             kw["scale"] = self.scale
         return kw
+
+
+def sub_chunk_for(sub_chunk: Optional[int], chunk_size: int) -> int:
+    """The sub-chunk tier's size for a chunk size (0: off); see Tuning.sub_chunk."""
+    if sub_chunk is None:
+        auto = AUTO_SUB_CHUNK
+        return auto if chunk_size > auto and chunk_size % auto == 0 else 0
+    if sub_chunk < 0 or (sub_chunk and chunk_size % sub_chunk):
+        raise ValueError(f"Tuning.sub_chunk ({sub_chunk}) must divide the chunk size "
+                         f"({chunk_size}), or be 0 (off) or None (auto)")
+    return sub_chunk
 
 
 def sum_groups(x, groups: int):

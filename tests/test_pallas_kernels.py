@@ -312,6 +312,51 @@ def test_sub_chunk_tier_matches_the_definition(key_gated, segments):
                 _assert_rel(a, np.asarray(b), 2e-5, f"{name} {what}")
 
 
+@pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
+def test_bf16_gate_gradient_of_the_factored_paths(key_gated):
+    """With bf16 matmuls (the kernels' dtype for bf16 inputs), the gate gradient of the
+    factored paths against the float64 definition: db = dq̂ ⊙ q̂ − dk̂ ⊙ k̂ cancels the diagonal
+    pairs (decay 1, no gradient) only if it multiplies by the operands the matmuls rounded
+    (Dot.rounded). Multiplying by the unrounded float32 ones left a residue of 32% (sub-chunk
+    tier, -5 per step) and 2.2% (-2.5, sub-chunks of 16); the exact loop (float32 throughout)
+    is the yardstick. The fast path on a mild tile is held to the same bound."""
+    from pallas_kernels import chunk_math, common
+    scale = 0.3
+    dot = common.Dot(jnp.bfloat16, interpret=True)
+    kw = dict(key_gated=key_gated, scale=scale)
+    for per_step, sub, C, path in ((-5.0, 8, 32, "sub"), (-2.5, 16, 64, "sub"),
+                                   (-0.3, 16, 64, "fast")):
+        with enable_x64():
+            (q, k, v, do, g), gt, masks = _sharp_tile(11, key_gated, False, C=C, sub=sub,
+                                                      K=32, V=32, per_step=per_step)
+            _, vjp = jax.vjp(lambda q, k, v, b: _direct_intra(q, k, v, b, masks.intra,
+                                                              key_gated, scale), q, k, v, gt.b)
+            ref_db = np.asarray(vjp(do)[3])
+        bf = [x.astype(jnp.bfloat16) for x in (q, k, v, do)]
+        gt32 = chunk_math.gates(g.astype(jnp.float32), masks)
+        assert bool(chunk_math.is_extreme(gt32)) == (path == "sub")
+        if path == "sub":
+            db = chunk_math.intra_grads_sub(*bf, gt32, masks, dot=dot, sub=sub, **kw)[3]
+        else:
+            db = chunk_math.intra_grads_fast(*bf, gt32, masks, dot=dot, **kw)[3]
+        exact_db = chunk_math._intra_grads_exact(*bf, gt32, masks, **kw)[3]
+        err, exact_err = relative_error(db, ref_db), relative_error(exact_db, ref_db)
+        assert err < max(1e-2, 2 * exact_err), (per_step, sub, path, err, exact_err)
+
+
+def test_sub_chunk_auto_size():
+    """Tuning.sub_chunk = None (the default) takes 16 where it divides a larger chunk and
+    turns the tier off otherwise (a chunk of 16 or less has nothing to split, and a size
+    that does not divide would be refused); an explicit size is checked."""
+    assert pgla.Tuning().sub_chunk is None
+    assert [pgla.sub_chunk_for(None, C) for C in (64, 32, 128, 16, 8, 24, 48)] == [
+        16, 16, 16, 0, 0, 0, 16]
+    assert pgla.sub_chunk_for(8, 32) == 8 and pgla.sub_chunk_for(0, 64) == 0
+    for bad in (12, -16):
+        with pytest.raises(ValueError, match="must divide the chunk size"):
+            pgla.sub_chunk_for(bad, 32)
+
+
 def test_sub_chunk_predicate_sends_sharper_tiles_to_the_exact_loop():
     """At -20 per step a sub-chunk of 8 decays by ~160: past the bound, so the tile keeps the
     exact loop; at -5 per step (~40 per sub-chunk) it does not."""
