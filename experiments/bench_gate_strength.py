@@ -1,8 +1,10 @@
-"""GPU kernel time vs gate strength: the cost of the kernels' exact intra-chunk path.
+"""GPU kernel time vs gate strength: the kernels' paths for tiles past the chunk bound.
 
 The Pallas kernels factor the intra-chunk decay through the chunk's midpoint while every gated
-channel of a tile decays by at most MAX_CHUNK_DECAY (120, natural log) over the chunk, and
-loop over the chunk's positions otherwise (pallas_kernels/chunk_math.py). Benchmarks draw mild
+channel of a tile decays by at most MAX_CHUNK_DECAY (120, natural log) over the chunk; past it a
+tile takes the sub-chunk tier (factored through each 16-step sub-chunk's midpoint, the default)
+or, with Tuning.sub_chunk = 0 or a sub-chunk past the bound too, a loop over the chunk's
+positions (pallas_kernels/chunk_math.py). Benchmarks draw mild
 gates (g = logsigmoid(x) / 8: no tile past the bound); trained models do not (the MQAR GLA at
 D = 64: 27-100% of tiles, results/gate_extremes_h200e64_gla64.md). Here the same compiled
 forward and forward+backward of `gated_slot_attention` are timed on inputs whose gates are
@@ -135,7 +137,8 @@ def markdown(record: dict) -> str:
              f"gated_slot_attention, {record['dtype']}, chunk {record['chunk_size']}; gates "
              f"g = logsigmoid(x) / s, x ~ N(0, 1); 'past the bound': share of (row, chunk, "
              f"head) tiles whose strongest slot decays by more than {MAX_CHUNK_DECAY:g} over the "
-             f"chunk (the kernels' exact path). Ratios against the mildest gate, same impl, "
+             f"chunk (no midpoint factoring: the kernels' sub-chunk tier, or with sub-chunk '-' "
+             f"their exact loop). Ratios against the mildest gate, same impl, "
              f"same run.", "",
              "| B × T, H, K, M | impl | sub-chunk | s | mean g | past the bound | fwd ms | "
              "fwd+bwd ms | fwd / mild | fwd+bwd / mild |",

@@ -47,6 +47,7 @@ from jax import lax
 from pallas_kernels import common
 
 MAX_CHUNK_DECAY = 120.0  # largest |Σ_chunk g| (per gated channel) the factorisation accepts
+AUTO_SUB_CHUNK = 16   # the sub-chunk tier's default size (the peer's chunk_gla uses 16 too)
 
 f32 = jnp.float32
 
@@ -88,17 +89,35 @@ def is_extreme(gt: Gates):
     return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
 
 
-def _sub_bounds(gt: Gates, sub: int) -> list:
-    """[β_0, ..., β_n] ([D] each): b just before each sub-chunk of `sub` rows, and b_C."""
-    C = gt.b.shape[0]
-    return ([jnp.zeros_like(gt.b_last)]
-            + [common.pick_row(gt.b, I * sub - 1) for I in range(1, C // sub)] + [gt.b_last])
+def sub_chunk_for(sub_chunk, chunk_size: int) -> int:
+    """The sub-chunk tier's size for a chunk size (0: off). None (auto): AUTO_SUB_CHUNK where it
+    divides a larger chunk, else off; an explicit size must divide the chunk (0: off)."""
+    if sub_chunk is None:
+        auto = AUTO_SUB_CHUNK
+        return auto if chunk_size > auto and chunk_size % auto == 0 else 0
+    if sub_chunk < 0 or (sub_chunk and chunk_size % sub_chunk):
+        raise ValueError(f"Tuning.sub_chunk ({sub_chunk}) must divide the chunk size "
+                         f"({chunk_size}), or be 0 (off) or None (auto)")
+    return sub_chunk
+
+
+def _rows_of(gt: Gates):
+    return lax.broadcasted_iota(jnp.int32, (gt.b.shape[0], 1), 0)
+
+
+def _b_at(gt: Gates, *rows):
+    """Σ of b's rows at these indices, [1, D] (a masked sum: neither Triton nor Mosaic index
+    a tile by a traced row; an index of −1 picks nothing, i.e. b before the chunk, 0)."""
+    r = _rows_of(gt)
+    hit = functools.reduce(jnp.logical_or, [r == i for i in rows])
+    return jnp.sum(jnp.where(hit, gt.b, 0.0), axis=0, keepdims=True)
 
 
 def is_sub_extreme(gt: Gates, sub: int):
     """Whether some gated channel decays beyond the bound within one sub-chunk of the tile."""
-    bounds = _sub_bounds(gt, sub)
-    decays = [jnp.max(hi - lo) for hi, lo in zip(bounds, bounds[1:])]   # b falls: hi >= lo
+    C = gt.b.shape[0]
+    decays = [jnp.max(_b_at(gt, I * sub - 1) - _b_at(gt, I * sub + sub - 1))   # b falls
+              for I in range(C // sub)]
     return functools.reduce(jnp.maximum, decays) > MAX_CHUNK_DECAY
 
 
@@ -107,14 +126,13 @@ def _sub_term(gt: Gates, masks, sub: int, I):
     kept pair (t, i) is e_t[t] · e_i[i] with the reference μ_I (module docstring). I may be
     traced (a loop index); rows of e_t outside sub-chunk I and rows of e_i after it are 0, so
     nothing overflows, and the two factors of a kept pair never exceed e^{60} (i inside
-    sub-chunk I) or e^{60} and 1 (i before it)."""
-    C = gt.b.shape[0]
-    rows = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-    in_target = rows // sub == I
-    # β_I (0 for I = 0: no row has index −1) and β_{I+1}, picked as masked sums (traced I).
-    mu = 0.5 * (common.pick_row(gt.b, I * sub - 1) + common.pick_row(gt.b, I * sub + sub - 1))
-    e_t = jnp.exp(jnp.where(in_target, gt.b - mu[None, :], -jnp.inf))
-    e_i = jnp.exp(jnp.where(rows < I * sub + sub, mu[None, :] - gt.b, -jnp.inf))
+    sub-chunk I) or e^{60} and 1 (i before it). Every value is 2-D (the TPU kernels' rule)."""
+    rows = _rows_of(gt)
+    start, end = I * sub, I * sub + sub
+    in_target = jnp.logical_and(rows >= start, rows < end)   # [C, 1]
+    mu = 0.5 * _b_at(gt, start - 1, end - 1)                 # (β_I + β_{I+1}) / 2, [1, D]
+    e_t = jnp.exp(jnp.where(in_target, gt.b - mu, -jnp.inf))
+    e_i = jnp.exp(jnp.where(rows < end, mu - gt.b, -jnp.inf))
     return e_t, e_i, jnp.logical_and(masks.intra, in_target)
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common, two_level
+from pallas_kernels.chunk_math import AUTO_SUB_CHUNK, sub_chunk_for  # noqa: F401 (re-exported)
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
 from pallas_kernels.gla_fwd import fused_fwd, output_fwd, states_fwd
@@ -126,7 +127,6 @@ def _tuning_from_env() -> Tuning:
 
 _TUNING = _tuning_from_env()
 LARGE_STATE_BWD_BLOCK_V = 64
-AUTO_SUB_CHUNK = 16   # Tuning.sub_chunk = None; the peer's chunk_gla sub-chunks are 16 too
 
 
 def set_tuning(**changes) -> Tuning:
@@ -173,17 +173,6 @@ class KernelConfig:
         if with_scale:
             kw["scale"] = self.scale
         return kw
-
-
-def sub_chunk_for(sub_chunk: Optional[int], chunk_size: int) -> int:
-    """The sub-chunk tier's size for a chunk size (0: off); see Tuning.sub_chunk."""
-    if sub_chunk is None:
-        auto = AUTO_SUB_CHUNK
-        return auto if chunk_size > auto and chunk_size % auto == 0 else 0
-    if sub_chunk < 0 or (sub_chunk and chunk_size % sub_chunk):
-        raise ValueError(f"Tuning.sub_chunk ({sub_chunk}) must divide the chunk size "
-                         f"({chunk_size}), or be 0 (off) or None (auto)")
-    return sub_chunk
 
 
 def sum_groups(x, groups: int):

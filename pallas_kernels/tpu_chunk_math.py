@@ -22,8 +22,9 @@ Per chunk of C steps (b = L g, b_C its last row, ρ = b_C / 2, masks from `chunk
         o   = e^{b} ⊙ (scale · (q W) · from) + intra
         W'  = W ⊙ (e^{b_C} · survive) + kᵀ (v ⊙ e^{b_C−b} · into)
 
-The intra-chunk term is chunk_math's (`intra_output_fast`, `intra_grads_fast` take 2-D gates
-as they are); its exact path for strong gates is re-written here in 2-D tiles. The backward
+The intra-chunk term is chunk_math's (`intra_output_fast`, `intra_grads_fast` and the sub-chunk
+tier `intra_output_sub`, `intra_grads_sub` take 2-D gates as they are; Plan.sub sets the tier,
+16 at chunk 64); its exact loop for the sharpest gates is re-written here in 2-D tiles. The backward
 (gradient formulas derived in gla_bwd.py) is the same algebra with W in place of S.
 """
 
@@ -127,23 +128,24 @@ def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, q.shape[0], source, jnp.zeros(v.shape, f32))
 
 
-def intra_output(q, k, v, gt, masks, *, key_gated, scale, dot):
+def intra_output(q, k, v, gt, masks, *, key_gated, scale, dot, sub=0):
     kw = dict(key_gated=key_gated, scale=scale)
-    return lax.cond(chunk_math.is_extreme(gt),
-                    lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
-                    lambda q, k, v: chunk_math.intra_output_fast(q, k, v, gt, masks, dot=dot,
-                                                                 **kw),
-                    q, k, v)
+    return chunk_math._strong_gate_path(
+        lambda q, k, v: chunk_math.intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
+        lambda q, k, v: chunk_math.intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw),
+        lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
+        gt, sub, q.shape[0])(q, k, v)
 
 
-def output(q, k, v, W, gt, masks, *, key_gated, scale, dot):
+def output(q, k, v, W, gt, masks, *, key_gated, scale, dot, sub=0):
     """o [C, V] of one chunk from its inputs and the entering state W (layout above)."""
     e_b = jnp.exp(gt.b)
     if key_gated:
         inter = scale * dot.nt(q.astype(f32) * e_b * masks.from_state, W)
     else:
         inter = e_b * dot.nn(q, W) * (scale * masks.from_state)
-    return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot)
+    return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot,
+                                sub=sub)
 
 
 def _other_and_gated(key_gated, x_key, x_value):
@@ -201,18 +203,20 @@ def _intra_grads_exact(q, k, v, do, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, C, source, zeros)
 
 
-def grads(q, k, v, do, W, dW, gt, masks, *, key_gated, scale, dot):
+def grads(q, k, v, do, W, dW, gt, masks, *, key_gated, scale, dot, sub=0):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (`reverse_cumsum` gives dg).
 
-    W: state entering the chunk; dW: gradient of the state leaving it (layout above).
+    W: state entering the chunk; dW: gradient of the state leaving it (layout above); sub:
+    the sub-chunk tier's size (0: none).
     """
     C = q.shape[0]
     kw = dict(key_gated=key_gated, scale=scale)
-    dq, dk, dv, db = lax.cond(
-        chunk_math.is_extreme(gt),
-        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+    dq, dk, dv, db = chunk_math._strong_gate_path(
         lambda q, k, v, do: chunk_math.intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
-        q, k, v, do)
+        lambda q, k, v, do: chunk_math.intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub,
+                                                       **kw),
+        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+        gt, sub, C)(q, k, v, do)
     if key_gated:  # q̄ = q e^{b}·from reads W, k̄ = k e^{b_C−b}·into writes it
         e_b = jnp.exp(gt.b) * masks.from_state
         k_bar = k.astype(f32) * gt.to_end

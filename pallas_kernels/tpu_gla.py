@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import common
+from pallas_kernels import chunk_math, common
 from pallas_kernels.gla import sum_groups
 from pallas_kernels.tpu_gla_bwd import backward as backward_kernel
 from pallas_kernels.tpu_gla_fwd import forward
@@ -92,18 +92,22 @@ def _kernel_fn(cfg: _Config):
                                         recompute_states=cfg.recompute_states)
 
 
-def make_plan(q, k, v, *, key_gated: bool, chunk_size: int, out_dtype=None) -> Plan:
-    """The block plan of a call on [B, T, heads, D] inputs (T padded to the chunk size)."""
+def make_plan(q, k, v, *, key_gated: bool, chunk_size: int, out_dtype=None,
+              sub_chunk=None) -> Plan:
+    """The block plan of a call on [B, T, heads, D] inputs (T padded to the chunk size);
+    sub_chunk: the sub-chunk tier's size (chunk_math.sub_chunk_for; None: 16 where it divides)."""
     B, T, H, K = q.shape
     C = chunk_size
     return Plan(B=B, Tp=-(-T // C) * C, H=H, Hkv=k.shape[2], K=K, V=v.shape[3], C=C,
                 key_gated=key_gated, itemsize=jnp.dtype(q.dtype).itemsize,
-                out_itemsize=jnp.dtype(out_dtype or q.dtype).itemsize)
+                out_itemsize=jnp.dtype(out_dtype or q.dtype).itemsize,
+                sub=chunk_math.sub_chunk_for(sub_chunk, C))
 
 
 def gla_chunk_pallas_tpu(q, k, v, g, initial_state, runs: Optional[jax.Array], *,
                          key_gated: bool, scale: float, chunk_size: int = 64,
-                         recompute_states: bool = False, out_dtype=None, interpret=False):
+                         recompute_states: bool = False, out_dtype=None, interpret=False,
+                         sub_chunk=None):
     """GLA by the TPU kernels; differentiable in every array argument.
 
     Args:
@@ -114,10 +118,14 @@ def gla_chunk_pallas_tpu(q, k, v, g, initial_state, runs: Optional[jax.Array], *
         budget (tpu_plan.SCOPED_VMEM_BYTES).
       interpret: True runs the kernels in TPU interpret mode (on a CPU; tests), also a
         `pltpu.InterpretParams` (`tpu_gla_fwd.interpret_params`).
+      sub_chunk: the sub-chunk tier's size for chunks whose gate decays a channel by more
+        than chunk_math.MAX_CHUNK_DECAY (None: 16 where it divides the chunk; 0: the exact
+        loop; chunk_math.sub_chunk_for).
     Returns:
       (o [B, T, H, V] in out_dtype (default q's), final state [B, H, K, V] float32).
     """
-    plan = make_plan(q, k, v, key_gated=key_gated, chunk_size=chunk_size, out_dtype=out_dtype)
+    plan = make_plan(q, k, v, key_gated=key_gated, chunk_size=chunk_size, out_dtype=out_dtype,
+                     sub_chunk=sub_chunk)
     for name, size in (("chunk_size", plan.C), ("K", plan.K), ("V", plan.V)):
         if size % 16:
             raise ValueError(f"gla_chunk_pallas_tpu: {name} must be a multiple of 16 (TPU "

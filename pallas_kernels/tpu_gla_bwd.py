@@ -40,7 +40,8 @@ def _backward_kernel(*refs, plan: Plan, scale, has_runs, dot):
     q, do = q_ref[...], do_ref[...]
     kw = dict(key_gated=plan.key_gated, scale=scale, dot=dot)
     dq, dk, dv, db = tpu_chunk_math.grads(q, k_ref[...], v_ref[...], do,
-                                          states_ref[...].astype(f32), dW, gt, masks, **kw)
+                                          states_ref[...].astype(f32), dW, gt, masks,
+                                          sub=plan.sub, **kw)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)

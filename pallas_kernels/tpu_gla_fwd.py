@@ -51,7 +51,7 @@ def _forward_kernel(*refs, plan: Plan, scale, has_runs, with_output, keep_states
     k, v = k_ref[...], v_ref[...]
     if with_output:
         o = tpu_chunk_math.output(q_ref[...], k, v, W, gt, masks, key_gated=plan.key_gated,
-                                  scale=scale, dot=dot)
+                                  scale=scale, dot=dot, sub=plan.sub)
         o_ref[...] = o.astype(o_ref.dtype)
     W = tpu_chunk_math.state_update(k, v, W, gt, key_gated=plan.key_gated, dot=dot)
     W_ref[...] = W

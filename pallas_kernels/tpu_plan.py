@@ -82,6 +82,7 @@ class Plan:
     key_gated: bool
     itemsize: int  # bytes of an input element (q, k, v, g, do)
     out_itemsize: int  # bytes of an output element
+    sub: int = 0  # the sub-chunk tier's size for tiles past the chunk bound (0: exact loop)
 
     @property
     def N(self) -> int:

@@ -478,3 +478,49 @@ def test_tuning_from_the_environment(monkeypatch):
     monkeypatch.setenv("GSA_PALLAS_TUNING", '{"block": 32}')
     with pytest.raises(ValueError, match="block_v_bwd"):
         pgla._tuning_from_env()
+
+
+@pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
+def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
+    """The compiled (not interpreted) GPU kernels, forward and backward at chunk 64 with the
+    default sub-chunk tier (16) and with it off, lower to Triton IR on this CPU machine
+    (jax.export for "cuda" runs Pallas' Triton lowering, which refuses primitives and shapes
+    Triton lacks); the tier adds to the kernels that compute intra-chunk terms (the fused
+    forward and the backward's gradient kernel), not to the state walks. Triton's own
+    compilation and the numbers are the GPU's to check (bench_gate_strength --check)."""
+    import re
+
+    sd = jax.ShapeDtypeStruct
+    B, T, H, K, V = 1, 256, 2, 64, 32
+    D = K if key_gated else V
+    args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16),
+            sd((B, T, H, V), jnp.bfloat16), sd((B, T, H, D), jnp.bfloat16),
+            sd((B, H, K, V), jnp.float32))
+    triton = "__gpu$xla.gpu.triton"
+
+    def kernel_sizes(sub_chunk):
+        def loss(q, k, v, g, s0):
+            o, sT = pgla.gla_chunk_pallas(q, k, v, g, s0, None, key_gated=key_gated, scale=0.1,
+                                          chunk_size=64, interpret=False)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sT)
+
+        def fwd(*a):
+            return loss(*a)
+
+        sizes = {}
+        with pgla.tuning(sub_chunk=sub_chunk):
+            for fn in (jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))):
+                module = jax.export.export(
+                    fn, platforms=["cuda"],
+                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+                )(*args).mlir_module()
+                for call in module.split(triton)[1:]:
+                    ir = re.search(r'ir = "(.*?)", name = "(\w+)"', call)
+                    sizes[ir.group(2)] = len(ir.group(1))
+        return sizes
+
+    off, on = kernel_sizes(0), kernel_sizes(None)
+    assert set(on) == set(off) == {"gla_fused_fwd", "gla_states_fwd", "gla_grads_bwd",
+                                   "gla_dstates_bwd"}, sorted(on)
+    grew = {name for name in on if on[name] > off[name]}
+    assert grew == {"gla_fused_fwd", "gla_grads_bwd"}, (off, on)

@@ -50,6 +50,8 @@ CASES = {
     # slow: no initial state and chunk 32; time-major q, k, v at K = V = 128 with head-major M
     "no_state_C32": (1, 70, 2, 2, 16, 16, 64, 32, False, False),
     "K128_V128_M64": (1, 40, 2, 1, 128, 128, 64, 16, True, True),
+    # chunk 32: the sub-chunk tier's default size (16) splits it
+    "sub_C32": (1, 64, 2, 1, 16, 16, 16, 32, True, True),
 }
 MAIN = "gqa_segments_ragged"
 
@@ -128,6 +130,39 @@ def test_strong_gates_take_the_exact_path(tpu):
         return q, k, v, s, g, hk0, hv0
 
     _check(MAIN, seed=520, transform=strong, dg_atol=1e-7)
+
+
+def test_sharp_gates_take_the_sub_chunk_tier(tpu):
+    """Chunk 32, gates at ~-5 per step for the first half of the sequence (a chunk decays by
+    ~160, past MAX_CHUNK_DECAY; each 16-step sub-chunk by ~80, within it: the sub-chunk tier,
+    on by default) and ~-20 for the second (sub-chunks past it too: the exact loop), packed
+    segments and an initial state: values and gradients match float64. The traced kernels
+    hold the tier: both intra-chunk branches gain the nested sub-chunk branch (sub_chunk = 0
+    traces without it)."""
+    C, T = CASES["sub_C32"][7], CASES["sub_C32"][1]
+
+    def sharp(args):
+        q, k, v, s, g, hk0, hv0 = args
+        per_step = jnp.where(jnp.arange(T)[None, :, None, None] < T // 2, -5.0, -20.0)
+        return q, k, v, s, per_step + 0.5 * jnp.tanh(g), hk0, hv0
+
+    _check("sub_C32", seed=525, transform=sharp)
+    q, k, v = (jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32) for _ in range(3))
+    g, s0 = q, jax.ShapeDtypeStruct((1, 2, 16, 16), jnp.float32)
+
+    def conds(sub_chunk):
+        def loss(q, k, v, g, s0):
+            o, sT = tpu_gla.gla_chunk_pallas_tpu(q, k, v, g, s0, None, key_gated=True,
+                                                 scale=0.25, chunk_size=C, interpret=True,
+                                                 sub_chunk=sub_chunk)
+            return jnp.sum(o) + jnp.sum(sT)
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g, s0)
+                   ).count("cond[")
+
+    assert tpu_gla.make_plan(q, k, v, key_gated=True, chunk_size=C).sub == 16
+    # the forward's output and the backward's gradients each gain one nested branch (the
+    # other conds are the kernels' first- and last-chunk `pl.when`s)
+    assert conds(None) == conds(0) + 2
 
 
 def test_bfloat16_inputs_close_to_float64(tpu):
@@ -291,9 +326,10 @@ def _pallas_calls(fn, *args):
 
 
 def _dot_flops(jaxpr) -> int:
-    """Matmul FLOPs (2·m·n·k) of one run of a kernel body: the costlier branch of a cond (the
-    fast path; the exact path has no matmul), bodies of pjit calls once; a matmul in a loop
-    body is not expected."""
+    """Matmul FLOPs (2·m·n·k) of one run of a kernel body on layer-like gates: the fast branch
+    of each cond (the strong-gate branch, with the sub-chunk tier's matmuls in a loop, is
+    taken by sharp tiles only), bodies of pjit calls once; a matmul in any other loop body is
+    not expected."""
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -303,7 +339,9 @@ def _dot_flops(jaxpr) -> int:
             k = math.prod(lhs[d] for d in lhs_contract)
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
         elif name == "cond":
-            total += max(_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+            # branches[0] is the false branch: the fast path of `is_extreme` (the roofline's
+            # case); the strong-gate branch (sub-chunk tier, exact loop) is not counted
+            total += _dot_flops(eqn.params["branches"][0].jaxpr)
         elif name in ("while", "scan"):
             body = eqn.params.get("body_jaxpr") or eqn.params["jaxpr"]
             assert _dot_flops(body.jaxpr) == 0, "matmul inside a loop"
