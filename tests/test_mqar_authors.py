@@ -332,3 +332,37 @@ def test_call_deadline_pauses_the_cell_and_defers_the_next(tmp_path, monkeypatch
     assert ma.load_cell_state(str(tmp_path / "s" / "attention_D16")) is None
     with pytest.raises(SystemExit):   # a deadline without a state to pause into
         ma.parse_args(TINY + ["--call-seconds", "60"])
+
+
+@pytest.mark.slow
+def test_device_call_script_pauses_and_resumes_a_cell(tmp_path):
+    """experiments/mqar_device_call.sh (one device call of a cell, state kept in devstate/)
+    at a tiny size on the CPU: the first call pauses the cell after its first chunk
+    (--pause-seconds 0 through MQAR_EXTRA, which overrides the script's options) with its
+    state saved and returned in parts; a second call in the same tree resumes and finishes
+    it; each call returns the report, the logs and (small here) the state."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "tree"
+    shutil.copytree(os.path.join(repo, "experiments"), work / "experiments",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
+            "--kv-pairs 4 --vocab-size 64 --batch-size 32 --widths 16 --eval-every 4")
+    reports = []
+    for call, extra in enumerate((" --pause-seconds 0", "")):
+        out = tmp_path / f"out{call}"
+        env = {**os.environ, "OUT": str(out), "MQAR_EXTRA": tiny + extra,
+               "PYTHONPATH": os.pathsep.join([str(work), repo])}
+        subprocess.run(["bash", "experiments/mqar_device_call.sh", "retnet", "16", "600",
+                        "calltest"], cwd=work, env=env, check=True, timeout=900)
+        with tarfile.open(out / "logs.tgz") as logs:
+            assert "logs/mqar_retnet_D16.txt" in logs.getnames()
+        reports.append(json.loads((out / "mqar_authors_calltest.json").read_text()))
+        assert list(out.glob("st.part*")), call   # saved when paused and when done
+    first, second = ([c for c in r["cells"] if c["model"] == "retnet"][0] for r in reports)
+    assert first["stop_reason"].startswith("paused") and first["steps_done"] < 16
+    assert second["stop_reason"] == "max epochs" and second["steps_done"] == 16
+    assert (first["calls"], second["calls"]) == (1, 2)   # resumed from devstate/, not redone
