@@ -231,3 +231,38 @@ def test_embed_grad_reports_both_embeddings(tmp_path):
     assert cases[("gsa_jax Embed", "repeated")]["rel_err"] < 1e-5
     assert cases[("flax nn.Embed", "repeated")]["rel_err"] > 1e-3
     assert "| repeated | 16 | gsa_jax Embed |" in (tmp_path / "embed_grad_test.md").read_text()
+
+
+def test_bench_kernels_gate_scale_reaches_every_row(tmp_path, monkeypatch):
+    """--gate-scale S: the timed rows and the peer get gates g = logsigmoid(x) / S (the peer,
+    faked, records its inputs), and the report says which gates it timed."""
+    import numpy as np
+    bench = load_experiment("bench_kernels")
+    seen, timed = [], []
+
+    def fake_peer(inputs, segment_ids, dtype_name):
+        seen.append(np.asarray(inputs[4]))
+        return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, np.zeros(inputs[0].shape)
+
+    real_time = bench.time_jax
+
+    def recording_time(fn, args, *a, **kw):
+        timed.append(np.asarray(args[4], np.float32) if len(args) == 5 else None)
+        return real_time(fn, args, *a, **kw)
+
+    monkeypatch.setattr(bench, "peer_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_peer", fake_peer)
+    monkeypatch.setattr(bench, "time_jax", recording_time)
+    argv = ["--smoke", "--impls", "chunk", "peer", "--no-check", "--no-decode", "--gate-scale",
+            "0.5", "--tag", "test", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    shape = (1, 64, 2, 16, 16)
+    want = np.asarray(bench.make_inputs(shape, bench.jnp.float32, gate_scale=0.5)[4])
+    layer_like = np.asarray(bench.make_inputs(shape, bench.jnp.float32)[4])   # S = 8
+    np.testing.assert_allclose(want, 16 * layer_like, rtol=1e-6)
+    np.testing.assert_allclose(seen[0], want)
+    chunk_gates = [g for g in timed if g is not None]
+    assert chunk_gates and all(np.allclose(g, want, rtol=1e-2, atol=1e-2) for g in chunk_gates)
+    report = json.loads((tmp_path / "bench_kernels_test.json").read_text())
+    assert report["gate_scale"] == 0.5
+    assert "g = logsigmoid(x) / 0.5" in (tmp_path / "bench_kernels_test.md").read_text()
