@@ -1,9 +1,11 @@
-"""How often a model's gates send a kernel chunk down the exact (slow) intra-chunk path.
+"""How often a model's gates send a kernel chunk off the fast intra-chunk path.
 
 The GPU/TPU kernels (pallas_kernels/chunk_math.py) factor the intra-chunk decay e^{b_t − b_i}
 through the chunk's midpoint, which is safe only while every gated channel of a tile decays by
 at most MAX_CHUNK_DECAY (|Σ_chunk g| ≤ 120, natural log) over the chunk; a tile with a stronger
-gate takes an in-kernel branch that loops over the C source positions. This script loads a
+gate takes the sub-chunk tier (matmuls per 16-step sub-chunk, the default since 2026-12-04) if
+no 16-step sub-chunk passes the bound (the C = 16 column counts those), else an in-kernel loop
+over the C source positions (before the tier, every such tile looped). This script loads a
 trained MQAR cell (mqar_authors.py's --state-dir files), runs its held-out rows, and counts,
 per layer and run, the fraction of (row, head, chunk) tiles whose gate passes that bound, next
 to the same count at the cell's initialisation:
@@ -141,8 +143,10 @@ def markdown(r: dict) -> str:
             + f" | max decay per C={C[0]} chunk p50 / p99 | min g |")
     lines = [f"# Gate decays per kernel chunk: {r['model'].upper()} D={r['width']} "
              f"({r['tag']})", "",
-             f"A tile (row, head, chunk) takes the kernels' exact intra-chunk path when some "
-             f"gated channel decays by more than {r['bound']:g} (natural log) over the chunk. "
+             f"A tile (row, head, chunk) leaves the kernels' fast intra-chunk path when some "
+             f"gated channel decays by more than {r['bound']:g} (natural log) over the chunk; "
+             f"it loops over positions only if a 16-step sub-chunk does too (column C=16), "
+             f"else it takes the sub-chunk tier. "
              f"Trained state: {r['state']} at epoch {r['epochs']:.1f}; {r['rows']} held-out "
              f"rows.", "", head, "|" + "---|" * (5 + len(C))]
     for which in ("init", "trained"):

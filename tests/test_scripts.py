@@ -266,3 +266,22 @@ def test_bench_kernels_gate_scale_reaches_every_row(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "bench_kernels_test.json").read_text())
     assert report["gate_scale"] == 0.5
     assert "g = logsigmoid(x) / 0.5" in (tmp_path / "bench_kernels_test.md").read_text()
+
+
+def test_profile_kernels_counts_only_the_traced_calls(tmp_path):
+    """profile_kernels at the smoke shape on the CPU (chunk form): per pass a device time per
+    call and per-op rows; the warm-up call stays outside the trace, so every op of the jitted
+    function appears a whole number of times per call (2 traced calls; a warm-up inside the
+    trace would give 1.5)."""
+    prof = load_experiment("profile_kernels")
+    assert prof.main(["--smoke", "--calls", "2", "--tag", "test", "--out-dir",
+                      str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile_kernels_test.json").read_text())
+    (row,) = report["rows"]
+    assert set(row["passes"]) == {"fwd", "fwd_bwd"}
+    for s in row["passes"].values():
+        assert s["device_ms_per_step"] > 0 and s["top_ops"]
+        assert all(o["calls_per_step"] >= 1 and float(o["calls_per_step"]).is_integer()
+                   for o in s["top_ops"]), s["top_ops"]
+        assert abs(sum(c["share"] for c in s["categories"]) - 1) < 1e-6
+    assert "## (1, 128, 2, 16, 16) fwd_bwd" in (tmp_path / "profile_kernels_test.md").read_text()
