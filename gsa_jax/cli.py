@@ -236,6 +236,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError, ImportError, RunError) as err:
         # OSError: a path that is a file, a permission, a full disk; its message names the file.
         print(f"gsa-jax: error: {err}", file=sys.stderr)
+        # A damaged checkpoint fails several of orbax's concurrent array reads; the first is
+        # reported above, the others would follow at exit as asyncio's "Future exception was
+        # never retrieved" logs (seen in CI, depending on timing) under the one-line error.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
 
 
