@@ -93,7 +93,14 @@ class Tuning:
     with 81% of tiles past the bound the exact loop takes 8.16 / 19.6 ms (fwd / fwd+bwd), the
     tier 0.89 / 2.81 ms; with layer-like gates (no tile past it, the tier never taken) 0.456 /
     1.976 ms without and 0.458 / 1.944 ms with it. A sub-chunk of 32 is faster still at 81%
-    (0.63 / 2.32 ms) but falls back to the loop when gates are sharper (100%: 8.5 / 24.0 ms)."""
+    (0.63 / 2.32 ms) but falls back to the loop when gates are sharper (100%: 8.5 / 24.0 ms).
+
+    `fused_gsa` (off until timed on a GPU) runs GSA's forward without gradient as ONE walk that
+    does both passes per chunk (pallas_kernels/gsa_fwd.py: z and the slot activation stay on
+    chip, s and g are read once), where the GLA forwards would take their fused walks (the
+    chunk count within `fused_max_chunks`, or a split plan); its split version computes both
+    passes' big-chunk final states, combines them and walks every big chunk from its true
+    entering states. Gradients are unchanged (the two GLA passes')."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -109,6 +116,7 @@ class Tuning:
     fused_split: bool = True
     split_fixup: bool = False
     sub_chunk: Optional[int] = None
+    fused_gsa: bool = False
 
 
 def _tuning_from_env() -> Tuning:
@@ -147,6 +155,29 @@ def tuning(**changes):
         yield _TUNING
     finally:
         set_tuning(**dataclasses.asdict(previous))
+
+
+def current_tuning() -> Tuning:
+    """The launch parameters in force (as `set_tuning` left them)."""
+    return _TUNING
+
+
+def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None) -> Tuning:
+    """The tuning in force with its automatic choices made for one launch: pipelining stages by
+    dtype, value blocks that divide V, the backward's value block by state size (block_v: the
+    forward value block, None for the tuning's)."""
+    tuning = _TUNING
+    if block_v is not None:
+        tuning = dataclasses.replace(tuning, block_v=block_v)
+    if tuning.stages is None:
+        tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(dtype).itemsize >= 4 else 3)
+    # the value block must divide V (V = 384 with a block of 256 takes 128)
+    tuning = dataclasses.replace(tuning, block_v=math.gcd(tuning.block_v, V))
+    block_v_bwd = tuning.block_v_bwd
+    if block_v_bwd is None:  # auto: see Tuning
+        large_state = K >= 128 and V >= 128
+        block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
+    return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,18 +339,7 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
     T = q.shape[1]
     C = chunk_size
     q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C)
-    tuning = _TUNING
-    if block_v is not None:
-        tuning = dataclasses.replace(tuning, block_v=block_v)
-    if tuning.stages is None:
-        tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(q.dtype).itemsize >= 4 else 3)
-    # the value block must divide V (V = 384 with a block of 256 takes 128)
-    tuning = dataclasses.replace(tuning, block_v=math.gcd(tuning.block_v, v.shape[-1]))
-    block_v_bwd = tuning.block_v_bwd
-    if block_v_bwd is None:  # auto: see Tuning
-        large_state = K >= 128 and v.shape[-1] >= 128
-        block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
-    tuning = dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, v.shape[-1]))
+    tuning = resolved_tuning(q.dtype, K, v.shape[-1], block_v)
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),

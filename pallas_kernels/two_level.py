@@ -197,14 +197,30 @@ def split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs, *, sp: SplitPl
     runs) -> (None, final state) is the state kernel without chunk states, fused_fn(q, k, v, g,
     s0, runs) -> (o, final state) the fused kernel (shapes as `gla_fwd`). Returns (o [B, Tp, H,
     V], final state [B, H, K, V] f32)."""
-    B, Tp = q.shape[:2]
+    rows, row_runs, entering, final = big_chunk_entering_states(
+        final_fn, q, k, v, g, s0, runs, sp=sp, C=C, key_gated=key_gated)
+    o, _ = fused_fn(*rows, entering, row_runs)
+    return from_rows(o, q.shape[0], q.shape[1]), final
+
+
+def big_chunk_entering_states(final_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int,
+                              key_gated: bool):
+    """Steps 1 and 2 for a forward that walks the big chunks again from their true entering
+    states. final_fn(q, k, v, g, s0, runs) -> (None, final state) is the state kernel without
+    chunk states (q: only its shape [B, Tp, H, K] is used). Returns (the padded rows (q, k, v, g)
+    [B·NB, L·C, ., .], their relative runs or None, the state entering each big chunk
+    [B·NB, H, K, V] f32 (s0 for the first of a row, then the state leaving the one before), the
+    final state [B, H, K, V] f32)."""
+    B = q.shape[0]
     rows, row_runs, _, _, through = _local_pass(final_fn, q, k, v, g, s0, runs, sp=sp, C=C,
                                                 key_gated=key_gated)
-    # the true state entering each big chunk: s0, then the state leaving the one before
     entering = jnp.concatenate([s0.astype(f32)[:, None], through[:, :-1]], axis=1)
-    o, _ = fused_fn(*rows, entering.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
-    o = o.reshape((B, sp.padded_chunks * C) + o.shape[2:])
-    return o[:, :Tp], through[:, -1]
+    return rows, row_runs, entering.reshape((B * sp.NB,) + s0.shape[1:]), through[:, -1]
+
+
+def from_rows(x, B: int, Tp: int):
+    """[B·NB, L·C, ...] rows back to [B, Tp, ...] (the padding chunks dropped)."""
+    return x.reshape((B, -1) + x.shape[2:])[:, :Tp]
 
 
 def split_fused_fixup_forward(fused_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int,

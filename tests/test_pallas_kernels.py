@@ -369,6 +369,15 @@ def test_sub_chunk_predicate_sends_sharper_tiles_to_the_exact_loop():
         assert bool(chunk_math.is_sub_extreme(mid, 32))   # one sub-chunk = the whole chunk
 
 
+def _sharp_gates(args):
+    """The GSA inputs with gates of ~-5 per step in the first half of the sequence and ~-20 in
+    the second (each jittered by the original gate)."""
+    q, k, v, s, g, hk0, hv0 = args
+    T = q.shape[1]
+    per_step = jnp.where(jnp.arange(T)[None, :, None, None] < T // 2, -5.0, -20.0)
+    return (q, k, v, s, g * 0 + per_step + 0.5 * jnp.tanh(g), hk0, hv0)
+
+
 def test_kernels_with_the_sub_chunk_tier_match_float64():
     """The kernels with Tuning.sub_chunk = 8 (chunk 32, packed segments, an initial state):
     gates at ~-5 per step for the first half of the sequence (tiles past the chunk bound,
@@ -377,11 +386,7 @@ def test_kernels_with_the_sub_chunk_tier_match_float64():
     is not tiny here, as it is at -20 throughout: relative error, like the others.)"""
     case, seed = "segments_C32", 320
     B, T, H, Hkv, K, V, M, C, _, _ = CASES[case]
-
-    def sharp(args):
-        q, k, v, s, g, hk0, hv0 = args
-        per_step = jnp.where(jnp.arange(T)[None, :, None, None] < T // 2, -5.0, -20.0)
-        return (q, k, v, s, g * 0 + per_step + 0.5 * jnp.tanh(g), hk0, hv0)
+    sharp = _sharp_gates
 
     with enable_x64():
         args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
@@ -524,3 +529,145 @@ def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
                                    "gla_dstates_bwd"}, sorted(on)
     grew = {name for name in on if on[name] > off[name]}
     assert grew == {"gla_fused_fwd", "gla_grads_bwd"}, (off, on)
+
+
+# The fused GSA forward (Tuning.fused_gsa, pallas_kernels/gsa_fwd.py): both passes in one walk.
+# path: (case, tuning besides fused_gsa, kernels the forward must launch)
+BIG_CHUNKS = dict(split_below_programs=10 ** 6, split_programs=10 ** 6)
+FUSED_GSA_PATHS = {
+    # 3 chunks, packed segments: one walk per (batch, head)
+    "walk": ("segments_C32", {}, ["gsa_fused_fwd"]),
+    # V = 32 in two value blocks: each block's program redoes pass 1; Hk from the first
+    "value_blocks": ("K16_V32_M16_ragged", {"block_v": 16}, ["gsa_fused_fwd"]),
+    # grouped heads, each of the 3 chunks a big chunk: both passes' final-state walks, the
+    # combines, then the walk from the true entering states
+    "big_chunks": ("K32_V16_M32_gqa", {**BIG_CHUNKS, "split_min_chunks": 1},
+                   ["gla_final_state_fwd", "gla_final_state_fwd", "gsa_fused_fwd"]),
+    # big chunks of 2 chunks (one padding chunk), more slots (64) than values (16), no state
+    "big_chunks_padded": ("K16_V16_M64_no_state", {**BIG_CHUNKS, "split_min_chunks": 2},
+                          ["gla_final_state_fwd", "gla_final_state_fwd", "gsa_fused_fwd"]),
+}
+
+
+def _kernel_names(fn, *args):
+    import re
+    return sorted(re.findall(r"name=(\w+_fwd|\w+_bwd)\b", str(jax.make_jaxpr(fn)(*args))))
+
+
+@pytest.mark.parametrize("path", FUSED_GSA_PATHS)
+def test_fused_gsa_forward_matches_float64(path):
+    """With `fused_gsa` a forward without gradient runs the one-walk kernel (and only it, or
+    with the two final-state walks of its split version): outputs and final states against the
+    float64 recurrence. Differentiated, the same call runs the two GLA passes (their forward
+    and backward): values and gradients against the recurrence too, and the fused forward's
+    output equals theirs to float32 rounding."""
+    case, tuning, kernels = FUSED_GSA_PATHS[path]
+    seed = 400 + list(FUSED_GSA_PATHS).index(path)
+    ref_out, ref_grads = _reference(seed, case)
+    args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
+
+    def forward(q, k, v, s, g, hk0, hv0, seg):
+        return gated_slot_attention(
+            q, k, v, s, g, initial_state=(hk0, hv0) if state else None, return_final_state=True,
+            segment_ids=seg if segs else None, impl="pallas", chunk_size=C)
+
+    with pgla.tuning(fused_gsa=True, **tuning):
+        launched = _kernel_names(lambda *a: forward(*a), *args, seg)
+        o, (hk, hv) = jax.jit(lambda *a: forward(*a))(*args, seg)
+        out, grads = _value_and_grads.__wrapped__("pallas", C, state, segs)(args, cot, seg)
+    assert launched == sorted(kernels), launched
+    ro, (rhk, rhv) = ref_out
+    _assert_rel(o, ro, F32_REL, "o (fused)")
+    _assert_rel(hk, rhk, F32_REL, "final Hk (fused)")
+    _assert_rel(hv, rhv, F32_REL, "final Hv (fused)")
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+    _assert_rel(o, out[0], 1e-5, "o: fused against the two passes")
+
+
+@pytest.mark.parametrize("activation", ["softmax", "swish"])
+def test_fused_gsa_forward_with_sharp_gates(activation):
+    """The one walk takes each tile's gate path per pass (chunk 32, sub-chunk tier 8): gates
+    at ~-5 per step in the first half (tiles past the chunk bound: the sub-chunk tier) and ~-20
+    in the second (the exact loop), packed segments, an initial state; the slot activation
+    (softmax, or the swish ablation) traced inside the kernel. Against the float64
+    recurrence with the same activation."""
+    case, seed = "segments_C32", 430
+    C = CASES[case][7]
+    sharp = _sharp_gates
+
+    def forward(impl):
+        def f(q, k, v, s, g, hk0, hv0, seg):
+            return gated_slot_attention(q, k, v, s, g, initial_state=(hk0, hv0),
+                                        return_final_state=True, segment_ids=seg, impl=impl,
+                                        chunk_size=C, slot_activation=activation)
+        return f
+
+    with enable_x64():
+        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref = jax.tree.map(np.asarray, jax.jit(forward("recurrent"))(*sharp(args), seg))
+    args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(fused_gsa=True, sub_chunk=8):
+        fused = forward("pallas")
+        assert _kernel_names(fused, *sharp(args), seg) == ["gsa_fused_fwd"]
+        out = jax.jit(fused)(*sharp(args), seg)
+    for name, a, r in zip(("o", "final Hk", "final Hv"), jax.tree.leaves(out),
+                          jax.tree.leaves(ref)):
+        _assert_rel(a, r, F32_REL, name)
+
+
+def test_fused_gsa_applies_where_the_gla_forward_would_fuse():
+    """`fused_applies`: off by default; on, it follows the GLA forward's fused choice (a walk
+    within `fused_max_chunks` chunks, or a split plan) and refuses what one program cannot hold
+    (K past MAX_KEY_DIM, more slots than the value block)."""
+    from pallas_kernels.gsa_fwd import fused_applies
+    q, v = (8, 2048, 16, 128), (8, 2048, 16, 128)
+    bf16 = jnp.bfloat16
+    assert not fused_applies(q, v, 64, bf16, 64)
+    with pgla.tuning(fused_gsa=True):
+        assert fused_applies(q, v, 64, bf16, 64)               # 32 chunks: one walk
+        assert not fused_applies((8, 4096, 16, 128), v, 64, bf16, 64)   # 64 chunks, 128 programs
+        assert fused_applies((1, 16384, 16, 128), v, 64, bf16, 64)      # 16 programs: split
+        assert not fused_applies(q, v, 256, bf16, 64)          # 256 slots > block_v 128
+        assert not fused_applies((8, 2048, 16, 512), v, 64, bf16, 64)   # K in slices
+        assert not fused_applies((8, 0, 16, 128), v, 64, bf16, 64)
+    with pgla.tuning(fused_gsa=True, fused_forward=False):
+        assert not fused_applies(q, v, 64, bf16, 64)
+
+
+def test_fused_gsa_kernel_lowers_to_triton():
+    """The compiled fused GSA walk (softmax and the sub-chunk tier inside) lowers to Triton IR
+    on this CPU machine (jax.export for "cuda"), alone and in its split version after the two
+    final-state walks; a differentiated call lowers the two GLA passes' kernels instead."""
+    import re
+    from gsa_jax.ops import common as ops_common
+    from gsa_jax.ops import pallas as ops_pallas
+
+    sd = jax.ShapeDtypeStruct
+    B, T, H, K, M, V = 1, 256, 2, 64, 32, 64
+    bf16 = jnp.bfloat16
+    args = (sd((B, T, H, K), bf16), sd((B, T, H, K), bf16), sd((B, T, H, V), bf16),
+            sd((B, T, H, M), bf16), sd((B, T, H, M), bf16))
+    triton = "__gpu$xla.gpu.triton"
+    act = functools.partial(ops_common.slot_activation, kind="softmax")
+
+    def gsa(q, k, v, s, g):
+        hk0, hv0 = jnp.zeros((B, H, K, M), jnp.float32), jnp.zeros((B, H, M, V), jnp.float32)
+        o, hk, hv = ops_pallas.gsa_pallas(q, k, v, s, g, hk0, hv0, None, scale=0.1,
+                                          chunk_size=64, slot_activation_fn=act,
+                                          interpret=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(hk) + jnp.sum(hv)
+
+    def kernels(fn, **tuning):
+        with pgla.tuning(fused_gsa=True, **tuning):
+            module = jax.export.export(
+                jax.jit(lambda *a: fn(*a)), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+            )(*args).mlir_module()
+        return sorted(re.search(r'name = "(\w+)"', call).group(1)
+                      for call in module.split(triton)[1:])
+
+    assert kernels(gsa) == ["gsa_fused_fwd"]
+    assert kernels(gsa, **BIG_CHUNKS, split_min_chunks=1) == [
+        "gla_final_state_fwd", "gla_final_state_fwd", "gsa_fused_fwd"]
+    grad = jax.grad(gsa, argnums=(0, 1, 2, 3, 4))
+    assert "gsa_fused_fwd" not in kernels(grad)
