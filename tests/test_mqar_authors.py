@@ -352,10 +352,12 @@ def test_device_call_script_pauses_and_resumes_a_cell(tmp_path):
     tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
             "--kv-pairs 4 --vocab-size 64 --batch-size 32 --widths 16 --eval-every 4")
     reports = []
-    for call, extra in enumerate((" --pause-seconds 0", "")):
+    for call, extra in enumerate((" --pause-seconds 0 --state-part-mb 0.2", "")):
         out = tmp_path / f"out{call}"
         env = {**os.environ, "OUT": str(out), "MQAR_EXTRA": tiny + extra,
                "PYTHONPATH": os.pathsep.join([str(work), repo])}
+        if call == 1:   # between sessions: the state out in pieces, the machine fresh, back in
+            _state_round_trip(work, tmp_path, env)
         subprocess.run(["bash", "experiments/mqar_device_call.sh", "retnet", "16", "600",
                         "calltest"], cwd=work, env=env, check=True, timeout=900)
         with tarfile.open(out / "logs.tgz") as logs:
@@ -366,3 +368,53 @@ def test_device_call_script_pauses_and_resumes_a_cell(tmp_path):
     assert first["stop_reason"].startswith("paused") and first["steps_done"] < 16
     assert second["stop_reason"] == "max epochs" and second["steps_done"] == 16
     assert (first["calls"], second["calls"]) == (1, 2)   # resumed from devstate/, not redone
+
+
+def _state_round_trip(work, tmp_path, env):
+    """experiments/mqar_state_transfer.sh on the paused cell's state in work/devstate: `get`
+    in windows of 2 parts (as several device calls would return them), `verify` of the
+    gathered parts (and its refusal of a damaged copy), the machine's state removed, then
+    `stage` + `put` per window (the put waits, exit 3, until every part is there; a damaged
+    upload is refused, exit 4, and installs nothing); the installed parts are the original
+    bytes."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    def transfer(*args, out=None, check=True):
+        run_env = {**env, "OUT": str(out or tmp_path / "unused")}
+        return subprocess.run(["bash", "experiments/mqar_state_transfer.sh", *map(str, args)],
+                              cwd=work, env=run_env, check=check, timeout=60,
+                              capture_output=True, text=True)
+
+    state = work / "devstate" / "mqstate"
+    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(d.glob("retnet_D16.state.*"))}
+    original = digest(state)
+    assert len(original) >= 3, original   # several parts, so that the windows matter
+    got = tmp_path / "got"
+    got.mkdir()
+    for first in range(0, len(original), 2):
+        out = tmp_path / f"get{first}"
+        transfer("get", "retnet", 16, first, 2, out=out)
+        for f in out.iterdir():
+            shutil.copy(f, got / f.name)
+        if first + 2 < len(original):   # not all there yet: verify refuses
+            assert transfer("verify", got, "retnet", 16, check=False).returncode == 4
+    transfer("verify", got, "retnet", 16)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(got, damaged)
+    part = damaged / "retnet_D16.state.001"
+    part.write_bytes(b"x" + part.read_bytes()[1:])
+    assert transfer("verify", damaged, "retnet", 16, check=False).returncode == 4
+
+    shutil.rmtree(state)
+    transfer("stage", damaged, "retnet", 16, 0, len(original))
+    assert transfer("put", "retnet", 16, check=False).returncode == 4
+    assert not digest(state)
+    windows = list(range(0, len(original), 2))
+    for first in windows:
+        transfer("stage", got, "retnet", 16, first, 2)
+        done = transfer("put", "retnet", 16, check=False)
+        assert done.returncode == (0 if first == windows[-1] else 3), done.stdout + done.stderr
+    assert digest(state) == original
