@@ -10,7 +10,6 @@ chunk states, and gates strong enough for the exact in-kernel path.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -137,10 +136,8 @@ def test_forward_paths_and_recomputation(path):
     seed = 200
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
-    before = pgla.set_tuning()
-    try:
+    with pgla.tuning(**TUNED_PATHS.get(path, {})):
         if path in TUNED_PATHS:
-            pgla.set_tuning(**TUNED_PATHS[path])
             # a fresh jit (not the cached one): the tuning is read when the kernels are traced
             fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
         else:
@@ -150,8 +147,6 @@ def test_forward_paths_and_recomputation(path):
         o_only = jax.jit(lambda *a: gated_slot_attention(
             *a[:5], initial_state=(a[5], a[6]), segment_ids=a[7] if segs else None, impl="pallas",
             chunk_size=C)[0])(*args, seg)
-    finally:
-        pgla.set_tuning(**dataclasses.asdict(before))
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
     _assert_rel(o_only, ref_out[0], F32_REL, "o without gradient")
 
@@ -165,12 +160,9 @@ def test_two_level_state_passes_on_more_cases(case):
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     min_chunks = 1 if case == "K32_V16_M32_gqa" else 2
-    before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
-                             split_min_chunks=min_chunks, fused_max_chunks=0)
-    try:
+    with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                     split_min_chunks=min_chunks, fused_max_chunks=0):
         out, grads = _value_and_grads.__wrapped__("pallas", C, state, segs)(args, cot, seg)
-    finally:
-        pgla.set_tuning(**dataclasses.asdict(before))
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
@@ -192,14 +184,11 @@ def test_fused_forward_over_big_chunks(case, max_chunks, fixup):
     args, _, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
 
     def forward(**tuning):
-        before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
-                                 split_min_chunks=2, fused_max_chunks=max_chunks, **tuning)
-        try:
+        with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                         split_min_chunks=2, fused_max_chunks=max_chunks, **tuning):
             return jax.jit(lambda *a: gated_slot_attention(
                 *a[:5], initial_state=(a[5], a[6]) if state else None, return_final_state=True,
                 segment_ids=a[7] if segs else None, impl="pallas", chunk_size=C))(*args, seg)
-        finally:
-            pgla.set_tuning(**dataclasses.asdict(before))
 
     o, (hk, hv) = forward(split_fixup=fixup)
     ro, (rhk, rhv) = ref_out
@@ -394,16 +383,13 @@ def test_kernels_with_the_sub_chunk_tier_match_float64():
             np.asarray, _value_and_grads("recurrent", C, True, True)(sharp(args), cot, seg))
     args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
     conds = {}
-    before = pgla.set_tuning()
-    try:
-        for sub in (0, 8):
-            pgla.set_tuning(sub_chunk=sub)
+    for sub in (0, 8):
+        with pgla.tuning(sub_chunk=sub):
             # a fresh jit (not the cached one): the tuning is read when the kernels are traced
             fn = _value_and_grads.__wrapped__("pallas", C, True, True)
             conds[sub] = str(jax.make_jaxpr(fn)(sharp(args), cot, seg)).count("cond[")
-        out, grads = fn(sharp(args), cot, seg)
-    finally:
-        pgla.set_tuning(**dataclasses.asdict(before))
+            if sub:
+                out, grads = fn(sharp(args), cot, seg)
     # the tier is in the kernels: each intra-chunk branch gains the nested sub-chunk branch
     assert conds[0] > 0 and conds[8] == 2 * conds[0], conds
     _compare(out, grads, ref_out, ref_grads, F32_REL, True)
@@ -414,12 +400,9 @@ def test_sub_chunk_must_divide_the_chunk():
     built, naming both."""
     case, seed = "segments_C32", 321
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
-    before = pgla.set_tuning(sub_chunk=12)
-    try:
+    with pgla.tuning(sub_chunk=12):
         with pytest.raises(ValueError, match=r"sub_chunk \(12\) must divide the chunk size \(32\)"):
             gated_slot_attention(*args[:5], impl="pallas", chunk_size=C)
-    finally:
-        pgla.set_tuning(**dataclasses.asdict(before))
 
 
 def test_fixup_forward_with_strong_gates():
@@ -443,12 +426,9 @@ def test_fixup_forward_with_strong_gates():
         args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
         ref = jax.tree.map(np.asarray, run("recurrent", strong(args), seg))
     args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
-    before = pgla.set_tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
-                             split_min_chunks=1, fused_max_chunks=1, split_fixup=True)
-    try:
+    with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                     split_min_chunks=1, fused_max_chunks=1, split_fixup=True):
         o, (hk, hv) = jax.jit(lambda a, sg: run("pallas", a, sg))(strong(args), seg)
-    finally:
-        pgla.set_tuning(**dataclasses.asdict(before))
     _assert_rel(o, ref[0], F32_REL, "o")
     _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
