@@ -159,7 +159,10 @@ class Layout:
 
     Every operand is handed over whole along time ([Tp, width] per head); a program selects its
     chunk rows itself. Two grids: "sequential" (B, H, NV), one program walking all chunks of a
-    (batch, head, value block), and "parallel" (N, B·H, NV), one program per chunk.
+    (batch, head, value block), and "parallel" (N, B·H, NV·NK), one program per chunk, value
+    block and key block (`BK`: the parallel gradient kernel's key block, 0 for the whole K; GLA
+    is a sum over key channels, so key blocks give exact slices of dq, dk and the key gate's
+    gradient, and partial sums of dv and the value gate's gradient).
     """
 
     B: int
@@ -173,6 +176,7 @@ class Layout:
     key_gated: bool
     parallel: bool
     sub: int = 0   # the intra-chunk sub-chunk tier's size (chunk_math; 0: none)
+    BK: int = 0    # key block of the parallel grid (0: the whole K)
 
     @property
     def N(self) -> int:
@@ -183,63 +187,85 @@ class Layout:
         return self.V // self.BV
 
     @property
+    def KB(self) -> int:
+        """The key width one program holds."""
+        return self.BK or self.K
+
+    @property
+    def NK(self) -> int:
+        return self.K // self.KB
+
+    @property
     def group(self) -> int:
         return self.H // self.Hkv
 
     @property
     def grid(self) -> tuple:
         if self.parallel:
-            return (self.N, self.B * self.H, self.NV)
+            return (self.N, self.B * self.H, self.NV * self.NK)
+        if self.NK != 1:
+            raise ValueError("key blocks are for the parallel (chunk) grid only")
         return (self.B, self.H, self.NV)
 
     def _bhj(self, fn):
-        """Index map in terms of (batch, head, value block, chunk)."""
+        """Index map in terms of (batch, head, value block, chunk, key block)."""
         if self.parallel:
-            H = self.H
-            return lambda n, bh, j: fn(bh // H, bh % H, j, n)
-        return lambda b, h, j: fn(b, h, j, 0)
+            H, NK = self.H, self.NK
+            return lambda n, bh, jk: fn(bh // H, bh % H, jk // NK, n, jk % NK)
+        return lambda b, h, j: fn(b, h, j, 0, 0)
 
-    def seq(self, width: int, kv_head: bool, value_block: bool):
-        """[Tp, width] slab of a [B, Tp, heads, D] array."""
+    def seq(self, width: int, kv_head: bool, value_block: bool, key_block: bool = False):
+        """[Tp, width] slab of a [B, Tp, heads, D] array: D in value blocks, key blocks
+        (width KB) or whole."""
         G = self.group
         return pl.BlockSpec((None, self.Tp, None, width), self._bhj(
-            lambda b, h, j, n: (b, 0, h // G if kv_head else h, j if value_block else 0)))
+            lambda b, h, j, n, kb: (b, 0, h // G if kv_head else h,
+                                    j if value_block else (kb if key_block else 0))))
 
     def q(self):
-        return self.seq(self.K, kv_head=False, value_block=False)
+        return self.seq(self.KB, kv_head=False, value_block=False, key_block=True)
 
     def k(self):
-        return self.seq(self.K, kv_head=True, value_block=False)
+        return self.seq(self.KB, kv_head=True, value_block=False, key_block=True)
 
     def v(self):
         return self.seq(self.BV, kv_head=True, value_block=True)
 
     def g(self):
         if self.key_gated:
-            return self.seq(self.K, kv_head=True, value_block=False)
+            return self.seq(self.KB, kv_head=True, value_block=False, key_block=True)
         return self.seq(self.BV, kv_head=True, value_block=True)
 
     def o(self):
         return self.seq(self.BV, kv_head=False, value_block=True)
 
     def runs(self):
-        return pl.BlockSpec((None, self.Tp), self._bhj(lambda b, h, j, n: (b, 0)))
+        return pl.BlockSpec((None, self.Tp), self._bhj(lambda b, h, j, n, kb: (b, 0)))
 
     def state(self):
         """[K, BV] block of a [B, H, K, V] state."""
         return pl.BlockSpec((None, None, self.K, self.BV),
-                            self._bhj(lambda b, h, j, n: (b, h, 0, j)))
+                            self._bhj(lambda b, h, j, n, kb: (b, h, 0, j)))
 
     def states(self):
-        """Per-chunk states [B, H, N·K, V]: all chunks (sequential) or chunk n (parallel)."""
-        rows = self.K if self.parallel else self.N * self.K
+        """Per-chunk states [B, H, N·K, V]: all chunks (sequential) or chunk n's key block kb
+        (parallel)."""
+        NK = self.NK
+        rows = self.KB if self.parallel else self.N * self.K
         return pl.BlockSpec((None, None, rows, self.BV),
-                            self._bhj(lambda b, h, j, n: (b, h, n, j)))
+                            self._bhj(lambda b, h, j, n, kb: (b, h, n * NK + kb, j)))
 
-    def per_value_block(self, width: int):
-        """[Tp, width] slab of an [NV, B, Tp, H, width] output (partial sums per value block)."""
+    def per_value_block(self, width: int, key_block: bool = False):
+        """[Tp, width] slab of an [NV, B, Tp, H, D] output (partial sums per value block; D in
+        key blocks of `width` with key_block)."""
         return pl.BlockSpec((None, None, self.Tp, None, width),
-                            self._bhj(lambda b, h, j, n: (j, b, 0, h, 0)))
+                            self._bhj(lambda b, h, j, n, kb: (j, b, 0, h,
+                                                              kb if key_block else 0)))
+
+    def per_key_block(self):
+        """[Tp, BV] slab of an [NK, B, Tp, H, V] output (partial sums per key block)."""
+        return pl.BlockSpec((None, None, self.Tp, None, self.BV),
+                            self._bhj(lambda b, h, j, n, kb: (kb, b, 0, h, j)))
 
 
 def chunk_run_prev(runs_ref, n, C):

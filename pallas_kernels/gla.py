@@ -100,7 +100,13 @@ class Tuning:
     chip, s and g are read once), where the GLA forwards would take their fused walks (the
     chunk count within `fused_max_chunks`, or a split plan); its split version computes both
     passes' big-chunk final states, combines them and walks every big chunk from its true
-    entering states. Gradients are unchanged (the two GLA passes')."""
+    entering states. Gradients are unchanged (the two GLA passes').
+
+    `block_k_bwd` (0: the whole key dim; not yet timed on a GPU) splits the backward's
+    chunk-parallel gradient kernel into key blocks of this many channels (exact: GLA is a sum
+    over key channels; dv and the value gate's gradient become partial sums per key block,
+    added after the kernel). Read on the CPU (experiments/results/kernel_registers_cpu.md),
+    that kernel spills 1.2-2.9 KB per thread at K = 128 whatever the value block."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -117,6 +123,7 @@ class Tuning:
     split_fixup: bool = False
     sub_chunk: Optional[int] = None
     fused_gsa: bool = False
+    block_k_bwd: int = 0
 
 
 def _tuning_from_env() -> Tuning:
@@ -177,7 +184,8 @@ def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None) -> Tun
     if block_v_bwd is None:  # auto: see Tuning
         large_state = K >= 128 and V >= 128
         block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
-    return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V))
+    return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V),
+                               block_k_bwd=math.gcd(tuning.block_k_bwd, K))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +209,8 @@ class KernelConfig:
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
         if parallel or fused:   # the kernels that compute intra-chunk terms
             kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
+        if parallel and backward and t.block_k_bwd:
+            kw["block_k"] = t.block_k_bwd
         if with_scale:
             kw["scale"] = self.scale
         return kw
@@ -293,6 +303,9 @@ def _kernel_fn(cfg: KernelConfig):
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
         dk = sum_groups(dk.sum(0, dtype=dk.dtype), groups)
+        if dv.ndim == 5:   # partial sums per key block (Tuning.block_k_bwd)
+            dv = dv.sum(0)
+            dg = dg if cfg.key_gated else dg.sum(0)
         dv = sum_groups(dv, groups)
         dg = sum_groups(dg.sum(0, dtype=dg.dtype) if cfg.key_gated else dg, groups)
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),

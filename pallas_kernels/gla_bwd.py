@@ -96,13 +96,19 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
-              interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
-    """Per-query-head gradients (the caller sums value blocks and grouped heads):
-    dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [B, Tp, H, V],
-    dg [NV, B, Tp, H, K] (key gate) or [B, Tp, H, V] (value gate).
-    Float32 where partial sums follow (NV > 1, grouped heads), else the inputs' dtypes."""
+              interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0):
+    """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
+    dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
+    [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
+    Float32 where partial sums follow (NV > 1, NK > 1, grouped heads), else the inputs' dtypes.
+
+    block_k (0: the whole K): each program takes one key block of q, k (and the key gate) and
+    of the chunk's state and state gradient, fewer values live at once. GLA is a sum over key
+    channels, so chunk_math.grads on a key block gives that block's columns of dq, dk and the
+    key gate's gradient exactly, and each block's share of dv and of the value gate's
+    gradient (every term of those is linear in a sum over key channels)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True, sub_chunk=sub_chunk)
+                 parallel=True, sub_chunk=sub_chunk, block_k=block_k)
     args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
     if runs is not None:
         args.append(runs)
@@ -113,15 +119,19 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
         return jax.ShapeDtypeStruct(shape, f32 if summed_later else dtype)
 
     per_block = (lay.NV, lay.B, lay.Tp, lay.H, lay.K)
-    per_head = (lay.B, lay.Tp, lay.H, lay.V)
     grouped = lay.group > 1
+    if lay.NK > 1:   # the value-side gradients are partial sums over key blocks
+        per_head, per_head_spec = (lay.NK, lay.B, lay.Tp, lay.H, lay.V), lay.per_key_block()
+    else:
+        per_head, per_head_spec = (lay.B, lay.Tp, lay.H, lay.V), lay.o()
+    value_side_f32 = grouped or lay.NK > 1
+    key_spec = lay.per_value_block(lay.KB, key_block=True)
     out_shape = [out(per_block, q.dtype, lay.NV > 1),
                  out(per_block, k.dtype, lay.NV > 1 or grouped),
-                 out(per_head, v.dtype, grouped),
+                 out(per_head, v.dtype, value_side_f32),
                  (out(per_block, g.dtype, lay.NV > 1 or grouped) if key_gated
-                  else out(per_head, g.dtype, grouped))]
-    out_specs = [lay.per_value_block(lay.K), lay.per_value_block(lay.K), lay.o(),
-                 lay.per_value_block(lay.K) if key_gated else lay.o()]
+                  else out(per_head, g.dtype, value_side_f32))]
+    out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
     kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret))
     return _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,

@@ -85,11 +85,12 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     sT_ref[...] = S
 
 
-def layout(q, v, *, key_gated, chunk_size, block_v, parallel, sub_chunk=0) -> common.Layout:
+def layout(q, v, *, key_gated, chunk_size, block_v, parallel, sub_chunk=0,
+           block_k=0) -> common.Layout:
     B, Tp, H, K = q.shape
     return common.Layout(B=B, Tp=Tp, H=H, Hkv=v.shape[2], K=K, V=v.shape[3], C=chunk_size,
                          BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel,
-                         sub=sub_chunk)
+                         sub=sub_chunk, BK=block_k if 0 < block_k < K else 0)
 
 
 def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_warps,

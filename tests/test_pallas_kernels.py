@@ -651,3 +651,29 @@ def test_fused_gsa_kernel_lowers_to_triton():
         "gla_final_state_fwd", "gla_final_state_fwd", "gsa_fused_fwd"]
     grad = jax.grad(gsa, argnums=(0, 1, 2, 3, 4))
     assert "gsa_fused_fwd" not in kernels(grad)
+
+
+@pytest.mark.parametrize("gates", ["mild", "sharp"])
+def test_backward_key_blocks_match_float64(gates):
+    """`block_k_bwd`: the chunk-parallel gradient kernel in key blocks (8 of K = M = 16, with
+    value blocks of 8: a (chunk, head) has 4 programs, the grid's last axis NV·NK), packed
+    segments, an initial state; with mild gates (the fast path) and sharp ones (chunk 32,
+    sub-chunk tier 8, then the exact loop: every intra-chunk path in key blocks). Values and
+    gradients against the float64 recurrence."""
+    import re
+    case, seed = "segments_C32", 440
+    C = CASES[case][7]
+    prep = _sharp_gates if gates == "sharp" else (lambda a: a)
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, True, True)(prep(args), cot, seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(block_k_bwd=8, block_v_bwd=8, sub_chunk=8):
+        fn = _value_and_grads.__wrapped__("pallas", C, True, True)
+        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
+        out, grads = fn(prep(args), cot, seg)
+    grids = [re.search(r"grid=\((\d+), (\d+), (\d+)\)", call).groups()
+             for call in jaxpr.split("pallas_call[")[1:] if "name=gla_grads_bwd" in call]
+    assert len(grids) == 2 and all(g[2] == "4" for g in grids), grids
+    _compare(out, grads, ref_out, ref_grads, F32_REL, True)

@@ -1,0 +1,222 @@
+"""Registers, spills and shared memory of the GPU kernels, read on a CPU machine.
+
+Each Pallas GPU kernel of one `gsa_pallas` forward (or forward+backward) at a given shape and
+launch tuning is lowered to Triton IR here (the very module XLA would compile on the GPU: Pallas'
+lowering needs no GPU), then compiled by the pip `triton` package for sm_90 with the launch's
+num_warps / num_stages, and its PTX assembled by the `ptxas` Triton ships (`-v`): registers per
+thread, spill stores / loads and stack frame per thread, shared memory. A spill is local
+memory traffic inside the kernel's loop, so a launch that spills is a candidate for more warps,
+a smaller block or fewer pipeline stages; the times stay the GPU's to measure (bench_kernels).
+
+Caveats: XLA compiles the IR with its own Triton (jaxlib's), not the pip package, so its register
+allocation may differ somewhat; use the same triton as the device (3.6.0 there, 2026-11) for the
+closest reading. `--fast-only` compiles each kernel with only the fast intra-chunk path (the
+sub-chunk tier and the exact loop cut out; such a kernel is for reading only): what mild gates
+run, without the cold branches' own spills.
+
+    python experiments/kernel_registers.py --tag cpu --shape 8 2048 16 128 64 128 \\
+        --variant 'default={}' --variant 'seq8={"warps_seq": 8}' [--fast-only] [--forward-only]
+
+Needs `pip install triton==3.6.0` (Linux x86_64; the compile runs in a subprocess, away from
+jaxlib's own MLIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import common  # noqa: E402
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@contextlib.contextmanager
+def captured_modules():
+    """Collects the Triton IR text of every Pallas GPU kernel lowered inside."""
+    from jax._src.pallas.triton import lowering
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    texts, original = [], lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        texts.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield texts
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+
+
+@contextlib.contextmanager
+def fast_path_only(enabled: bool):
+    """With `enabled`, every intra-chunk branch takes the fast path (for reading only)."""
+    from pallas_kernels import chunk_math
+    original = chunk_math._strong_gate_path
+    if enabled:
+        chunk_math._strong_gate_path = lambda fast, sub_tier, exact, gt, sub, C: fast
+    try:
+        yield
+    finally:
+        chunk_math._strong_gate_path = original
+
+
+def launch_params(module_text: str) -> dict:
+    """{kernel name: (num_warps, num_stages)} of the Triton calls of an exported module."""
+    params = {}
+    for call in module_text.split(TRITON_CALL)[1:]:
+        call = re.sub(r'ir = "[^"]*"', "ir", call)
+        m = re.search(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', call)
+        params.setdefault(m.group(1), (int(m.group(3)), int(m.group(2))))
+    return params
+
+
+def lower_kernels(shape, tuning: dict, *, forward_only: bool, fast_only: bool, dtype=jnp.bfloat16):
+    """[(kernel name, num_warps, num_stages, TTIR text)] of one GSA forward (+ backward)."""
+    from gsa_jax.ops import common as ops_common
+    from gsa_jax.ops import pallas as ops_pallas
+    from pallas_kernels import gla as pgla
+
+    B, T, H, K, M, V = shape
+    sd = jax.ShapeDtypeStruct
+    args = tuple(sd((B, T, H, d), dtype) for d in (K, K, V, M, M))
+    act = functools.partial(ops_common.slot_activation, kind="softmax")
+
+    def gsa(q, k, v, s, g):
+        hk0 = jnp.zeros((B, H, K, M), jnp.float32)
+        hv0 = jnp.zeros((B, H, M, V), jnp.float32)
+        o, hk, hv = ops_pallas.gsa_pallas(q, k, v, s, g, hk0, hv0, None, scale=K ** -0.5,
+                                          chunk_size=64, slot_activation_fn=act,
+                                          interpret=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(hk) + jnp.sum(hv)
+
+    fn = gsa if forward_only else jax.grad(gsa, argnums=(0, 1, 2, 3, 4))
+    with pgla.tuning(**tuning), fast_path_only(fast_only), captured_modules() as texts:
+        module = jax.export.export(
+            jax.jit(lambda *a: fn(*a)), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*args).mlir_module()
+    params = launch_params(module)
+    kernels = []
+    for text in texts:
+        name = re.search(r"tt.func public @(\w+)", text).group(1)
+        if name in params:   # a kernel lowered but dead in the module is not launched
+            kernels.append((name, *params[name], text))
+    return kernels
+
+
+_COMPILE = r"""
+import json, os, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+jobs = json.load(sys.stdin)
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = []
+for path, warps, stages in jobs:
+    k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    ptx = path[:-5] + ".ptx"
+    open(ptx, "w").write(k.asm["ptx"])
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    num = lambda pattern: int(re.search(pattern, info).group(1))
+    out.append({"registers": num(r"Used (\d+) registers"),
+                "spill_stores": num(r"(\d+) bytes spill stores"),
+                "spill_loads": num(r"(\d+) bytes spill loads"),
+                "stack_frame": num(r"(\d+) bytes stack frame"),
+                "shared_bytes": k.metadata.shared})
+json.dump({"triton": triton.__version__, "kernels": out}, sys.stdout)
+"""
+
+
+def compile_stats(kernels, workdir: str) -> tuple[str, list[dict]]:
+    """ptxas statistics of each (name, warps, stages, ttir) (a subprocess with pip triton)."""
+    jobs = []
+    for i, (name, warps, stages, text) in enumerate(kernels):
+        path = os.path.join(workdir, f"{i:02d}_{name}.ttir")
+        with open(path, "w") as f:
+            f.write(text)
+        jobs.append((path, warps, stages))
+    run = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs),
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit("kernel_registers: compiling with pip triton failed (pip install "
+                         f"triton==3.6.0):\n{run.stderr[-3000:]}")
+    result = json.loads(run.stdout)
+    return result["triton"], result["kernels"]
+
+
+def parse_args(argv=None):
+    p = common.argument_parser(__doc__)
+    p.add_argument("--shape", type=int, nargs=6, action="append",
+                   metavar=("B", "T", "H", "K", "M", "V"),
+                   help="repeatable; default 8 2048 16 128 64 128 and 8 2048 16 128 128 128")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=JSON of Tuning changes (repeatable; default: 'default={}')")
+    p.add_argument("--forward-only", action="store_true", help="the forward without gradient")
+    p.add_argument("--fast-only", action="store_true",
+                   help="the fast intra-chunk path only (cold branches cut out; for reading)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shapes = args.shape or [[8, 2048, 16, 128, 64, 128], [8, 2048, 16, 128, 128, 128]]
+    variants = {}
+    for text in args.variant or ["default={}"]:
+        name, _, changes = text.partition("=")
+        variants[name] = json.loads(changes or "{}")
+    rows, triton_version = [], None
+    with tempfile.TemporaryDirectory() as workdir:
+        for shape in shapes:
+            for name, tuning in variants.items():
+                kernels = lower_kernels(shape, tuning, forward_only=args.forward_only,
+                                        fast_only=args.fast_only)
+                triton_version, stats = compile_stats(kernels, workdir)
+                for launch, ((kernel, warps, stages, _), st) in enumerate(zip(kernels, stats)):
+                    rows.append({"shape": list(shape), "variant": name, "launch": launch,
+                                 "kernel": kernel, "num_warps": warps, "num_stages": stages,
+                                 **st})
+                    print(json.dumps(rows[-1]), flush=True)
+    record = {"rows": rows, "variants": variants, "triton": triton_version,
+              "forward_only": args.forward_only, "fast_only": args.fast_only}
+    what = ("forward without gradient" if args.forward_only else "forward + backward")
+    if args.fast_only:
+        what += ", fast intra-chunk path only (cold branches cut out)"
+    table = common.markdown_table(
+        ["B,T,H,K,M,V", "variant", "#", "kernel", "warps", "stages", "registers",
+         "spill st / ld (B)", "shared KiB"],
+        [(",".join(map(str, r["shape"])), r["variant"], r["launch"], r["kernel"],
+          r["num_warps"], r["num_stages"], r["registers"],
+          f"{r['spill_stores']} / {r['spill_loads']}", f"{r['shared_bytes'] / 1024:.0f}")
+         for r in rows], align="llrlrrrrr")
+    markdown = (f"# Kernel registers and spills ({args.tag})\n\n"
+                f"The Pallas GPU kernels of one GSA {what}, bf16, chunk 64: their Triton IR "
+                f"compiled by pip triton {triton_version} for sm_90 and assembled by its ptxas "
+                "(experiments/kernel_registers.py). Per thread: registers and spilled bytes "
+                "(stores / loads); per program: shared memory. XLA compiles the same IR with "
+                "its own Triton on the GPU, so its allocation may differ somewhat; the times "
+                "are the GPU's to measure. # is the launch order: GSA's pass 1 (q, k, s; gated on its "
+                "value axis, the slots) then pass 2 (p, s, v; gated on its key axis, the slots), "
+                "and the backward in reverse: pass 2's kernels first, then pass 1's.\n\n"
+                + table + "\n")
+    common.write_and_print(args.tag or "cpu", "kernel_registers", record, markdown,
+                           out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""experiments/kernel_registers.py: the GPU kernels' Triton IR lowered on the CPU, and (with
+the pip triton of the reference extra) their registers and spills read by ptxas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import kernel_registers as kr
+from pallas_kernels import gla as pgla
+
+SHAPE = (1, 128, 2, 32, 16, 32)   # B, T, H, K, M, V: 2 chunks of 64, 2 (batch, head) programs
+
+
+def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
+    """Forward + backward: the four GLA kernels of each pass, each with the warps and stages of
+    the tuning in force (a variant's changes reach them); --fast-only cuts the intra-chunk
+    branches (scf.if in the IR) out of the kernels that have them."""
+    kernels = kr.lower_kernels(SHAPE, {"warps_seq": 2, "warps_par": 4, "stages": 1},
+                               forward_only=False, fast_only=False)
+    names = [k[0] for k in kernels]
+    assert sorted(set(names)) == ["gla_dstates_bwd", "gla_grads_bwd", "gla_output_fwd",
+                                  "gla_states_fwd"], names
+    launch = {name: (warps, stages) for name, warps, stages, _ in kernels}
+    assert launch["gla_states_fwd"] == launch["gla_dstates_bwd"] == (2, 1)
+    assert launch["gla_grads_bwd"] == launch["gla_output_fwd"] == (4, 1)
+    assert all("tt.func public @" + name in text for name, _, _, text in kernels)
+    branched = {name for name, _, _, text in kernels if "scf.if" in text}
+    assert {"gla_output_fwd", "gla_grads_bwd"} <= branched
+    fast = kr.lower_kernels(SHAPE, {}, forward_only=False, fast_only=True)
+    assert not any("scf.if" in text for name, _, _, text in fast
+                   if name in ("gla_output_fwd", "gla_grads_bwd"))
+    assert pgla.current_tuning() == pgla.Tuning()   # the variant was undone
+
+
+def test_forward_only_with_fused_gsa_is_one_kernel():
+    kernels = kr.lower_kernels(SHAPE, {"fused_gsa": True}, forward_only=True, fast_only=False)
+    assert [k[0] for k in kernels] == ["gsa_fused_fwd"]
+
+
+@pytest.mark.reference
+def test_registers_and_spills_from_ptxas(tmp_path):
+    """Compiled by pip triton (the reference extra) for sm_90: every row within the hardware's
+    limits (registers <= 65536 / threads and <= 255, shared memory <= 227 KiB); a state walk
+    given one warp for a 128 x 128 float32 state (512 values per thread) must spill, and the
+    same walk with 8 warps spills less."""
+    pytest.importorskip("triton")
+    shape = ["1", "128", "2", "128", "128", "128"]
+    kr.main(["--tag", "test", "--out-dir", str(tmp_path), "--shape", *shape,
+             "--forward-only", "--variant", 'one={"warps_seq": 1, "fused_forward": false}',
+             "--variant", 'eight={"warps_seq": 8, "fused_forward": false}'])
+    rows = json.loads((tmp_path / "kernel_registers_test.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"one", "eight"}
+    for r in rows:
+        threads = 32 * r["num_warps"]
+        assert 0 < r["registers"] <= min(255, 65536 // threads), r
+        assert r["shared_bytes"] <= 227 * 1024, r
+    walk = {r["variant"]: r for r in rows if r["kernel"] == "gla_states_fwd"}
+    assert walk["one"]["num_warps"] == 1 and walk["one"]["spill_stores"] > 1024, walk
+    assert walk["eight"]["spill_stores"] < walk["one"]["spill_stores"], walk
+    assert "| gla_states_fwd |" in (tmp_path / "kernel_registers_test.md").read_text()
+
+
+def test_backward_key_blocks_lower_to_triton():
+    """`block_k_bwd`: the gradient kernel in key blocks lowers to Triton IR (pass 1's K = 32
+    and pass 2's key dim M = 16 in blocks of 16); its tiles are [C, 16] where they were
+    [C, 32] (pass 1's q and k)."""
+    whole = kr.lower_kernels(SHAPE, {}, forward_only=False, fast_only=True)
+    blocked = kr.lower_kernels(SHAPE, {"block_k_bwd": 16}, forward_only=False, fast_only=True)
+    grads = lambda ks: [text for name, _, _, text in ks if name == "gla_grads_bwd"]
+    assert len(grads(whole)) == len(grads(blocked)) == 2
+    assert "tensor<64x32xbf16" in grads(whole)[-1]
+    assert "tensor<64x32xbf16" not in grads(blocked)[-1]
+    assert "tensor<64x16xbf16" in grads(blocked)[-1]
