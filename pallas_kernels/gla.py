@@ -106,7 +106,10 @@ class Tuning:
     chunk-parallel gradient kernel into key blocks of this many channels (exact: GLA is a sum
     over key channels; dv and the value gate's gradient become partial sums per key block,
     added after the kernel). Read on the CPU (experiments/results/kernel_registers_cpu.md),
-    that kernel spills 1.2-2.9 KB per thread at K = 128 whatever the value block."""
+    that kernel spills 1.2-2.9 KB per thread at K = 128 whatever the value block.
+    `key_loop_bwd` runs those key blocks one after another inside each program instead of as
+    programs of their own: dv and the value gate's gradient are summed in registers, no
+    partial sums go through memory."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -124,6 +127,7 @@ class Tuning:
     sub_chunk: Optional[int] = None
     fused_gsa: bool = False
     block_k_bwd: int = 0
+    key_loop_bwd: bool = False
 
 
 def _tuning_from_env() -> Tuning:
@@ -210,7 +214,7 @@ class KernelConfig:
         if parallel or fused:   # the kernels that compute intra-chunk terms
             kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
         if parallel and backward and t.block_k_bwd:
-            kw["block_k"] = t.block_k_bwd
+            kw.update(block_k=t.block_k_bwd, key_loop=t.key_loop_bwd)
         if with_scale:
             kw["scale"] = self.scale
         return kw

@@ -55,7 +55,7 @@ def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     ds0_ref[...] = lax.fori_loop(0, lay.N, body, dsT_ref[...].astype(f32))
 
 
-def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
@@ -63,15 +63,40 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     rows = pl.ds(n * lay.C, lay.C)
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
-    gt = chunk_math.gates(g_ref[rows, :], masks)
-    dq, dk, dv, db = chunk_math.grads(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-        state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks,
-        key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+    if not key_loop:
+        gt = chunk_math.gates(g_ref[rows, :], masks)
+        dq, dk, dv, db = chunk_math.grads(
+            q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
+            state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, **kw)
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+        return
+    # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
+    # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    value_gates = None if lay.key_gated else chunk_math.gates(g_ref[rows, :], masks)
+
+    def key_block(kb, acc):
+        cols = pl.ds(kb * key_loop, key_loop)
+        gt = (chunk_math.gates(g_ref[rows, cols], masks) if lay.key_gated else value_gates)
+        dq, dk, dv, db = chunk_math.grads(
+            q_ref[rows, cols], k_ref[rows, cols], v, do, state_ref[cols, :].astype(f32),
+            dstate_ref[cols, :].astype(f32), gt, masks, **kw)
+        dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
+        if lay.key_gated:
+            dg_ref[rows, cols] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+            return acc[0] + dv, acc[1]
+        return acc[0] + dv, acc[1] + db
+
+    zeros = jnp.zeros(v.shape, f32)
+    dv, db = lax.fori_loop(0, lay.K // key_loop, key_block, (zeros, zeros))
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+    if not lay.key_gated:
+        dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
 
 
 def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v,
@@ -96,7 +121,8 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
-              interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0):
+              interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
+              key_loop=False):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -106,9 +132,14 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     of the chunk's state and state gradient, fewer values live at once. GLA is a sum over key
     channels, so chunk_math.grads on a key block gives that block's columns of dq, dk and the
     key gate's gradient exactly, and each block's share of dv and of the value gate's
-    gradient (every term of those is linear in a sum over key channels)."""
+    gradient (every term of those is linear in a sum over key channels). With key_loop the
+    key blocks run one after another in each program instead of as programs of their own:
+    the value-side sums stay in registers (no partial sums through memory), one key block's
+    tiles live at a time."""
+    K = q.shape[-1]
+    loop = block_k if key_loop and 0 < block_k < K else 0
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True, sub_chunk=sub_chunk, block_k=block_k)
+                 parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k)
     args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
     if runs is not None:
         args.append(runs)
@@ -133,6 +164,7 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
                   else out(per_head, g.dtype, value_side_f32))]
     out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
     kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               key_loop=loop)
     return _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages, name="gla_grads_bwd")

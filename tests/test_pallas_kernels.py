@@ -653,12 +653,14 @@ def test_fused_gsa_kernel_lowers_to_triton():
     assert "gsa_fused_fwd" not in kernels(grad)
 
 
+@pytest.mark.parametrize("key_loop", [False, True], ids=["grid", "loop"])
 @pytest.mark.parametrize("gates", ["mild", "sharp"])
-def test_backward_key_blocks_match_float64(gates):
+def test_backward_key_blocks_match_float64(gates, key_loop):
     """`block_k_bwd`: the chunk-parallel gradient kernel in key blocks (8 of K = M = 16, with
-    value blocks of 8: a (chunk, head) has 4 programs, the grid's last axis NV·NK), packed
-    segments, an initial state; with mild gates (the fast path) and sharp ones (chunk 32,
-    sub-chunk tier 8, then the exact loop: every intra-chunk path in key blocks). Values and
+    value blocks of 8), as programs of their own (grid: a (chunk, head) has 4 programs, the
+    grid's last axis NV·NK) or one after another in each program (`key_loop_bwd`: 2 programs);
+    packed segments, an initial state; with mild gates (the fast path) and sharp ones (chunk
+    32, sub-chunk tier 8, then the exact loop: every intra-chunk path in key blocks). Values and
     gradients against the float64 recurrence."""
     import re
     case, seed = "segments_C32", 440
@@ -669,11 +671,11 @@ def test_backward_key_blocks_match_float64(gates):
         ref_out, ref_grads = jax.tree.map(
             np.asarray, _value_and_grads("recurrent", C, True, True)(prep(args), cot, seg))
     args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
-    with pgla.tuning(block_k_bwd=8, block_v_bwd=8, sub_chunk=8):
+    with pgla.tuning(block_k_bwd=8, block_v_bwd=8, sub_chunk=8, key_loop_bwd=key_loop):
         fn = _value_and_grads.__wrapped__("pallas", C, True, True)
         jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
         out, grads = fn(prep(args), cot, seg)
-    grids = [re.search(r"grid=\((\d+), (\d+), (\d+)\)", call).groups()
-             for call in jaxpr.split("pallas_call[")[1:] if "name=gla_grads_bwd" in call]
-    assert len(grids) == 2 and all(g[2] == "4" for g in grids), grids
+    calls = [call for call in jaxpr.split("pallas_call[")[1:] if "name=gla_grads_bwd" in call]
+    grids = [re.search(r"grid=\((\d+), (\d+), (\d+)\)", call).groups() for call in calls]
+    assert len(grids) == 2 and all(g[2] == ("2" if key_loop else "4") for g in grids), grids
     _compare(out, grads, ref_out, ref_grads, F32_REL, True)
