@@ -188,8 +188,9 @@ def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None) -> Tun
     if block_v_bwd is None:  # auto: see Tuning
         large_state = K >= 128 and V >= 128
         block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
+    block_k_bwd = math.gcd(tuning.block_k_bwd, K) if tuning.block_k_bwd else 0   # 0: whole K
     return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V),
-                               block_k_bwd=math.gcd(tuning.block_k_bwd, K))
+                               block_k_bwd=block_k_bwd if block_k_bwd < K else 0)
 
 
 @dataclasses.dataclass(frozen=True)

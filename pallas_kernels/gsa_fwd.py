@@ -22,6 +22,11 @@ block) does it all. With few such programs the time axis is split in big chunks 
 forward does (two_level.py): both passes' big-chunk final states (the state kernels, final
 only: neither pass's state walk depends on the other's outputs), their combines, then this walk
 over every big chunk from its two true entering states.
+
+Off by default (`Tuning.fused_gsa`) until timed on a GPU. Its cost is registers: one program
+holds both float32 states ([K, M] and [M, BV]) and both passes' tiles; compiled on the CPU
+(experiments/results/kernel_registers_cpufwd.md) it spills 1.6 KB per thread at K = V = 128,
+M = 64 (0.9 KB with a value block of 64), where each GLA walk spills 48-80 bytes.
 """
 
 from __future__ import annotations

@@ -534,7 +534,10 @@ def _kernel_names(fn, *args):
     return sorted(re.findall(r"name=(\w+_fwd|\w+_bwd)\b", str(jax.make_jaxpr(fn)(*args))))
 
 
-@pytest.mark.parametrize("path", FUSED_GSA_PATHS)
+# two of the four paths in CI's second step (the fast tier's time)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow)
+                                  if p in ("value_blocks", "big_chunks_padded") else p
+                                  for p in FUSED_GSA_PATHS])
 def test_fused_gsa_forward_matches_float64(path):
     """With `fused_gsa` a forward without gradient runs the one-walk kernel (and only it, or
     with the two final-state walks of its split version): outputs and final states against the
@@ -654,7 +657,7 @@ def test_fused_gsa_kernel_lowers_to_triton():
 
 
 @pytest.mark.parametrize("key_loop", [False, True], ids=["grid", "loop"])
-@pytest.mark.parametrize("gates", ["mild", "sharp"])
+@pytest.mark.parametrize("gates", ["mild", pytest.param("sharp", marks=pytest.mark.slow)])
 def test_backward_key_blocks_match_float64(gates, key_loop):
     """`block_k_bwd`: the chunk-parallel gradient kernel in key blocks (8 of K = M = 16, with
     value blocks of 8), as programs of their own (grid: a (chunk, head) has 4 programs, the
