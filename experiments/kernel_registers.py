@@ -124,15 +124,24 @@ import json, os, re, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 jobs = json.load(sys.stdin)
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# the ptxas that reads the PTX version this triton writes (3.9 writes a version its plain
+# ptxas refuses and assembles with ptxas-blackwell, also for sm_90)
+candidates = [os.path.join(bin_dir, name) for name in ("ptxas", "ptxas-blackwell")]
 out = []
 for path, warps, stages in jobs:
     k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "num_stages": stages})
     ptx = path[:-5] + ".ptx"
     open(ptx, "w").write(k.asm["ptx"])
-    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
-                          capture_output=True, text=True, check=True).stderr
+    for ptxas in candidates:
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                             capture_output=True, text=True)
+        if run.returncode == 0:
+            break
+    else:
+        raise RuntimeError(run.stderr)
+    info = run.stderr
     num = lambda pattern: int(re.search(pattern, info).group(1))
     out.append({"registers": num(r"Used (\d+) registers"),
                 "spill_stores": num(r"(\d+) bytes spill stores"),

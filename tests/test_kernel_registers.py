@@ -57,7 +57,7 @@ def test_registers_and_spills_from_ptxas(tmp_path):
         assert 0 < r["registers"] <= min(255, 65536 // threads), r
         assert r["shared_bytes"] <= 227 * 1024, r
     walk = {r["variant"]: r for r in rows if r["kernel"] == "gla_states_fwd"}
-    assert walk["one"]["num_warps"] == 1 and walk["one"]["spill_stores"] > 1024, walk
+    assert walk["one"]["num_warps"] == 1 and walk["one"]["spill_stores"] > 512, walk
     assert walk["eight"]["spill_stores"] < walk["one"]["spill_stores"], walk
     assert "| gla_states_fwd |" in (tmp_path / "kernel_registers_test.md").read_text()
 
