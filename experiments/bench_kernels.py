@@ -379,9 +379,10 @@ def main(argv=None):
             ap.error(f"--variant {item!r}: want NAME=JSON of Tuning fields ({e})")
     indices = args.only if args.only is not None else SHAPE_SETS[args.shapes]
     shapes = [ALL[i] for i in indices]
-    # the last two take the two-level state passes (few programs, many chunks), one packed
+    # the third and fourth take the two-level state passes (few programs, many chunks), one
+    # packed; the last a large state (M = 128: the second pass's key blocks in a loop)
     check_shapes = [(2, 512, 4, 128, 64), (2, 300, 4, 64, 32), (1, 4096, 4, 128, 64),
-                    (1, 3000, 2, 64, 32, 5)]
+                    (1, 3000, 2, 64, 32, 5), (2, 512, 4, 128, 128)]
     decode_batches = (1, 8, 64)
     if args.smoke:
         indices, shapes, check_shapes = [0], [(1, 64, 2, 16, 16)], [(1, 40, 2, 16, 16)]

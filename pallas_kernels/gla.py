@@ -102,14 +102,30 @@ class Tuning:
     passes' big-chunk final states, combines them and walks every big chunk from its true
     entering states. Gradients are unchanged (the two GLA passes').
 
-    `block_k_bwd` (0: the whole key dim; not yet timed on a GPU) splits the backward's
-    chunk-parallel gradient kernel into key blocks of this many channels (exact: GLA is a sum
-    over key channels; dv and the value gate's gradient become partial sums per key block,
-    added after the kernel). Read on the CPU (experiments/results/kernel_registers_cpu.md),
-    that kernel spills 1.2-2.9 KB per thread at K = 128 whatever the value block.
+    `block_k_bwd` (0: the whole key dim) splits the backward's chunk-parallel gradient kernel
+    into key blocks of this many channels (exact: GLA is a sum over key channels; dv and the
+    value gate's gradient become partial sums per key block, added after the kernel).
     `key_loop_bwd` runs those key blocks one after another inside each program instead of as
     programs of their own: dv and the value gate's gradient are summed in registers, no
-    partial sums go through memory."""
+    partial sums go through memory. `block_k_bwd=None` (auto; not the default until
+    forward+backward has been timed with it and its gradients checked on the GPU): key
+    blocks of LARGE_STATE_BWD_BLOCK_K in a loop for a key-gated pass with a large state (K
+    and V both >= 128: GSA's second pass at M = 128, GLA with 128-wide heads), the whole K
+    otherwise; an explicit `block_k_bwd` runs its blocks as programs unless `key_loop_bwd`
+    is true. Nsight Compute on an H200 (experiments/results/ncu_kernels_h200*.md; GSA at
+    8 x 2048, H 16, K = V = 128, bf16; kernel replay, clocks not locked): the gradient
+    kernel spills at K = 128 (566-2830 MB of local loads per launch); at M = 128 the
+    key-gated pass's kernel takes 2.49 ms with the whole K, 2.26 ms with loops of 32 and
+    2.02 ms with loops of 64, while the value-gated pass's gets slower (1.47 ms whole, 2.00
+    and 1.60 ms looped), hence key-gated only. Key blocks as programs of their own were
+    slower still: forward+backward 8.15 ms against 5.59 (bench_kernels_h200spill.md).
+
+    `warps_states` sets the warps of the forward's sequential state walk (`states_fwd`, also
+    the final-state walks of a split forward): 0 (the default until timed as above) takes
+    `warps_seq`; None (auto) takes 8 for a large state, where 4 spill (at M = 128 208 MB of
+    local loads per launch, 0.218 / 0.196 ms against 0.156 / 0.154 with 8), `warps_seq`
+    otherwise (at M = 64 8 warps took 0.090 ms against 0.080). The state-gradient walk keeps
+    `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131)."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -126,8 +142,9 @@ class Tuning:
     split_fixup: bool = False
     sub_chunk: Optional[int] = None
     fused_gsa: bool = False
-    block_k_bwd: int = 0
-    key_loop_bwd: bool = False
+    block_k_bwd: Optional[int] = 0
+    key_loop_bwd: Optional[bool] = None
+    warps_states: Optional[int] = 0
 
 
 def _tuning_from_env() -> Tuning:
@@ -146,6 +163,8 @@ def _tuning_from_env() -> Tuning:
 
 _TUNING = _tuning_from_env()
 LARGE_STATE_BWD_BLOCK_V = 64
+LARGE_STATE_BWD_BLOCK_K = 64
+LARGE_STATE_WARPS_STATES = 8
 
 
 def set_tuning(**changes) -> Tuning:
@@ -173,10 +192,12 @@ def current_tuning() -> Tuning:
     return _TUNING
 
 
-def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None) -> Tuning:
+def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None,
+                    key_gated: bool = False) -> Tuning:
     """The tuning in force with its automatic choices made for one launch: pipelining stages by
-    dtype, value blocks that divide V, the backward's value block by state size (block_v: the
-    forward value block, None for the tuning's)."""
+    dtype, value blocks that divide V, the backward's value and key blocks and the state walk's
+    warps by state size and gate side (block_v: the forward value block, None for the
+    tuning's)."""
     tuning = _TUNING
     if block_v is not None:
         tuning = dataclasses.replace(tuning, block_v=block_v)
@@ -184,13 +205,23 @@ def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None) -> Tun
         tuning = dataclasses.replace(tuning, stages=1 if jnp.dtype(dtype).itemsize >= 4 else 3)
     # the value block must divide V (V = 384 with a block of 256 takes 128)
     tuning = dataclasses.replace(tuning, block_v=math.gcd(tuning.block_v, V))
+    large_state = K >= 128 and V >= 128   # the automatic choices below: see Tuning
     block_v_bwd = tuning.block_v_bwd
-    if block_v_bwd is None:  # auto: see Tuning
-        large_state = K >= 128 and V >= 128
+    if block_v_bwd is None:
         block_v_bwd = LARGE_STATE_BWD_BLOCK_V if large_state else tuning.block_v
-    block_k_bwd = math.gcd(tuning.block_k_bwd, K) if tuning.block_k_bwd else 0   # 0: whole K
+    block_k_bwd, key_loop = tuning.block_k_bwd, tuning.key_loop_bwd
+    if block_k_bwd is None:
+        auto_blocks = key_gated and large_state
+        block_k_bwd = LARGE_STATE_BWD_BLOCK_K if auto_blocks else 0
+        key_loop = auto_blocks if key_loop is None else key_loop
+    block_k_bwd = math.gcd(block_k_bwd, K) if block_k_bwd else 0   # 0: whole K
+    warps_states = tuning.warps_states
+    if warps_states is None:
+        warps_states = LARGE_STATE_WARPS_STATES if large_state else tuning.warps_seq
+    warps_states = warps_states or tuning.warps_seq   # 0: warps_seq
     return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V),
-                               block_k_bwd=block_k_bwd if block_k_bwd < K else 0)
+                               block_k_bwd=block_k_bwd if block_k_bwd < K else 0,
+                               key_loop_bwd=bool(key_loop), warps_states=warps_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +239,8 @@ class KernelConfig:
     def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False,
            backward: bool = False):
         t = self.tuning
-        warps = t.warps_fused if fused else (t.warps_par if parallel else t.warps_seq)
+        walk_warps = t.warps_seq if backward else t.warps_states
+        warps = t.warps_fused if fused else (t.warps_par if parallel else walk_warps)
         block_v = t.block_v_bwd if backward and t.block_v_bwd else t.block_v
         kw = dict(key_gated=self.key_gated, chunk_size=self.chunk_size, block_v=block_v,
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
@@ -357,7 +389,7 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
     T = q.shape[1]
     C = chunk_size
     q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C)
-    tuning = resolved_tuning(q.dtype, K, v.shape[-1], block_v)
+    tuning = resolved_tuning(q.dtype, K, v.shape[-1], block_v, key_gated=key_gated)
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),

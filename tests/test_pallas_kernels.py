@@ -465,6 +465,40 @@ def test_tuning_from_the_environment(monkeypatch):
         pgla._tuning_from_env()
 
 
+def test_large_state_automatic_choices():
+    """`block_k_bwd=None` / `warps_states=None` (auto): key blocks of 64 looped inside each
+    program for a key-gated pass with a state of at least 128 x 128 only (the value-gated
+    pass, a smaller state and an explicit setting keep theirs), 8 warps for the forward state
+    walk of a large state; the launch keywords the kernels get follow. The defaults (0) keep
+    the whole K and `warps_seq` until the GPU has timed the automatic choice."""
+    bf16 = jnp.bfloat16
+    with pgla.tuning(block_k_bwd=None, warps_states=None):
+        big_key = pgla.resolved_tuning(bf16, 128, 128, key_gated=True)
+        big_value = pgla.resolved_tuning(bf16, 128, 128, key_gated=False)
+        small_key = pgla.resolved_tuning(bf16, 64, 128, key_gated=True)
+        wide_key = pgla.resolved_tuning(bf16, 256, 128, key_gated=True)
+    assert (big_key.block_k_bwd, big_key.key_loop_bwd) == (pgla.LARGE_STATE_BWD_BLOCK_K, True)
+    assert (wide_key.block_k_bwd, wide_key.key_loop_bwd) == (pgla.LARGE_STATE_BWD_BLOCK_K, True)
+    assert (big_value.block_k_bwd, small_key.block_k_bwd) == (0, 0)
+    assert big_key.warps_states == big_value.warps_states == pgla.LARGE_STATE_WARPS_STATES
+    assert small_key.warps_states == small_key.warps_seq
+    with pgla.tuning(block_k_bwd=32, warps_states=2):   # explicit: programs, as asked
+        explicit = pgla.resolved_tuning(bf16, 128, 128, key_gated=True)
+    assert (explicit.block_k_bwd, explicit.key_loop_bwd, explicit.warps_states) == (32, False, 2)
+    default = pgla.resolved_tuning(bf16, 128, 128, key_gated=True)
+    assert (default.block_k_bwd, default.warps_states) == (0, default.warps_seq)
+
+    def config(tuning, key_gated):
+        return pgla.KernelConfig(key_gated=key_gated, scale=1.0, chunk_size=64,
+                                 recompute_states=False, out_dtype=None, interpret=False,
+                                 tuning=tuning)
+    grads_kw = config(big_key, True).kw(parallel=True, backward=True)
+    assert (grads_kw["block_k"], grads_kw["key_loop"]) == (64, True)
+    assert "block_k" not in config(big_value, False).kw(parallel=True, backward=True)
+    assert config(big_key, True).kw(parallel=False)["num_warps"] == 8        # state walk
+    assert config(big_key, True).kw(parallel=False, backward=True)["num_warps"] == \
+        big_key.warps_seq                                                     # its gradient
+
 @pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
 def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
     """The compiled (not interpreted) GPU kernels, forward and backward at chunk 64 with the
