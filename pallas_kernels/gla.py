@@ -95,13 +95,6 @@ class Tuning:
     1.976 ms without and 0.458 / 1.944 ms with it. A sub-chunk of 32 is faster still at 81%
     (0.63 / 2.32 ms) but falls back to the loop when gates are sharper (100%: 8.5 / 24.0 ms).
 
-    `fused_gsa` (off until timed on a GPU) runs GSA's forward without gradient as ONE walk that
-    does both passes per chunk (pallas_kernels/gsa_fwd.py: z and the slot activation stay on
-    chip, s and g are read once), where the GLA forwards would take their fused walks (the
-    chunk count within `fused_max_chunks`, or a split plan); its split version computes both
-    passes' big-chunk final states, combines them and walks every big chunk from its true
-    entering states. Gradients are unchanged (the two GLA passes').
-
     `block_k_bwd` (0: the whole key dim) splits the backward's chunk-parallel gradient kernel
     into key blocks of this many channels (exact: GLA is a sum over key channels; dv and the
     value gate's gradient become partial sums per key block, added after the kernel).
@@ -141,7 +134,6 @@ class Tuning:
     fused_split: bool = True
     split_fixup: bool = False
     sub_chunk: Optional[int] = None
-    fused_gsa: bool = False
     block_k_bwd: Optional[int] = 0
     key_loop_bwd: Optional[bool] = None
     warps_states: Optional[int] = 0

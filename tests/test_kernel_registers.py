@@ -34,11 +34,6 @@ def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
     assert pgla.current_tuning() == pgla.Tuning()   # the variant was undone
 
 
-def test_forward_only_with_fused_gsa_is_one_kernel():
-    kernels = kr.lower_kernels(SHAPE, {"fused_gsa": True}, forward_only=True, fast_only=False)
-    assert [k[0] for k in kernels] == ["gsa_fused_fwd"]
-
-
 @pytest.mark.reference
 def test_registers_and_spills_from_ptxas(tmp_path):
     """Compiled by pip triton (the reference extra) for sm_90: every row within the hardware's

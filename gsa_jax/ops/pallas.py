@@ -13,7 +13,6 @@ a custom call, and would otherwise gather the whole batch onto every device.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -119,58 +118,16 @@ def gsa_pallas(q, k, v, s, g, hk0, hv0, runs, *, scale: float, chunk_size: int,
                interpret: Optional[bool] = None):
     """GSA's two passes by the kernels; states per query head.
 
-    Pass 1 writes z in float32 for the slot activation; p goes to pass 2 in q's dtype. With
-    `Tuning.fused_gsa` (GPU kernels, one device) a forward that is not differentiated runs
-    both passes in one kernel walk instead (pallas_kernels/gsa_fwd.py; `with_fused_forward`).
-    slot_activation_fn: z -> p over the last axis; the fused walk traces it inside the kernel.
-
+    Pass 1 writes z in float32 for the slot activation; p goes to pass 2 in q's dtype.
+    (One kernel walk doing both passes was built and measured slower on an H200: forward
+    0.695 / 0.827 ms against 0.476 / 0.668 at 8 x 2048 and 4 x 4096, M = 64; the walk
+    spilled, experiments/results/bench_kernels_h200fgsa.md; removed after commit bddd0c0.)
     Returns (o [B, T, H, V] in q's dtype, Hk [B, H, K, M] f32, Hv [B, H, M, V] f32).
     """
     kw = dict(chunk_size=chunk_size, recompute_states=recompute_states, interpret=interpret)
-
-    def two_passes(q, k, v, s, g, hk0, hv0, runs):
-        z, hk = gla_pallas(q, k, s, g, hk0, runs, gate_axis="value", scale=scale,
-                           out_dtype=jnp.float32, **kw)
-        p = slot_activation_fn(z).astype(q.dtype)
-        o, hv = gla_pallas(p, s, v, g, hv0, runs, gate_axis="key", scale=1.0,
-                           out_dtype=q.dtype, **kw)
-        return o, hk, hv
-
-    args = (q, k, v, s, g, hk0, hv0, runs)
-    if on_tpu() or q.shape[1] == 0 or not _one_device():
-        return two_passes(*args)
-    from pallas_kernels import gsa_fwd
-    if not gsa_fwd.fused_applies(q.shape, v.shape, s.shape[-1], q.dtype, chunk_size):
-        return two_passes(*args)
-    fused = functools.partial(
-        gsa_fwd.gsa_forward, scale=scale, chunk_size=chunk_size,
-        activation=slot_activation_fn,
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
-    return with_fused_forward(fused, two_passes)(*args)
-
-
-def _one_device() -> bool:
-    """No mesh of several devices in force (the fused GSA walk has no per-shard wrapper: a
-    sharded forward keeps the two GLA passes, which have one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
-
-
-def with_fused_forward(fused, two_passes):
-    """f(q, k, v, s, g, hk0, hv0, runs) -> (o, Hk, Hv) that runs `fused` when not
-    differentiated and `two_passes` (its forward and its backward) when differentiated:
-    the fused walk keeps no state for a backward, and the two passes' kernels already have
-    one. The two agree to float32 rounding (tests/test_pallas_kernels.py)."""
-    @jax.custom_vjp
-    def f(q, k, v, s, g, hk0, hv0, runs):
-        return fused(q, k, v, s, g, hk0, hv0, runs)
-
-    def f_fwd(q, k, v, s, g, hk0, hv0, runs):
-        # the pullback is a pytree of its residuals, so it can be this rule's residuals
-        return jax.vjp(lambda *a: two_passes(*a, runs), q, k, v, s, g, hk0, hv0)
-
-    def f_bwd(pullback, cotangents):
-        return (*pullback(cotangents), None)
-
-    f.defvjp(f_fwd, f_bwd)
-    return f
+    z, hk = gla_pallas(q, k, s, g, hk0, runs, gate_axis="value", scale=scale,
+                       out_dtype=jnp.float32, **kw)
+    p = slot_activation_fn(z).astype(q.dtype)
+    o, hv = gla_pallas(p, s, v, g, hv0, runs, gate_axis="key", scale=1.0, out_dtype=q.dtype,
+                       **kw)
+    return o, hk, hv
