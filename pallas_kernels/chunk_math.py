@@ -245,9 +245,17 @@ def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, q.shape[0], source, jnp.zeros(v.shape, f32))
 
 
-def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
-    """The within-chunk part of o [C, BV] (fast, sub-chunk or exact path, chosen per tile)."""
+def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
+                 strong_apart=False):
+    """The within-chunk part of o [C, BV] (fast, sub-chunk or exact path, chosen per tile).
+    strong_apart: the fast path only, 0 for a tile past the bound (`intra_output_strong`
+    computes its term in a kernel of its own: the strong paths' code in the same kernel costs
+    the fast path registers, see Tuning.strong_gates_apart)."""
     kw = dict(key_gated=key_gated, scale=scale)
+    if strong_apart:
+        # the fast path of a tile past the bound may hold inf or nan: selected away
+        return jnp.where(is_extreme(gt), 0.0,
+                         intra_output_fast(q, k, v, gt, masks, dot=dot, **kw))
     return _strong_gate_path(
         lambda q, k, v: intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
         lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw),
@@ -255,16 +263,27 @@ def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
         gt, sub, q.shape[0])(q, k, v)
 
 
-def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+def intra_output_strong(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+    """The within-chunk part of o [C, BV] of a tile past the bound: the sub-chunk tier, or the
+    exact loop where a sub-chunk is past the bound too (or the tier is off)."""
+    kw = dict(key_gated=key_gated, scale=scale)
+    exact = lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw)  # noqa: E731
+    if not sub or sub >= q.shape[0]:
+        return exact(q, k, v)
+    tier = lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw)  # noqa
+    return lax.cond(is_sub_extreme(gt, sub), exact, tier, q, k, v)
+
+
+def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0, strong_apart=False):
     """o [C, BV] of one chunk from its inputs and the entering state S (sub: the sub-chunk
-    tier's size, 0 for none)."""
+    tier's size, 0 for none; strong_apart: see intra_output)."""
     if key_gated:
         q_start = q.astype(f32) * (jnp.exp(gt.b) * masks.from_state[:, None])
         inter = scale * dot.nn(q_start, S)
     else:
         inter = jnp.exp(gt.b) * dot.nn(q, S) * (scale * masks.from_state[:, None])
     return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot,
-                                sub=sub)
+                                sub=sub, strong_apart=strong_apart)
 
 
 def state_update(k, v, S, gt: Gates, *, key_gated, dot):

@@ -11,6 +11,7 @@ Two ways to the output (the algebra is in chunk_math.py):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,22 +48,43 @@ def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot):
     sT_ref[...] = S
 
 
-def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
-    q_ref, k_ref, v_ref, g_ref, *refs = refs
-    runs_ref = refs.pop(0) if has_runs else None
-    state_ref, o_ref = refs
+def _chunk_of_program(runs_ref, g_ref, lay: common.Layout):
+    """(rows, masks, gates) of the chunk a program of the parallel grid computes."""
     n = pl.program_id(0)
     rows = pl.ds(n * lay.C, lay.C)
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
-    gt = chunk_math.gates(g_ref[rows, :], masks)
+    return rows, masks, chunk_math.gates(g_ref[rows, :], masks)
+
+
+def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    state_ref, o_ref = refs
+    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
     o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                          state_ref[...].astype(f32), gt,
-                          masks, key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+                          state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated,
+                          scale=scale, dot=dot, sub=lay.sub, strong_apart=strong_apart)
     o_ref[rows, :] = o.astype(o_ref.dtype)
 
 
-def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    """Adds the within-chunk term of each tile past the bound to o (aliased in place); the
+    programs of the other tiles write nothing."""
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    o_in_ref, o_ref = refs
+    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
+
+    @pl.when(chunk_math.is_extreme(gt))
+    def _():
+        intra = chunk_math.intra_output_strong(
+            q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], gt, masks,
+            key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+        o_ref[rows, :] = (o_in_ref[rows, :].astype(f32) + intra).astype(o_ref.dtype)
+
+
+def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     s0_ref, o_ref, sT_ref = refs
@@ -76,7 +98,7 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
         gt = chunk_math.gates(g_ref[rows, :], masks)
         k, v = k_ref[rows, :], v_ref[rows, :]
         o = chunk_math.output(q_ref[rows, :], k, v, S, gt, masks, key_gated=lay.key_gated,
-                              scale=scale, dot=dot, sub=lay.sub)
+                              scale=scale, dot=dot, sub=lay.sub, strong_apart=strong_apart)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
@@ -132,40 +154,74 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
     return (None, out[0]) if final_only else tuple(out)
 
 
-def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
-               interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
-    """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel."""
-    lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True, sub_chunk=sub_chunk)
-    args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
+def _with_runs(lay, args, in_specs, runs):
     if runs is not None:
         args.append(runs)
         in_specs.append(lay.runs())
+    return args, in_specs
+
+
+def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
+               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False):
+    """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel.
+    strong_apart: tiles past the chunk bound get their within-chunk term from `strong_intra`
+    (Tuning.strong_gates_apart)."""
+    lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
+                 parallel=True, sub_chunk=sub_chunk)
+    args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args.append(states)
     in_specs.append(lay.states())
     kernel = functools.partial(_output_kernel, lay=lay, has_runs=runs is not None,
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               strong_apart=strong_apart)
+    o = _call(kernel, lay, args, in_specs,
+              jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype), lay.o(),
+              interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+              name="gla_output_fwd")
+    if not strong_apart:
+        return o
+    return strong_intra(q, k, v, g, runs, o, lay=lay, scale=scale, interpret=interpret,
+                        num_warps=num_warps, num_stages=num_stages)
+
+
+def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_stages):
+    """o [B, Tp, H, V] plus the within-chunk term of every tile past the chunk bound (a kernel
+    over the chunks in parallel, o updated in place; a program whose tile is within the bound
+    only reads its gates). lay: the forward's layout (its sub-chunk tier size)."""
+    lay = dataclasses.replace(lay, parallel=True)
+    args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
+    args.append(o)
+    in_specs.append(lay.o())
+    kernel = functools.partial(_strong_intra_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret))
-    return _call(kernel, lay, args, in_specs,
-                 jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype), lay.o(),
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                 name="gla_output_fwd")
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(o.shape, o.dtype), grid=lay.grid,
+        in_specs=in_specs, out_specs=lay.o(), input_output_aliases={len(args) - 1: 0},
+        compiler_params=common.compiler_params(num_warps, num_stages),
+        interpret=interpret, name="gla_strong_intra_fwd",
+    )(*args)
 
 
 def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
-              interpret=False, num_warps=4, num_stages=2, sub_chunk=0):
-    """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program."""
+              interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False,
+              strong_warps=8):
+    """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program.
+    strong_apart: the walk takes the fast within-chunk path only, and tiles past the chunk
+    bound get their term from `strong_intra` afterwards (with strong_warps warps)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False, sub_chunk=sub_chunk)
-    args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
-    if runs is not None:
-        args.append(runs)
-        in_specs.append(lay.runs())
+    args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args.append(s0)
     in_specs.append(lay.state())
     out_shape = [jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype),
                  jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
     kernel = functools.partial(_fused_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
-    return _call(kernel, lay, args, in_specs, out_shape, [lay.o(), lay.state()],
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                 name="gla_fused_fwd")
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               strong_apart=strong_apart)
+    o, sT = _call(kernel, lay, args, in_specs, out_shape, [lay.o(), lay.state()],
+                  interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                  name="gla_fused_fwd")
+    if strong_apart:
+        o = strong_intra(q, k, v, g, runs, o, lay=lay, scale=scale, interpret=interpret,
+                         num_warps=strong_warps, num_stages=num_stages)
+    return o, sT

@@ -434,6 +434,49 @@ def test_fixup_forward_with_strong_gates():
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
 
 
+def _mixed_gates(args):
+    """Gates of one tile of each kind at chunk 32 (segments_C32's 3 chunks): the original ones
+    in chunk 0 (the fast path), ~-5 per step in chunk 1 (past the chunk bound, sub-chunks of 8
+    within it: the sub-chunk tier), ~-20 in chunk 2 (sub-chunks past it too: the exact loop)."""
+    q, k, v, s, g, hk0, hv0 = args
+    t = jnp.arange(q.shape[1])[None, :, None, None]
+    per_step = jnp.where(t < 64, -5.0, -20.0) + 0.5 * jnp.tanh(g)
+    return (q, k, v, s, jnp.where(t < 32, g, per_step), hk0, hv0)
+
+
+@pytest.mark.parametrize("path,tuning", [
+    ("walk", {}),
+    ("big_chunks", dict(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                        split_min_chunks=1)),
+    ("output_kernel", dict(fused_forward=False)),
+])
+def test_strong_gates_apart_forward_matches_float64(path, tuning):
+    """`strong_gates_apart`: the forward's walk (or output kernel) takes the fast path only and
+    `gla_strong_intra_fwd` adds the terms of the tiles past the bound (the sub-chunk tier and
+    the exact loop) in place; with one tile of each kind, packed segments and an initial
+    state, outputs and final states match the float64 recurrence, through the plain fused
+    walk, the walk over big chunks and the states + output kernels."""
+    case, seed = "segments_C32", 330
+    C = CASES[case][7]
+
+    def run(impl, args, seg):
+        return gated_slot_attention(*args[:5], initial_state=args[5:], return_final_state=True,
+                                    segment_ids=seg, impl=impl, chunk_size=C)
+
+    with enable_x64():
+        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref = jax.tree.map(np.asarray, run("recurrent", _mixed_gates(args), seg))
+    args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(strong_gates_apart=True, sub_chunk=8, **tuning):
+        fn = jax.jit(lambda a, sg: run("pallas", a, sg))
+        jaxpr = str(jax.make_jaxpr(fn)(_mixed_gates(args), seg))
+        o, (hk, hv) = fn(_mixed_gates(args), seg)
+    assert jaxpr.count("name=gla_strong_intra_fwd") == 2, "one per GSA pass"
+    _assert_rel(o, ref[0], F32_REL, "o")
+    _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
+    _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
+
+
 def test_bfloat16_inputs_close_to_float64():
     """bf16 inputs (f32 accumulation inside): output in bf16, within bf16 rounding of the
     float64 reference computed on the same (rounded) inputs."""
