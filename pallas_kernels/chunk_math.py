@@ -358,21 +358,42 @@ def _intra_grads_exact(q, k, v, do, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, C, source, zeros)
 
 
-def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+def intra_grads_strong(q, k, v, do, gt: Gates, masks, *, key_gated, scale, dot, sub=0):
+    """The within-chunk part of (dq, dk, dv, db) of a tile past the bound: the sub-chunk tier,
+    or the exact loop where a sub-chunk is past the bound too (or the tier is off)."""
+    kw = dict(key_gated=key_gated, scale=scale)
+    exact = lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw)  # noqa: E731
+    if not sub or sub >= q.shape[0]:
+        return exact(q, k, v, do)
+
+    def tier(q, k, v, do):
+        return intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub, **kw)
+    return lax.cond(is_sub_extreme(gt, sub), exact, tier, q, k, v, do)
+
+
+def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
+          strong_apart=False):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
     S: state entering the chunk; dS: gradient of the state leaving it; sub: the sub-chunk
-    tier's size (0: none).
+    tier's size (0: none); strong_apart: the within-chunk terms of the fast path only, 0 for
+    a tile past the bound (`intra_grads_strong` computes them in a kernel of its own).
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
     from_ = masks.from_state[:, None]
     kw = dict(key_gated=key_gated, scale=scale)
-    dq, dk, dv, db = _strong_gate_path(
-        lambda q, k, v, do: intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
-        lambda q, k, v, do: intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub, **kw),
-        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
-        gt, sub, C)(q, k, v, do)
+    if strong_apart:   # the fast path only; a tile past the bound: 0 (intra_grads_strong)
+        extreme = is_extreme(gt)
+        dq, dk, dv, db = (jnp.where(extreme, 0.0, x) for x in
+                          intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw))
+    else:
+        dq, dk, dv, db = _strong_gate_path(
+            lambda q, k, v, do: intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw),
+            lambda q, k, v, do: intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub,
+                                                **kw),
+            lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+            gt, sub, C)(q, k, v, do)
     if key_gated:  # the state terms: q̄ = q e^{b}·from reads S, k̄ = k e^{b_C−b}·into writes it
         e_b = jnp.exp(gt.b) * from_
         k_bar = k.astype(f32) * gt.to_end

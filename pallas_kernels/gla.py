@@ -113,17 +113,20 @@ class Tuning:
     and 1.60 ms looped), hence key-gated only. Key blocks as programs of their own were
     slower still: forward+backward 8.15 ms against 5.59 (bench_kernels_h200spill.md).
 
-    `strong_gates_apart` (off until timed on a GPU) takes the forward's within-chunk paths
-    for tiles past the chunk bound (the sub-chunk tier and the exact loop) out of the fused
-    walk and the output kernel: they compute the fast path only (0 for such a tile), and a
-    chunk-parallel kernel (`gla_fwd.strong_intra`) adds those tiles' terms to o in place
-    afterwards, its programs for the other tiles reading only their gates. Why: the strong
-    paths' code in a kernel costs its fast path registers even when no tile takes them.
+    `strong_gates_apart` (off until timed on a GPU) takes the within-chunk paths for tiles
+    past the chunk bound (the sub-chunk tier and the exact loop) out of the fused walk, the
+    output kernel and the backward's gradient kernel: they compute the fast path only (0 for
+    such a tile), and a chunk-parallel kernel (`gla_fwd.strong_intra`,
+    `gla_bwd._strong_intra_grads_kernel`) adds those tiles' terms to o (or dq, dk, dv, dg) in
+    place afterwards, its programs for the other tiles reading only their gates. Why: the
+    strong paths' code in a kernel costs its fast path registers even when no tile takes
+    them.
     Read on the CPU (kernel_registers --fast-only, triton 3.9.0, 8 x 2048, M = 64), the fused
     walks spill 180 / 84 bytes per thread with them and none without, the output kernel needs
     127 registers instead of 255; on the H200 pass 1's walk reads 143 MB of spilled values
     per launch and takes 0.278 ms against pass 2's 0.152 (ncu_kernels_h200fwd.md). A bf16
-    output of a tile past the bound is rounded twice (its fast part, then the sum).
+    output (or gradient) of a tile past the bound is rounded twice (its fast part, then the
+    sum).
 
     `warps_states` sets the warps of the forward's sequential state walk (`states_fwd`, also
     the final-state walks of a split forward): 0 (the default until timed as above) takes
@@ -253,7 +256,7 @@ class KernelConfig:
             kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
         if parallel and backward and t.block_k_bwd:
             kw.update(block_k=t.block_k_bwd, key_loop=t.key_loop_bwd)
-        if (parallel or fused) and not backward and t.strong_gates_apart:
+        if (parallel or fused) and t.strong_gates_apart:
             kw["strong_apart"] = True
             if fused:
                 kw["strong_warps"] = t.warps_par

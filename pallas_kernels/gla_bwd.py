@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import chunk_math, common
-from pallas_kernels.gla_fwd import _call, layout
+from pallas_kernels.gla_fwd import _call, _chunk_of_program, layout
 
 f32 = jnp.float32
 
@@ -55,7 +55,8 @@ def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     ds0_ref[...] = lax.fori_loop(0, lay.N, body, dsT_ref[...].astype(f32))
 
 
-def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int):
+def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int,
+                  strong_apart: bool):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
@@ -63,7 +64,8 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     rows = pl.ds(n * lay.C, lay.C)
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
-    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
+              strong_apart=strong_apart)
     if not key_loop:
         gt = chunk_math.gates(g_ref[rows, :], masks)
         dq, dk, dv, db = chunk_math.grads(
@@ -99,6 +101,24 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
 
 
+def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    """Adds the within-chunk gradient terms of each tile past the bound to dq, dk, dv, dg
+    (aliased in place); the programs of the other tiles write nothing."""
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    do_ref, *refs = refs
+    ins, outs = refs[:4], refs[4:]   # dq, dk, dv, dg in and out: the same buffers (aliased)
+    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
+
+    @pl.when(chunk_math.is_extreme(gt))
+    def _():
+        dq, dk, dv, db = chunk_math.intra_grads_strong(
+            q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], gt, masks,
+            key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+        for src, dst, term in zip(ins, outs, (dq, dk, dv, chunk_math.reverse_cumsum(db))):
+            dst[rows, :] = (src[rows, :].astype(f32) + term).astype(dst.dtype)
+
+
 def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v,
                 interpret=False, num_warps=4, num_stages=2):
     """Gradients of the state leaving each chunk [B, H, N·K, V] (in q's dtype, like the
@@ -122,7 +142,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False):
+              key_loop=False, strong_apart=False):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -135,7 +155,10 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     gradient (every term of those is linear in a sum over key channels). With key_loop the
     key blocks run one after another in each program instead of as programs of their own:
     the value-side sums stay in registers (no partial sums through memory), one key block's
-    tiles live at a time."""
+    tiles live at a time.
+
+    strong_apart: the kernel takes the fast within-chunk path only, and a second kernel adds
+    the terms of the tiles past the chunk bound in place (Tuning.strong_gates_apart)."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
@@ -165,6 +188,19 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
     kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),
-                               key_loop=loop)
-    return _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
-                 num_warps=num_warps, num_stages=num_stages, name="gla_grads_bwd")
+                               key_loop=loop, strong_apart=strong_apart)
+    grads = _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
+                  num_warps=num_warps, num_stages=num_stages, name="gla_grads_bwd")
+    if not strong_apart:
+        return grads
+    # the same programs (chunk, head, value block, key block); the four gradients in place
+    args, in_specs = args[:-3] + [do, *grads], in_specs[:-3] + [lay.o(), *out_specs]
+    kernel = functools.partial(_strong_intra_grads_kernel, lay=lay, has_runs=runs is not None,
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+    first = len(args) - 4
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=lay.grid, in_specs=in_specs, out_specs=out_specs,
+        input_output_aliases={first + i: i for i in range(4)},
+        compiler_params=common.compiler_params(num_warps, num_stages),
+        interpret=interpret, name="gla_strong_intra_bwd",
+    )(*args)

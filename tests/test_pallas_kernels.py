@@ -477,6 +477,34 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
 
 
+@pytest.mark.parametrize("tuning", [
+    {},
+    dict(block_v_bwd=8),                                         # value blocks: partial sums
+    dict(block_k_bwd=8, block_v_bwd=8),                          # key blocks as programs
+    pytest.param(dict(block_k_bwd=8, key_loop_bwd=True), marks=pytest.mark.slow),
+], ids=["whole", "value_blocks", "key_blocks", "key_loop"])
+def test_strong_gates_apart_gradients_match_float64(tuning):
+    """`strong_gates_apart` in the backward: the gradient kernel takes the fast path only and
+    `gla_strong_intra_bwd` adds the within-chunk gradient terms of the tiles past the bound
+    (dq, dk, dv, dg in place), in every layout of the gradient kernel; with one tile of each
+    kind (fast, sub-chunk tier, exact loop), packed segments and an initial state, values and
+    every gradient match the float64 recurrence."""
+    case, seed = "segments_C32", 331
+    C = CASES[case][7]
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, True, True)(_mixed_gates(args), cot,
+                                                                      seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(strong_gates_apart=True, sub_chunk=8, **tuning):
+        fn = _value_and_grads.__wrapped__("pallas", C, True, True)
+        jaxpr = str(jax.make_jaxpr(fn)(_mixed_gates(args), cot, seg))
+        out, grads = fn(_mixed_gates(args), cot, seg)
+    assert jaxpr.count("name=gla_strong_intra_bwd") == 2, "one per GSA pass"
+    _compare(out, grads, ref_out, ref_grads, F32_REL, True)
+
+
 def test_bfloat16_inputs_close_to_float64():
     """bf16 inputs (f32 accumulation inside): output in bf16, within bf16 rounding of the
     float64 reference computed on the same (rounded) inputs."""
