@@ -205,13 +205,18 @@ def intra_grads_sub(q, k, v, do, gt, masks, *, key_gated, scale, dot, sub):
     return dot.nn(dA_sum, k), dot.tn(dA_sum, q), dv, db
 
 
-def _strong_gate_path(fast, sub_tier, exact, gt, sub: int, C: int):
-    """The branch a tile takes: fast unless its gate passes the bound over the chunk; then the
-    sub-chunk tier where enabled and every sub-chunk stays within it; else exact."""
+def _strong_path(sub_tier, exact, gt, sub: int, C: int):
+    """The branch a tile past the bound takes: the sub-chunk tier where enabled and every
+    sub-chunk stays within the bound; else exact."""
     if not sub or sub >= C:
-        strong = exact
-    else:
-        strong = lambda *a: lax.cond(is_sub_extreme(gt, sub), exact, sub_tier, *a)  # noqa: E731
+        return exact
+    return lambda *a: lax.cond(is_sub_extreme(gt, sub), exact, sub_tier, *a)
+
+
+def _strong_gate_path(fast, sub_tier, exact, gt, sub: int, C: int):
+    """The branch a tile takes: fast unless its gate passes the bound over the chunk; then
+    `_strong_path`."""
+    strong = _strong_path(sub_tier, exact, gt, sub, C)
     return lambda *a: lax.cond(is_extreme(gt), strong, fast, *a)
 
 
@@ -267,11 +272,10 @@ def intra_output_strong(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub
     """The within-chunk part of o [C, BV] of a tile past the bound: the sub-chunk tier, or the
     exact loop where a sub-chunk is past the bound too (or the tier is off)."""
     kw = dict(key_gated=key_gated, scale=scale)
-    exact = lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw)  # noqa: E731
-    if not sub or sub >= q.shape[0]:
-        return exact(q, k, v)
-    tier = lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw)  # noqa
-    return lax.cond(is_sub_extreme(gt, sub), exact, tier, q, k, v)
+    return _strong_path(
+        lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw),
+        lambda q, k, v: _intra_output_exact(q, k, v, gt, masks, **kw),
+        gt, sub, q.shape[0])(q, k, v)
 
 
 def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0, strong_apart=False):
@@ -362,13 +366,10 @@ def intra_grads_strong(q, k, v, do, gt: Gates, masks, *, key_gated, scale, dot, 
     """The within-chunk part of (dq, dk, dv, db) of a tile past the bound: the sub-chunk tier,
     or the exact loop where a sub-chunk is past the bound too (or the tier is off)."""
     kw = dict(key_gated=key_gated, scale=scale)
-    exact = lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw)  # noqa: E731
-    if not sub or sub >= q.shape[0]:
-        return exact(q, k, v, do)
-
-    def tier(q, k, v, do):
-        return intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub, **kw)
-    return lax.cond(is_sub_extreme(gt, sub), exact, tier, q, k, v, do)
+    return _strong_path(
+        lambda q, k, v, do: intra_grads_sub(q, k, v, do, gt, masks, dot=dot, sub=sub, **kw),
+        lambda q, k, v, do: _intra_grads_exact(q, k, v, do, gt, masks, **kw),
+        gt, sub, q.shape[0])(q, k, v, do)
 
 
 def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,

@@ -34,6 +34,26 @@ def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
     assert pgla.current_tuning() == pgla.Tuning()   # the variant was undone
 
 
+def test_strong_gates_apart_takes_the_branches_out_of_the_hot_kernels():
+    """`strong_gates_apart`: the fused walk, the output kernel and the gradient kernel lower
+    with no branch (scf.if) left in them, and each pass gets a strong-path kernel (forward and
+    backward) that holds the branch; without it the hot kernels hold it."""
+    hot = ("gla_fused_fwd", "gla_output_fwd", "gla_grads_bwd")
+    for forward_only in (True, False):
+        apart = kr.lower_kernels(SHAPE, {"strong_gates_apart": True},
+                                 forward_only=forward_only, fast_only=False)
+        names = [k[0] for k in apart]
+        strong = ["gla_strong_intra_fwd"] if forward_only else ["gla_strong_intra_bwd",
+                                                                "gla_strong_intra_fwd"]
+        assert sorted(set(names) - {"gla_fused_fwd", "gla_output_fwd", "gla_grads_bwd",
+                                    "gla_states_fwd", "gla_dstates_bwd"}) == strong, names
+        assert all(names.count(name) == 2 for name in strong), names   # one per GSA pass
+        assert not any("scf.if" in text for name, _, _, text in apart if name in hot)
+        assert all("scf.if" in text for name, _, _, text in apart if name in strong)
+        default = kr.lower_kernels(SHAPE, {}, forward_only=forward_only, fast_only=False)
+        assert all("scf.if" in text for name, _, _, text in default if name in hot)
+
+
 @pytest.mark.reference
 def test_registers_and_spills_from_ptxas(tmp_path):
     """Compiled by pip triton (the reference extra) for sm_90: every row within the hardware's

@@ -405,6 +405,19 @@ def test_sub_chunk_must_divide_the_chunk():
             gated_slot_attention(*args[:5], impl="pallas", chunk_size=C)
 
 
+def _forward(args, seg, impl, C):
+    """(o, (Hk, Hv)) of GSA on a case's inputs, from its initial state."""
+    return gated_slot_attention(*args[:5], initial_state=args[5:], return_final_state=True,
+                                segment_ids=seg, impl=impl, chunk_size=C)
+
+
+def _float64_forward(seed, case, prep):
+    """The float64 recurrence's (o, (Hk, Hv)) on a case's inputs changed by prep, as numpy."""
+    with enable_x64():
+        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
+        return jax.tree.map(np.asarray, _forward(prep(args), seg, "recurrent", CASES[case][7]))
+
+
 def test_fixup_forward_with_strong_gates():
     """The one-walk split forward (`split_fixup`) with g ≈ -3 per step, packed segments and an
     initial state: a chunk of 32 decays by ~e^-96 (its inverse would overflow float32), the
@@ -418,17 +431,11 @@ def test_fixup_forward_with_strong_gates():
         q, k, v, s, g, hk0, hv0 = args
         return (q, k, v, s, g * 0 - 3.0 + 0.5 * jnp.tanh(g), hk0, hv0)
 
-    def run(impl, args, seg):
-        return gated_slot_attention(*args[:5], initial_state=args[5:], return_final_state=True,
-                                    segment_ids=seg, impl=impl, chunk_size=C)
-
-    with enable_x64():
-        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
-        ref = jax.tree.map(np.asarray, run("recurrent", strong(args), seg))
+    ref = _float64_forward(seed, case, strong)
     args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
     with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
                      split_min_chunks=1, fused_max_chunks=1, split_fixup=True):
-        o, (hk, hv) = jax.jit(lambda a, sg: run("pallas", a, sg))(strong(args), seg)
+        o, (hk, hv) = jax.jit(lambda a, sg: _forward(a, sg, "pallas", C))(strong(args), seg)
     _assert_rel(o, ref[0], F32_REL, "o")
     _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
@@ -459,16 +466,10 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     case, seed = "segments_C32", 330
     C = CASES[case][7]
 
-    def run(impl, args, seg):
-        return gated_slot_attention(*args[:5], initial_state=args[5:], return_final_state=True,
-                                    segment_ids=seg, impl=impl, chunk_size=C)
-
-    with enable_x64():
-        args, _, seg, _ = _case_inputs(seed, case, jnp.float64)
-        ref = jax.tree.map(np.asarray, run("recurrent", _mixed_gates(args), seg))
+    ref = _float64_forward(seed, case, _mixed_gates)
     args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
     with pgla.tuning(strong_gates_apart=True, sub_chunk=8, **tuning):
-        fn = jax.jit(lambda a, sg: run("pallas", a, sg))
+        fn = jax.jit(lambda a, sg: _forward(a, sg, "pallas", C))
         jaxpr = str(jax.make_jaxpr(fn)(_mixed_gates(args), seg))
         o, (hk, hv) = fn(_mixed_gates(args), seg)
     assert jaxpr.count("name=gla_strong_intra_fwd") == 2, "one per GSA pass"
