@@ -89,6 +89,11 @@ def is_extreme(gt: Gates):
     return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
 
 
+def is_extreme_tile(g):
+    """is_extreme from the tile's log gates [C, D] alone (their sum, as `gates` takes it)."""
+    return jnp.max(-jnp.sum(g.astype(f32), axis=0)) > MAX_CHUNK_DECAY
+
+
 def sub_chunk_for(sub_chunk, chunk_size: int) -> int:
     """The sub-chunk tier's size for a chunk size (0: off). None (auto): AUTO_SUB_CHUNK where it
     divides a larger chunk, else off; an explicit size must divide the chunk (0: off)."""

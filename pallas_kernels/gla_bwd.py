@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import chunk_math, common
-from pallas_kernels.gla_fwd import _call, _chunk_of_program, layout
+from pallas_kernels.gla_fwd import _call, layout, when_past_the_bound
 
 f32 = jnp.float32
 
@@ -108,15 +108,15 @@ def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     runs_ref = refs.pop(0) if has_runs else None
     do_ref, *refs = refs
     ins, outs = refs[:4], refs[4:]   # dq, dk, dv, dg in and out: the same buffers (aliased)
-    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
 
-    @pl.when(chunk_math.is_extreme(gt))
-    def _():
+    def add(rows, masks, gt):
         dq, dk, dv, db = chunk_math.intra_grads_strong(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], gt, masks,
             key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
         for src, dst, term in zip(ins, outs, (dq, dk, dv, chunk_math.reverse_cumsum(db))):
             dst[rows, :] = (src[rows, :].astype(f32) + term).astype(dst.dtype)
+
+    when_past_the_bound(runs_ref, g_ref, lay, add)
 
 
 def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v,

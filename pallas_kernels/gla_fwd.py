@@ -48,24 +48,36 @@ def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot):
     sT_ref[...] = S
 
 
-def _chunk_of_program(runs_ref, g_ref, lay: common.Layout):
-    """(rows, masks, gates) of the chunk a program of the parallel grid computes."""
-    n = pl.program_id(0)
+def _program_chunk(runs_ref, lay: common.Layout, n):
+    """(rows, masks) of chunk n, the one a program of the parallel grid computes."""
     rows = pl.ds(n * lay.C, lay.C)
-    masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
-                               common.causal_mask(lay.C))
-    return rows, masks, chunk_math.gates(g_ref[rows, :], masks)
+    return rows, common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
+                                    common.causal_mask(lay.C))
 
 
 def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, o_ref = refs
-    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
+    rows, masks = _program_chunk(runs_ref, lay, pl.program_id(0))
+    gt = chunk_math.gates(g_ref[rows, :], masks)
     o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                           state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated,
                           scale=scale, dot=dot, sub=lay.sub, strong_apart=strong_apart)
     o_ref[rows, :] = o.astype(o_ref.dtype)
+
+
+def when_past_the_bound(runs_ref, g_ref, lay: common.Layout, body):
+    """body(rows, masks, gates) in a program of the parallel grid whose chunk's tile is past
+    the bound; the other programs only read their gates and sum them."""
+    n = pl.program_id(0)   # outside the branch: interpret mode cannot read it inside one
+    rows = pl.ds(n * lay.C, lay.C)
+    g = g_ref[rows, :]
+
+    @pl.when(chunk_math.is_extreme_tile(g))
+    def _():
+        _, masks = _program_chunk(runs_ref, lay, n)
+        body(rows, masks, chunk_math.gates(g, masks))
 
 
 def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
@@ -74,14 +86,14 @@ def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     o_in_ref, o_ref = refs
-    rows, masks, gt = _chunk_of_program(runs_ref, g_ref, lay)
 
-    @pl.when(chunk_math.is_extreme(gt))
-    def _():
+    def add(rows, masks, gt):
         intra = chunk_math.intra_output_strong(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], gt, masks,
             key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
         o_ref[rows, :] = (o_in_ref[rows, :].astype(f32) + intra).astype(o_ref.dtype)
+
+    when_past_the_bound(runs_ref, g_ref, lay, add)
 
 
 def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
