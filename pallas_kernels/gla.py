@@ -19,7 +19,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +120,8 @@ class Tuning:
     `gla_bwd._strong_intra_grads_kernel`) adds those tiles' terms to o (or dq, dk, dv, dg) in
     place afterwards, its programs for the other tiles reading only their gates. Why: the
     strong paths' code in a kernel costs its fast path registers even when no tile takes
-    them.
+    them. True for every pass; "key" or "value" for the passes gated on that axis only (on
+    the H200 the value-gated pass's fused walk spills and the key-gated one's does not).
     Read on the CPU (kernel_registers --fast-only, triton 3.9.0, 8 x 2048, M = 64), the fused
     walks spill 180 / 84 bytes per thread with them and none without, the output kernel needs
     127 registers instead of 255; on the H200 pass 1's walk reads 143 MB of spilled values
@@ -152,7 +153,12 @@ class Tuning:
     block_k_bwd: Optional[int] = 0
     key_loop_bwd: Optional[bool] = None
     warps_states: Optional[int] = 0
-    strong_gates_apart: bool = False
+    strong_gates_apart: Union[bool, str] = False
+
+    def __post_init__(self):
+        if self.strong_gates_apart not in (True, False, "key", "value"):
+            raise ValueError(f"Tuning.strong_gates_apart must be true, false, 'key' or "
+                             f"'value', got {self.strong_gates_apart!r}")
 
 
 def _tuning_from_env() -> Tuning:
@@ -256,7 +262,8 @@ class KernelConfig:
             kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
         if parallel and backward and t.block_k_bwd:
             kw.update(block_k=t.block_k_bwd, key_loop=t.key_loop_bwd)
-        if (parallel or fused) and t.strong_gates_apart:
+        apart = t.strong_gates_apart in (True, "key" if self.key_gated else "value")
+        if (parallel or fused) and apart:
             kw["strong_apart"] = True
             if fused:
                 kw["strong_warps"] = t.warps_par

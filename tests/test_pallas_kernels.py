@@ -483,13 +483,15 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     dict(block_v_bwd=8),                                         # value blocks: partial sums
     dict(block_k_bwd=8, block_v_bwd=8),                          # key blocks as programs
     pytest.param(dict(block_k_bwd=8, key_loop_bwd=True), marks=pytest.mark.slow),
-], ids=["whole", "value_blocks", "key_blocks", "key_loop"])
+    dict(strong_gates_apart="value"),                            # pass 1 only
+], ids=["whole", "value_blocks", "key_blocks", "key_loop", "value_pass_only"])
 def test_strong_gates_apart_gradients_match_float64(tuning):
     """`strong_gates_apart` in the backward: the gradient kernel takes the fast path only and
     `gla_strong_intra_bwd` adds the within-chunk gradient terms of the tiles past the bound
-    (dq, dk, dv, dg in place), in every layout of the gradient kernel; with one tile of each
-    kind (fast, sub-chunk tier, exact loop), packed segments and an initial state, values and
-    every gradient match the float64 recurrence."""
+    (dq, dk, dv, dg in place), in every layout of the gradient kernel, for both GSA passes or
+    ("value") the value-gated one only; with one tile of each kind (fast, sub-chunk tier,
+    exact loop), packed segments and an initial state, values and every gradient match the
+    float64 recurrence."""
     case, seed = "segments_C32", 331
     C = CASES[case][7]
     with enable_x64():
@@ -498,11 +500,15 @@ def test_strong_gates_apart_gradients_match_float64(tuning):
             np.asarray, _value_and_grads("recurrent", C, True, True)(_mixed_gates(args), cot,
                                                                       seg))
     args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
-    with pgla.tuning(strong_gates_apart=True, sub_chunk=8, **tuning):
+    tuning = {"strong_gates_apart": True, **tuning}
+    with pgla.tuning(sub_chunk=8, **tuning):
         fn = _value_and_grads.__wrapped__("pallas", C, True, True)
         jaxpr = str(jax.make_jaxpr(fn)(_mixed_gates(args), cot, seg))
         out, grads = fn(_mixed_gates(args), cot, seg)
-    assert jaxpr.count("name=gla_strong_intra_bwd") == 2, "one per GSA pass"
+    passes = 2 if tuning["strong_gates_apart"] is True else 1
+    # the forward (states + output kernel) and the backward each hold one per pass apart
+    assert jaxpr.count("name=gla_strong_intra_bwd") == jaxpr.count(
+        "name=gla_strong_intra_fwd") == passes
     _compare(out, grads, ref_out, ref_grads, F32_REL, True)
 
 
@@ -535,6 +541,17 @@ def test_tuning_from_the_environment(monkeypatch):
     monkeypatch.setenv("GSA_PALLAS_TUNING", '{"block": 32}')
     with pytest.raises(ValueError, match="block_v_bwd"):
         pgla._tuning_from_env()
+
+
+def test_strong_gates_apart_values_are_checked():
+    """`strong_gates_apart` takes true, false, "key" or "value"; anything else is refused with
+    the accepted values (also from $GSA_PALLAS_TUNING)."""
+    assert pgla.Tuning(strong_gates_apart="key").strong_gates_apart == "key"
+    with pytest.raises(ValueError, match="'key' or 'value', got 'keys'"):
+        pgla.Tuning(strong_gates_apart="keys")
+    with pytest.raises(ValueError, match="strong_gates_apart"):
+        pgla.set_tuning(strong_gates_apart="both")
+    assert pgla.current_tuning() == pgla.Tuning()   # refused: nothing changed
 
 
 def test_large_state_automatic_choices():
