@@ -378,19 +378,21 @@ def intra_grads_strong(q, k, v, do, gt: Gates, masks, *, key_gated, scale, dot, 
 
 
 def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
-          strong_apart=False):
+          strong_apart=False, extreme=None):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
     S: state entering the chunk; dS: gradient of the state leaving it; sub: the sub-chunk
     tier's size (0: none); strong_apart: the within-chunk terms of the fast path only, 0 for
-    a tile past the bound (`intra_grads_strong` computes them in a kernel of its own).
+    a tile past the bound (`intra_grads_strong` computes them in a kernel of its own);
+    extreme: with strong_apart, whether the tile is past the bound where that is decided on
+    a wider tile than gt's (the key blocks of a loop: the strong kernel takes the whole K).
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
     from_ = masks.from_state[:, None]
     kw = dict(key_gated=key_gated, scale=scale)
     if strong_apart:   # the fast path only; a tile past the bound: 0 (intra_grads_strong)
-        extreme = is_extreme(gt)
+        extreme = is_extreme(gt) if extreme is None else extreme
         dq, dk, dv, db = (jnp.where(extreme, 0.0, x) for x in
                           intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw))
     else:

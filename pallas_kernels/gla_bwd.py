@@ -80,6 +80,10 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
     v, do = v_ref[rows, :], do_ref[rows, :]
     value_gates = None if lay.key_gated else chunk_math.gates(g_ref[rows, :], masks)
+    if strong_apart and lay.key_gated:
+        # the strong kernel decides on the whole K (its layout has no key blocks): so must
+        # the loop, or a key block within the bound would be counted by both
+        kw["extreme"] = chunk_math.is_extreme_tile(g_ref[rows, :])
 
     def key_block(kb, acc):
         cols = pl.ds(kb * key_loop, key_loop)

@@ -484,7 +484,12 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     dict(block_k_bwd=8, block_v_bwd=8),                          # key blocks as programs
     pytest.param(dict(block_k_bwd=8, key_loop_bwd=True), marks=pytest.mark.slow),
     dict(strong_gates_apart="value"),                            # pass 1 only
-], ids=["whole", "value_blocks", "key_blocks", "key_loop", "value_pass_only"])
+    # key blocks of 8 looped, only slots 0-7 strong: a key block within the bound inside a
+    # tile past it (the loop's fast path and the strong kernel must split the tile alike)
+    dict(block_k_bwd=8, key_loop_bwd=True, half_slots=True),
+    dict(block_k_bwd=8, half_slots=True),                        # as programs: per block
+], ids=["whole", "value_blocks", "key_blocks", "key_loop", "value_pass_only",
+        "key_loop_half_slots", "key_blocks_half_slots"])
 def test_strong_gates_apart_gradients_match_float64(tuning):
     """`strong_gates_apart` in the backward: the gradient kernel takes the fast path only and
     `gla_strong_intra_bwd` adds the within-chunk gradient terms of the tiles past the bound
@@ -494,17 +499,22 @@ def test_strong_gates_apart_gradients_match_float64(tuning):
     float64 recurrence."""
     case, seed = "segments_C32", 331
     C = CASES[case][7]
+    tuning = {"strong_gates_apart": True, **tuning}
+    prep = _mixed_gates
+    if tuning.pop("half_slots", False):
+        def prep(args):
+            mixed = _mixed_gates(args)
+            slots = jnp.arange(args[4].shape[-1])
+            return (*mixed[:4], jnp.where(slots < 8, mixed[4], args[4]), *mixed[5:])
     with enable_x64():
         args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
         ref_out, ref_grads = jax.tree.map(
-            np.asarray, _value_and_grads("recurrent", C, True, True)(_mixed_gates(args), cot,
-                                                                      seg))
+            np.asarray, _value_and_grads("recurrent", C, True, True)(prep(args), cot, seg))
     args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
-    tuning = {"strong_gates_apart": True, **tuning}
     with pgla.tuning(sub_chunk=8, **tuning):
         fn = _value_and_grads.__wrapped__("pallas", C, True, True)
-        jaxpr = str(jax.make_jaxpr(fn)(_mixed_gates(args), cot, seg))
-        out, grads = fn(_mixed_gates(args), cot, seg)
+        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
+        out, grads = fn(prep(args), cot, seg)
     passes = 2 if tuning["strong_gates_apart"] is True else 1
     # the forward (states + output kernel) and the backward each hold one per pass apart
     assert jaxpr.count("name=gla_strong_intra_bwd") == jaxpr.count(
