@@ -89,9 +89,19 @@ def is_extreme(gt: Gates):
     return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
 
 
+TILE_STEP = 1024.0   # is_extreme_tile's fixed point: log gates in steps of 1/1024
+
+
 def is_extreme_tile(g):
-    """is_extreme from the tile's log gates [C, D] alone (their sum, as `gates` takes it)."""
-    return jnp.max(-jnp.sum(g.astype(f32), axis=0)) > MAX_CHUNK_DECAY
+    """is_extreme decided from the tile's log gates g [C, D] in integer arithmetic, for
+    kernels that split a tile's work between them (Tuning.strong_gates_apart): each must
+    classify every tile alike, and a float32 sum's rounding depends on each kernel's
+    reduction order. g is floored to steps of 1/TILE_STEP (clamped at -TILE_STEP per step: one
+    such step is past the bound anyway) and summed exactly in int32, so the bound moves by
+    less than C / TILE_STEP against is_extreme (the fast path's factors stay far from
+    overflow)."""
+    steps = jnp.floor(jnp.maximum(g.astype(f32), -TILE_STEP) * TILE_STEP).astype(jnp.int32)
+    return jnp.max(-jnp.sum(steps, axis=0)) > int(MAX_CHUNK_DECAY * TILE_STEP)
 
 
 def sub_chunk_for(sub_chunk, chunk_size: int) -> int:
@@ -255,17 +265,16 @@ def _intra_output_exact(q, k, v, gt, masks, *, key_gated, scale):
     return lax.fori_loop(0, q.shape[0], source, jnp.zeros(v.shape, f32))
 
 
-def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
-                 strong_apart=False):
+def intra_output(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub=0, apart=None):
     """The within-chunk part of o [C, BV] (fast, sub-chunk or exact path, chosen per tile).
-    strong_apart: the fast path only, 0 for a tile past the bound (`intra_output_strong`
-    computes its term in a kernel of its own: the strong paths' code in the same kernel costs
-    the fast path registers, see Tuning.strong_gates_apart)."""
+    apart (None: that branch here): whether the tile is past the bound (is_extreme_tile);
+    then the fast path only, 0 for such a tile, whose term `intra_output_strong` computes in
+    a kernel of its own (the strong paths' code in the same kernel costs the fast path
+    registers, see Tuning.strong_gates_apart)."""
     kw = dict(key_gated=key_gated, scale=scale)
-    if strong_apart:
+    if apart is not None:
         # the fast path of a tile past the bound may hold inf or nan: selected away
-        return jnp.where(is_extreme(gt), 0.0,
-                         intra_output_fast(q, k, v, gt, masks, dot=dot, **kw))
+        return jnp.where(apart, 0.0, intra_output_fast(q, k, v, gt, masks, dot=dot, **kw))
     return _strong_gate_path(
         lambda q, k, v: intra_output_fast(q, k, v, gt, masks, dot=dot, **kw),
         lambda q, k, v: intra_output_sub(q, k, v, gt, masks, dot=dot, sub=sub, **kw),
@@ -283,16 +292,16 @@ def intra_output_strong(q, k, v, gt: Gates, masks, *, key_gated, scale, dot, sub
         gt, sub, q.shape[0])(q, k, v)
 
 
-def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0, strong_apart=False):
+def output(q, k, v, S, gt: Gates, masks, *, key_gated, scale, dot, sub=0, apart=None):
     """o [C, BV] of one chunk from its inputs and the entering state S (sub: the sub-chunk
-    tier's size, 0 for none; strong_apart: see intra_output)."""
+    tier's size, 0 for none; apart: see intra_output)."""
     if key_gated:
         q_start = q.astype(f32) * (jnp.exp(gt.b) * masks.from_state[:, None])
         inter = scale * dot.nn(q_start, S)
     else:
         inter = jnp.exp(gt.b) * dot.nn(q, S) * (scale * masks.from_state[:, None])
     return inter + intra_output(q, k, v, gt, masks, key_gated=key_gated, scale=scale, dot=dot,
-                                sub=sub, strong_apart=strong_apart)
+                                sub=sub, apart=apart)
 
 
 def state_update(k, v, S, gt: Gates, *, key_gated, dot):
@@ -377,23 +386,21 @@ def intra_grads_strong(q, k, v, do, gt: Gates, masks, *, key_gated, scale, dot, 
         gt, sub, q.shape[0])(q, k, v, do)
 
 
-def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
-          strong_apart=False, extreme=None):
+def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0, apart=None):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
     S: state entering the chunk; dS: gradient of the state leaving it; sub: the sub-chunk
-    tier's size (0: none); strong_apart: the within-chunk terms of the fast path only, 0 for
-    a tile past the bound (`intra_grads_strong` computes them in a kernel of its own);
-    extreme: with strong_apart, whether the tile is past the bound where that is decided on
-    a wider tile than gt's (the key blocks of a loop: the strong kernel takes the whole K).
+    tier's size (0: none); apart (None: the strong-gate branch here): whether the tile is
+    past the bound as the strong kernel decides it (is_extreme_tile, on the tile that kernel
+    takes: the whole K for the key blocks of a loop); then the within-chunk terms of the
+    fast path only, 0 for such a tile (`intra_grads_strong` computes them).
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
     from_ = masks.from_state[:, None]
     kw = dict(key_gated=key_gated, scale=scale)
-    if strong_apart:   # the fast path only; a tile past the bound: 0 (intra_grads_strong)
-        extreme = is_extreme(gt) if extreme is None else extreme
-        dq, dk, dv, db = (jnp.where(extreme, 0.0, x) for x in
+    if apart is not None:   # the fast path only; a tile past the bound: 0
+        dq, dk, dv, db = (jnp.where(apart, 0.0, x) for x in
                           intra_grads_fast(q, k, v, do, gt, masks, dot=dot, **kw))
     else:
         dq, dk, dv, db = _strong_gate_path(

@@ -64,13 +64,16 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     rows = pl.ds(n * lay.C, lay.C)
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
-    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
-              strong_apart=strong_apart)
+    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+    # strong_apart: the tile past the bound or not, as the strong kernel decides it (its
+    # layout's tile: a key block of the grid, or the whole K around a key loop)
+    apart = chunk_math.is_extreme_tile(g_ref[rows, :]) if strong_apart else None
     if not key_loop:
         gt = chunk_math.gates(g_ref[rows, :], masks)
         dq, dk, dv, db = chunk_math.grads(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-            state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, **kw)
+            state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, apart=apart,
+            **kw)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -80,17 +83,13 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
     v, do = v_ref[rows, :], do_ref[rows, :]
     value_gates = None if lay.key_gated else chunk_math.gates(g_ref[rows, :], masks)
-    if strong_apart and lay.key_gated:
-        # the strong kernel decides on the whole K (its layout has no key blocks): so must
-        # the loop, or a key block within the bound would be counted by both
-        kw["extreme"] = chunk_math.is_extreme_tile(g_ref[rows, :])
 
     def key_block(kb, acc):
         cols = pl.ds(kb * key_loop, key_loop)
         gt = (chunk_math.gates(g_ref[rows, cols], masks) if lay.key_gated else value_gates)
         dq, dk, dv, db = chunk_math.grads(
             q_ref[rows, cols], k_ref[rows, cols], v, do, state_ref[cols, :].astype(f32),
-            dstate_ref[cols, :].astype(f32), gt, masks, **kw)
+            dstate_ref[cols, :].astype(f32), gt, masks, apart=apart, **kw)
         dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
         dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
         if lay.key_gated:

@@ -60,10 +60,11 @@ def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, o_ref = refs
     rows, masks = _program_chunk(runs_ref, lay, pl.program_id(0))
-    gt = chunk_math.gates(g_ref[rows, :], masks)
+    g = g_ref[rows, :]
     o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                          state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated,
-                          scale=scale, dot=dot, sub=lay.sub, strong_apart=strong_apart)
+                          state_ref[...].astype(f32), chunk_math.gates(g, masks), masks,
+                          key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
+                          apart=chunk_math.is_extreme_tile(g) if strong_apart else None)
     o_ref[rows, :] = o.astype(o_ref.dtype)
 
 
@@ -107,10 +108,12 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart)
         S, run_prev = carry
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
-        gt = chunk_math.gates(g_ref[rows, :], masks)
+        g = g_ref[rows, :]
+        gt = chunk_math.gates(g, masks)
         k, v = k_ref[rows, :], v_ref[rows, :]
         o = chunk_math.output(q_ref[rows, :], k, v, S, gt, masks, key_gated=lay.key_gated,
-                              scale=scale, dot=dot, sub=lay.sub, strong_apart=strong_apart)
+                              scale=scale, dot=dot, sub=lay.sub,
+                              apart=chunk_math.is_extreme_tile(g) if strong_apart else None)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last

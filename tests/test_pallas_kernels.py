@@ -395,6 +395,30 @@ def test_kernels_with_the_sub_chunk_tier_match_float64():
     _compare(out, grads, ref_out, ref_grads, F32_REL, True)
 
 
+def test_tile_classification_is_exact_and_near_the_float_one():
+    """is_extreme_tile (what the strong-apart kernels agree on): hand cases at the bound (a
+    sum of exactly -120 is within it, -120.064 past it; one step below -1024 is past it
+    whatever the rest), the same answer for any order of the steps (an exact integer sum),
+    and the float classification's answer wherever the sum is more than C / 1024 from the
+    bound."""
+    from pallas_kernels import chunk_math, common
+    C = 64
+    assert not bool(chunk_math.is_extreme_tile(jnp.full((C, 4), -120.0 / C)))
+    assert bool(chunk_math.is_extreme_tile(jnp.full((C, 4), -1.876)))
+    assert bool(chunk_math.is_extreme_tile(jnp.zeros((C, 4)).at[3, 1].set(-3.0e38)))
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        g = -rng.exponential(rng.uniform(0.5, 3.5), size=(C, 8)).astype(np.float32)
+        flag = bool(chunk_math.is_extreme_tile(jnp.asarray(g)))
+        assert flag == bool(chunk_math.is_extreme_tile(jnp.asarray(g[rng.permutation(C)])))
+        total = (-g.astype(np.float64).sum(axis=0)).max()
+        if abs(total - chunk_math.MAX_CHUNK_DECAY) > C / 1024:
+            masks = common.chunk_masks(jnp.zeros(C, jnp.int32), slice(None), jnp.int32(0),
+                                       common.causal_mask(C))
+            gt = chunk_math.gates(jnp.asarray(g), masks)
+            assert flag == bool(chunk_math.is_extreme(gt)) == (total > 120.0), total
+
+
 def test_sub_chunk_must_divide_the_chunk():
     """A sub-chunk size that does not divide the chunk size is refused when the kernels are
     built, naming both."""
