@@ -122,6 +122,8 @@ class Tuning:
     strong paths' code in a kernel costs its fast path registers even when no tile takes
     them. True for every pass; "key" or "value" for the passes gated on that axis only (on
     the H200 the value-gated pass's fused walk spills and the key-gated one's does not).
+    Both kernels classify a tile by chunk_math.is_extreme_tile (an exact integer sum, the
+    same whatever a kernel's reduction order), so no tile's term is counted twice or never.
     Read on the CPU (kernel_registers --fast-only, triton 3.9.0, 8 x 2048, M = 64), the fused
     walks spill 180 / 84 bytes per thread with them and none without, the output kernel needs
     127 registers instead of 255; on the H200 pass 1's walk reads 143 MB of spilled values
