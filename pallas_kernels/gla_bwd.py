@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import chunk_math, common
-from pallas_kernels.gla_fwd import _call, layout, when_past_the_bound
+from pallas_kernels.gla_fwd import _call, _with_runs, layout, when_past_the_bound
 
 f32 = jnp.float32
 
@@ -128,10 +128,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
     forward's chunk states) and of the initial state [B, H, K, V] f32."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
-    args, in_specs = [q, g], [lay.q(), lay.g()]
-    if runs is not None:
-        args.append(runs)
-        in_specs.append(lay.runs())
+    args, in_specs = _with_runs(lay, [q, g], [lay.q(), lay.g()], runs)
     args += [do, dsT]
     in_specs += [lay.o(), lay.state()]
     out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), q.dtype),
@@ -166,10 +163,7 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     loop = block_k if key_loop and 0 < block_k < K else 0
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k)
-    args, in_specs = [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()]
-    if runs is not None:
-        args.append(runs)
-        in_specs.append(lay.runs())
+    args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args += [states, dstates, do]
     in_specs += [lay.states(), lay.states(), lay.o()]
     def out(shape, dtype, summed_later):
@@ -201,9 +195,6 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     kernel = functools.partial(_strong_intra_grads_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret))
     first = len(args) - 4
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=lay.grid, in_specs=in_specs, out_specs=out_specs,
-        input_output_aliases={first + i: i for i in range(4)},
-        compiler_params=common.compiler_params(num_warps, num_stages),
-        interpret=interpret, name="gla_strong_intra_bwd",
-    )(*args)
+    return _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
+                 num_warps=num_warps, num_stages=num_stages, name="gla_strong_intra_bwd",
+                 aliases={first + i: i for i in range(4)})

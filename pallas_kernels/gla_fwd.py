@@ -130,10 +130,20 @@ def layout(q, v, *, key_gated, chunk_size, block_v, parallel, sub_chunk=0,
                          sub=sub_chunk, BK=block_k if 0 < block_k < K else 0)
 
 
+def _with_runs(lay, args, in_specs, runs):
+    """The inputs and their specs, with the segment runs [B, Tp] appended when there are any."""
+    if runs is not None:
+        args.append(runs)
+        in_specs.append(lay.runs())
+    return args, in_specs
+
+
 def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_warps,
-          num_stages, name):
+          num_stages, name, aliases=None):
+    """One launch on the layout's grid (aliases: input index -> output index, in place)."""
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=lay.grid, in_specs=in_specs, out_specs=out_specs,
+        input_output_aliases=aliases or {},
         compiler_params=common.compiler_params(num_warps, num_stages),
         interpret=interpret, name=name,
     )(*args)
@@ -150,10 +160,7 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
     """
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
-    args, in_specs = [k, v, g], [lay.k(), lay.v(), lay.g()]
-    if runs is not None:
-        args.append(runs)
-        in_specs.append(lay.runs())
+    args, in_specs = _with_runs(lay, [k, v, g], [lay.k(), lay.v(), lay.g()], runs)
     args.append(s0)
     in_specs.append(lay.state())
     out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), k.dtype),
@@ -167,13 +174,6 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
                 num_warps=num_warps, num_stages=num_stages,
                 name="gla_final_state_fwd" if final_only else "gla_states_fwd")
     return (None, out[0]) if final_only else tuple(out)
-
-
-def _with_runs(lay, args, in_specs, runs):
-    if runs is not None:
-        args.append(runs)
-        in_specs.append(lay.runs())
-    return args, in_specs
 
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
@@ -209,12 +209,9 @@ def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_s
     in_specs.append(lay.o())
     kernel = functools.partial(_strong_intra_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret))
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(o.shape, o.dtype), grid=lay.grid,
-        in_specs=in_specs, out_specs=lay.o(), input_output_aliases={len(args) - 1: 0},
-        compiler_params=common.compiler_params(num_warps, num_stages),
-        interpret=interpret, name="gla_strong_intra_fwd",
-    )(*args)
+    return _call(kernel, lay, args, in_specs, jax.ShapeDtypeStruct(o.shape, o.dtype), lay.o(),
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                 name="gla_strong_intra_fwd", aliases={len(args) - 1: 0})
 
 
 def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
