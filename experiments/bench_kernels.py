@@ -8,6 +8,9 @@ and of forward+backward, and the memory of forward+backward, for:
   cudnn_attn    causal softmax attention on the same q/k/v (jax.nn.dot_product_attention, cuDNN;
                 `--impls` calls this row attn)
   peer          fla.ops.gsa.chunk_gsa (flash-linear-attention), when torch and fla import
+  peer_jt       the same fla kernels launched from JAX (gsa_jax.ops.fla_triton, jax-triton; the
+                `triton` extra): no torch tensors, the same timer as our rows; not in the
+                default --impls; equal-length rows only (no packed-row shape)
 Before timing, the Pallas outputs and gradients are compared with the float32 chunk form on the
 same inputs (relative Frobenius error). Results go to experiments/results/bench_kernels_<tag>.json
 and .md.
@@ -179,6 +182,7 @@ def copy_bandwidth():
 
 
 IMPLS = ("pallas", "pallas_recomp", "chunk", "attn", "peer")  # attn: softmax attention
+EXTRA_IMPLS = ("peer_jt",)   # asked for by name only (--impls ... peer_jt)
 
 
 def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IMPLS,
@@ -201,6 +205,10 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
     variants = {name: f for name, f in variants.items() if name.split()[0] in impls}
     if with_chunk and "chunk" in impls:
         variants["chunk"] = gsa_fn("chunk", seg)
+    if "peer_jt" in impls and seg is None:
+        from gsa_jax.ops import fla_triton
+        variants["peer_jt"] = lambda q, k, v, s, g: fla_triton.chunk_gsa(
+            q, k, v, s, g, launch="jax_triton")
     default_tuning = dataclasses.asdict(pgla.Tuning())
     first_o = None   # the first pallas row's output: every other pallas row is checked against it
     for name, f in variants.items():
@@ -211,7 +219,9 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
             rows[name] = {"fwd_ms": time_jax(fwd, args) * 1e3,
                           "fwd_bwd_ms": time_jax(fb, args) * 1e3,
                           "mem_bytes": compiled_bytes(fb, args)}
-            if name.startswith("pallas"):   # a launch variant must not change the result
+            if name.startswith("pallas") or name == "peer_jt":
+                # a launch variant must not change the result; the peer's kernels must agree
+                # with ours to bf16 rounding
                 o = fwd(*args)
                 if first_o is None:
                     first_o = o
@@ -340,8 +350,9 @@ def main(argv=None):
                              f"{i}={s}" for i, s in enumerate(ALL)) + " (B,T,H,K=V,M[,docs])")
     ap.add_argument("--only", type=int, nargs="+", default=None,
                     help="indices into the full shape list (split a sweep over runs)")
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
-                    help="the rows to time (default: all; the peer only where it imports)")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + EXTRA_IMPLS,
+                    help="the rows to time (default: all but peer_jt; the peer only where it "
+                         "imports)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows and checks of an existing results file of the same tag "

@@ -1,0 +1,128 @@
+"""gsa_jax.ops.fla_triton: the peer's (fla 0.6.0) chunked GSA Triton kernels launched from JAX.
+
+On a CPU two things can be checked, each in a fresh subprocess (tests/fla_triton_check.py):
+- the wiring, by running fla's kernels in Triton's interpreter: forward and gradients against
+  the float64 recurrence, at shapes that exercise the partial last chunk, grouped query heads,
+  several key blocks (K = 128: the gradient kernel's block sums) and several slot blocks
+  (M = 128), in float32 and float16 (mixed precision: fla keeps some buffers in float32);
+- the GPU path, by lowering forward + backward for CUDA through jax_triton with jaxlib's
+  runtime calls recorded: every launch must compile for sm_90.
+The GPU itself runs them in experiments/bench_kernels.py (`--impls peer-jt`). The interpreter
+mishandles bfloat16 blocks in tl.dot (Triton 3.9: it multiplies their raw bit patterns), so
+bfloat16 is checked on the GPU only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from gsa_jax.ops import fla_triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _run(args, interpret: bool, timeout: int = 900) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "fla_triton_check.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _need(*modules):
+    # find_spec, not importorskip: jax_triton's import raises ImportError without a GPU jaxlib.
+    for m in modules:
+        if importlib.util.find_spec(m) is None:
+            pytest.skip(f"{m} is not installed (the `reference` extra has it)")
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("dims,dtype,tol", [
+    ((1, 100, 4, 2, 32, 16, 16), "float32", 1e-5),    # partial last chunk, grouped heads
+    ((1, 70, 2, 2, 128, 32, 128), "float32", 1e-5),   # two key blocks, two slot blocks
+    ((1, 100, 2, 2, 32, 32, 16), "float16", 3e-3),
+])
+def test_interpreted_fla_kernels_match_the_float64_recurrence(dims, dtype, tol):
+    _need("torch", "triton", "fla")
+    (result,) = _run(["interpret", *map(str, dims), dtype], interpret=True)
+    for name, err in result["rel_err"].items():
+        assert err < tol, (name, result)
+    assert result["o_dtype"] == dtype
+    assert result["grad_dtypes"] == [dtype] * 5
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_gpu_path_lowers_and_every_launch_compiles_for_sm90():
+    _need("torch", "triton", "fla", "jax_triton")
+    B, T, H, K, V, M = 2, 192, 4, 128, 128, 64
+    launches = _run(["lower", *map(str, (B, T, H, K, V, M))], interpret=False)
+    names = [x["kernel"] for x in launches]
+    # Forward: cumsum, states, inter, intra, softmax, states, A (2), output; backward: the rest.
+    for kernel in ("cumsum", "fwd_h", "gsa_fwd_inter", "gsa_fwd_intra", "softmax_fwd",
+                   "gla_A_inter", "gla_A_intra", "gla_o", "bwd_dh", "gla_bwd_dv",
+                   "gla_bwd_dA", "gla_bwd_intra", "gla_bwd_inter", "softmax_bwd",
+                   "gsa_bwd_dA", "gsa_bwd_dqkvg", "gsa_bwd_intra_dvg"):
+        assert kernel in names, (kernel, names)
+    assert all(x["ptx"] for x in launches), [x["kernel"] for x in launches if not x["ptx"]]
+    assert all(x["shared"] <= 227 * 1024 for x in launches)
+    NT = -(-T // 64)
+    by_name = {x["kernel"]: x for x in launches}
+    # Grids as fla's Python code sets them (B*H programs along y for the chunk kernels).
+    assert by_name["softmax_fwd"]["grid"] == [B * T * H, 1, 1]
+    assert by_name["gsa_fwd_inter"]["grid"] == [NT, B * H, 1]          # M = 64: one BV block
+    assert by_name["gla_A_inter"]["grid"] == [NT, 16, B * H]
+    assert by_name["gsa_bwd_dqkvg"]["grid"] == [2 * NT, B * H, 1]      # K = 128: two BK blocks
+    # Scalars (scale, T) travel as scalar parameters, arrays as arrays, in that order.
+    inter = by_name["gsa_fwd_inter"]["params"]
+    assert inter == ["array"] * 4 + ["scalar"] * 2 + ["array"] * 2, inter
+
+
+def _args(B=1, T=8, HQ=2, H=2, K=4, V=4, M=4):
+    def z(*s):
+        return jnp.zeros(s, jnp.float32)
+    return z(B, T, HQ, K), z(B, T, H, K), z(B, T, H, V), z(B, T, H, M), z(B, T, H, M)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: (a[0][..., :3],) + a[1:], "inconsistent shapes"),
+    (lambda a: a[:3] + (a[3][:, :4],) + a[4:], "inconsistent shapes"),
+    (lambda a: (a[0][0],) + a[1:], r"must be \[B, T, H, D\]"),
+    (lambda a: _args(HQ=3, H=2), "not a multiple"),
+    (lambda a: _args(M=512), "M = 512 > 256"),
+    (lambda a: _args(T=0), "T = 0"),
+])
+def test_bad_inputs_are_refused_before_any_kernel(change, match):
+    with pytest.raises(ValueError, match=match):
+        fla_triton.chunk_gsa(*change(_args()), launch="interpret")
+
+
+def test_bad_launch_and_config_sites_are_refused():
+    with pytest.raises(ValueError, match="launch must be"):
+        fla_triton.chunk_gsa(*_args(), launch="cuda")
+    with pytest.raises(ValueError, match="unknown launch sites"):
+        fla_triton.chunk_gsa(*_args(), launch="interpret", configs={"gla_out": {"BV": 32}})
+
+
+def test_interpret_launch_without_the_interpreter_says_how(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fla_triton.launch_interpret(None, (1,), [jnp.zeros(2)], [jnp.zeros(2)])
+
+
+def test_available_says_why_not_on_a_cpu():
+    ok, why = fla_triton.available()
+    assert not ok and "GPU" in why
