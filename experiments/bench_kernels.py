@@ -9,8 +9,9 @@ and of forward+backward, and the memory of forward+backward, for:
                 `--impls` calls this row attn)
   peer          fla.ops.gsa.chunk_gsa (flash-linear-attention), when torch and fla import
   peer_jt       the same fla kernels launched from JAX (gsa_jax.ops.fla_triton, jax-triton; the
-                `triton` extra): no torch tensors, the same timer as our rows; not in the
-                default --impls; equal-length rows only (no packed-row shape)
+                `triton` extra): no torch tensors, the same timer as our rows, with fla's own
+                autotune picks when the peer ran first in the process (else our defaults);
+                not in the default --impls; equal-length rows only (no packed-row shape)
 Before timing, the Pallas outputs and gradients are compared with the float32 chunk form on the
 same inputs (relative Frobenius error). Results go to experiments/results/bench_kernels_<tag>.json
 and .md.
@@ -205,10 +206,6 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
     variants = {name: f for name, f in variants.items() if name.split()[0] in impls}
     if with_chunk and "chunk" in impls:
         variants["chunk"] = gsa_fn("chunk", seg)
-    if "peer_jt" in impls and seg is None:
-        from gsa_jax.ops import fla_triton
-        variants["peer_jt"] = lambda q, k, v, s, g: fla_triton.chunk_gsa(
-            q, k, v, s, g, launch="jax_triton")
     default_tuning = dataclasses.asdict(pgla.Tuning())
     first_o = None   # the first pallas row's output: every other pallas row is checked against it
     for name, f in variants.items():
@@ -219,9 +216,7 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
             rows[name] = {"fwd_ms": time_jax(fwd, args) * 1e3,
                           "fwd_bwd_ms": time_jax(fb, args) * 1e3,
                           "mem_bytes": compiled_bytes(fb, args)}
-            if name.startswith("pallas") or name == "peer_jt":
-                # a launch variant must not change the result; the peer's kernels must agree
-                # with ours to bf16 rounding
+            if name.startswith("pallas"):   # a launch variant must not change the result
                 o = fwd(*args)
                 if first_o is None:
                     first_o = o
@@ -270,6 +265,34 @@ def peer_row(shape, dtype, gate_scale=8.0):
     except Exception as e:  # noqa: BLE001
         row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     print(shape, "peer", row, flush=True)
+    return row
+
+
+def peer_jt_row(shape, dtype, gate_scale=8.0, after_peer=False):
+    """The peer's kernels launched from JAX (gsa_jax.ops.fla_triton), timed like our rows and
+    checked against our output. after_peer: fla's own chunk_gsa already ran at this shape in
+    this process, so its autotuners' picks are used (else fla_triton.DEFAULT_CONFIGS)."""
+    from gsa_jax.ops import fla_triton
+    if document_ids(shape) is not None:
+        return {"error": "packed rows (cu_seqlens) are not wired in gsa_jax.ops.fla_triton"}
+    B, T, H, K, M = shape[:5]
+    args = make_inputs(shape, dtype, gate_scale=gate_scale)
+    cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
+    try:
+        configs = fla_triton.tuned_configs(B, H, K, K, M) if after_peer else {}
+
+        def f(q, k, v, s, g):
+            return fla_triton.chunk_gsa(q, k, v, s, g, launch="jax_triton", configs=configs)
+
+        fwd, fb = jax.jit(f), jax.jit(loss_grad(f, cot))
+        row = {"fwd_ms": time_jax(fwd, args) * 1e3, "fwd_bwd_ms": time_jax(fb, args) * 1e3,
+               "mem_bytes": compiled_bytes(fb, args),
+               "configs": ("fla's autotune picks (this process): " + json.dumps(configs)
+                           if configs else "gsa_jax.ops.fla_triton.DEFAULT_CONFIGS"),
+               "rel_err_o_vs_pallas": rel_err(fwd(*args), jax.jit(gsa_fn("pallas"))(*args))}
+    except Exception as e:  # noqa: BLE001 - record and go on
+        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(shape, "peer_jt", row, flush=True)
     return row
 
 
@@ -444,8 +467,12 @@ def main(argv=None):
         new_rows.append(row)
         report["rows"].append(row)
         write()
-    for s, row in zip(shapes, new_rows) if use_peer else ():
-        row["results"]["peer"] = peer_row(s, dtype, args.gate_scale)
+    for s, row in zip(shapes, new_rows) if use_peer or "peer_jt" in args.impls else ():
+        if use_peer:
+            row["results"]["peer"] = peer_row(s, dtype, args.gate_scale)
+        if "peer_jt" in args.impls:   # after the peer: its autotune picks are then known
+            row["results"]["peer_jt"] = peer_jt_row(s, dtype, args.gate_scale,
+                                                    after_peer=use_peer)
         write()
     md = markdown(report)
     print(md)

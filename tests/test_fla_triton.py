@@ -126,3 +126,44 @@ def test_interpret_launch_without_the_interpreter_says_how(monkeypatch):
 def test_available_says_why_not_on_a_cpu():
     ok, why = fla_triton.available()
     assert not ok and "GPU" in why
+
+
+@pytest.mark.reference
+def test_tuned_configs_reads_each_sites_pick_from_flas_autotuner_caches():
+    """Plant one pick per site in fla's autotuner caches under the key fla's code would build
+    there (its key values, then dtypes), plus a decoy at another head dim; each site must get
+    its own pick back and no decoy."""
+    _need("torch", "triton", "fla")
+    import importlib
+
+    import triton
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    B, H, K, V, M = 2, 4, 128, 96, 64
+    sites = fla_triton._autotune_sites(B, H, K, V, M)
+    planted, saved = {}, {}
+    try:
+        for i, (site, (module, name, want)) in enumerate(sites.items()):
+            tuner = getattr(importlib.import_module(module), name)
+            while isinstance(tuner, Heuristics):
+                tuner = tuner.fn
+            assert isinstance(tuner, Autotuner), site
+            saved.setdefault(id(tuner), (tuner, dict(tuner.cache)))
+            key = tuple(want[k] for k in tuner.keys) + ("torch.bfloat16",)
+            decoy = tuple((v + 1 if isinstance(v, int) and not isinstance(v, bool) else v)
+                          for v in key)
+            tuner.cache[decoy] = triton.Config({"BK": 16}, num_warps=1, num_stages=1)
+            picked = triton.Config({"BK": 32 << i % 2}, num_warps=2 + i % 3,
+                                   num_stages=2 + i % 2)
+            tuner.cache[key] = picked
+            planted[site] = picked
+        got = fla_triton.tuned_configs(B, H, K, V, M)
+    finally:
+        for tuner, cache in saved.values():
+            tuner.cache.clear()
+            tuner.cache.update(cache)
+    assert set(got) == set(sites)
+    for site, config in planted.items():
+        assert got[site]["num_warps"] == config.num_warps, site
+        assert got[site]["num_stages"] == config.num_stages, site
+        assert got[site].get("BK") == config.kwargs.get("BK"), site

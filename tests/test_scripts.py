@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from gsa_jax import demo
@@ -285,3 +286,13 @@ def test_profile_kernels_counts_only_the_traced_calls(tmp_path):
                    for o in s["top_ops"]), s["top_ops"]
         assert abs(sum(c["share"] for c in s["categories"]) - 1) < 1e-6
     assert "## (1, 128, 2, 16, 16) fwd_bwd" in (tmp_path / "profile_kernels_test.md").read_text()
+
+
+def test_bench_kernels_peer_jt_row_records_why_it_cannot_run():
+    """The peer_jt row never stops the sweep: a packed-row shape is refused by name, and without
+    a GPU (jax-triton's launch) the failure is recorded as the row's error."""
+    bench = load_experiment("bench_kernels")
+    packed = bench.peer_jt_row((1, 64, 2, 16, 16, 2), jnp.float32)
+    assert "packed rows" in packed["error"]
+    row = bench.peer_jt_row((1, 64, 2, 16, 16), jnp.float32)
+    assert set(row) == {"error"} and row["error"]

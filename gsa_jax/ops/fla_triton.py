@@ -175,6 +175,74 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def _autotune_sites(B: int, H: int, K: int, V: int, M: int) -> dict:
+    """site -> (fla module, kernel name, the autotune key values fla's code passes at it)."""
+    BT, f = CHUNK, False
+    return {
+        "cumsum": ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector_kernel",
+                   dict(B=B, H=H, S=M, BT=BT, IS_VARLEN=f, REVERSE=f)),
+        "softmax": ("fla.ops.utils.softmax", "softmax_fwd_kernel", dict(D=M)),
+        "fwd_h_k": ("fla.ops.common.chunk_h", "chunk_fwd_kernel_h",
+                    dict(BT=BT, USE_G=f, USE_GK=f, USE_GV=True, STATE_V_FIRST=f, K=K, V=M)),
+        "fwd_h_v": ("fla.ops.common.chunk_h", "chunk_fwd_kernel_h",
+                    dict(BT=BT, USE_G=f, USE_GK=True, USE_GV=f, STATE_V_FIRST=f, K=M, V=V)),
+        "bwd_dh_k": ("fla.ops.common.chunk_h", "chunk_bwd_kernel_dh",
+                     dict(BT=BT, USE_G=f, USE_GK=f, USE_GV=True, STATE_V_FIRST=f, K=K, V=M)),
+        "bwd_dh_v": ("fla.ops.common.chunk_h", "chunk_bwd_kernel_dh",
+                     dict(BT=BT, USE_G=f, USE_GK=True, USE_GV=f, STATE_V_FIRST=f, K=M, V=V)),
+        "gsa_fwd_inter": ("fla.ops.gsa.chunk_fwd", "chunk_gsa_fwd_kernel_inter",
+                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=f)),
+        "gla_A_inter": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_inter",
+                        dict(BC=SUB_CHUNK)),
+        "gla_A_intra": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_intra",
+                        dict(BK=max(_pow2(M), 16), BT=BT)),
+        "gla_o": ("fla.ops.gla.chunk", "chunk_gla_fwd_kernel_o",
+                  dict(BT=BT, HV=H, STATE_V_FIRST=f, K=M, V=V)),
+        "gla_bwd_dA": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_dA",
+                       dict(BV=min(64, _pow2(V)), BT=BT)),
+        "gla_bwd_dv": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_dv",
+                       dict(BT=BT, STATE_V_FIRST=f, K=M, V=V)),
+        "gla_bwd_intra": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_intra",
+                          dict(BK=min(64, _pow2(M)), NC=CHUNK // SUB_CHUNK, BT=BT)),
+        "gla_bwd_inter": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_inter",
+                          dict(BT=BT, STATE_V_FIRST=f, K=M, V=V)),
+        "gsa_bwd_dA": ("fla.ops.gsa.chunk_bwd", "chunk_gsa_bwd_kernel_dA",
+                       dict(H=H, V=M, BT=BT, IS_VARLEN=f)),
+        "gsa_bwd_dqkvg": ("fla.ops.gsa.chunk_bwd", "chunk_gsa_bwd_kernel_dqkvg",
+                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=f)),
+    }
+
+
+def tuned_configs(B: int, H: int, K: int, V: int, M: int) -> dict[str, dict[str, int]]:
+    """The configs fla's autotuners chose in this process for `chunk_gsa` at this shape.
+
+    After fla's own `chunk_gsa` ran forward and backward here (through torch, as the peer row of
+    bench_kernels does), each of its autotuners caches its pick under a key of the values it
+    names (then the tensors' dtypes). Returned as `configs=` for `chunk_gsa`, so that the JAX
+    launch runs the peer's kernels with the peer's own choices; sites with no cached pick are
+    left out (DEFAULT_CONFIGS then). Where one site has picks for several dtypes (the state
+    pass runs in bf16 and, in the backward, float32), the first cached is taken."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    out = {}
+    for site, (module, name, want) in _autotune_sites(B, H, K, V, M).items():
+        kernel = getattr(importlib.import_module(module), name)
+        while isinstance(kernel, Heuristics):
+            kernel = kernel.fn
+        if not isinstance(kernel, Autotuner):
+            continue
+        keys = list(kernel.keys)
+        for key, config in kernel.cache.items():
+            named = dict(zip(keys, key))
+            if all(named.get(k) == v for k, v in want.items()):
+                out[site] = {**{k: v for k, v in config.kwargs.items() if k in ("BK", "BV", "BS")},
+                             "num_warps": config.num_warps, "num_stages": config.num_stages}
+                break
+    return out
+
+
 # ----------------------------------------------------------------------------- the op
 
 class _Sites:
@@ -423,4 +491,5 @@ def chunk_gsa(q: Array, k: Array, v: Array, s: Array, g: Array, scale: Optional[
     return _chunk_gsa(q, k, v, s, g, scale, _resolve_launch(launch), _freeze(configs))
 
 
-__all__ = ["chunk_gsa", "available", "launch_jax_triton", "launch_interpret", "DEFAULT_CONFIGS"]
+__all__ = ["chunk_gsa", "available", "launch_jax_triton", "launch_interpret", "tuned_configs",
+           "DEFAULT_CONFIGS"]
