@@ -145,28 +145,40 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(shape, dtype, gate_scale=8.0):
-    """Relative error of the Pallas output and gradients against the f32 chunk form."""
+def check(shape, dtype, gate_scale=8.0, impl="pallas"):
+    """Relative error of the Pallas output and gradients (impl="peer_jt": the peer's kernels
+    through gsa_jax.ops.fla_triton) against the f32 chunk form."""
     try:
-        result = _check(shape, dtype, gate_scale)
+        result = _check(shape, dtype, gate_scale, impl)
     except Exception as e:  # noqa: BLE001 - record and go on
         result = {"shape": list(shape), "dtype": str(jnp.dtype(dtype)),
                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
     result["gates"] = "strong (exact path)" if gate_scale < 1 else "layer-like"
+    result["impl"] = impl
     print("check", result, flush=True)
     return result
 
 
-def _check(shape, dtype, gate_scale):
+def _checked_fn(impl, seg):
+    if impl == "pallas":
+        return gsa_fn("pallas", seg)
+    from gsa_jax.ops import fla_triton
+    if seg is not None:
+        raise ValueError("packed rows (cu_seqlens) are not wired in gsa_jax.ops.fla_triton")
+    return lambda q, k, v, s, g: fla_triton.chunk_gsa(q, k, v, s, g, launch="jax_triton")
+
+
+def _check(shape, dtype, gate_scale, impl="pallas"):
     args = make_inputs(shape, dtype, seed=1, gate_scale=gate_scale)
     cot = jax.random.normal(jax.random.PRNGKey(2), shape[:3] + (shape[3],), jnp.float32)
     ref_args = tuple(x.astype(jnp.float32) for x in args)
     seg = document_ids(shape)
+    f = _checked_fn(impl, seg)
     out = {}
-    o_p = jax.jit(gsa_fn("pallas", seg))(*args)
+    o_p = jax.jit(f)(*args)
     o_r = jax.jit(gsa_fn("chunk", seg))(*ref_args)
     out["o"] = rel_err(o_p, o_r)
-    g_p = jax.jit(loss_grad(gsa_fn("pallas", seg), cot))(*args)
+    g_p = jax.jit(loss_grad(f, cot))(*args)
     g_r = jax.jit(loss_grad(gsa_fn("chunk", seg), cot))(*ref_args)
     for name, a, b in zip("dq dk dv ds dg".split(), g_p, g_r):
         out[name] = rel_err(a, b)
@@ -429,7 +441,9 @@ def main(argv=None):
               "notes": list(args.note), "gate_scale": args.gate_scale}
     report["checks"] = [] if args.no_check else (
         [check(s, dtype) for s in check_shapes] + [check(check_shapes[0], jnp.float32),
-                                                   check(check_shapes[0], dtype, 0.05)])
+                                                   check(check_shapes[0], dtype, 0.05)]
+        + ([check(s, dtype, impl="peer_jt") for s in check_shapes]
+           if "peer_jt" in args.impls else []))
     bw = copy_bandwidth()
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["decode"] = [] if args.no_decode else [

@@ -16,15 +16,16 @@ def markdown(report):
                if report.get("gate_scale", 8.0) != 8.0 else []),
              f"Measured copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s", "",
              "## Correctness (relative error vs the f32 chunk form)", "",
-             "| shape | dtype | gates | o | dq | dk | dv | ds | dg | finite |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| impl | shape | dtype | gates | o | dq | dk | dv | ds | dg | finite |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["checks"]:
+        head = (f"| {c.get('impl', 'pallas')} | {tuple(c['shape'])} | {c['dtype']} | "
+                f"{c['gates']} | ")
         if "error" in c:
-            lines.append(f"| {tuple(c['shape'])} | {c['dtype']} | {c['gates']} | "
-                         f"error: {c['error'][:80]} |")
+            lines.append(head + f"error: {c['error'][:80]} |")
             continue
         e = c["rel_err"]
-        lines.append(f"| {tuple(c['shape'])} | {c['dtype']} | {c['gates']} | " + " | ".join(
+        lines.append(head + " | ".join(
             f"{e[n]:.1e}" for n in "o dq dk dv ds dg".split()) + f" | {c['finite']} |")
     lines += ["", "## Time (ms, median) and memory (GiB) of forward+backward", "",
               "| B,T,H,K,M | impl | fwd | fwd+bwd | mem | fwd vs peer | fwd+bwd vs peer |",

@@ -296,3 +296,5 @@ def test_bench_kernels_peer_jt_row_records_why_it_cannot_run():
     assert "packed rows" in packed["error"]
     row = bench.peer_jt_row((1, 64, 2, 16, 16), jnp.float32)
     assert set(row) == {"error"} and row["error"]
+    check = bench.check((1, 64, 2, 16, 16), jnp.float32, impl="peer_jt")
+    assert check["impl"] == "peer_jt" and check["error"]
