@@ -11,7 +11,7 @@ and of forward+backward, and the memory of forward+backward, for:
   peer_jt       the same fla kernels launched from JAX (gsa_jax.ops.fla_triton, jax-triton; the
                 `triton` extra): no torch tensors, the same timer as our rows, with fla's own
                 autotune picks when the peer ran first in the process (else our defaults);
-                not in the default --impls; equal-length rows only (no packed-row shape)
+                not in the default --impls
 Before timing, the Pallas outputs and gradients are compared with the float32 chunk form on the
 same inputs (relative Frobenius error). Results go to experiments/results/bench_kernels_<tag>.json
 and .md.
@@ -57,7 +57,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from experiments import common, harness  # noqa: E402
-from experiments.bench_kernels_peer import bench_peer, peer_available  # noqa: E402
+from experiments.bench_kernels_peer import bench_peer, cu_seqlens_of, peer_available  # noqa: E402
 from experiments.bench_kernels_report import markdown, target_lines  # noqa: E402,F401
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from pallas_kernels import gla as pgla  # noqa: E402
@@ -160,12 +160,19 @@ def check(shape, dtype, gate_scale=8.0, impl="pallas"):
 
 
 def _checked_fn(impl, seg):
-    if impl == "pallas":
-        return gsa_fn("pallas", seg)
+    return gsa_fn("pallas", seg) if impl == "pallas" else peer_jt_fn(seg)
+
+
+def peer_jt_fn(seg, configs=None):
+    """The peer's kernels from JAX (gsa_jax.ops.fla_triton) on our inputs; packed documents
+    (batch 1) go in as fla's cu_seqlens."""
     from gsa_jax.ops import fla_triton
-    if seg is not None:
-        raise ValueError("packed rows (cu_seqlens) are not wired in gsa_jax.ops.fla_triton")
-    return lambda q, k, v, s, g: fla_triton.chunk_gsa(q, k, v, s, g, launch="jax_triton")
+    cu = None if seg is None else cu_seqlens_of(seg)
+
+    def f(q, k, v, s, g):
+        return fla_triton.chunk_gsa(q, k, v, s, g, launch="jax_triton", cu_seqlens=cu,
+                                    configs=configs)
+    return f
 
 
 def _check(shape, dtype, gate_scale, impl="pallas"):
@@ -285,23 +292,20 @@ def peer_jt_row(shape, dtype, gate_scale=8.0, after_peer=False):
     checked against our output. after_peer: fla's own chunk_gsa already ran at this shape in
     this process, so its autotuners' picks are used (else fla_triton.DEFAULT_CONFIGS)."""
     from gsa_jax.ops import fla_triton
-    if document_ids(shape) is not None:
-        return {"error": "packed rows (cu_seqlens) are not wired in gsa_jax.ops.fla_triton"}
     B, T, H, K, M = shape[:5]
+    seg = document_ids(shape)
     args = make_inputs(shape, dtype, gate_scale=gate_scale)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
     try:
-        configs = fla_triton.tuned_configs(B, H, K, K, M) if after_peer else {}
-
-        def f(q, k, v, s, g):
-            return fla_triton.chunk_gsa(q, k, v, s, g, launch="jax_triton", configs=configs)
-
+        configs = (fla_triton.tuned_configs(B, H, K, K, M, varlen=seg is not None)
+                   if after_peer else {})
+        f = peer_jt_fn(seg, configs)
         fwd, fb = jax.jit(f), jax.jit(loss_grad(f, cot))
         row = {"fwd_ms": time_jax(fwd, args) * 1e3, "fwd_bwd_ms": time_jax(fb, args) * 1e3,
                "mem_bytes": compiled_bytes(fb, args),
                "configs": ("fla's autotune picks (this process): " + json.dumps(configs)
                            if configs else "gsa_jax.ops.fla_triton.DEFAULT_CONFIGS"),
-               "rel_err_o_vs_pallas": rel_err(fwd(*args), jax.jit(gsa_fn("pallas"))(*args))}
+               "rel_err_o_vs_pallas": rel_err(fwd(*args), jax.jit(gsa_fn("pallas", seg))(*args))}
     except Exception as e:  # noqa: BLE001 - record and go on
         row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     print(shape, "peer_jt", row, flush=True)

@@ -21,6 +21,13 @@ def peer_available():
         return False
 
 
+def cu_seqlens_of(segment_ids):
+    """fla's cu_seqlens (N + 1 offsets) of the documents in row 0 of [B, T] segment ids."""
+    ids = np.asarray(segment_ids[0])
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 1))
+    return np.append(starts, ids.shape[0]).astype(np.int32)
+
+
 def bench_peer(inputs, segment_ids, dtype_name):
     """Forward and forward+backward times (median) and memory of the peer's `chunk_gsa` on the
     same (q, k, v, s, g) as ours (float32 JAX arrays, cast to `dtype_name` in torch); returns
@@ -38,8 +45,7 @@ def bench_peer(inputs, segment_ids, dtype_name):
     scale = q.shape[-1] ** -0.5
     kw = {}
     if segment_ids is not None:  # packed documents: the peer takes their offsets (batch 1 only)
-        starts = np.flatnonzero(np.diff(np.asarray(segment_ids[0]), prepend=-1))
-        kw["cu_seqlens"] = torch.tensor(np.append(starts, q.shape[1]), dtype=torch.int32,
+        kw["cu_seqlens"] = torch.tensor(cu_seqlens_of(segment_ids), dtype=torch.int32,
                                         device="cuda")
 
     def fwd():

@@ -1,13 +1,13 @@
 """Subprocess side of tests/test_fla_triton.py (each mode needs a fresh interpreter).
 
-    python tests/fla_triton_check.py interpret B T HQ H K V M DTYPE
-        TRITON_INTERPRET=1 must be set: fla's kernels run in Triton's interpreter through
+    python tests/fla_triton_check.py interpret B T HQ H K V M DTYPE [CU_SEQLENS...]
+        TRITON_INTERPRET=1 must be set (with CU_SEQLENS: one packed row of those sequences): fla's kernels run in Triton's interpreter through
         `gsa_jax.ops.fla_triton` (launch="interpret"); prints one JSON line with the relative
         errors of o, dq, dk, dv, ds, dg against the float64 recurrence of tests/reference.py
         (gradients against float64 central differences would be too slow here; the recurrent
         form's gradients are checked against those in test_ops_gradients.py), and the dtypes.
 
-    python tests/fla_triton_check.py lower B T H K V M
+    python tests/fla_triton_check.py lower B T H K V M [CU_SEQLENS...]
         The GPU path without a GPU: jaxlib's Triton runtime calls are replaced by recorders, then
         `jax.export` lowers forward + backward for CUDA, which runs jax_triton's own lowering:
         every launch is compiled by Triton for sm_90 with the argument types JAX passes. Prints
@@ -36,7 +36,7 @@ def _inputs(B, T, HQ, H, K, V, M, seed=0):
     return q, k, v, s, g, rng.standard_normal((B, T, HQ, V))
 
 
-def interpret(B, T, HQ, H, K, V, M, dtype):
+def interpret(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None):
     import jax
     import jax.numpy as jnp
     jax.config.update("jax_enable_x64", True)
@@ -46,18 +46,22 @@ def interpret(B, T, HQ, H, K, V, M, dtype):
     q, k, v, s, g, cot = _inputs(B, T, HQ, H, K, V, M)
     args = [jnp.asarray(x, dtype) for x in (q, k, v, s, g)]
 
+    seg = None
+    if cu_seqlens is not None:   # the same packing as our segment ids
+        seg = np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens))[None]
+
     def loss(*a):
-        o = fla_triton.chunk_gsa(*a, launch="interpret")
+        o = fla_triton.chunk_gsa(*a, launch="interpret", cu_seqlens=cu_seqlens)
         return jnp.sum(o.astype(jnp.float64) * cot)
 
-    o = fla_triton.chunk_gsa(*args, launch="interpret")
+    o = fla_triton.chunk_gsa(*args, launch="interpret", cu_seqlens=cu_seqlens)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
-    ref = reference.gsa_reference(q, k, v, s, g)
+    ref = reference.gsa_reference(q, k, v, s, g, segment_ids=seg)
     ref = ref[0] if isinstance(ref, tuple) else ref
 
     def ref_loss(*a):
         from gsa_jax.ops import gated_slot_attention
-        return jnp.sum(gated_slot_attention(*a, impl="recurrent")[0] * cot)
+        return jnp.sum(gated_slot_attention(*a, impl="recurrent", segment_ids=seg)[0] * cot)
 
     ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4))(*(jnp.asarray(x) for x in
                                                              (q, k, v, s, g)))
@@ -72,7 +76,7 @@ def interpret(B, T, HQ, H, K, V, M, dtype):
                       "grad_dtypes": [str(x.dtype) for x in grads]}))
 
 
-def lower(B, T, H, K, V, M):
+def lower(B, T, H, K, V, M, cu_seqlens=None):
     launches = []
 
     class Call:
@@ -103,7 +107,8 @@ def lower(B, T, H, K, V, M):
     from gsa_jax.ops import fla_triton
 
     def loss(*a):
-        return jnp.sum(fla_triton.chunk_gsa(*a, launch="jax_triton").astype(jnp.float32))
+        o = fla_triton.chunk_gsa(*a, launch="jax_triton", cu_seqlens=cu_seqlens)
+        return jnp.sum(o.astype(jnp.float32))
 
     shapes = [(B, T, H, K), (B, T, H, K), (B, T, H, V), (B, T, H, M), (B, T, H, M)]
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
@@ -118,9 +123,9 @@ def lower(B, T, H, K, V, M):
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "interpret":
-        *dims, dtype = rest
-        interpret(*map(int, dims), dtype)
+        dims, dtype, cu = rest[:7], rest[7], rest[8:]
+        interpret(*map(int, dims), dtype, [int(c) for c in cu] if cu else None)
     elif mode == "lower":
-        lower(*map(int, rest))
+        lower(*map(int, rest[:6]), [int(c) for c in rest[6:]] or None)
     else:
         raise SystemExit(f"unknown mode {mode}")

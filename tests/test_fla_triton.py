@@ -54,10 +54,13 @@ def _need(*modules):
     ((1, 100, 4, 2, 32, 16, 16), "float32", 1e-5),    # partial last chunk, grouped heads
     ((1, 70, 2, 2, 128, 32, 128), "float32", 1e-5),   # two key blocks, two slot blocks
     ((1, 100, 2, 2, 32, 32, 16), "float16", 3e-3),
+    ((1, 150, 2, 2, 32, 16, 16, 0, 30, 101, 150), "float32", 1e-5),  # packed: 3 sequences
 ])
 def test_interpreted_fla_kernels_match_the_float64_recurrence(dims, dtype, tol):
     _need("torch", "triton", "fla")
-    (result,) = _run(["interpret", *map(str, dims), dtype], interpret=True)
+    dims, cu_seqlens = dims[:7], dims[7:]
+    (result,) = _run(["interpret", *map(str, dims), dtype, *map(str, cu_seqlens)],
+                     interpret=True)
     for name, err in result["rel_err"].items():
         assert err < tol, (name, result)
     assert result["o_dtype"] == dtype
@@ -86,9 +89,23 @@ def test_gpu_path_lowers_and_every_launch_compiles_for_sm90():
     assert by_name["gsa_fwd_inter"]["grid"] == [NT, B * H, 1]          # M = 64: one BV block
     assert by_name["gla_A_inter"]["grid"] == [NT, 16, B * H]
     assert by_name["gsa_bwd_dqkvg"]["grid"] == [2 * NT, B * H, 1]      # K = 128: two BK blocks
-    # Scalars (scale, T) travel as scalar parameters, arrays as arrays, in that order.
+    # q, k, h, g and the two packed-row index arrays, then the scalars (scale, T), then o, A.
     inter = by_name["gsa_fwd_inter"]["params"]
-    assert inter == ["array"] * 4 + ["scalar"] * 2 + ["array"] * 2, inter
+    assert inter == ["array"] * 6 + ["scalar"] * 2 + ["array"] * 2, inter
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_gpu_path_of_packed_rows_lowers_with_chunks_counted_per_sequence():
+    _need("torch", "triton", "fla", "jax_triton")
+    T, H, K, V, M = 300, 2, 64, 64, 32
+    cu = [0, 100, 130, 300]            # chunks: 2 + 1 + 3 = 6, where one row of 300 has 5
+    launches = _run(["lower", "1", *map(str, (T, H, K, V, M)), *map(str, cu)], interpret=False)
+    by_name = {x["kernel"]: x for x in launches}
+    assert all(x["ptx"] for x in launches)
+    assert by_name["gsa_fwd_inter"]["grid"] == [6, H, 1]
+    assert by_name["gla_A_intra"]["grid"] == [6, 4, H]
+    assert by_name["fwd_h"]["grid"] == [3 * H, 1, 1]     # one state walk per sequence and head
 
 
 def _args(B=1, T=8, HQ=2, H=2, K=4, V=4, M=4):
@@ -108,6 +125,18 @@ def _args(B=1, T=8, HQ=2, H=2, K=4, V=4, M=4):
 def test_bad_inputs_are_refused_before_any_kernel(change, match):
     with pytest.raises(ValueError, match=match):
         fla_triton.chunk_gsa(*change(_args()), launch="interpret")
+
+
+@pytest.mark.parametrize("B,cu,match", [
+    (2, [0, 3, 8], "need B = 1"),
+    (1, [0, 3, 7], "from 0 to T = 8"),
+    (1, [0, 5, 5, 8], "rise strictly"),
+    (1, [[0, 8]], "N \\+ 1 >= 2 integers"),
+    (1, [0.0, 8.0], "N \\+ 1 >= 2 integers"),
+])
+def test_bad_cu_seqlens_are_refused(B, cu, match):
+    with pytest.raises(ValueError, match=match):
+        fla_triton.chunk_gsa(*_args(B=B), cu_seqlens=cu, launch="interpret")
 
 
 def test_bad_launch_and_config_sites_are_refused():

@@ -15,8 +15,9 @@ i.e. jax-triton, flash-linear-attention, fla-core, triton) or "interpret" (Trito
 on the host through `jax.pure_callback`; TRITON_INTERPRET=1 must be set before fla is
 imported; slow, for checking the wiring on a CPU). "auto" takes jax_triton on a GPU.
 
-Not covered (fla has them, our callers do not need them): packed rows (cu_seqlens), initial and
-final states, slots M > 256 (fla's split-and-merge branch), checkpoint levels 0 and 1.
+Packed rows: `cu_seqlens` (fla's varlen mode, B = 1). Not covered (fla has them, our callers
+do not need them): initial and final states, slots M > 256 (fla's split-and-merge branch),
+checkpoint levels 0 and 1.
 Block sizes and warps are ours to choose (fla autotunes them): `DEFAULT_CONFIGS`, per launch
 site, overridable with `configs={site: {...}}`; results do not depend on them beyond rounding.
 """
@@ -175,12 +176,12 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def _autotune_sites(B: int, H: int, K: int, V: int, M: int) -> dict:
+def _autotune_sites(B: int, H: int, K: int, V: int, M: int, varlen: bool = False) -> dict:
     """site -> (fla module, kernel name, the autotune key values fla's code passes at it)."""
     BT, f = CHUNK, False
     return {
         "cumsum": ("fla.ops.utils.cumsum", "chunk_local_cumsum_vector_kernel",
-                   dict(B=B, H=H, S=M, BT=BT, IS_VARLEN=f, REVERSE=f)),
+                   dict(B=B, H=H, S=M, BT=BT, IS_VARLEN=varlen, REVERSE=f)),
         "softmax": ("fla.ops.utils.softmax", "softmax_fwd_kernel", dict(D=M)),
         "fwd_h_k": ("fla.ops.common.chunk_h", "chunk_fwd_kernel_h",
                     dict(BT=BT, USE_G=f, USE_GK=f, USE_GV=True, STATE_V_FIRST=f, K=K, V=M)),
@@ -191,7 +192,7 @@ def _autotune_sites(B: int, H: int, K: int, V: int, M: int) -> dict:
         "bwd_dh_v": ("fla.ops.common.chunk_h", "chunk_bwd_kernel_dh",
                      dict(BT=BT, USE_G=f, USE_GK=True, USE_GV=f, STATE_V_FIRST=f, K=M, V=V)),
         "gsa_fwd_inter": ("fla.ops.gsa.chunk_fwd", "chunk_gsa_fwd_kernel_inter",
-                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=f)),
+                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=varlen)),
         "gla_A_inter": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_inter",
                         dict(BC=SUB_CHUNK)),
         "gla_A_intra": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_intra",
@@ -207,27 +208,29 @@ def _autotune_sites(B: int, H: int, K: int, V: int, M: int) -> dict:
         "gla_bwd_inter": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_inter",
                           dict(BT=BT, STATE_V_FIRST=f, K=M, V=V)),
         "gsa_bwd_dA": ("fla.ops.gsa.chunk_bwd", "chunk_gsa_bwd_kernel_dA",
-                       dict(H=H, V=M, BT=BT, IS_VARLEN=f)),
+                       dict(H=H, V=M, BT=BT, IS_VARLEN=varlen)),
         "gsa_bwd_dqkvg": ("fla.ops.gsa.chunk_bwd", "chunk_gsa_bwd_kernel_dqkvg",
-                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=f)),
+                          dict(H=H, K=K, V=M, BT=BT, IS_VARLEN=varlen)),
     }
 
 
-def tuned_configs(B: int, H: int, K: int, V: int, M: int) -> dict[str, dict[str, int]]:
+def tuned_configs(B: int, H: int, K: int, V: int, M: int,
+                  varlen: bool = False) -> dict[str, dict[str, int]]:
     """The configs fla's autotuners chose in this process for `chunk_gsa` at this shape.
 
     After fla's own `chunk_gsa` ran forward and backward here (through torch, as the peer row of
     bench_kernels does), each of its autotuners caches its pick under a key of the values it
     names (then the tensors' dtypes). Returned as `configs=` for `chunk_gsa`, so that the JAX
     launch runs the peer's kernels with the peer's own choices; sites with no cached pick are
-    left out (DEFAULT_CONFIGS then). Where one site has picks for several dtypes (the state
+    left out (DEFAULT_CONFIGS then). varlen: the picks of packed rows (fla keys them apart).
+    Where one site has picks for several dtypes (the state
     pass runs in bf16 and, in the backward, float32), the first cached is taken."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner, Heuristics
 
     out = {}
-    for site, (module, name, want) in _autotune_sites(B, H, K, V, M).items():
+    for site, (module, name, want) in _autotune_sites(B, H, K, V, M, varlen).items():
         kernel = getattr(importlib.import_module(module), name)
         while isinstance(kernel, Heuristics):
             kernel = kernel.fn
@@ -246,10 +249,11 @@ def tuned_configs(B: int, H: int, K: int, V: int, M: int) -> dict[str, dict[str,
 # ----------------------------------------------------------------------------- the op
 
 class _Sites:
-    """Launch helper: merges a site's config into the call and hands it to the launcher."""
+    """Launch helper: merges a site's config into the call and hands it to the launcher, and
+    carries the row layout (`rows`: equal rows or packed sequences) every chunk kernel needs."""
 
-    def __init__(self, launch: Launch, configs: Mapping[str, Mapping[str, int]]):
-        self.launch, self.configs = launch, configs
+    def __init__(self, launch: Launch, configs: Mapping[str, Mapping[str, int]], rows: "_Rows"):
+        self.launch, self.configs, self.rows = launch, configs, rows
 
     def cfg(self, site: str) -> dict:
         return {**DEFAULT_CONFIGS[site], **dict(self.configs.get(site, {}))}
@@ -260,49 +264,74 @@ class _Sites:
                            num_warps=c["num_warps"], num_stages=c["num_stages"], **constants)
 
 
+class _Rows:
+    """Where the chunks are. Equal rows: B rows of T, NT = ceil(T / 64) chunks each. Packed
+    (fla's varlen mode, B = 1): the sequences between consecutive `cu_seqlens`, each chunked
+    from its own start; NT counts the chunks of all of them (the grids' chunk axis), `ci` lists
+    (sequence, chunk) per chunk and `so` each sequence's first chunk, as fla's
+    prepare_chunk_indices / prepare_chunk_offsets make them."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: Optional[tuple]):
+        self.varlen = cu_seqlens is not None
+        if not self.varlen:
+            self.N, self.NT = B, _cdiv(T, CHUNK)
+            placeholder = jnp.zeros((1,), jnp.int32)
+            self.cu = self.ci = self.so = placeholder
+            return
+        lens = np.diff(np.asarray(cu_seqlens))
+        chunks = -(-lens // CHUNK)
+        ci = [(n, c) for n in range(len(lens)) for c in range(chunks[n])]
+        self.N, self.NT = len(lens), len(ci)
+        self.cu = jnp.asarray(cu_seqlens, jnp.int32)
+        self.ci = jnp.asarray(np.asarray(ci, np.int32).reshape(-1, 2))
+        self.so = jnp.asarray(np.concatenate([[0], np.cumsum(chunks)]).astype(np.int32))
+
+
 def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
 def _cumsum(L: _Sites, x: Array, *, reverse: bool, scale: Optional[float]) -> Array:
     """fla's chunk_local_cumsum (vector form): float32, chunk-local, optionally reversed/scaled."""
-    kern = _kernels()
+    kern, R = _kernels(), L.rows
     B, T, H, S = x.shape
     BS = _block(L.cfg("cumsum")["BS"], S)
-    grid = (_cdiv(S, BS) * _cdiv(T, CHUNK), B * H)
-    (o,) = L("cumsum", kern.cumsum, grid, [x, 1.0 if scale is None else float(scale), T],
+    grid = (_cdiv(S, BS) * R.NT, B * H)
+    (o,) = L("cumsum", kern.cumsum, grid,
+             [x, R.cu, R.ci, 1.0 if scale is None else float(scale), T],
              [_sds(x.shape, jnp.float32)], B=B, H=H, S=S, BT=CHUNK, BS=BS, REVERSE=reverse,
-             HAS_SCALE=scale is not None)
+             HAS_SCALE=scale is not None, VARLEN=R.varlen)
     return o
 
 
 def _states(L: _Sites, k: Array, v: Array, gc: Array, *, key_gate: bool, dtype) -> Array:
     """fla's chunk_fwd_h: the state before each chunk, [B, NT, H, K, V]; gc gates the key
     (pass 2's slots) or the value (pass 1's slots) dimension."""
-    kern = _kernels()
+    kern, R = _kernels(), L.rows
     B, T, H, K = k.shape
     V = v.shape[-1]
-    c = L.cfg("fwd_h_v" if key_gate else "fwd_h_k")
+    site = "fwd_h_v" if key_gate else "fwd_h_k"
+    c = L.cfg(site)
     BK, BV = _block(c["BK"], K), _block(c["BV"], V)
-    grid = (_cdiv(K, BK) * _cdiv(V, BV) * B * H,)
-    (h,) = L("fwd_h_v" if key_gate else "fwd_h_k", kern.fwd_h, grid, [k, v, gc, T],
-             [_sds((B, _cdiv(T, CHUNK), H, K, V), dtype)], H=H, K=K, V=V, BT=CHUNK, BK=BK,
-             BV=BV, USE_GK=key_gate, USE_GV=not key_gate)
+    grid = (_cdiv(K, BK) * _cdiv(V, BV) * R.N * H,)
+    (h,) = L(site, kern.fwd_h, grid, [k, v, gc, R.cu, R.so, T],
+             [_sds((B, R.NT, H, K, V), dtype)], H=H, K=K, V=V, BT=CHUNK, BK=BK, BV=BV,
+             USE_GK=key_gate, USE_GV=not key_gate, VARLEN=R.varlen)
     return h
 
 
 def _dstates(L: _Sites, q: Array, gc: Array, do: Array, scale: float, *, K: int,
              key_gate: bool) -> Array:
     """fla's chunk_bwd_dh in float32 (states_in_fp32=True): [B, NT, H, K, V]."""
-    kern = _kernels()
+    kern, R = _kernels(), L.rows
     B, T, H, V = do.shape
     site = "bwd_dh_v" if key_gate else "bwd_dh_k"
     c = L.cfg(site)
     BK, BV = _block(c["BK"], K), _block(c["BV"], V)
-    grid = (_cdiv(K, BK) * _cdiv(V, BV) * B * H,)
-    (dh,) = L(site, kern.bwd_dh, grid, [q, gc, do, float(scale), T],
-              [_sds((B, _cdiv(T, CHUNK), H, K, V), jnp.float32)], H=H, K=K, V=V, BT=CHUNK,
-              BK=BK, BV=BV, USE_GK=key_gate, USE_GV=not key_gate)
+    grid = (_cdiv(K, BK) * _cdiv(V, BV) * R.N * H,)
+    (dh,) = L(site, kern.bwd_dh, grid, [q, gc, do, R.cu, R.so, float(scale), T],
+              [_sds((B, R.NT, H, K, V), jnp.float32)], H=H, K=K, V=V, BT=CHUNK,
+              BK=BK, BV=BV, USE_GK=key_gate, USE_GV=not key_gate, VARLEN=R.varlen)
     return dh
 
 
@@ -331,10 +360,11 @@ def _sum_blocks(x: Array) -> Array:
 
 
 def _forward(L: _Sites, q, k, v, s, g, scale):
-    kern = _kernels()
+    kern, R = _kernels(), L.rows
     B, T, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
-    NT, NC, BC = _cdiv(T, CHUNK), CHUNK // SUB_CHUNK, SUB_CHUNK
+    NT, NC, BC = R.NT, CHUNK // SUB_CHUNK, SUB_CHUNK
+    idx = dict(VARLEN=R.varlen)
     gc = _cumsum(L, g, reverse=False, scale=RCP_LN2)
 
     # Pass 1: fla's chunk_gsa_fwd_k(q, k, v=s, g).
@@ -342,37 +372,39 @@ def _forward(L: _Sites, q, k, v, s, g, scale):
     c = L.cfg("gsa_fwd_inter")
     BK, BV = _block(c["BK"], K), _block(c["BV"], M)
     ok, A1 = L("gsa_fwd_inter", kern.gsa_fwd_inter, (_cdiv(M, BV) * NT, B * H),
-               [q, k, hk, gc, float(scale), T],
+               [q, k, hk, gc, R.cu, R.ci, float(scale), T],
                [_sds((B, T, H, M), s.dtype), _sds((B, T, H, CHUNK), q.dtype)],
-               H=H, K=K, V=M, BT=CHUNK, BK=BK, BV=BV)
+               H=H, K=K, V=M, BT=CHUNK, BK=BK, BV=BV, **idx)
     BV = min(64, _pow2(M))
     (ok,) = L("gsa_fwd_intra", kern.gsa_fwd_intra, (_cdiv(M, BV) * NT * NC, B * H),
-              [s, gc, ok, A1, T], [_sds(ok.shape, ok.dtype)], aliases=((2, 0),),
-              H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC)
+              [s, gc, ok, A1, R.cu, R.ci, T], [_sds(ok.shape, ok.dtype)], aliases=((2, 0),),
+              H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC, **idx)
     p = _softmax(L, ok)
     qv = p.astype(q.dtype)
 
     # Pass 2: fla's chunk_gla_fwd(q=qv, k=s, v, g_cumsum=gc, scale=1).
     hv = _states(L, s, v, gc, key_gate=True, dtype=s.dtype)
     c = L.cfg("gla_A_inter")
-    (Av,) = L("gla_A_inter", kern.gla_A_inter, (NT, NC * NC, B * H), [qv, s, gc, 1.0, T],
-              [_sds((B, T, H, CHUNK), jnp.float32)], H=H, K=M, BT=CHUNK, BC=BC,
-              BK=_block(c["BK"], M), NC=NC)
-    (Av,) = L("gla_A_intra", kern.gla_A_intra, (NT, NC, B * H), [qv, s, gc, Av, 1.0, T],
-              [_sds(Av.shape, Av.dtype)], aliases=((3, 0),), H=H, K=M, BT=CHUNK, BC=BC,
-              BK=max(_pow2(M), 16))
+    (Av,) = L("gla_A_inter", kern.gla_A_inter, (NT, NC * NC, B * H),
+              [qv, s, gc, R.cu, R.ci, 1.0, T], [_sds((B, T, H, CHUNK), jnp.float32)],
+              H=H, K=M, BT=CHUNK, BC=BC, BK=_block(c["BK"], M), NC=NC, **idx)
+    (Av,) = L("gla_A_intra", kern.gla_A_intra, (NT, NC, B * H),
+              [qv, s, gc, Av, R.cu, R.ci, 1.0, T], [_sds(Av.shape, Av.dtype)],
+              aliases=((3, 0),), H=H, K=M, BT=CHUNK, BC=BC, BK=max(_pow2(M), 16), **idx)
     c = L.cfg("gla_o")
     BK, BV = _block(c["BK"], M), _block(c["BV"], V)
-    (o,) = L("gla_o", kern.gla_o, (_cdiv(V, BV) * NT, B * H), [qv, v, gc, hv, Av, 1.0, T],
-             [_sds(v.shape, v.dtype)], zeroed=(0,), H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV)
+    (o,) = L("gla_o", kern.gla_o, (_cdiv(V, BV) * NT, B * H),
+             [qv, v, gc, hv, Av, R.cu, R.ci, 1.0, T], [_sds(v.shape, v.dtype)], zeroed=(0,),
+             H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV, **idx)
     return o, (ok, p, Av)
 
 
 def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
-    kern = _kernels()
+    kern, R = _kernels(), L.rows
     B, T, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
-    NT, NC, BC = _cdiv(T, CHUNK), CHUNK // SUB_CHUNK, SUB_CHUNK
+    NT, NC, BC = R.NT, CHUNK // SUB_CHUNK, SUB_CHUNK
+    idx = dict(VARLEN=R.varlen)
     gc = _cumsum(L, g, reverse=False, scale=RCP_LN2)
     qv = p.astype(q.dtype)
     f32 = jnp.float32
@@ -382,19 +414,20 @@ def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
     dhv = _dstates(L, qv, gc, do, 1.0, K=M, key_gate=True)
     c = L.cfg("gla_bwd_dv")
     BK, BV = _block(c["BK"], M), _block(c["BV"], V)
-    (dv,) = L("gla_bwd_dv", kern.gla_bwd_dv, (_cdiv(V, BV) * NT, B * H), [s, gc, Av, do, dhv, T],
-              [_sds(do.shape, do.dtype)], H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV)
-    (dA,) = L("gla_bwd_dA", kern.gla_bwd_dA, (NT, B * H), [v, do, 1.0, T],
-              [_sds((B, T, H, CHUNK), f32)], H=H, V=V, BT=CHUNK, BV=min(64, _pow2(V)))
+    (dv,) = L("gla_bwd_dv", kern.gla_bwd_dv, (_cdiv(V, BV) * NT, B * H),
+              [s, gc, Av, do, dhv, R.cu, R.ci, T], [_sds(do.shape, do.dtype)],
+              H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV, **idx)
+    (dA,) = L("gla_bwd_dA", kern.gla_bwd_dA, (NT, B * H), [v, do, R.cu, R.ci, 1.0, T],
+              [_sds((B, T, H, CHUNK), f32)], H=H, V=V, BT=CHUNK, BV=min(64, _pow2(V)), **idx)
     BK = min(64, _pow2(M))
     dqv, dsv = L("gla_bwd_intra", kern.gla_bwd_intra, (_cdiv(M, BK) * NC * NT, B * H),
-                 [qv, s, gc, dA, T], [_sds(s.shape, f32), _sds(s.shape, f32)],
-                 H=H, K=M, BT=CHUNK, BC=BC, BK=BK, NC=NC)
+                 [qv, s, gc, dA, R.cu, R.ci, T], [_sds(s.shape, f32), _sds(s.shape, f32)],
+                 H=H, K=M, BT=CHUNK, BC=BC, BK=BK, NC=NC, **idx)
     c = L.cfg("gla_bwd_inter")
     BK, BV = _block(c["BK"], M), _block(c["BV"], V)
     dqv, dsv, dg = L("gla_bwd_inter", kern.gla_bwd_inter, (_cdiv(M, BK) * NT, B * H),
-                     [qv, s, v, gc, hv, do, dhv, dqv, dsv, 1.0, T],
-                     [_sds(s.shape, f32)] * 3, H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV)
+                     [qv, s, v, gc, hv, do, dhv, dqv, dsv, R.cu, R.ci, 1.0, T],
+                     [_sds(s.shape, f32)] * 3, H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV, **idx)
 
     dok = _softmax_grad(L, p, dqv, ok.dtype)
 
@@ -404,39 +437,46 @@ def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
     BK, BV = min(64, _pow2(K)), min(64, _pow2(M))
     NK, NV = _cdiv(K, BK), _cdiv(M, BV)
     (dA,) = L("gsa_bwd_dA", kern.gsa_bwd_dA, (NV * NT * NC * NC, B * H),
-              [s, gc, dok, float(scale), T], [_sds((NV, B, T, H, CHUNK), q.dtype)],
-              B=B, H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC)
+              [s, gc, dok, R.cu, R.ci, float(scale), T], [_sds((NV, B, T, H, CHUNK), q.dtype)],
+              B=B, H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC, **idx)
     dA = _sum_blocks(dA)
     A, dq, dk, dsk, dgv = L(
         "gsa_bwd_dqkvg", kern.gsa_bwd_dqkvg, (NK * NT, B * H),
-        [q, k, s, hk, gc, dok, dhk, dg, dA, float(scale), T],
+        [q, k, s, hk, gc, dok, dhk, dg, dA, R.cu, R.ci, float(scale), T],
         [_sds((NK, B, T, H, CHUNK), dok.dtype), _sds(q.shape, q.dtype), _sds(k.shape, k.dtype),
          _sds((NK,) + s.shape, s.dtype), _sds((NK,) + s.shape, f32)],
-        B=B, H=H, K=K, V=M, BT=CHUNK, BK=BK, BV=BV)
+        B=B, H=H, K=K, V=M, BT=CHUNK, BK=BK, BV=BV, **idx)
     A, dsk, dgv = _sum_blocks(A), _sum_blocks(dsk), _sum_blocks(dgv)
     dsk, dg = L("gsa_bwd_intra_dvg", kern.gsa_bwd_intra_dvg, (NV * NT * NC, B * H),
-                [s, gc, ok, A, dok, dsk, T], [_sds(dsk.shape, dsk.dtype), _sds(s.shape, f32)],
-                aliases=((5, 0),), H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC)
+                [s, gc, ok, A, dok, dsk, R.cu, R.ci, T],
+                [_sds(dsk.shape, dsk.dtype), _sds(s.shape, f32)],
+                aliases=((5, 0),), H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC, **idx)
     dg = dgv + _cumsum(L, dg, reverse=True, scale=None)
     ds = dsv + dsk.astype(f32)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ds.astype(s.dtype),
             dg.astype(s.dtype).astype(g.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _chunk_gsa(q, k, v, s, g, scale, launch, configs):
-    return _forward(_Sites(launch, dict(configs)), q, k, v, s, g, scale)[0]
+def _sites(launch, configs, B, T, cu_seqlens) -> _Sites:
+    return _Sites(launch, dict(configs), _Rows(B, T, cu_seqlens))
 
 
-def _chunk_gsa_fwd(q, k, v, s, g, scale, launch, configs):
-    o, (ok, p, Av) = _forward(_Sites(launch, dict(configs)), q, k, v, s, g, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunk_gsa(q, k, v, s, g, scale, launch, configs, cu_seqlens):
+    L = _sites(launch, configs, q.shape[0], q.shape[1], cu_seqlens)
+    return _forward(L, q, k, v, s, g, scale)[0]
+
+
+def _chunk_gsa_fwd(q, k, v, s, g, scale, launch, configs, cu_seqlens):
+    L = _sites(launch, configs, q.shape[0], q.shape[1], cu_seqlens)
+    o, (ok, p, Av) = _forward(L, q, k, v, s, g, scale)
     return o, (q, k, v, s, g, ok, p, Av)
 
 
-def _chunk_gsa_bwd(scale, launch, configs, res, do):
+def _chunk_gsa_bwd(scale, launch, configs, cu_seqlens, res, do):
     q, k, v, s, g, ok, p, Av = res
-    return _backward(_Sites(launch, dict(configs)), q, k, v, s, g, scale, ok, p, Av,
-                     do.astype(v.dtype))
+    L = _sites(launch, configs, q.shape[0], q.shape[1], cu_seqlens)
+    return _backward(L, q, k, v, s, g, scale, ok, p, Av, do.astype(v.dtype))
 
 
 _chunk_gsa.defvjp(_chunk_gsa_fwd, _chunk_gsa_bwd)
@@ -452,7 +492,7 @@ def _freeze(configs: Optional[Mapping[str, Mapping[str, int]]]) -> tuple:
 
 
 def chunk_gsa(q: Array, k: Array, v: Array, s: Array, g: Array, scale: Optional[float] = None,
-              *, launch: Any = "auto",
+              *, cu_seqlens: Optional[Any] = None, launch: Any = "auto",
               configs: Optional[Mapping[str, Mapping[str, int]]] = None) -> Array:
     """GSA output through fla 0.6.0's chunked Triton kernels (differentiable).
 
@@ -460,6 +500,9 @@ def chunk_gsa(q: Array, k: Array, v: Array, s: Array, g: Array, scale: Optional[
       q: [B, T, HQ, K]; k: [B, T, H, K]; v: [B, T, H, V]; s, g: [B, T, H, M] with HQ a multiple
         of H (fla repeats k, v, s, g over the query groups; so do we, and gradients sum back).
       scale: multiplies q·k in pass 1; None means K ** -0.5 (fla's default, and ours).
+      cu_seqlens: packed sequences in one row (B = 1): the N + 1 offsets 0 = c_0 < c_1 < ...
+        < c_N = T of N sequences, each starting from a zero state (fla's cu_seqlens; our
+        segment_ids give the same); host integers (a list, tuple or NumPy array), not traced.
       launch: "auto", "jax_triton", "interpret" or a callable with `launch_jax_triton`'s
         signature.
       configs: {site: {"BK", "BV", "BS", "num_warps", "num_stages"}} overrides of
@@ -485,10 +528,30 @@ def chunk_gsa(q: Array, k: Array, v: Array, s: Array, g: Array, scale: Optional[
                          "split-and-merge branch, not wired here")
     if T == 0:
         raise ValueError("fla_triton.chunk_gsa: T = 0")
+    cu = _check_cu_seqlens(cu_seqlens, B, T)
     if HQ != H:
         k, v, s, g = (jnp.repeat(x, HQ // H, axis=2) for x in (k, v, s, g))
     scale = K ** -0.5 if scale is None else float(scale)
-    return _chunk_gsa(q, k, v, s, g, scale, _resolve_launch(launch), _freeze(configs))
+    return _chunk_gsa(q, k, v, s, g, scale, _resolve_launch(launch), _freeze(configs), cu)
+
+
+def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> Optional[tuple]:
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, jax.core.Tracer):
+        raise ValueError("fla_triton.chunk_gsa: cu_seqlens must be host integers (the grids "
+                         "depend on them), not a traced array")
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.size < 2 or not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"fla_triton.chunk_gsa: cu_seqlens must be N + 1 >= 2 integers, got "
+                         f"{cu_seqlens!r}")
+    if B != 1:
+        raise ValueError(f"fla_triton.chunk_gsa: packed sequences (cu_seqlens) need B = 1, "
+                         f"got B = {B} (fla's rule too)")
+    if cu[0] != 0 or cu[-1] != T or np.any(np.diff(cu) <= 0):
+        raise ValueError(f"fla_triton.chunk_gsa: cu_seqlens must rise strictly from 0 to T = "
+                         f"{T}, got {cu.tolist()}")
+    return tuple(int(c) for c in cu)
 
 
 __all__ = ["chunk_gsa", "available", "launch_jax_triton", "launch_interpret", "tuned_configs",

@@ -5,9 +5,9 @@ Each function below is a Triton kernel of ours whose body is one call of one of 
 needs: array inputs first, then scalars, then the outputs, then the compile-time constants. fla's
 own parameter lists interleave outputs with inputs, and its Python wrappers allocate torch
 tensors; here the arrays are JAX's. Nothing of fla's computation is changed: what it makes
-optional (variable lengths, initial and final states, GQA inside the kernel, the scalar decay)
-is passed as off, which is what `fla.ops.gsa.chunk_gsa` does for equal-length rows without
-states.
+optional (initial and final states, GQA inside the kernel, the scalar decay) is passed as off,
+which is what `fla.ops.gsa.chunk_gsa` does without states; packed rows (fla's cu_seqlens) are
+the constant VARLEN.
 
 Importing this module imports fla and triton (and through fla, torch); `gsa_jax.ops.fla_triton`
 imports it only when the peer is asked for. In Triton's interpreter (TRITON_INTERPRET=1 set
@@ -83,11 +83,18 @@ _gsa_bwd_dqkvg = _body(_fla_gsa_bwd.chunk_gsa_bwd_kernel_dqkvg)
 _gsa_bwd_intra_dvg = _body(_fla_gsa_bwd.chunk_gsa_bwd_kernel_intra_dvg)
 
 
+# Every chunk kernel takes the packed-row index arrays of fla's varlen mode as inputs: cu (the
+# sequences' offsets, fla's cu_seqlens), ci (fla's chunk_indices: (sequence, chunk) per chunk)
+# and, for the state passes, so (fla's split_offsets: each sequence's first chunk). With
+# VARLEN false the kernels never read them (the launcher passes a one-element placeholder).
+
+
 @triton.jit
-def cumsum(s, scale, T, o, B: tl.constexpr, H: tl.constexpr, S: tl.constexpr, BT: tl.constexpr,
-           BS: tl.constexpr, REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr):
+def cumsum(s, cu, ci, scale, T, o, B: tl.constexpr, H: tl.constexpr, S: tl.constexpr,
+           BT: tl.constexpr, BS: tl.constexpr, REVERSE: tl.constexpr, HAS_SCALE: tl.constexpr,
+           VARLEN: tl.constexpr):
     """o = chunk-local (reverse) cumulative sum of s along T, times scale if HAS_SCALE."""
-    _cumsum(s, o, scale, None, None, T, B, H, S, BT, BS, REVERSE, HAS_SCALE, False, False)
+    _cumsum(s, o, scale, cu, ci, T, B, H, S, BT, BS, REVERSE, HAS_SCALE, VARLEN, False)
 
 
 @triton.jit
@@ -101,93 +108,102 @@ def softmax_bwd(p, dp, ds, D: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
-def fwd_h(k, v, g, T, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-          BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr):
+def fwd_h(k, v, g, cu, so, T, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr,
+          USE_GV: tl.constexpr, VARLEN: tl.constexpr):
     """Chunk-boundary states h [B, NT, H, K, V]; g is the key gate (USE_GK) or value gate."""
-    _fwd_h(k, v, h, None, None, g, g, None, None, None, None, T, H, K, V, BT, BT, BK, BV,
-           False, False, USE_GK, USE_GV, False, False, False, False)
+    _fwd_h(k, v, h, None, None, g, g, None, None, cu, so, T, H, K, V, BT, BT, BK, BV,
+           False, False, USE_GK, USE_GV, False, False, VARLEN, False)
 
 
 @triton.jit
-def bwd_dh(q, g, do, scale, T, dh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def bwd_dh(q, g, do, cu, so, scale, T, dh, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr,
-           USE_GV: tl.constexpr):
+           USE_GV: tl.constexpr, VARLEN: tl.constexpr):
     """Gradients of the chunk-boundary states dh [B, NT, H, K, V] (no final-state gradient)."""
-    _bwd_dh(q, None, None, g, g, do, dh, None, None, None, None, scale, T, H, H, K, V, BT, BT,
-            BK, BV, 1, False, False, USE_GK, USE_GV, False, False, False, False)
+    _bwd_dh(q, None, None, g, g, do, dh, None, None, cu, so, scale, T, H, H, K, V, BT, BT,
+            BK, BV, 1, False, False, USE_GK, USE_GV, False, False, VARLEN, False)
 
 
 @triton.jit
-def gsa_fwd_inter(q, k, h, g, scale, T, o, A, H: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _gsa_fwd_inter(q, k, h, g, o, A, None, None, scale, T, H, K, V, BT, BK, BV, False)
+def gsa_fwd_inter(q, k, h, g, cu, ci, scale, T, o, A, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    _gsa_fwd_inter(q, k, h, g, o, A, cu, ci, scale, T, H, K, V, BT, BK, BV, VARLEN)
 
 
 @triton.jit
-def gsa_fwd_intra(v, g, o_in, A, T, o, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr):
-    _gsa_fwd_intra(v, g, o, A, None, None, T, H, V, BT, BC, BV, NC, False)
+def gsa_fwd_intra(v, g, o_in, A, cu, ci, T, o, H: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    _gsa_fwd_intra(v, g, o, A, cu, ci, T, H, V, BT, BC, BV, NC, VARLEN)
 
 
 @triton.jit
-def gla_A_inter(q, k, g, scale, T, A, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr):
-    _gla_A_inter(q, k, g, A, None, None, scale, T, H, K, BT, BC, BK, NC, False)
+def gla_A_inter(q, k, g, cu, ci, scale, T, A, H: tl.constexpr, K: tl.constexpr,
+                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                VARLEN: tl.constexpr):
+    _gla_A_inter(q, k, g, A, cu, ci, scale, T, H, K, BT, BC, BK, NC, VARLEN)
 
 
 @triton.jit
-def gla_A_intra(q, k, g, A_in, scale, T, A, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                BC: tl.constexpr, BK: tl.constexpr):
-    _gla_A_intra(q, k, g, A, None, None, scale, T, H, K, BT, BC, BK, False)
+def gla_A_intra(q, k, g, A_in, cu, ci, scale, T, A, H: tl.constexpr, K: tl.constexpr,
+                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr):
+    _gla_A_intra(q, k, g, A, cu, ci, scale, T, H, K, BT, BC, BK, VARLEN)
 
 
 @triton.jit
-def gla_o(q, v, g, h, A, scale, T, o, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _gla_o(q, v, g, h, o, A, None, None, scale, T, H, H, K, V, BT, BK, BV, False, False, False)
+def gla_o(q, v, g, h, A, cu, ci, scale, T, o, H: tl.constexpr, K: tl.constexpr,
+          V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+          VARLEN: tl.constexpr):
+    _gla_o(q, v, g, h, o, A, cu, ci, scale, T, H, H, K, V, BT, BK, BV, False, VARLEN, False)
 
 
 @triton.jit
-def gla_bwd_dA(v, do, scale, T, dA, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-               BV: tl.constexpr):
-    _gla_bwd_dA(v, do, dA, None, None, scale, T, H, V, BT, BV, False)
+def gla_bwd_dA(v, do, cu, ci, scale, T, dA, H: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    _gla_bwd_dA(v, do, dA, cu, ci, scale, T, H, V, BT, BV, VARLEN)
 
 
 @triton.jit
-def gla_bwd_dv(k, g, A, do, dh, T, dv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _gla_bwd_dv(k, g, A, do, dh, dv, None, None, T, H, K, V, BT, BK, BV, False, False)
+def gla_bwd_dv(k, g, A, do, dh, cu, ci, T, dv, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               VARLEN: tl.constexpr):
+    _gla_bwd_dv(k, g, A, do, dh, dv, cu, ci, T, H, K, V, BT, BK, BV, VARLEN, False)
 
 
 @triton.jit
-def gla_bwd_intra(q, k, g, dA, T, dq, dk, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr):
-    _gla_bwd_intra(q, k, g, dA, dq, dk, None, None, T, H, K, BT, BC, BK, NC, False)
+def gla_bwd_intra(q, k, g, dA, cu, ci, T, dq, dk, H: tl.constexpr, K: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
+                  VARLEN: tl.constexpr):
+    _gla_bwd_intra(q, k, g, dA, dq, dk, cu, ci, T, H, K, BT, BC, BK, NC, VARLEN)
 
 
 @triton.jit
-def gla_bwd_inter(q, k, v, g, h, do, dh, dq, dk, scale, T, dq2, dk2, dg, H: tl.constexpr,
-                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
-    _gla_bwd_inter(q, k, v, g, h, do, dh, dq, dk, dq2, dk2, dg, None, None, scale, T, H, K, V,
-                   BT, BK, BV, False, False)
-
-
-@triton.jit
-def gsa_bwd_dA(v, g, do, scale, T, dA, B: tl.constexpr, H: tl.constexpr, V: tl.constexpr,
-               BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr):
-    _gsa_bwd_dA(v, g, do, dA, None, None, scale, T, B, H, V, BT, BC, BV, NC, False)
-
-
-@triton.jit
-def gsa_bwd_dqkvg(q, k, v, h, g, do, dh, dg, dA, scale, T, A, dq, dk, dv, dgv, B: tl.constexpr,
+def gla_bwd_inter(q, k, v, g, h, do, dh, dq, dk, cu, ci, scale, T, dq2, dk2, dg,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
-    _gsa_bwd_dqkvg(q, k, v, h, g, A, do, dh, dq, dk, dv, dg, dgv, dA, None, None, scale, T, B, H,
-                   K, V, BT, BK, BV, False)
+                  BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    _gla_bwd_inter(q, k, v, g, h, do, dh, dq, dk, dq2, dk2, dg, cu, ci, scale, T, H, K, V,
+                   BT, BK, BV, VARLEN, False)
 
 
 @triton.jit
-def gsa_bwd_intra_dvg(v, g, o, A, do, dv_in, T, dv, dg, H: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr):
-    _gsa_bwd_intra_dvg(v, g, o, A, do, dv, dg, None, None, T, H, V, BT, BC, BV, NC, False)
+def gsa_bwd_dA(v, g, do, cu, ci, scale, T, dA, B: tl.constexpr, H: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+               NC: tl.constexpr, VARLEN: tl.constexpr):
+    _gsa_bwd_dA(v, g, do, dA, ci, cu, scale, T, B, H, V, BT, BC, BV, NC, VARLEN)
+
+
+@triton.jit
+def gsa_bwd_dqkvg(q, k, v, h, g, do, dh, dg, dA, cu, ci, scale, T, A, dq, dk, dv, dgv,
+                  B: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    _gsa_bwd_dqkvg(q, k, v, h, g, A, do, dh, dq, dk, dv, dg, dgv, dA, cu, ci, scale, T, B, H,
+                   K, V, BT, BK, BV, VARLEN)
+
+
+@triton.jit
+def gsa_bwd_intra_dvg(v, g, o, A, do, dv_in, cu, ci, T, dv, dg, H: tl.constexpr,
+                      V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+                      NC: tl.constexpr, VARLEN: tl.constexpr):
+    _gsa_bwd_intra_dvg(v, g, o, A, do, dv, dg, cu, ci, T, H, V, BT, BC, BV, NC, VARLEN)
