@@ -118,6 +118,7 @@ def lower(B, T, H, K, V, M, cu_seqlens=None):
     )(*args)
     for launch in launches:
         print(json.dumps(launch))
+    print(json.dumps({"TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR")}))
 
 
 if __name__ == "__main__":

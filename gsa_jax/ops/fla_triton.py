@@ -93,13 +93,26 @@ def _split_inputs(inputs):
     return list(inputs[:n]), list(inputs[n:])
 
 
+def _import_jax_triton():
+    """jax_triton, imported without its side effect on the process: it sets TRITON_CACHE_DIR to
+    "" at import, which would take the on-disk cache (and TRITON_CACHE_AUTOTUNING) away from
+    every later Triton user in the process, the peer's torch runs included."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    import jax_triton
+    if before is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = before
+    return jax_triton
+
+
 def launch_jax_triton(kernel, grid, inputs, out_shapes, *, aliases=(), zeroed=(), num_warps=4,
                       num_stages=2, **constants):
     """One kernel launch through `jax_triton.triton_call` (GPU). `aliases`: (input index,
     output index) pairs of buffers the kernel updates in place; `zeroed`: outputs that start
     as zeros (fla allocates them with torch.zeros); the others start uninitialised, as fla's
     `torch.empty` ones do."""
-    import jax_triton
+    jax_triton = _import_jax_triton()
     arrays, scalars = _split_inputs(inputs)
     # jax_triton types a Python float as fp64; fla's `scale` parameters are fp32.
     scalars = [np.float32(x) if isinstance(x, float) else x for x in scalars]
