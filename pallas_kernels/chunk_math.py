@@ -131,8 +131,9 @@ def _b_at(gt: Gates, *rows):
 def is_sub_extreme(gt: Gates, sub: int):
     """Whether some gated channel decays beyond the bound within one sub-chunk of the tile."""
     C = gt.b.shape[0]
-    decays = [jnp.max(_b_at(gt, I * sub - 1) - _b_at(gt, I * sub + sub - 1))   # b falls
-              for I in range(C // sub)]
+    ends = [_b_at(gt, I * sub + sub - 1) for I in range(C // sub)]   # one masked sum each
+    starts = [jnp.zeros_like(ends[0])] + ends[:-1]                   # b before the chunk: 0
+    decays = [jnp.max(start - end) for start, end in zip(starts, ends)]   # b falls
     return functools.reduce(jnp.maximum, decays) > MAX_CHUNK_DECAY
 
 

@@ -65,11 +65,14 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
     kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+    # the gate tile of the whole K, read once where it is needed (a key loop reads a key-gated
+    # pass's gates per key block)
+    g_tile = g_ref[rows, :] if (strong_apart or not key_loop or not lay.key_gated) else None
     # strong_apart: the tile past the bound or not, as the strong kernel decides it (its
     # layout's tile: a key block of the grid, or the whole K around a key loop)
-    apart = chunk_math.is_extreme_tile(g_ref[rows, :]) if strong_apart else None
+    apart = chunk_math.is_extreme_tile(g_tile) if strong_apart else None
     if not key_loop:
-        gt = chunk_math.gates(g_ref[rows, :], masks)
+        gt = chunk_math.gates(g_tile, masks)
         dq, dk, dv, db = chunk_math.grads(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
             state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, apart=apart,
@@ -82,7 +85,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
     v, do = v_ref[rows, :], do_ref[rows, :]
-    value_gates = None if lay.key_gated else chunk_math.gates(g_ref[rows, :], masks)
+    value_gates = None if lay.key_gated else chunk_math.gates(g_tile, masks)
 
     def key_block(kb, acc):
         cols = pl.ds(kb * key_loop, key_loop)
