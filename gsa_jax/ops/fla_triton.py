@@ -142,19 +142,23 @@ def launch_interpret(kernel, grid, inputs, out_shapes, *, aliases=(), zeroed=(),
                      num_stages=2, **constants):
     """One kernel launch in Triton's interpreter on the host (CPU tests of the wiring).
 
-    Outputs that are not aliased start as zeros here (uninitialised on the GPU path): a test
-    that passes here and fails on the GPU points at an unwritten region being read."""
+    Outputs that start uninitialised on the GPU (neither aliased nor in `zeroed`) start as NaN
+    here (integers: -1): whatever reads a region its kernel did not write shows up as NaN
+    instead of passing on a lucky zero."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("fla_triton launch='interpret' needs TRITON_INTERPRET=1 set before "
                            "fla and gsa_jax.ops.fla_triton_kernels are imported")
     arrays, scalars = _split_inputs(inputs)
-    del num_warps, num_stages, zeroed  # the interpreter runs one program at a time
+    del num_warps, num_stages  # the interpreter runs one program at a time
 
     def host(*arrs):
         import torch
         ins = [_to_torch(a) for a in arrs]
-        outs = [torch.zeros(o.shape, dtype=_to_torch(np.zeros((), o.dtype)).dtype)
-                for o in out_shapes]
+        outs = []
+        for j, o in enumerate(out_shapes):
+            dtype = _to_torch(np.zeros((), o.dtype)).dtype
+            fill = 0 if j in zeroed else (float("nan") if dtype.is_floating_point else -1)
+            outs.append(torch.full(o.shape, fill, dtype=dtype))
         for i, j in aliases:
             outs[j].copy_(ins[i])
         kernel[tuple(grid)](*ins, *scalars, *outs, **constants)
