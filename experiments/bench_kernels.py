@@ -274,8 +274,10 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
 
 
 def peer_row(shape, dtype, gate_scale=8.0):
-    """The peer's row at one shape (its error where it fails), checked against our output."""
+    """The peer's row at one shape (its error where it fails), checked against our output;
+    returns (row, the peer's output o or None)."""
     args, seg = make_inputs(shape, dtype, gate_scale=gate_scale), document_ids(shape)
+    o_peer = None
     try:
         row, o_peer = bench_peer(make_inputs(shape, jnp.float32, gate_scale=gate_scale), seg,
                                  str(jnp.dtype(dtype)))
@@ -284,13 +286,15 @@ def peer_row(shape, dtype, gate_scale=8.0):
     except Exception as e:  # noqa: BLE001
         row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     print(shape, "peer", row, flush=True)
-    return row
+    return row, o_peer
 
 
-def peer_jt_row(shape, dtype, gate_scale=8.0, after_peer=False):
+def peer_jt_row(shape, dtype, gate_scale=8.0, after_peer=False, o_peer=None):
     """The peer's kernels launched from JAX (gsa_jax.ops.fla_triton), timed like our rows and
     checked against our output. after_peer: fla's own chunk_gsa already ran at this shape in
-    this process, so its autotuners' picks are used (else fla_triton.DEFAULT_CONFIGS)."""
+    this process, so its autotuners' picks are used (else fla_triton.DEFAULT_CONFIGS); o_peer:
+    that run's output, which the same kernels on the same inputs must reproduce (compared as
+    rel_err_o_vs_peer: ~0 with the peer's picks, bf16 rounding apart with other blocks)."""
     from gsa_jax.ops import fla_triton
     B, T, H, K, M = shape[:5]
     seg = document_ids(shape)
@@ -306,6 +310,8 @@ def peer_jt_row(shape, dtype, gate_scale=8.0, after_peer=False):
                "configs": ("fla's autotune picks (this process): " + json.dumps(configs)
                            if configs else "gsa_jax.ops.fla_triton.DEFAULT_CONFIGS"),
                "rel_err_o_vs_pallas": rel_err(fwd(*args), jax.jit(gsa_fn("pallas", seg))(*args))}
+        if o_peer is not None:
+            row["rel_err_o_vs_peer"] = rel_err(fwd(*args), o_peer)
     except Exception as e:  # noqa: BLE001 - record and go on
         row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     print(shape, "peer_jt", row, flush=True)
@@ -486,11 +492,12 @@ def main(argv=None):
         report["rows"].append(row)
         write()
     for s, row in zip(shapes, new_rows) if use_peer or "peer_jt" in args.impls else ():
+        o_peer = None
         if use_peer:
-            row["results"]["peer"] = peer_row(s, dtype, args.gate_scale)
+            row["results"]["peer"], o_peer = peer_row(s, dtype, args.gate_scale)
         if "peer_jt" in args.impls:   # after the peer: its autotune picks are then known
             row["results"]["peer_jt"] = peer_jt_row(s, dtype, args.gate_scale,
-                                                    after_peer=use_peer)
+                                                    after_peer=use_peer, o_peer=o_peer)
         write()
     md = markdown(report)
     print(md)

@@ -297,3 +297,42 @@ def test_bench_kernels_peer_jt_row_records_why_it_cannot_run():
         assert set(row) == {"error"} and row["error"]
     check = bench.check((1, 64, 2, 16, 16), jnp.float32, impl="peer_jt")
     assert check["impl"] == "peer_jt" and check["error"]
+
+
+def test_bench_kernels_peer_jt_runs_after_the_peer_and_is_compared_with_its_output(
+        tmp_path, monkeypatch):
+    """peer_jt (the peer's kernels from JAX) is timed after the peer at each shape, with the
+    peer's autotune picks, and its output is compared with the peer's (the same kernels: they
+    must agree) and with ours. Both are faked here: the peer returns our output x (1 + 1e-3),
+    and so does the JAX launch of its kernels."""
+    import numpy as np
+    from gsa_jax.ops import fla_triton
+    bench = load_experiment("bench_kernels")
+    order, asked = [], []
+
+    def fake_peer(inputs, segment_ids, dtype_name):
+        order.append("peer")
+        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
+            x.astype(dtype_name) for x in inputs]), np.float64)
+        return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o * (1 + 1e-3)
+
+    def fake_peer_jt_fn(seg, configs=None):
+        order.append("peer_jt")
+        asked.append(configs)
+        ours = bench.gsa_fn("pallas", seg)
+        return lambda *a: ours(*a).astype(jnp.float32) * (1 + 1e-3)   # no bf16 rounding
+
+    monkeypatch.setattr(bench, "peer_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_peer", fake_peer)
+    monkeypatch.setattr(bench, "peer_jt_fn", fake_peer_jt_fn)
+    monkeypatch.setattr(fla_triton, "tuned_configs", lambda *a, **k: {"gla_o": {"BV": 32}})
+    argv = ["--smoke", "--impls", "pallas", "peer", "peer_jt", "--no-check", "--no-decode",
+            "--tag", "test", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert order == ["peer", "peer_jt"] and asked == [{"gla_o": {"BV": 32}}]
+    (row,) = json.loads((tmp_path / "bench_kernels_test.json").read_text())["rows"]
+    jt = row["results"]["peer_jt"]
+    assert list(row["results"]) == ["pallas", "peer", "peer_jt"]
+    assert jt["rel_err_o_vs_peer"] < 1e-5
+    assert abs(jt["rel_err_o_vs_pallas"] - 1e-3) < 2e-4
+    assert "fla's autotune picks" in jt["configs"]
