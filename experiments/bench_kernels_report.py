@@ -50,6 +50,16 @@ def markdown(report):
                      if "fwd_ms" in p else "")
             lines.append(f"| {shape} | memory floor of fwd | {row['memory_floor_fwd_ms']:.3f} "
                          f"| | | | {ratio} |")
+    agreement = [(",".join(str(v) for v in row["shape"].values()), name, r)
+                 for row in report["rows"] for name, r in row["results"].items()
+                 if "rel_err_o_vs_pallas" in r or "rel_err_o_vs_peer" in r]
+    if agreement:
+        lines += ["", "## Outputs of the timed rows against each other (relative error of o)",
+                  "", "| B,T,H,K,M | row | vs pallas | vs peer |", "|---|---|---|---|"]
+        for shape, name, r in agreement:
+            cells = [f"{r[k]:.1e}" if k in r else "-"
+                     for k in ("rel_err_o_vs_pallas", "rel_err_o_vs_peer")]
+            lines.append(f"| {shape} | {name} | {cells[0]} | {cells[1]} |")
     if report.get("decode"):
         lines += ["", "## One-step decode (µs per token, jitted scan over tokens)", "",
                   "`gated_slot_attention_step` by XLA (`impl='xla'`) and by the fused decode "
