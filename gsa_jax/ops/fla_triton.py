@@ -7,8 +7,10 @@ cumulative sum and the chunk states). It is an in-process GPU reference for our 
 and gradients through `jax.grad`, no torch tensors, no copies between frameworks) and the peer's
 row in `experiments/bench_kernels.py`.
 
-    pass 1 (key-gated GLA):  hk = states(k, s, g);  ok = q·hk + intra;  p = softmax(ok)
-    pass 2 (value-gated GLA): hv = states(s, v, g);  o = p·hv + intra(p, s, v)
+    pass 1 (GLA gated on its value axis, the slots s):  hk = states(k, s, g);
+            ok = q·hk + intra(q, k, s);  p = softmax(ok)
+    pass 2 (GLA gated on its key axis, the slots s):    hv = states(s, v, g);
+            o = p·hv + intra(p, s, v)
 
 Launchers: "jax_triton" (`jax_triton.triton_call`, the GPU path: the optional `triton` extra,
 i.e. jax-triton, flash-linear-attention, fla-core, triton) or "interpret" (Triton's interpreter
@@ -185,9 +187,9 @@ def available() -> tuple[bool, str]:
     """(True, "") when the GPU path can run here, else (False, why)."""
     if jax.default_backend() != "gpu":
         return False, f"needs a GPU (JAX backend is {jax.default_backend()})"
-    for module in ("jax_triton", "triton", "fla"):
+    for module, load in (("jax_triton", _import_jax_triton), ("triton", None), ("fla", None)):
         try:
-            __import__(module)
+            load() if load else __import__(module)
         except Exception as e:  # noqa: BLE001 - any import failure means not available
             return False, f"cannot import {module}: {type(e).__name__}: {e}"
     return True, ""
