@@ -1,11 +1,12 @@
 """Subprocess side of tests/test_fla_triton.py (each mode needs a fresh interpreter).
 
     python tests/fla_triton_check.py interpret B T HQ H K V M DTYPE [CU_SEQLENS...]
-        TRITON_INTERPRET=1 must be set (with CU_SEQLENS: one packed row of those sequences): fla's kernels run in Triton's interpreter through
-        `gsa_jax.ops.fla_triton` (launch="interpret"); prints one JSON line with the relative
-        errors of o, dq, dk, dv, ds, dg against the float64 recurrence of tests/reference.py
-        (gradients against float64 central differences would be too slow here; the recurrent
-        form's gradients are checked against those in test_ops_gradients.py), and the dtypes.
+        TRITON_INTERPRET=1 must be set. fla's kernels run in Triton's interpreter through
+        `gsa_jax.ops.fla_triton` (launch="interpret"; with CU_SEQLENS one packed row of those
+        sequences); prints one JSON line with the relative errors of o (against the float64
+        recurrence of tests/reference.py) and of dq, dk, dv, ds, dg (against the float64
+        recurrent form's gradients, which test_ops_gradients.py checks against central
+        differences: those would be too slow here), and the dtypes.
 
     python tests/fla_triton_check.py lower B T H K V M [CU_SEQLENS...]
         The GPU path without a GPU: jaxlib's Triton runtime calls are replaced by recorders, then

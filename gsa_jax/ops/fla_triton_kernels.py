@@ -34,7 +34,6 @@ from fla.ops.gsa import chunk_bwd as _fla_gsa_bwd
 from fla.ops.gsa import chunk_fwd as _fla_gsa_fwd
 from fla.ops.utils import cumsum as _fla_cumsum
 from fla.ops.utils import softmax as _fla_softmax
-from fla.ops.utils.constant import RCP_LN2  # noqa: F401  (re-exported for the orchestration)
 
 
 def _body(kernel):
