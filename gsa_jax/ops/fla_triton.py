@@ -378,13 +378,19 @@ def _sum_blocks(x: Array) -> Array:
     return jnp.sum(x.astype(jnp.float32), axis=0).astype(x.dtype)
 
 
-def _forward(L: _Sites, q, k, v, s, g, scale):
-    kern, R = _kernels(), L.rows
+def _prologue(L: _Sites, k, v, s, g):
+    """What the forward and the backward both start with: the kernels, the row layout, the
+    sizes (B, T, H, K, V, M), fla's gate cumsum (float32, log2 units; the backward recomputes
+    it, checkpoint level 2) and the VARLEN flag every chunk kernel takes."""
     B, T, H, K = k.shape
-    V, M = v.shape[-1], s.shape[-1]
-    NT, NC, BC = R.NT, CHUNK // SUB_CHUNK, SUB_CHUNK
-    idx = dict(VARLEN=R.varlen)
     gc = _cumsum(L, g, reverse=False, scale=RCP_LN2)
+    return (_kernels(), L.rows, (B, T, H, K, v.shape[-1], s.shape[-1]), gc,
+            dict(VARLEN=L.rows.varlen))
+
+
+def _forward(L: _Sites, q, k, v, s, g, scale):
+    kern, R, (B, T, H, K, V, M), gc, idx = _prologue(L, k, v, s, g)
+    NT, NC, BC = R.NT, CHUNK // SUB_CHUNK, SUB_CHUNK
 
     # Pass 1: fla's chunk_gsa_fwd_k(q, k, v=s, g).
     hk = _states(L, k, s, gc, key_gate=False, dtype=k.dtype)
@@ -419,12 +425,8 @@ def _forward(L: _Sites, q, k, v, s, g, scale):
 
 
 def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
-    kern, R = _kernels(), L.rows
-    B, T, H, K = k.shape
-    V, M = v.shape[-1], s.shape[-1]
+    kern, R, (B, T, H, K, V, M), gc, idx = _prologue(L, k, v, s, g)
     NT, NC, BC = R.NT, CHUNK // SUB_CHUNK, SUB_CHUNK
-    idx = dict(VARLEN=R.varlen)
-    gc = _cumsum(L, g, reverse=False, scale=RCP_LN2)
     qv = p.astype(q.dtype)
     f32 = jnp.float32
 
