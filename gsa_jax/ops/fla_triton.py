@@ -72,6 +72,17 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _fla_block(dim: int) -> int:
+    """The block fla's Python code fixes (no autotuning) for a dimension it tiles:
+    min(64, next power of two). One formula for the launches and the autotune keys."""
+    return min(64, _pow2(dim))
+
+
+def _whole_block(dim: int) -> int:
+    """fla's block for a dimension a kernel loads whole (gla_A_intra's K <= 256)."""
+    return max(_pow2(dim), 16)
+
+
 def _block(want: int, dim: int) -> int:
     """A block of `want` (a power of two) no larger than the dimension needs, and >= 16 (tl.dot)."""
     return max(16, min(want, _pow2(dim)))
@@ -215,15 +226,15 @@ def _autotune_sites(B: int, H: int, K: int, V: int, M: int, varlen: bool = False
         "gla_A_inter": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_inter",
                         dict(BC=SUB_CHUNK)),
         "gla_A_intra": ("fla.ops.gla.chunk", "chunk_gla_fwd_A_kernel_intra_sub_intra",
-                        dict(BK=max(_pow2(M), 16), BT=BT)),
+                        dict(BK=_whole_block(M), BT=BT)),
         "gla_o": ("fla.ops.gla.chunk", "chunk_gla_fwd_kernel_o",
                   dict(BT=BT, HV=H, STATE_V_FIRST=f, K=M, V=V)),
         "gla_bwd_dA": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_dA",
-                       dict(BV=min(64, _pow2(V)), BT=BT)),
+                       dict(BV=_fla_block(V), BT=BT)),
         "gla_bwd_dv": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_dv",
                        dict(BT=BT, STATE_V_FIRST=f, K=M, V=V)),
         "gla_bwd_intra": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_intra",
-                          dict(BK=min(64, _pow2(M)), NC=CHUNK // SUB_CHUNK, BT=BT)),
+                          dict(BK=_fla_block(M), NC=CHUNK // SUB_CHUNK, BT=BT)),
         "gla_bwd_inter": ("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_inter",
                           dict(BT=BT, STATE_V_FIRST=f, K=M, V=V)),
         "gsa_bwd_dA": ("fla.ops.gsa.chunk_bwd", "chunk_gsa_bwd_kernel_dA",
@@ -400,7 +411,7 @@ def _forward(L: _Sites, q, k, v, s, g, scale):
                [q, k, hk, gc, R.cu, R.ci, float(scale), T],
                [_sds((B, T, H, M), s.dtype), _sds((B, T, H, CHUNK), q.dtype)],
                H=H, K=K, V=M, BT=CHUNK, BK=BK, BV=BV, **idx)
-    BV = min(64, _pow2(M))
+    BV = _fla_block(M)
     (ok,) = L("gsa_fwd_intra", kern.gsa_fwd_intra, (_cdiv(M, BV) * NT * NC, B * H),
               [s, gc, ok, A1, R.cu, R.ci, T], [_sds(ok.shape, ok.dtype)], aliases=((2, 0),),
               H=H, V=M, BT=CHUNK, BC=BC, BV=BV, NC=NC, **idx)
@@ -415,7 +426,7 @@ def _forward(L: _Sites, q, k, v, s, g, scale):
               H=H, K=M, BT=CHUNK, BC=BC, BK=_block(c["BK"], M), NC=NC, **idx)
     (Av,) = L("gla_A_intra", kern.gla_A_intra, (NT, NC, B * H),
               [qv, s, gc, Av, R.cu, R.ci, 1.0, T], [_sds(Av.shape, Av.dtype)],
-              aliases=((3, 0),), H=H, K=M, BT=CHUNK, BC=BC, BK=max(_pow2(M), 16), **idx)
+              aliases=((3, 0),), H=H, K=M, BT=CHUNK, BC=BC, BK=_whole_block(M), **idx)
     c = L.cfg("gla_o")
     BK, BV = _block(c["BK"], M), _block(c["BV"], V)
     (o,) = L("gla_o", kern.gla_o, (_cdiv(V, BV) * NT, B * H),
@@ -439,8 +450,8 @@ def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
               [s, gc, Av, do, dhv, R.cu, R.ci, T], [_sds(do.shape, do.dtype)],
               H=H, K=M, V=V, BT=CHUNK, BK=BK, BV=BV, **idx)
     (dA,) = L("gla_bwd_dA", kern.gla_bwd_dA, (NT, B * H), [v, do, R.cu, R.ci, 1.0, T],
-              [_sds((B, T, H, CHUNK), f32)], H=H, V=V, BT=CHUNK, BV=min(64, _pow2(V)), **idx)
-    BK = min(64, _pow2(M))
+              [_sds((B, T, H, CHUNK), f32)], H=H, V=V, BT=CHUNK, BV=_fla_block(V), **idx)
+    BK = _fla_block(M)
     dqv, dsv = L("gla_bwd_intra", kern.gla_bwd_intra, (_cdiv(M, BK) * NC * NT, B * H),
                  [qv, s, gc, dA, R.cu, R.ci, T], [_sds(s.shape, f32), _sds(s.shape, f32)],
                  H=H, K=M, BT=CHUNK, BC=BC, BK=BK, NC=NC, **idx)
@@ -455,7 +466,7 @@ def _backward(L: _Sites, q, k, v, s, g, scale, ok, p, Av, do):
     # Pass 1 backward: fla's chunk_gsa_bwd_k(q, k, v=s, g=gc, h=None, o=ok, do=dok, dg).
     hk = _states(L, k, s, gc, key_gate=False, dtype=k.dtype)
     dhk = _dstates(L, q, gc, dok, scale, K=K, key_gate=False)
-    BK, BV = min(64, _pow2(K)), min(64, _pow2(M))
+    BK, BV = _fla_block(K), _fla_block(M)
     NK, NV = _cdiv(K, BK), _cdiv(M, BV)
     (dA,) = L("gsa_bwd_dA", kern.gsa_bwd_dA, (NV * NT * NC * NC, B * H),
               [s, gc, dok, R.cu, R.ci, float(scale), T], [_sds((NV, B, T, H, CHUNK), q.dtype)],
