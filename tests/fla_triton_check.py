@@ -8,6 +8,10 @@
         recurrent form's gradients, which test_ops_gradients.py checks against central
         differences: those would be too slow here), and the dtypes.
 
+    python tests/fla_triton_check.py gpu B T HQ H K V M DTYPE [CU_SEQLENS...]
+        The same comparison with the kernels compiled and launched on a GPU through jax_triton
+        (launch="jax_triton"); needs a CUDA GPU, jax-triton and fla (the `triton` extra).
+
     python tests/fla_triton_check.py lower B T H K V M [CU_SEQLENS...]
         The GPU path without a GPU: jaxlib's Triton runtime calls are replaced by recorders, then
         `jax.export` lowers forward + backward for CUDA, which runs jax_triton's own lowering:
@@ -37,7 +41,7 @@ def _inputs(B, T, HQ, H, K, V, M, seed=0):
     return q, k, v, s, g, rng.standard_normal((B, T, HQ, V))
 
 
-def interpret(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None):
+def interpret(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None, launch="interpret"):
     import jax
     import jax.numpy as jnp
     jax.config.update("jax_enable_x64", True)
@@ -52,10 +56,10 @@ def interpret(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None):
         seg = np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens))[None]
 
     def loss(*a):
-        o = fla_triton.chunk_gsa(*a, launch="interpret", cu_seqlens=cu_seqlens)
+        o = fla_triton.chunk_gsa(*a, launch=launch, cu_seqlens=cu_seqlens)
         return jnp.sum(o.astype(jnp.float64) * cot)
 
-    o = fla_triton.chunk_gsa(*args, launch="interpret", cu_seqlens=cu_seqlens)
+    o = fla_triton.chunk_gsa(*args, launch=launch, cu_seqlens=cu_seqlens)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
     ref = reference.gsa_reference(q, k, v, s, g, segment_ids=seg)
     ref = ref[0] if isinstance(ref, tuple) else ref
@@ -124,9 +128,10 @@ def lower(B, T, H, K, V, M, cu_seqlens=None):
 
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    if mode == "interpret":
+    if mode in ("interpret", "gpu"):
         dims, dtype, cu = rest[:7], rest[7], rest[8:]
-        interpret(*map(int, dims), dtype, [int(c) for c in cu] if cu else None)
+        interpret(*map(int, dims), dtype, [int(c) for c in cu] if cu else None,
+                  launch="interpret" if mode == "interpret" else "jax_triton")
     elif mode == "lower":
         lower(*map(int, rest[:6]), [int(c) for c in rest[6:]] or None)
     else:

@@ -29,13 +29,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _run(args, interpret: bool, timeout: int = 900, env=None) -> list[dict]:
+def _run(args, interpret: bool, timeout: int = 900, env=None, platform="cpu") -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                **(env or {}))
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_PLATFORMS"] = platform
     done = subprocess.run([sys.executable, os.path.join(HERE, "fla_triton_check.py"), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -65,6 +65,29 @@ def test_interpreted_fla_kernels_match_the_float64_recurrence(dims, dtype, tol):
     for name, err in result["rel_err"].items():
         assert err < tol, (name, result)
     assert result["o_dtype"] == dtype
+    assert result["grad_dtypes"] == [dtype] * 5
+
+
+GPU_CASES = [
+    ((2, 1000, 4, 2, 128, 128, 64), "float32", 5e-3),   # tf32 dots in fla's kernels
+    ((2, 1000, 4, 2, 128, 128, 64), "bfloat16", 3e-2),
+    ((1, 700, 2, 2, 64, 64, 128), "bfloat16", 3e-2),    # two slot blocks
+    ((1, 2048, 2, 2, 128, 128, 64, 0, 500, 1300, 2048), "bfloat16", 3e-2),  # packed row
+]
+
+
+@pytest.mark.parametrize("dims,dtype,tol", GPU_CASES)
+def test_fla_kernels_launched_on_the_gpu_match_the_float64_recurrence(dims, dtype, tol):
+    """The launch path CI cannot run: jax_triton compiles and launches fla's kernels on a GPU."""
+    import jax
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU")
+    _need("torch", "triton", "fla", "jax_triton")
+    dims, cu_seqlens = dims[:7], dims[7:]
+    (result,) = _run(["gpu", *map(str, dims), dtype, *map(str, cu_seqlens)],
+                     interpret=False, platform="cuda")
+    for name, err in result["rel_err"].items():
+        assert err < tol, (name, result)
     assert result["grad_dtypes"] == [dtype] * 5
 
 
