@@ -68,11 +68,13 @@ def test_interpreted_fla_kernels_match_the_float64_recurrence(dims, dtype, tol):
     assert result["grad_dtypes"] == [dtype] * 5
 
 
+# Tolerances about 2.5x the errors measured on an H100 (results/fla_triton_gpu_h100.md:
+# fp32 <= 1.6e-3, the dots run in tf32; bf16 <= 5.3e-3).
 GPU_CASES = [
-    ((2, 1000, 4, 2, 128, 128, 64), "float32", 5e-3),   # tf32 dots in fla's kernels
-    ((2, 1000, 4, 2, 128, 128, 64), "bfloat16", 3e-2),
-    ((1, 700, 2, 2, 64, 64, 128), "bfloat16", 3e-2),    # two slot blocks
-    ((1, 2048, 2, 2, 128, 128, 64, 0, 500, 1300, 2048), "bfloat16", 3e-2),  # packed row
+    ((2, 1000, 4, 2, 128, 128, 64), "float32", 4e-3),
+    ((2, 1000, 4, 2, 128, 128, 64), "bfloat16", 1.3e-2),
+    ((1, 700, 2, 2, 64, 64, 128), "bfloat16", 1.3e-2),    # two slot blocks
+    ((1, 2048, 2, 2, 128, 128, 64, 0, 500, 1300, 2048), "bfloat16", 1.3e-2),  # packed row
 ]
 
 
