@@ -57,7 +57,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from experiments import common, harness  # noqa: E402
-from experiments.bench_kernels_peer import bench_peer, cu_seqlens_of, peer_available  # noqa: E402
+from experiments.bench_kernels_peer import (bench_peer, cu_seqlens_of, peer_available,  # noqa: E402
+                                            save_tune_cache, use_tune_cache)
 from experiments.bench_kernels_report import markdown, target_lines  # noqa: E402,F401
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from pallas_kernels import gla as pgla  # noqa: E402
@@ -421,11 +422,18 @@ def main(argv=None):
                     help="timed inputs' gates g = logsigmoid(x) / S (8: layer-like, no kernel "
                          "tile past the chunk bound; 0.5: ~81%% of tiles past it, like trained "
                          "MQAR gates: bench_gate_strength.py)")
+    ap.add_argument("--peer-tune-cache", default=None, metavar="DIR",
+                    help="keep the peer's Triton autotuning results on disk, seeded from DIR "
+                         "(<hash>/<kernel>.autotune.json, e.g. experiments/peer_tune_cache/h200); "
+                         "the results of this run go to <out>/peer_tune_cache_<tag>.tgz")
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the report (how the run was made); repeatable")
     ap.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
     args = ap.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
+    tune_cache = None   # before anything imports fla (the peer_jt checks do)
+    if args.peer_tune_cache is not None and not args.no_peer and "peer" in args.impls:
+        tune_cache = use_tune_cache(args.peer_tune_cache)
     tunings = {}
     for item in args.variant:
         name, _, spec = item.partition("=")
@@ -500,6 +508,10 @@ def main(argv=None):
             row["results"]["peer_jt"] = peer_jt_row(s, dtype, args.gate_scale,
                                                     after_peer=use_peer, o_peer=o_peer)
         write()
+        if tune_cache is not None:
+            n = save_tune_cache(tune_cache, os.path.join(
+                args.out, f"peer_tune_cache_{args.tag}.tgz"))
+            print(f"peer autotune results saved: {n}")
     md = markdown(report)
     print(md)
     return 0

@@ -5,6 +5,11 @@ torch.cuda.max_memory_allocated. torch, triton and fla are imported inside the f
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -19,6 +24,38 @@ def peer_available():
     except Exception as e:  # noqa: BLE001
         print(f"peer unavailable: {type(e).__name__}: {e}")
         return False
+
+
+def use_tune_cache(seed_dir=None):
+    """Point Triton at a fresh on-disk cache that keeps autotuning results
+    (TRITON_CACHE_AUTOTUNING=1), seeded with the `*.autotune.json` files of `seed_dir` (the
+    layout Triton writes: <hash>/<kernel>.autotune.json). The peer autotunes every kernel in
+    every new process (minutes per shape); a hit skips the timing of that kernel's configs.
+    Must run before fla is imported: its autotuners read the setting when they are built.
+    Returns the cache directory."""
+    cache = tempfile.mkdtemp(prefix="peer_triton_cache_")
+    seeded = 0
+    if seed_dir and os.path.isdir(seed_dir):
+        for f in glob.glob(os.path.join(seed_dir, "*", "*.autotune.json")):
+            dest = os.path.join(cache, os.path.relpath(f, seed_dir))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(f, dest)
+            seeded += 1
+    os.environ["TRITON_CACHE_DIR"] = cache
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    print(f"peer autotune cache {cache}: {seeded} results seeded from {seed_dir}")
+    return cache
+
+
+def save_tune_cache(cache, dest_tgz):
+    """Write the autotuning results of `cache` (and nothing else: the compiled kernels are
+    ~18 MB and rebuild fast) to `dest_tgz`, paths relative to the cache; returns their count.
+    Unpacked into the seed directory of `use_tune_cache`, they serve the next process."""
+    files = sorted(glob.glob(os.path.join(cache, "*", "*.autotune.json")))
+    with tarfile.open(dest_tgz, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=os.path.relpath(f, cache))
+    return len(files)
 
 
 def cu_seqlens_of(segment_ids):

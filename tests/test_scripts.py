@@ -336,3 +336,47 @@ def test_bench_kernels_peer_jt_runs_after_the_peer_and_is_compared_with_its_outp
     assert jt["rel_err_o_vs_peer"] < 1e-5
     assert abs(jt["rel_err_o_vs_pallas"] - 1e-3) < 2e-4
     assert "fla's autotune picks" in jt["configs"]
+
+
+def test_bench_kernels_keeps_the_peers_autotune_results_for_the_next_process(
+        tmp_path, monkeypatch):
+    """--peer-tune-cache: Triton's cache is pointed at a fresh directory seeded with the given
+    autotune results before the peer runs (TRITON_CACHE_AUTOTUNING on), and afterwards only the
+    autotune results (seeded and new, not compiled kernels) are written out for the next
+    process. The peer is faked: it checks the seeded file is in place and 'autotunes' by
+    writing a result and a compiled kernel into the cache."""
+    import tarfile
+    import numpy as np
+    bench = load_experiment("bench_kernels")
+    for var in ("TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"):
+        monkeypatch.delenv(var, raising=False)   # restored after the test
+    seed = tmp_path / "seed"
+    (seed / "aa11").mkdir(parents=True)
+    (seed / "aa11" / "chunk_gsa_fwd_k.autotune.json").write_text('{"configs_timings": 1}')
+    (seed / "aa11" / "chunk_gsa_fwd_k.cubin").write_text("not an autotune result")
+    seen = {}
+
+    def fake_peer(inputs, segment_ids, dtype_name):
+        import os
+        cache = os.environ["TRITON_CACHE_DIR"]
+        seen["autotuning"] = os.environ.get("TRITON_CACHE_AUTOTUNING")
+        seen["seeded"] = sorted(os.listdir(os.path.join(cache, "aa11")))
+        os.makedirs(os.path.join(cache, "bb22"))
+        for name in ("chunk_gsa_bwd_k.autotune.json", "chunk_gsa_bwd_k.cubin"):
+            with open(os.path.join(cache, "bb22", name), "w") as f:
+                f.write("{}")
+        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
+            x.astype(dtype_name) for x in inputs]), np.float64)
+        return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o
+
+    monkeypatch.setattr(bench, "peer_available", lambda: True)
+    monkeypatch.setattr(bench, "bench_peer", fake_peer)
+    argv = ["--smoke", "--impls", "pallas", "peer", "--no-check", "--no-decode", "--tag",
+            "test", "--out", str(tmp_path), "--peer-tune-cache", str(seed)]
+    assert bench.main(argv) == 0
+    assert seen == {"autotuning": "1", "seeded": ["chunk_gsa_fwd_k.autotune.json"]}
+    with tarfile.open(tmp_path / "peer_tune_cache_test.tgz") as tar:
+        assert sorted(tar.getnames()) == ["aa11/chunk_gsa_fwd_k.autotune.json",
+                                          "bb22/chunk_gsa_bwd_k.autotune.json"]
+        assert tar.extractfile("aa11/chunk_gsa_fwd_k.autotune.json").read() == \
+            b'{"configs_timings": 1}'
