@@ -41,7 +41,7 @@ def _inputs(B, T, HQ, H, K, V, M, seed=0):
     return q, k, v, s, g, rng.standard_normal((B, T, HQ, V))
 
 
-def interpret(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None, launch="interpret"):
+def compare_with_float64(B, T, HQ, H, K, V, M, dtype, cu_seqlens=None, launch="interpret"):
     import jax
     import jax.numpy as jnp
     jax.config.update("jax_enable_x64", True)
@@ -130,7 +130,7 @@ if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode in ("interpret", "gpu"):
         dims, dtype, cu = rest[:7], rest[7], rest[8:]
-        interpret(*map(int, dims), dtype, [int(c) for c in cu] if cu else None,
+        compare_with_float64(*map(int, dims), dtype, [int(c) for c in cu] if cu else None,
                   launch="interpret" if mode == "interpret" else "jax_triton")
     elif mode == "lower":
         lower(*map(int, rest[:6]), [int(c) for c in rest[6:]] or None)

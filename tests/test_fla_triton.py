@@ -7,9 +7,11 @@ On a CPU two things can be checked, each in a fresh subprocess (tests/fla_triton
   (M = 128), in float32 and float16 (mixed precision: fla keeps some buffers in float32);
 - the GPU path, by lowering forward + backward for CUDA through jax_triton with jaxlib's
   runtime calls recorded: every launch must compile for sm_90.
-The GPU itself runs them in experiments/bench_kernels.py (`--impls peer-jt`). The interpreter
-mishandles bfloat16 blocks in tl.dot (Triton 3.9: it multiplies their raw bit patterns), so
-bfloat16 is checked on the GPU only.
+On a CUDA GPU (skipped elsewhere) the launched kernels are checked against the float64
+recurrence too, bfloat16 included (GPU_CASES); experiments/bench_kernels.py (`--impls ...
+peer_jt`) times them and checks them against the f32 chunk form. The interpreter mishandles
+bfloat16 blocks in tl.dot (Triton 3.9: it multiplies their raw bit patterns), so bfloat16 is
+checked on the GPU only.
 """
 
 from __future__ import annotations
