@@ -431,8 +431,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(common.RESULTS_DIR), help="results folder")
     args = ap.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
+    wants_peer = not args.no_peer and "peer" in args.impls
     tune_cache = None   # before anything imports fla (the peer_jt checks do)
-    if args.peer_tune_cache is not None and not args.no_peer and "peer" in args.impls:
+    if args.peer_tune_cache is not None and wants_peer:
         tune_cache = use_tune_cache(args.peer_tune_cache)
     tunings = {}
     for item in args.variant:
@@ -467,7 +468,7 @@ def main(argv=None):
     report["copy_bandwidth_GBps"] = bw / 1e9
     report["decode"] = [] if args.no_decode else [
         bench_decode(B, dtype, bw, smoke=args.smoke) for B in decode_batches]
-    use_peer = not args.no_peer and "peer" in args.impls and peer_available()
+    use_peer = wants_peer and peer_available()
     report["rows"] = []
     previous = harness.read_report(args.tag, "bench_kernels", args.out) if args.merge else None
     if previous is not None:
@@ -508,7 +509,7 @@ def main(argv=None):
             row["results"]["peer_jt"] = peer_jt_row(s, dtype, args.gate_scale,
                                                     after_peer=use_peer, o_peer=o_peer)
         write()
-        if tune_cache is not None:
+        if tune_cache is not None:   # after every shape, like the rows: a cut call keeps them
             n = save_tune_cache(tune_cache, os.path.join(
                 args.out, f"peer_tune_cache_{args.tag}.tgz"))
             print(f"peer autotune results saved: {n}")

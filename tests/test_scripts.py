@@ -17,6 +17,13 @@ def _bench_ops():
 
 
 @pytest.mark.slow  # ~9 s; the forms agree in tests/test_ops_forms.py too
+def _our_output(bench, inputs, segment_ids, dtype_name):
+    """Our Pallas output on a fake peer's inputs (float64 NumPy), as bench_peer returns o."""
+    import numpy as np
+    return np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
+        x.astype(dtype_name) for x in inputs]), np.float64)
+
+
 def test_demo_forms_agree(capsys):
     status = demo.main(["--batch", "1", "--seq-len", "24", "--heads", "2", "--head-dim", "4",
                         "--slots", "3", "--chunk-size", "8", "--repeats", "1"])
@@ -109,14 +116,12 @@ def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatc
     are on disk; its row then joins the shape's, checked against our output. The peer is
     faked here (no CUDA): it reads the results file when called and returns our own output
     perturbed by 1e-3."""
-    import numpy as np
     bench = load_experiment("bench_kernels")
     seen = []
 
     def fake_peer(inputs, segment_ids, dtype_name):
         seen.append(json.loads((tmp_path / "bench_kernels_test.json").read_text()))
-        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
-            x.astype(dtype_name) for x in inputs]), np.float64)
+        o = _our_output(bench, inputs, segment_ids, dtype_name)
         return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o * (1 + 1e-3)
 
     monkeypatch.setattr(bench, "peer_available", lambda: True)
@@ -312,8 +317,7 @@ def test_bench_kernels_peer_jt_runs_after_the_peer_and_is_compared_with_its_outp
 
     def fake_peer(inputs, segment_ids, dtype_name):
         order.append("peer")
-        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
-            x.astype(dtype_name) for x in inputs]), np.float64)
+        o = _our_output(bench, inputs, segment_ids, dtype_name)
         return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o * (1 + 1e-3)
 
     def fake_peer_jt_fn(seg, configs=None):
@@ -346,7 +350,6 @@ def test_bench_kernels_keeps_the_peers_autotune_results_for_the_next_process(
     process. The peer is faked: it checks the seeded file is in place and 'autotunes' by
     writing a result and a compiled kernel into the cache."""
     import tarfile
-    import numpy as np
     bench = load_experiment("bench_kernels")
     for var in ("TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"):
         monkeypatch.delenv(var, raising=False)   # restored after the test
@@ -365,8 +368,7 @@ def test_bench_kernels_keeps_the_peers_autotune_results_for_the_next_process(
         for name in ("chunk_gsa_bwd_k.autotune.json", "chunk_gsa_bwd_k.cubin"):
             with open(os.path.join(cache, "bb22", name), "w") as f:
                 f.write("{}")
-        o = np.asarray(bench.jax.jit(bench.gsa_fn("pallas", segment_ids))(*[
-            x.astype(dtype_name) for x in inputs]), np.float64)
+        o = _our_output(bench, inputs, segment_ids, dtype_name)
         return {"fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "mem_bytes": 3}, o
 
     monkeypatch.setattr(bench, "peer_available", lambda: True)
