@@ -16,7 +16,6 @@ def _bench_ops():
     return load_experiment("bench_ops")
 
 
-@pytest.mark.slow  # ~9 s; the forms agree in tests/test_ops_forms.py too
 def _our_output(bench, inputs, segment_ids, dtype_name):
     """Our Pallas output on a fake peer's inputs (float64 NumPy), as bench_peer returns o."""
     import numpy as np
@@ -24,6 +23,7 @@ def _our_output(bench, inputs, segment_ids, dtype_name):
         x.astype(dtype_name) for x in inputs]), np.float64)
 
 
+@pytest.mark.slow  # ~9 s; the forms agree in tests/test_ops_forms.py too
 def test_demo_forms_agree(capsys):
     status = demo.main(["--batch", "1", "--seq-len", "24", "--heads", "2", "--head-dim", "4",
                         "--slots", "3", "--chunk-size", "8", "--repeats", "1"])
