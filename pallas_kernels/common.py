@@ -255,6 +255,39 @@ class Layout:
         return pl.BlockSpec((None, None, rows, self.BV),
                             self._bhj(lambda b, h, j, n, kb: (b, h, n * NK + kb, j)))
 
+    # Rows of a split time axis (two_level.py, the in-kernel combine): the sequential grid runs
+    # over rows r = b·NB + j, big chunk j of batch b; these blocks let a row's program read its
+    # batch's arrays and the other big chunks of its batch.
+
+    @property
+    def DG(self) -> int:
+        """Width of a program's gate tile: K (key gate) or the value block (value gate)."""
+        return self.K if self.key_gated else self.BV
+
+    def batch_state(self, NB: int):
+        """[K, BV] block of a [B, H, K, V] state, read by the NB rows of its batch."""
+        return pl.BlockSpec((None, None, self.K, self.BV), lambda r, h, j: (r // NB, h, 0, j))
+
+    def batch_chunk_states(self, NB: int):
+        """Row r's [L·K, BV] block of the chunk states [B, H, NB·L·K, V] of its batch, in time
+        order (L = N, the row's chunks)."""
+        return pl.BlockSpec((None, None, self.N * self.K, self.BV),
+                            lambda r, h, j: (r // NB, h, r % NB, j))
+
+    def big_chunk_states(self, NB: int):
+        """[NB, K, BV] block of [B, NB, H, K, V]: one state per big chunk of the batch."""
+        return pl.BlockSpec((None, NB, None, self.K, self.BV),
+                            lambda r, h, j: (r // NB, 0, h, 0, j))
+
+    def big_chunk_decays(self, NB: int):
+        """[NB, DG] block of [B, NB, H, NV, DG]: one decay per big chunk of the batch."""
+        return pl.BlockSpec((None, NB, None, None, self.DG),
+                            lambda r, h, j: (r // NB, 0, h, j, 0))
+
+    def decay(self):
+        """[DG] block of a per-row decay [R, H, NV, DG]."""
+        return pl.BlockSpec((None, None, None, self.DG), lambda r, h, j: (r, h, j, 0))
+
     def per_value_block(self, width: int, key_block: bool = False):
         """[Tp, width] slab of an [NV, B, Tp, H, D] output (partial sums per value block; D in
         key blocks of `width` with key_block)."""

@@ -68,6 +68,19 @@ class Tuning:
     only, combine, then each big chunk's fused walk from its true entering state), with big
     chunks of at most `fused_max_chunks` chunks; no chunk state goes through memory.
 
+    `split_combine_in_kernel` (off until timed on a GPU) moves the combine of a split walk
+    into the kernels: the final-state walk also writes each big chunk's decay, and the second
+    walk's programs (the fused walk of a forward without chunk states; the state walk of one
+    with them, which then writes the true chunk states) fold the leaving states and decays of
+    the big chunks before theirs into their entering state (two_level.
+    split_fused_forward_in_kernel, split_states_in_kernel); the backward's state-gradient
+    walk likewise, from the end (split_dstates_in_kernel). Why: at 1 x 16384 (H200,
+    profile_kernels_h200.md) the XLA ops between the kernels of the split forward took 0.126
+    ms of 0.66 (chunk decays, the associative scan, the entering states), and the split state
+    pass's fix-up is a float32 pass reading and writing every chunk state; the fold is at
+    most NB − 1 multiply-adds of a [K, BV] state per program, and a forward with chunk states
+    walks once more (without stores), as does the backward.
+
     `split_fixup` (off: measured slower) runs that split forward in one walk instead of
     two: every big chunk's fused walk from a zero state, then the outputs fixed up with the
     state each walk missed (two_level.split_fused_fixup_forward). On an H200 it costs more than
@@ -151,6 +164,7 @@ class Tuning:
     split_min_chunks: int = 8
     fused_split: bool = True
     split_fixup: bool = False
+    split_combine_in_kernel: bool = False
     sub_chunk: Optional[int] = None
     block_k_bwd: Optional[int] = 0
     key_loop_bwd: Optional[bool] = None
@@ -298,6 +312,10 @@ def _kernel_fn(cfg: KernelConfig):
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, k, v, g, s0, runs)
+        if cfg.tuning.split_combine_in_kernel:
+            final_fn = functools.partial(states_fwd, final_only=True, **kw)
+            return two_level.split_states_in_kernel(final_fn, kernel, q, k, v, g, s0, runs,
+                                                    sp=sp, C=cfg.chunk_size)
         return two_level.split_states(kernel, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                                       key_gated=cfg.key_gated)
 
@@ -307,6 +325,10 @@ def _kernel_fn(cfg: KernelConfig):
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, v, g, runs, do, dsT)
+        if cfg.tuning.split_combine_in_kernel:
+            final_fn = functools.partial(dstates_bwd, final_only=True, **kw)
+            return two_level.split_dstates_in_kernel(final_fn, kernel, q, v, g, runs, do, dsT,
+                                                     sp=sp, C=cfg.chunk_size)
         return two_level.split_dstates(kernel, q, v, g, runs, do, dsT, sp=sp, C=cfg.chunk_size,
                                        key_gated=cfg.key_gated)
 
@@ -339,6 +361,10 @@ def _kernel_fn(cfg: KernelConfig):
                                          **cfg.kw(parallel=False, with_scale=False))
             fused_fn = functools.partial(fused_fwd, out_dtype=out_dtype,
                                          **cfg.kw(parallel=False, fused=True))
+            if t.split_combine_in_kernel:
+                o, sT = two_level.split_fused_forward_in_kernel(
+                    final_fn, fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size)
+                return o, sT, None
             o, sT = two_level.split_fused_forward(final_fn, fused_fn, q, k, v, g, s0, runs,
                                                   sp=sp, C=cfg.chunk_size,
                                                   key_gated=cfg.key_gated)

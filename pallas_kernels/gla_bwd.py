@@ -31,28 +31,42 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import chunk_math, common
-from pallas_kernels.gla_fwd import _call, _with_runs, layout, when_past_the_bound
+from pallas_kernels.gla_fwd import (_call, _row_inputs, _with_runs, entering_state, layout,
+                                    walk_outputs, when_past_the_bound)
 
 f32 = jnp.float32
 
 
-def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True, big_chunks=1,
+                    combine=False, decay=False):
     q_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
-    do_ref, dsT_ref, dstates_ref, ds0_ref = refs
+    do_ref, dsT_ref, *refs = refs
+    combine_refs = (refs.pop(0), refs.pop(0)) if combine else None
+    dstates_ref = refs.pop(0) if store else None
+    ds0_ref, *refs = refs
+    decay_ref = refs.pop(0) if decay else None
     C, K = lay.C, lay.K
     causal = common.causal_mask(C)
 
-    def body(i, dS):
+    def body(i, carry):
+        dS, *P = carry
         n = lay.N - 1 - i
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, C), causal)
         gt = chunk_math.gates(g_ref[rows, :], masks)
-        dstates_ref[pl.ds(n * K, K), :] = dS.astype(dstates_ref.dtype)
-        return chunk_math.dstate_update(q_ref[rows, :], do_ref[rows, :], dS, gt, masks,
-                                        key_gated=lay.key_gated, scale=scale, dot=dot)
+        if store:
+            dstates_ref[pl.ds(n * K, K), :] = dS.astype(dstates_ref.dtype)
+        dS = chunk_math.dstate_update(q_ref[rows, :], do_ref[rows, :], dS, gt, masks,
+                                      key_gated=lay.key_gated, scale=scale, dot=dot)
+        return (dS, *(p * gt.decay_last for p in P))   # the walk's decay, as states_fwd's
 
-    ds0_ref[...] = lax.fori_loop(0, lay.N, body, dsT_ref[...].astype(f32))
+    dS = entering_state(dsT_ref, big_chunks, combine_refs, lay.key_gated, reverse=True)
+    init = (dS,) + ((jnp.ones((lay.DG,), f32),) if decay else ())
+    dS, *P = lax.fori_loop(0, lay.N, body, init)
+    ds0_ref[...] = dS
+    if decay:
+        decay_ref[...] = P[0]
 
 
 def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int,
@@ -126,21 +140,29 @@ def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
 
 
 def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v,
-                interpret=False, num_warps=4, num_stages=2):
+                interpret=False, num_warps=4, num_stages=2, final_only=False, big_chunks=1,
+                combine=None, decay=False):
     """Gradients of the state leaving each chunk [B, H, N·K, V] (in q's dtype, like the
-    forward's chunk states) and of the initial state [B, H, K, V] f32."""
+    forward's chunk states) and of the initial state [B, H, K, V] f32 (final_only: (None,
+    the latter)). big_chunks, combine, decay: the rows of a split time axis, as in
+    gla_fwd.states_fwd, walked from the end: dsT is the batch's, each row's walk starts from
+    `entering_state(..., reverse=True)`, and the initial state's gradient is each row's."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
     args, in_specs = _with_runs(lay, [q, g], [lay.q(), lay.g()], runs)
-    args += [do, dsT]
-    in_specs += [lay.o(), lay.state()]
-    out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), q.dtype),
-                 jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
+    args.append(do)
+    in_specs.append(lay.o())
+    _row_inputs(lay, args, in_specs, dsT, big_chunks, combine)
+    out_shape, out_specs = walk_outputs(lay, q.dtype, final_only=final_only,
+                                        big_chunks=big_chunks, decay=decay)
     kernel = functools.partial(_dstates_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
-    return _call(kernel, lay, args, in_specs, out_shape, [lay.states(), lay.state()],
-                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                 name="gla_dstates_bwd")
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               store=not final_only, big_chunks=big_chunks,
+                               combine=combine is not None, decay=decay)
+    out = _call(kernel, lay, args, in_specs, out_shape, out_specs,
+                interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                name="gla_final_dstate_bwd" if final_only else "gla_dstates_bwd")
+    return (None, *out) if final_only else tuple(out)
 
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,

@@ -24,17 +24,49 @@ from pallas_kernels import chunk_math, common
 f32 = jnp.float32
 
 
-def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot):
+def entering_state(s0_ref, big_chunks: int, combine_refs, key_gated: bool,
+                   reverse: bool = False):
+    """The float32 state a sequential program starts from. One row per batch (big_chunks 1):
+    s0. Rows of a split time axis (row r = b·NB + j, big chunk j of batch b; s0_ref: batch
+    b's initial state): s0 for j = 0, else 0 (a local walk), or with combine_refs = (F, D),
+    F [NB, K, BV] the state leaving each big chunk of the batch walked from its own start
+    (big chunk 0 from s0) and D [NB, DG] each big chunk's decay, the true entering state
+        E_0 = s0,   E_j = D_{j-1} ⊙ E_{j-1} + F_{j-1}
+    folded here over the big chunks before j (two_level.py's combine, in the kernel).
+    reverse (the backward's walk from the end; s0_ref: the final state's gradient, F: the
+    gradient of the state entering each big chunk from its own end): the same from the last
+    big chunk down, E_{NB-1} = s0, E_j = D_{j+1} ⊙ E_{j+1} + F_{j+1}."""
+    s0 = s0_ref[...].astype(f32)
+    if big_chunks == 1:
+        return s0
+    j = pl.program_id(0) % big_chunks
+    first = jnp.where(j == (big_chunks - 1 if reverse else 0), s0, 0.0)
+    if combine_refs is None:
+        return first
+    F_ref, D_ref = combine_refs
+
+    def fold(step, E):
+        i = big_chunks - 1 - step if reverse else step
+        d = D_ref[i]
+        return (d[:, None] * E if key_gated else E * d[None, :]) + F_ref[i]
+
+    return lax.fori_loop(0, big_chunks - 1 - j if reverse else j, fold, first)
+
+
+def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot, big_chunks=1,
+                   combine=False, decay=False):
     k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     s0_ref, *refs = refs
+    combine_refs = (refs.pop(0), refs.pop(0)) if combine else None
     states_ref = refs.pop(0) if store_states else None
-    (sT_ref,) = refs
+    sT_ref, *refs = refs
+    decay_ref = refs.pop(0) if decay else None
     C, K = lay.C, lay.K
     causal = common.causal_mask(C)
 
     def body(n, carry):
-        S, run_prev = carry
+        S, run_prev, *P = carry
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
         gt = chunk_math.gates(g_ref[rows, :], masks)
@@ -42,10 +74,15 @@ def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot):
             states_ref[pl.ds(n * K, K), :] = S.astype(states_ref.dtype)
         S = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], S, gt,
                                     key_gated=lay.key_gated, dot=dot)
-        return S, masks.run_last
+        # the walk's decay: the product of its chunks' e^{b_C}·survive
+        return (S, masks.run_last, *(p * gt.decay_last for p in P))
 
-    S, _ = lax.fori_loop(0, lay.N, body, (s0_ref[...].astype(f32), jnp.int32(0)))
+    S0 = entering_state(s0_ref, big_chunks, combine_refs, lay.key_gated)
+    init = (S0, jnp.int32(0)) + ((jnp.ones((lay.DG,), f32),) if decay else ())
+    S, _, *P = lax.fori_loop(0, lay.N, body, init)
     sT_ref[...] = S
+    if decay:
+        decay_ref[...] = P[0]
 
 
 def _program_chunk(runs_ref, lay: common.Layout, n):
@@ -97,10 +134,13 @@ def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     when_past_the_bound(runs_ref, g_ref, lay, add)
 
 
-def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
+def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart,
+                  big_chunks=1, combine=False):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
-    s0_ref, o_ref, sT_ref = refs
+    s0_ref, *refs = refs
+    combine_refs = (refs.pop(0), refs.pop(0)) if combine else None
+    o_ref, sT_ref = refs
     C = lay.C
     causal = common.causal_mask(C)
 
@@ -118,7 +158,8 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart)
         S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
 
-    S, _ = lax.fori_loop(0, lay.N, body, (s0_ref[...].astype(f32), jnp.int32(0)))
+    S0 = entering_state(s0_ref, big_chunks, combine_refs, lay.key_gated)
+    S, _ = lax.fori_loop(0, lay.N, body, (S0, jnp.int32(0)))
     sT_ref[...] = S
 
 
@@ -149,31 +190,67 @@ def _call(kernel, lay, args, in_specs, out_shape, out_specs, *, interpret, num_w
     )(*args)
 
 
+def _row_inputs(lay: common.Layout, args, in_specs, s0, big_chunks: int, combine):
+    """Appends the entering state's inputs of a sequential kernel: s0 [B, H, K, V] (per row,
+    or per batch for the rows of a split time axis), and (combine) the big chunks' leaving
+    states [B, NB, H, K, V] and decays [B, NB, H, NV, DG] (see `entering_state`)."""
+    args.append(s0)
+    in_specs.append(lay.state() if big_chunks == 1 else lay.batch_state(big_chunks))
+    if combine is not None:
+        args += list(combine)
+        in_specs += [lay.big_chunk_states(big_chunks), lay.big_chunk_decays(big_chunks)]
+
+
+def walk_outputs(lay: common.Layout, dtype, *, final_only, big_chunks, decay):
+    """(out_shape, out_specs) of a sequential state walk (states_fwd, gla_bwd.dstates_bwd):
+    the per-chunk states [B, H, N·K, V] in dtype (not with final_only; in time order for the
+    rows of a split time axis: [B, H, NB·L·K, V]), the walk's last state [rows, H, K, V] f32,
+    and (decay) the walk's decay [rows, H, NV, DG] f32."""
+    out_shape = [jax.ShapeDtypeStruct((lay.B // big_chunks, lay.H, big_chunks * lay.N * lay.K,
+                                       lay.V), dtype),
+                 jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
+    out_specs = [lay.states() if big_chunks == 1 else lay.batch_chunk_states(big_chunks),
+                 lay.state()]
+    if final_only:
+        out_shape, out_specs = out_shape[1:], out_specs[1:]
+    if decay:
+        out_shape.append(jax.ShapeDtypeStruct((lay.B, lay.H, lay.NV, lay.DG), f32))
+        out_specs.append(lay.decay())
+    return out_shape, out_specs
+
+
 def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpret=False,
-               num_warps=4, num_stages=2, final_only=False):
+               num_warps=4, num_stages=2, final_only=False, big_chunks=1, combine=None,
+               decay=False):
     """States entering each chunk [B, H, N·K, V] and the final state [B, H, K, V] f32
     (final_only: (None, the final state); no chunk state is written).
 
     The chunk states are stored in the inputs' dtype: the kernels that read them feed them to
     matmuls in that dtype anyway, and bf16 halves their memory traffic. Inputs padded to Tp = N·C: q [B, Tp, H, K] (only its shape is used), k [B, Tp, Hkv, K],
     v [B, Tp, Hkv, V], g [B, Tp, Hkv, K or V], s0 [B, H, K, V] f32, runs [B, Tp] int32 or None.
+
+    The rows of a split time axis (big_chunks = NB > 1; the inputs are [B·NB, L·C, ., .] rows,
+    two_level.py): s0 is the batch's [B, H, K, V], each row walks from the state
+    `entering_state` gives it (combine: (F, D) of the big chunks, the true entering state; else
+    s0 for a batch's first row and 0 for the others), and the chunk states are written in
+    time order, [B, H, NB·L·K, V]; the final state is each row's, [B·NB, H, K, V].
+    decay: also each walk's decay, the product of its chunks' e^{b_C}·survive,
+    [B·NB, H, NV, DG] f32 (DG: K with a key gate, the value block with a value gate),
+    appended to the outputs.
     """
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
     args, in_specs = _with_runs(lay, [k, v, g], [lay.k(), lay.v(), lay.g()], runs)
-    args.append(s0)
-    in_specs.append(lay.state())
-    out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, lay.N * lay.K, lay.V), k.dtype),
-                 jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
-    out_specs = [lay.states(), lay.state()]
-    if final_only:
-        out_shape, out_specs = out_shape[1:], out_specs[1:]
+    _row_inputs(lay, args, in_specs, s0, big_chunks, combine)
+    out_shape, out_specs = walk_outputs(lay, k.dtype, final_only=final_only,
+                                        big_chunks=big_chunks, decay=decay)
     kernel = functools.partial(_states_kernel, lay=lay, has_runs=runs is not None,
-                               store_states=not final_only, dot=common.Dot(k.dtype, interpret))
+                               store_states=not final_only, dot=common.Dot(k.dtype, interpret),
+                               big_chunks=big_chunks, combine=combine is not None, decay=decay)
     out = _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
                 num_warps=num_warps, num_stages=num_stages,
                 name="gla_final_state_fwd" if final_only else "gla_states_fwd")
-    return (None, out[0]) if final_only else tuple(out)
+    return (None, *out) if final_only else tuple(out)
 
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
@@ -216,20 +293,22 @@ def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_s
 
 def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False,
-              strong_warps=8):
+              strong_warps=8, big_chunks=1, combine=None):
     """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program.
     strong_apart: the walk takes the fast within-chunk path only, and tiles past the chunk
-    bound get their term from `strong_intra` afterwards (with strong_warps warps)."""
+    bound get their term from `strong_intra` afterwards (with strong_warps warps).
+    big_chunks, combine: the rows of a split time axis, as in `states_fwd` (the final state
+    is each row's, [B·NB, H, K, V])."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False, sub_chunk=sub_chunk)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
-    args.append(s0)
-    in_specs.append(lay.state())
+    _row_inputs(lay, args, in_specs, s0, big_chunks, combine)
     out_shape = [jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype),
                  jax.ShapeDtypeStruct((lay.B, lay.H, lay.K, lay.V), f32)]
     kernel = functools.partial(_fused_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),
-                               strong_apart=strong_apart)
+                               strong_apart=strong_apart, big_chunks=big_chunks,
+                               combine=combine is not None)
     o, sT = _call(kernel, lay, args, in_specs, out_shape, [lay.o(), lay.state()],
                   interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                   name="gla_fused_fwd")

@@ -91,6 +91,18 @@ def _rows(x, sp: SplitPlan, C: int):
     return x.reshape((x.shape[0] * sp.NB, sp.L * C) + x.shape[2:])
 
 
+def _padded(q, k, v, g, runs, sp: SplitPlan, C: int):
+    """The inputs padded along time to the plan's NB·L chunks (zero k, v, g leave a state
+    unchanged; runs repeat their last run)."""
+    extra = sp.padded_chunks * C - q.shape[1]
+    q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
+    return q, k, v, g, None if runs is None else _pad_time(runs, extra, mode="edge")
+
+
+def _row_runs(runs, sp: SplitPlan, C: int):
+    return None if runs is None else _relative_runs(runs, sp, C)
+
+
 def _relative_runs(runs, sp: SplitPlan, C: int):
     """Runs [B, N'·C] -> [B·NB, L·C] with each row's runs counted from the run of the position
     just before the row (0 for the first row)."""
@@ -165,11 +177,8 @@ def _local_pass(states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int, key_g
     g), their relative runs, states_fn's local chunk states (or None), the chunk decays [B, NB,
     L, H, Dg], the true state leaving each big chunk [B, NB, H, K, V] f32)."""
     B, H = q.shape[0], q.shape[2]
-    extra = sp.padded_chunks * C - q.shape[1]
-    q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
-    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
-    row_runs = None if runs is None else _relative_runs(runs, sp, C)
-    rows = [_rows(x, sp, C) for x in (q, k, v, g)]
+    q, k, v, g, runs = _padded(q, k, v, g, runs, sp, C)
+    rows, row_runs = [_rows(x, sp, C) for x in (q, k, v, g)], _row_runs(runs, sp, C)
     s0_rows = jnp.zeros((B, sp.NB) + s0.shape[1:], f32).at[:, 0].set(s0.astype(f32))
     local, final = states_fn(*rows, s0_rows.reshape((B * sp.NB,) + s0.shape[1:]), row_runs)
     decay = chunk_decays(g, runs, sp, C, H)  # [B, NB, L, H, Dg]
@@ -221,6 +230,55 @@ def big_chunk_entering_states(final_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, 
 def from_rows(x, B: int, Tp: int):
     """[B·NB, L·C, ...] rows back to [B, Tp, ...] (the padding chunks dropped)."""
     return x.reshape((B, -1) + x.shape[2:])[:, :Tp]
+
+
+def _per_batch(x, sp: SplitPlan):
+    """[B·NB, ...] per row -> [B, NB, ...]."""
+    return x.reshape((-1, sp.NB) + x.shape[1:])
+
+
+def _big_chunk_walks(final_fn, q, k, v, g, s0, runs, sp: SplitPlan, C: int):
+    """Step 1 for the in-kernel combine: each big chunk's walk from its own start (big chunk 0
+    from s0). Returns (the padded rows (q, k, v, g), their relative runs, the combine's inputs
+    (F [B, NB, H, K, V]: the state leaving each big chunk, D [B, NB, H, NV, DG]: its decay))."""
+    q, k, v, g, runs = _padded(q, k, v, g, runs, sp, C)
+    rows, row_runs = [_rows(x, sp, C) for x in (q, k, v, g)], _row_runs(runs, sp, C)
+    _, leaving, decay = final_fn(*rows, s0, row_runs, big_chunks=sp.NB, decay=True)
+    return rows, row_runs, (_per_batch(leaving, sp), _per_batch(decay, sp))
+
+
+def _time_order(states, sp: SplitPlan, K: int):
+    """Chunk states [B, H, NB·L·K, V] written in time order, the padding chunks dropped."""
+    return states if states.shape[2] == sp.N * K else states[:, :, :sp.N * K]
+
+
+def split_fused_forward_in_kernel(final_fn, fused_fn, q, k, v, g, s0, runs, *, sp: SplitPlan,
+                                  C: int):
+    """`split_fused_forward` with the combine (step 2) inside the fused walk
+    (Tuning.split_combine_in_kernel): the final-state kernel writes each big chunk's leaving
+    state F_j and decay D_j, and each program of the fused walk folds those of the big chunks
+    before its own into its entering state (gla_fwd.entering_state) before walking. The XLA
+    steps between the kernels (chunk decays, the associative scan, the entering states) go;
+    the fold is ≤ NB − 1 steps of one [K, BV] multiply-add per program. final_fn and fused_fn
+    as in split_fused_forward, taking big_chunks (and decay / combine). Returns (o [B, Tp, H,
+    V], final state [B, H, K, V] f32: the last big chunk's walk ends at it)."""
+    rows, row_runs, combine = _big_chunk_walks(final_fn, q, k, v, g, s0, runs, sp, C)
+    o, leaving = fused_fn(*rows, s0, row_runs, big_chunks=sp.NB, combine=combine)
+    return from_rows(o, q.shape[0], q.shape[1]), _per_batch(leaving, sp)[:, -1]
+
+
+def split_states_in_kernel(final_fn, states_fn, q, k, v, g, s0, runs, *, sp: SplitPlan,
+                           C: int):
+    """`split_states` with the combine and fix-up inside a second walk
+    (Tuning.split_combine_in_kernel): the final-state kernel writes each big chunk's leaving
+    state and decay, and the state kernel walks every big chunk again from its true entering
+    state (gla_fwd.entering_state), writing the true chunk states in time order. One more
+    walk (without stores) instead of the XLA chunk decays, scan and fix-up (a float32 pass
+    reading and writing every chunk state). Returns (chunk states [B, H, N·K, V] in k's dtype,
+    final state [B, H, K, V] f32)."""
+    rows, row_runs, combine = _big_chunk_walks(final_fn, q, k, v, g, s0, runs, sp, C)
+    states, leaving = states_fn(*rows, s0, row_runs, big_chunks=sp.NB, combine=combine)
+    return _time_order(states, sp, q.shape[-1]), _per_batch(leaving, sp)[:, -1]
 
 
 def split_fused_fixup_forward(fused_fn, q, k, v, g, s0, runs, *, sp: SplitPlan, C: int,
@@ -284,3 +342,24 @@ def split_dstates(dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan, C: int,
     dstates = _per_chunk(local, _exclusive_cumprod(decay, axis=2, reverse=True), leaving, sp,
                          key_gated, q.dtype)
     return dstates, into[:, 0]
+
+
+def split_dstates_in_kernel(final_fn, dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan,
+                            C: int):
+    """`split_dstates` with the combine and fix-up inside a second walk
+    (Tuning.split_combine_in_kernel), the mirror of split_states_in_kernel: the final walk
+    (final_fn: dstates_bwd with final_only) gives each big chunk's gradient of its entering
+    state from its own end (the last big chunk's from dsT) and its decay; the second walk
+    (dstates_fn) starts each big chunk from its true leaving gradient, folded in the kernel
+    from the big chunks after it (gla_fwd.entering_state with reverse). Returns (gradients of
+    the states leaving each chunk [B, H, N·K, V] in q's dtype, gradient of the initial state
+    [B, H, K, V] f32: the first big chunk's walk ends at it)."""
+    extra = sp.padded_chunks * C - q.shape[1]
+    q, v, g, do = (_pad_time(x, extra) for x in (q, v, g, do))
+    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    rows = [_rows(x, sp, C) for x in (q, v, g)]
+    args = (*rows, _row_runs(runs, sp, C), _rows(do, sp, C), dsT)
+    _, entering, decay = final_fn(*args, big_chunks=sp.NB, decay=True)
+    dstates, ds0 = dstates_fn(*args, big_chunks=sp.NB,
+                              combine=(_per_batch(entering, sp), _per_batch(decay, sp)))
+    return _time_order(dstates, sp, q.shape[-1]), _per_batch(ds0, sp)[:, 0]

@@ -10,6 +10,7 @@ chunk states, and gates strong enough for the exact in-kernel path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -151,34 +152,83 @@ def test_forward_paths_and_recomputation(path):
     _assert_rel(o_only, ref_out[0], F32_REL, "o without gradient")
 
 
-@pytest.mark.parametrize("case", ["K32_V16_M32_gqa", "K16_V16_M64_no_state"])
-def test_two_level_state_passes_on_more_cases(case):
-    """Grouped heads with an initial state (3 chunks, each its own big chunk) and no initial
-    state (3 chunks, big chunks of 2 with padding) through the two-level state passes, forward
-    split so that the entering states are used."""
+ARITHMETIC = ("exp", "mul", "add", "reduce_sum", "reduce_prod", "cumsum", "cumprod")
+
+
+def _xla_arithmetic(C, args, seg, cot=None, **tuning):
+    """{primitive: count} of the arithmetic outside the Pallas kernels in a GSA forward (with
+    cot: forward and backward) traced under a tuning: a combine left in XLA shows up here,
+    GSA's own softmax and gradient sums are there always."""
+    def forward(*a):
+        return _forward(a[:7], a[7], "pallas", C)
+
+    def forward_backward(*a):
+        out, vjp = jax.vjp(lambda *x: forward(*x, a[7]), *a[:7])
+        return out, vjp(cot)
+
+    with pgla.tuning(**tuning):
+        jaxpr = jax.make_jaxpr(forward if cot is None else forward_backward)(*args, seg)
+    ops = _xla_ops(jaxpr.jaxpr)
+    return {name: ops[name] for name in ARITHMETIC}
+
+
+def _xla_ops(jaxpr, counts=None):
+    """Primitive counts of a jaxpr outside its Pallas kernels (nested jaxprs included)."""
+    import collections
+    from jax._src import core
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        counts[eqn.primitive.name] += 1
+        for sub in core.jaxprs_in_params(eqn.params):
+            _xla_ops(sub, counts)
+    return counts
+
+
+# (segments_C32 with the XLA combine: test_forward_paths_and_recomputation[two_level_states])
+@pytest.mark.parametrize("case,in_kernel", [
+    ("K32_V16_M32_gqa", False), ("K16_V16_M64_no_state", False),
+    ("segments_C32", True), ("K32_V16_M32_gqa", True), ("K16_V16_M64_no_state", True)])
+def test_two_level_state_passes_on_more_cases(case, in_kernel):
+    """Packed segments with an initial state (3 chunks, big chunks of 2 with padding), grouped
+    heads with an initial state (3 chunks, each its own big chunk) and no initial state
+    through the two-level state passes, forward split so that the entering states are used;
+    the combine in XLA, or in the kernels (`split_combine_in_kernel`: a final-state walk,
+    then the state walk from each big chunk's true entering state, folded in the kernel; the
+    backward's state-gradient walks likewise from the end)."""
     seed = 210
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     min_chunks = 1 if case == "K32_V16_M32_gqa" else 2
     with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
-                     split_min_chunks=min_chunks, fused_max_chunks=0):
-        out, grads = _value_and_grads.__wrapped__("pallas", C, state, segs)(args, cot, seg)
+                     split_min_chunks=min_chunks, fused_max_chunks=0,
+                     split_combine_in_kernel=in_kernel):
+        fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
+        out, grads = fn(args, cot, seg)
+        split = pgla.current_tuning()
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+    if in_kernel:   # both combines left XLA: the arithmetic of unsplit passes
+        unsplit = _xla_arithmetic(C, args, seg, cot, fused_max_chunks=0)
+        assert _xla_arithmetic(C, args, seg, cot, **dataclasses.asdict(split)) == unsplit
 
 
-@pytest.mark.parametrize("fixup", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["two_walks", "fixup"])  # fixup: ~1 min of interpreting, tier 2
+@pytest.mark.parametrize("mode", ["two_walks", "in_kernel",
+                                  pytest.param("fixup", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
                                              ("K16_V16_M64_no_state", 1)])
-def test_fused_forward_over_big_chunks(case, max_chunks, fixup):
+def test_fused_forward_over_big_chunks(case, max_chunks, mode):
     """A forward without gradient on few programs: final states of the big chunks, their
     combine, then the fused walk of every big chunk from its true entering state
-    (two_level.split_fused_forward); or (fixup) one fused walk of every big chunk from a zero
-    state and the outputs fixed up with the state it missed (split_fused_fixup_forward).
+    (two_level.split_fused_forward); the same with the combine folded inside the fused walk
+    (in_kernel: split_fused_forward_in_kernel, no XLA op between the kernels computes a
+    state); or (fixup, ~1 min of interpreting: tier 2) one fused walk of every big chunk from a
+    zero state and the outputs fixed up with the state it missed (split_fused_fixup_forward).
     3 chunks: big chunks of 2 (one padding chunk), or of 1 where `fused_max_chunks` = 1 caps
-    them; packed segments, grouped heads, no initial state. Outputs and final states against
-    the float64 recurrence, and the same as the split pair (`fused_split` off) to float32
-    rounding."""
+    them (3 big chunks: a fold of two); packed segments, grouped heads, no initial state.
+    Outputs and final states against the float64 recurrence, and the same as the split pair
+    (`fused_split` off) to float32 rounding."""
+    fixup = mode == "fixup"
     seed = 220
     ref_out, _ = _reference(seed, case)
     args, _, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
@@ -190,7 +240,13 @@ def test_fused_forward_over_big_chunks(case, max_chunks, fixup):
                 *a[:5], initial_state=(a[5], a[6]) if state else None, return_final_state=True,
                 segment_ids=a[7] if segs else None, impl="pallas", chunk_size=C))(*args, seg)
 
-    o, (hk, hv) = forward(split_fixup=fixup)
+    in_kernel = dict(split_fixup=fixup, split_combine_in_kernel=mode == "in_kernel")
+    o, (hk, hv) = forward(**in_kernel)
+    if mode == "in_kernel":   # no XLA op between the kernels: an unsplit forward's arithmetic
+        assert _xla_arithmetic(C, args, seg, split_below_programs=10 ** 6,
+                               split_programs=10 ** 6, split_min_chunks=2,
+                               fused_max_chunks=max_chunks, **in_kernel) == \
+            _xla_arithmetic(C, args, seg)
     ro, (rhk, rhv) = ref_out
     _assert_rel(o, ro, F32_REL, "o")
     _assert_rel(hk, rhk, F32_REL, "final Hk")
@@ -479,6 +535,10 @@ def _mixed_gates(args):
     ("walk", {}),
     ("big_chunks", dict(split_below_programs=10 ** 6, split_programs=10 ** 6,
                         split_min_chunks=1)),
+    # the combine in the kernels: its decays multiply tiles past the bound (e^-160 over a
+    # chunk of -5 per step: 0 in float32) and the fold must carry them
+    ("big_chunks_in_kernel", dict(split_below_programs=10 ** 6, split_programs=10 ** 6,
+                                  split_min_chunks=1, split_combine_in_kernel=True)),
     ("output_kernel", dict(fused_forward=False)),
 ])
 def test_strong_gates_apart_forward_matches_float64(path, tuning):
