@@ -227,7 +227,8 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
     if with_chunk and "chunk" in impls:
         variants["chunk"] = gsa_fn("chunk", seg)
     default_tuning = dataclasses.asdict(pgla.Tuning())
-    first_o = None   # the first pallas row's output: every other pallas row is checked against it
+    # the first pallas row's output and gradients: every other pallas row is checked against them
+    first_o = first_grads = None
     for name, f in variants.items():
         pgla.set_tuning(**{**default_tuning, **(tunings or {}).get(name, {})})
         try:
@@ -237,11 +238,13 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
                           "fwd_bwd_ms": time_jax(fb, args) * 1e3,
                           "mem_bytes": compiled_bytes(fb, args)}
             if name.startswith("pallas"):   # a launch variant must not change the result
-                o = fwd(*args)
+                o, grads = fwd(*args), fb(*args)
                 if first_o is None:
-                    first_o = o
+                    first_o, first_grads = o, grads
                 else:
                     rows[name]["rel_err_o_vs_pallas"] = rel_err(o, first_o)
+                    rows[name]["rel_err_grads_vs_pallas"] = max(
+                        rel_err(a, b) for a, b in zip(grads, first_grads))
         except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(shape, name, rows[name], flush=True)

@@ -94,21 +94,32 @@ def test_bench_kernels_times_the_chunk_form_alone(tmp_path):
 
 @pytest.mark.slow  # the kernels interpreted and timed, 3 rows: CI's second step
 def test_bench_kernels_variant_rows_are_checked_against_the_default():
-    """A launch variant (here the one-walk split forward, `split_fixup`, on big chunks of two
-    chunks) is timed as its own row and its output compared with the default pallas row's: the
-    same result to float32 rounding."""
+    """A launch variant (here the split forward in two walks or one, `split_fixup`, and the
+    split walks with their combine in the kernels, on big chunks of two chunks) is timed as its
+    own row and its output and gradients compared with the default pallas row's: the same
+    result to float32 rounding."""
     import jax.numpy as jnp
     bench = load_experiment("bench_kernels")
     split = {"split_below_programs": 10 ** 6, "split_programs": 10 ** 6, "split_min_chunks": 2,
              "fused_max_chunks": 2}   # 4 chunks in 2 big chunks
     row = bench.bench_shape((1, 256, 2, 16, 16), jnp.float32, None, impls=("pallas",),
                             tunings={"pallas two_walks": split,
-                                     "pallas fixup": {**split, "split_fixup": True}})
+                                     "pallas fixup": {**split, "split_fixup": True},
+                                     "pallas in_kernel": {**split,
+                                                          "split_combine_in_kernel": True}})
     res = row["results"]
-    assert list(res) == ["pallas", "pallas two_walks", "pallas fixup"]
+    variants = ["pallas two_walks", "pallas fixup", "pallas in_kernel"]
+    assert list(res) == ["pallas"] + variants
     assert "rel_err_o_vs_pallas" not in res["pallas"]
-    for name in ("pallas two_walks", "pallas fixup"):
+    for name in variants:
         assert res[name]["fwd_ms"] > 0 and 0 <= res[name]["rel_err_o_vs_pallas"] < 1e-5
+        assert 0 <= res[name]["rel_err_grads_vs_pallas"] < 1e-5
+    page = load_experiment("bench_kernels_report").markdown(
+        {"tag": "test", "device": "cpu", "jax": "x", "date": "x", "command": "x",
+         "copy_bandwidth_GBps": 1.0, "checks": [], "rows": [row]})
+    r = res["pallas in_kernel"]
+    assert (f"| pallas in_kernel | {r['rel_err_o_vs_pallas']:.1e} | "
+            f"{r['rel_err_grads_vs_pallas']:.1e} | - |") in page
 
 
 def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatch):
