@@ -435,6 +435,77 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
     return dq, dk, dv, db
 
 
+# The gradients of one chunk in two parts, for two kernels (Tuning.split_grads_bwd): fewer
+# values live in each than in `grads`. The query side (dq and its share of db) reads the
+# entering state S; the key/value side (dk, dv and the rest of db) reads dS, and S for the
+# last row's decay term only. Fast within-chunk path only: a tile past the bound (apart) gets
+# its within-chunk terms from intra_grads_strong's kernel. The same algebra as `grads`, its db
+# split as db = db_q + db_kv.
+
+def grads_query_side(q, k, v, do, S, gt: Gates, masks, *, key_gated, scale, dot, apart):
+    """(dq, db_q) of one chunk: dq and the terms of db that pair with it (key gate:
+    dq̂ ⊙ q̂ + dq̄ ⊙ q̄; value gate: do ⊙ o, both of o's terms)."""
+    from_ = masks.from_state[:, None]
+    q32 = q.astype(f32)
+    if key_gated:
+        q_hat = q32 * jnp.exp(gt.b - gt.rho)
+        k_hat = k.astype(f32) * jnp.exp(gt.rho - gt.b)
+        dA = scale * jnp.where(masks.intra, dot.nt(do, v), 0.0)
+        dq_hat = dot.nn(dA, k_hat)
+        dq = jnp.where(apart, 0.0, dq_hat * jnp.exp(gt.b - gt.rho))
+        db = jnp.where(apart, 0.0, dq_hat * dot.rounded(q_hat))
+        e_b = jnp.exp(gt.b) * from_
+        dq_bar = scale * dot.nt(do, S)
+        return dq + dq_bar * e_b, db + dq_bar * (q32 * e_b)
+    A = scale * jnp.where(masks.intra, dot.nt(q, k), 0.0)
+    v_hat = dot.rounded(v.astype(f32) * jnp.exp(gt.rho - gt.b))
+    do32 = do.astype(f32)
+    dY = dot.rounded(do32 * jnp.exp(gt.b - gt.rho))
+    dA = scale * jnp.where(masks.intra, dot.nt(dY, v_hat), 0.0)
+    dq = jnp.where(apart, 0.0, dot.nn(dA, k))
+    db = jnp.where(apart, 0.0, dY * dot.nn(A, v_hat))
+    e_b = jnp.exp(gt.b)
+    X = dot.nn(q, S) * (scale * from_)
+    dX = do32 * e_b * from_
+    return dq + scale * dot.nt(dX, S), db + do32 * e_b * X
+
+
+def grads_key_value_side(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot,
+                         apart):
+    """(dk, dv, db_kv) of one chunk: dk, dv and the rest of db (key gate: −dk̂ ⊙ k̂ − dk̄ ⊙ k̄;
+    value gate: −dv̂ ⊙ v̂ − dv̄ ⊙ v̄; plus the last row's Σ dk̄⊙k̄ (dv̄⊙v̄) + e^{b_C} Σ S⊙dS)."""
+    C = q.shape[0]
+    last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+    A, q_hat, k_hat = _scores(q, k, gt, masks, key_gated, scale, dot)
+    if key_gated:
+        dA = scale * jnp.where(masks.intra, dot.nt(do, v), 0.0)
+        dk_hat = dot.tn(dA, q_hat)
+        dk = jnp.where(apart, 0.0, dk_hat * jnp.exp(gt.rho - gt.b))
+        dv = jnp.where(apart, 0.0, dot.tn(A, do))
+        db = jnp.where(apart, 0.0, -dk_hat * dot.rounded(k_hat))
+        k_bar = k.astype(f32) * gt.to_end
+        dk_bar = dot.nt(v, dS)
+        dk = dk + dk_bar * gt.to_end
+        dv = dv + dot.nn(k_bar, dS)
+        db = db - dk_bar * k_bar
+        db_last = jnp.sum(dk_bar * k_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=1)
+    else:
+        v_hat = dot.rounded(v.astype(f32) * jnp.exp(gt.rho - gt.b))
+        dY = dot.rounded(do.astype(f32) * jnp.exp(gt.b - gt.rho))
+        dv_hat = dot.tn(A, dY)
+        dA = scale * jnp.where(masks.intra, dot.nt(dY, v_hat), 0.0)
+        dk = jnp.where(apart, 0.0, dot.tn(dA, q))
+        dv = jnp.where(apart, 0.0, dv_hat * jnp.exp(gt.rho - gt.b))
+        db = jnp.where(apart, 0.0, -dv_hat * v_hat)
+        v_bar = v.astype(f32) * gt.to_end
+        dv_bar = dot.nn(k, dS)
+        dk = dk + dot.nt(v_bar, dS)
+        dv = dv + dv_bar * gt.to_end
+        db = db - dv_bar * v_bar
+        db_last = jnp.sum(dv_bar * v_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=0)
+    return dk, dv, db + jnp.where(last_row, db_last[None, :], 0.0)
+
+
 def reverse_cumsum(x):
     """Σ_{t ≥ j} x_t along axis 0 (Triton has no reverse scan)."""
     return jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x

@@ -144,6 +144,19 @@ class Tuning:
     output (or gradient) of a tile past the bound is rounded twice (its fast part, then the
     sum).
 
+    `split_grads_bwd` (off until timed on a GPU) runs the backward's gradient kernel as two
+    on the same grid: the query side (dq and its share of the gate gradient, which goes
+    through memory in float32) and the key/value side (dk, dv, the rest, and dg), each with
+    the fast within-chunk path only (the strong kernel of `strong_gates_apart` adds the tiles
+    past the bound); True, or "key" / "value" for one GSA pass. Why: the single kernel holds
+    more tiles than the register file (kernel_registers: 1304 / 1052 bytes per thread spilled
+    at M = 64 by the two passes' gradient kernels; Nsight Compute on the H200: 566-2830 MB of
+    local loads per launch) and is 66% of GSA's forward+backward at 8 x 2048; the two halves
+    recompute the scores and their gradient (one more or two more matmuls per chunk) and read
+    the inputs twice. Where it applies, a key loop (key_loop_bwd, block_k_bwd None's choice
+    for a large state) is not taken: the split is the alternative to it (whole K, or key
+    blocks as programs where key_loop_bwd is false).
+
     `warps_states` sets the warps of the forward's sequential state walk (`states_fwd`, also
     the final-state walks of a split forward): 0 (the default until timed as above) takes
     `warps_seq`; None (auto) takes 8 for a large state, where 4 spill (at M = 128 208 MB of
@@ -170,11 +183,13 @@ class Tuning:
     key_loop_bwd: Optional[bool] = None
     warps_states: Optional[int] = 0
     strong_gates_apart: Union[bool, str] = False
+    split_grads_bwd: Union[bool, str] = False
 
     def __post_init__(self):
-        if self.strong_gates_apart not in (True, False, "key", "value"):
-            raise ValueError(f"Tuning.strong_gates_apart must be true, false, 'key' or "
-                             f"'value', got {self.strong_gates_apart!r}")
+        for name in ("strong_gates_apart", "split_grads_bwd"):
+            if getattr(self, name) not in (True, False, "key", "value"):
+                raise ValueError(f"Tuning.{name} must be true, false, 'key' or 'value', "
+                                 f"got {getattr(self, name)!r}")
 
 
 def _tuning_from_env() -> Tuning:
@@ -276,9 +291,13 @@ class KernelConfig:
                   interpret=self.interpret, num_stages=t.stages, num_warps=warps)
         if parallel or fused:   # the kernels that compute intra-chunk terms
             kw["sub_chunk"] = sub_chunk_for(t.sub_chunk, self.chunk_size)
-        if parallel and backward and t.block_k_bwd:
+        side = "key" if self.key_gated else "value"
+        split = parallel and backward and t.split_grads_bwd in (True, side)
+        if parallel and backward and t.block_k_bwd and not (split and t.key_loop_bwd):
             kw.update(block_k=t.block_k_bwd, key_loop=t.key_loop_bwd)
-        apart = t.strong_gates_apart in (True, "key" if self.key_gated else "value")
+        if split:
+            kw["split"] = True
+        apart = t.strong_gates_apart in (True, side)
         if (parallel or fused) and apart:
             kw["strong_apart"] = True
             if fused:

@@ -121,6 +121,46 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
 
 
+def _parallel_tile(runs_ref, g_ref, lay: common.Layout):
+    """(rows, masks, gates, whether the tile is past the bound) of this program's chunk."""
+    n = pl.program_id(0)
+    rows = pl.ds(n * lay.C, lay.C)
+    masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
+                               common.causal_mask(lay.C))
+    g = g_ref[rows, :]
+    return rows, masks, chunk_math.gates(g, masks), chunk_math.is_extreme_tile(g)
+
+
+def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    """The query side of the gradients (Tuning.split_grads_bwd): dq, and db_q in float32 for
+    the key/value side's kernel."""
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    state_ref, do_ref, dq_ref, dbq_ref = refs
+    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay)
+    dq, db_q = chunk_math.grads_query_side(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
+        state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated, scale=scale, dot=dot,
+        apart=apart)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dbq_ref[rows, :] = db_q
+
+
+def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+    """The key/value side (Tuning.split_grads_bwd): dk, dv, and dg from db_q + db_kv."""
+    q_ref, k_ref, v_ref, g_ref, *refs = refs
+    runs_ref = refs.pop(0) if has_runs else None
+    state_ref, dstate_ref, do_ref, dbq_ref, dk_ref, dv_ref, dg_ref = refs
+    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay)
+    dk, dv, db = chunk_math.grads_key_value_side(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
+        state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks,
+        key_gated=lay.key_gated, scale=scale, dot=dot, apart=apart)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    dg_ref[rows, :] = chunk_math.reverse_cumsum(db + dbq_ref[rows, :]).astype(dg_ref.dtype)
+
+
 def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     """Adds the within-chunk gradient terms of each tile past the bound to dq, dk, dv, dg
     (aliased in place); the programs of the other tiles write nothing."""
@@ -167,7 +207,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False, strong_apart=False):
+              key_loop=False, strong_apart=False, split=False):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -183,9 +223,18 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     tiles live at a time.
 
     strong_apart: the kernel takes the fast within-chunk path only, and a second kernel adds
-    the terms of the tiles past the chunk bound in place (Tuning.strong_gates_apart)."""
+    the terms of the tiles past the chunk bound in place (Tuning.strong_gates_apart).
+
+    split (Tuning.split_grads_bwd): two kernels on the same grid instead of one, the query
+    side (dq, and db_q through memory in float32) then the key/value side (dk, dv, dg); each
+    holds fewer values than the whole. Fast path only in both: the strong kernel runs
+    (strong_apart implied). Not with a key loop."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
+    if split and loop:
+        raise ValueError("Tuning.split_grads_bwd does not combine with a key loop "
+                         "(key_loop_bwd): take key blocks as programs or the whole K")
+    strong_apart = strong_apart or split
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
@@ -208,11 +257,25 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
                  (out(per_block, g.dtype, lay.NV > 1 or grouped) if key_gated
                   else out(per_head, g.dtype, value_side_f32))]
     out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
-    kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
-                               key_loop=loop, strong_apart=strong_apart)
-    grads = _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
-                  num_warps=num_warps, num_stages=num_stages, name="gla_grads_bwd")
+    launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    if split:
+        common_kw = dict(lay=lay, has_runs=runs is not None, scale=float(scale),
+                         dot=common.Dot(q.dtype, interpret))
+        dbq_shape = jax.ShapeDtypeStruct(out_shape[3].shape, f32)
+        # the query side reads the states (not their gradients)
+        dq, dbq = _call(functools.partial(_grads_query_kernel, **common_kw), lay,
+                        args[:-2] + [do], in_specs[:-2] + [lay.o()], [out_shape[0], dbq_shape],
+                        [out_specs[0], out_specs[3]], name="gla_grads_query_bwd", **launch)
+        dk, dv, dg = _call(functools.partial(_grads_key_value_kernel, **common_kw), lay,
+                           args + [dbq], in_specs + [out_specs[3]], out_shape[1:],
+                           out_specs[1:], name="gla_grads_key_value_bwd", **launch)
+        grads = [dq, dk, dv, dg]
+    else:
+        kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
+                                   scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                                   key_loop=loop, strong_apart=strong_apart)
+        grads = _call(kernel, lay, args, in_specs, out_shape, out_specs, name="gla_grads_bwd",
+                      **launch)
     if not strong_apart:
         return grads
     # the same programs (chunk, head, value block, key block); the four gradients in place

@@ -606,6 +606,42 @@ def test_strong_gates_apart_gradients_match_float64(tuning):
     _compare(out, grads, ref_out, ref_grads, F32_REL, True)
 
 
+@pytest.mark.parametrize("case,tuning", [
+    ("segments_C32", dict(split_grads_bwd=True)),
+    ("segments_C32", dict(split_grads_bwd="value", block_v_bwd=8)),   # value blocks, pass 1
+    ("segments_C32", dict(split_grads_bwd="key", block_k_bwd=8, key_loop_bwd=False)),
+    # a key loop asked for: the split takes the whole K instead
+    ("segments_C32", dict(split_grads_bwd=True, block_k_bwd=8, key_loop_bwd=True)),
+    ("K32_V16_M32_gqa", dict(split_grads_bwd=True)),                   # mild gates, no segments
+], ids=["both_passes", "value_pass_value_blocks", "key_pass_key_blocks", "over_key_loop",
+        "mild_gates"])
+def test_split_gradient_kernels_match_float64(case, tuning):
+    """`split_grads_bwd`: the gradient kernel as two, the query side (dq, db_q through memory)
+    then the key/value side (dk, dv, dg), fast path only, with the strong kernel adding the
+    tiles past the bound; with one tile of each kind (segments_C32: fast, sub-chunk tier,
+    exact loop; packed segments, an initial state, grouped heads), value and key blocks, and
+    mild gates without segments (K32_V16_M32_gqa), values and every gradient match the
+    float64 recurrence."""
+    seed = 332
+    C, state, segs = CASES[case][7], CASES[case][9], CASES[case][8]
+    prep = _mixed_gates if case == "segments_C32" else (lambda a: a)
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, state, segs)(prep(args), cot, seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(sub_chunk=8, **tuning):
+        fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
+        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
+        out, grads = fn(prep(args), cot, seg)
+    passes = 2 if tuning["split_grads_bwd"] is True else 1
+    assert jaxpr.count("name=gla_grads_query_bwd") == passes
+    assert jaxpr.count("name=gla_grads_key_value_bwd") == passes
+    assert jaxpr.count("name=gla_grads_bwd") == 2 - passes
+    assert jaxpr.count("name=gla_strong_intra_bwd") == passes   # implied by the split
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+
+
 def test_bfloat16_inputs_close_to_float64():
     """bf16 inputs (f32 accumulation inside): output in bf16, within bf16 rounding of the
     float64 reference computed on the same (rounded) inputs."""
