@@ -562,6 +562,24 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
 
 
+def _tuned_against_float64(seed, case, prep, **tuning):
+    """The kernels under a tuning on a case's inputs (transformed by prep), values and every
+    gradient compared with the float64 recurrence on the same inputs; returns the jaxpr's
+    text (which kernels ran)."""
+    C, segs, state = CASES[case][7:10]
+    with enable_x64():
+        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
+        ref_out, ref_grads = jax.tree.map(
+            np.asarray, _value_and_grads("recurrent", C, state, segs)(prep(args), cot, seg))
+    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(**tuning):
+        fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
+        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
+        out, grads = fn(prep(args), cot, seg)
+    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
+    return jaxpr
+
+
 @pytest.mark.parametrize("tuning", [
     {},
     dict(block_v_bwd=8),                                         # value blocks: partial sums
@@ -590,20 +608,11 @@ def test_strong_gates_apart_gradients_match_float64(tuning):
             mixed = _mixed_gates(args)
             slots = jnp.arange(args[4].shape[-1])
             return (*mixed[:4], jnp.where(slots < 8, mixed[4], args[4]), *mixed[5:])
-    with enable_x64():
-        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
-        ref_out, ref_grads = jax.tree.map(
-            np.asarray, _value_and_grads("recurrent", C, True, True)(prep(args), cot, seg))
-    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
-    with pgla.tuning(sub_chunk=8, **tuning):
-        fn = _value_and_grads.__wrapped__("pallas", C, True, True)
-        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
-        out, grads = fn(prep(args), cot, seg)
+    jaxpr = _tuned_against_float64(seed, case, prep, sub_chunk=8, **tuning)
     passes = 2 if tuning["strong_gates_apart"] is True else 1
     # the forward (states + output kernel) and the backward each hold one per pass apart
     assert jaxpr.count("name=gla_strong_intra_bwd") == jaxpr.count(
         "name=gla_strong_intra_fwd") == passes
-    _compare(out, grads, ref_out, ref_grads, F32_REL, True)
 
 
 @pytest.mark.parametrize("case,tuning", [
@@ -622,24 +631,13 @@ def test_split_gradient_kernels_match_float64(case, tuning):
     exact loop; packed segments, an initial state, grouped heads), value and key blocks, and
     mild gates without segments (K32_V16_M32_gqa), values and every gradient match the
     float64 recurrence."""
-    seed = 332
-    C, state, segs = CASES[case][7], CASES[case][9], CASES[case][8]
     prep = _mixed_gates if case == "segments_C32" else (lambda a: a)
-    with enable_x64():
-        args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
-        ref_out, ref_grads = jax.tree.map(
-            np.asarray, _value_and_grads("recurrent", C, state, segs)(prep(args), cot, seg))
-    args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
-    with pgla.tuning(sub_chunk=8, **tuning):
-        fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
-        jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
-        out, grads = fn(prep(args), cot, seg)
+    jaxpr = _tuned_against_float64(332, case, prep, sub_chunk=8, **tuning)
     passes = 2 if tuning["split_grads_bwd"] is True else 1
     assert jaxpr.count("name=gla_grads_query_bwd") == passes
     assert jaxpr.count("name=gla_grads_key_value_bwd") == passes
     assert jaxpr.count("name=gla_grads_bwd") == 2 - passes
     assert jaxpr.count("name=gla_strong_intra_bwd") == passes   # implied by the split
-    _compare(out, grads, ref_out, ref_grads, F32_REL, state)
 
 
 def test_bfloat16_inputs_close_to_float64():
