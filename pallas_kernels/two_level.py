@@ -24,6 +24,14 @@ first, the state leaving big chunk j − 1 for the others), and the fused kernel
 outputs inside the walk) then walks each big chunk from it, all big chunks in parallel. No
 chunk state is written or read back, and no walk is longer than L chunks.
 
+The combine in the kernels (`Tuning.split_combine_in_kernel`; the `*_in_kernel` functions
+below): step 1 is a final-state walk that also writes each big chunk's decay D_j, and a second
+walk does steps 2 and 3 itself, each program folding the F and D of the big chunks before its
+own into its true entering state (gla_fwd.entering_state, at most NB − 1 multiply-adds of a
+[K, BV] state) and walking from it: the fused walk (outputs), or the state walk (writing the
+true chunk states in time order, [B, H, NB·L·K, V]). No XLA op between the kernels computes a
+state.
+
 The backward pass is the mirror image: the gradient of the state leaving each chunk, walked in
 reverse, with dsT entering the last big chunk, G_{NB-1} = 0, G_{j-1} = D_j ⊙ G_j + dS0_j (the
 local gradients of the states entering the big chunks), fix-up with the suffix products
