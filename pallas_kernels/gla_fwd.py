@@ -226,8 +226,9 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
     (final_only: (None, the final state); no chunk state is written).
 
     The chunk states are stored in the inputs' dtype: the kernels that read them feed them to
-    matmuls in that dtype anyway, and bf16 halves their memory traffic. Inputs padded to Tp = N·C: q [B, Tp, H, K] (only its shape is used), k [B, Tp, Hkv, K],
-    v [B, Tp, Hkv, V], g [B, Tp, Hkv, K or V], s0 [B, H, K, V] f32, runs [B, Tp] int32 or None.
+    matmuls in that dtype anyway, and bf16 halves their memory traffic. Inputs padded to
+    Tp = N·C: q [B, Tp, H, K] (only its shape is used), k [B, Tp, Hkv, K], v [B, Tp, Hkv, V],
+    g [B, Tp, Hkv, K or V], s0 [B, H, K, V] f32, runs [B, Tp] int32 or None.
 
     The rows of a split time axis (big_chunks = NB > 1; the inputs are [B·NB, L·C, ., .] rows,
     two_level.py): s0 is the batch's [B, H, K, V], each row walks from the state

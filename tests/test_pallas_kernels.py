@@ -189,21 +189,27 @@ def _xla_ops(jaxpr, counts=None):
 # (segments_C32 with the XLA combine: test_forward_paths_and_recomputation[two_level_states])
 @pytest.mark.parametrize("case,in_kernel", [
     ("K32_V16_M32_gqa", False), ("K16_V16_M64_no_state", False),
-    ("segments_C32", True), ("K32_V16_M32_gqa", True), ("K16_V16_M64_no_state", True)])
+    ("segments_C32", True), ("K32_V16_M32_gqa", True), ("K16_V16_M64_no_state", True),
+    ("value_blocks", True)])
 def test_two_level_state_passes_on_more_cases(case, in_kernel):
     """Packed segments with an initial state (3 chunks, big chunks of 2 with padding), grouped
     heads with an initial state (3 chunks, each its own big chunk) and no initial state
     through the two-level state passes, forward split so that the entering states are used;
     the combine in XLA, or in the kernels (`split_combine_in_kernel`: a final-state walk,
     then the state walk from each big chunk's true entering state, folded in the kernel; the
-    backward's state-gradient walks likewise from the end)."""
+    backward's state-gradient walks likewise from the end), also with value blocks of 8
+    (value_blocks: K16_V32_M16_ragged, both passes in several blocks, each with its own
+    decay slice (value gate) or copy (key gate))."""
     seed = 210
+    blocks = {}
+    if case == "value_blocks":
+        case, blocks = "K16_V32_M16_ragged", dict(block_v=8, block_v_bwd=8)
     ref_out, ref_grads = _reference(seed, case)
     args, cot, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
     min_chunks = 1 if case == "K32_V16_M32_gqa" else 2
     with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
                      split_min_chunks=min_chunks, fused_max_chunks=0,
-                     split_combine_in_kernel=in_kernel):
+                     split_combine_in_kernel=in_kernel, **blocks):
         fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
         out, grads = fn(args, cot, seg)
         split = pgla.current_tuning()
@@ -216,7 +222,8 @@ def test_two_level_state_passes_on_more_cases(case, in_kernel):
 @pytest.mark.parametrize("mode", ["two_walks", "in_kernel",
                                   pytest.param("fixup", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
-                                             ("K16_V16_M64_no_state", 1)])
+                                             ("K16_V16_M64_no_state", 1),
+                                             ("value_blocks", 1)])
 def test_fused_forward_over_big_chunks(case, max_chunks, mode):
     """A forward without gradient on few programs: final states of the big chunks, their
     combine, then the fused walk of every big chunk from its true entering state
@@ -227,26 +234,30 @@ def test_fused_forward_over_big_chunks(case, max_chunks, mode):
     3 chunks: big chunks of 2 (one padding chunk), or of 1 where `fused_max_chunks` = 1 caps
     them (3 big chunks: a fold of two); packed segments, grouped heads, no initial state.
     Outputs and final states against the float64 recurrence, and the same as the split pair
-    (`fused_split` off) to float32 rounding."""
+    (`fused_split` off) to float32 rounding. value_blocks: K16_V32_M16_ragged in value blocks
+    of 8 (several walks per head, each with its slice or copy of the decays)."""
     fixup = mode == "fixup"
+    blocks = {}
+    if case == "value_blocks":
+        case, blocks = "K16_V32_M16_ragged", dict(block_v=8)
     seed = 220
     ref_out, _ = _reference(seed, case)
     args, _, seg, (C, state, segs) = _case_inputs(seed, case, jnp.float32)
 
     def forward(**tuning):
         with pgla.tuning(split_below_programs=10 ** 6, split_programs=10 ** 6,
-                         split_min_chunks=2, fused_max_chunks=max_chunks, **tuning):
+                         split_min_chunks=2, fused_max_chunks=max_chunks, **blocks, **tuning):
             return jax.jit(lambda *a: gated_slot_attention(
                 *a[:5], initial_state=(a[5], a[6]) if state else None, return_final_state=True,
                 segment_ids=a[7] if segs else None, impl="pallas", chunk_size=C))(*args, seg)
 
-    in_kernel = dict(split_fixup=fixup, split_combine_in_kernel=mode == "in_kernel")
-    o, (hk, hv) = forward(**in_kernel)
+    walk = dict(split_fixup=fixup, split_combine_in_kernel=mode == "in_kernel")
+    o, (hk, hv) = forward(**walk)
     if mode == "in_kernel":   # no XLA op between the kernels: an unsplit forward's arithmetic
         assert _xla_arithmetic(C, args, seg, split_below_programs=10 ** 6,
                                split_programs=10 ** 6, split_min_chunks=2,
-                               fused_max_chunks=max_chunks, **in_kernel) == \
-            _xla_arithmetic(C, args, seg)
+                               fused_max_chunks=max_chunks, **blocks, **walk) == \
+            _xla_arithmetic(C, args, seg, **blocks)
     ro, (rhk, rhv) = ref_out
     _assert_rel(o, ro, F32_REL, "o")
     _assert_rel(hk, rhk, F32_REL, "final Hk")
