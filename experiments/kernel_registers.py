@@ -142,14 +142,73 @@ for path, warps, stages in jobs:
     else:
         raise RuntimeError(run.stderr)
     info = run.stderr
+    cubin = path[:-5] + ".cubin"
+    subprocess.run([ptxas, "-arch=sm_90a", ptx, "-o", cubin], check=True, capture_output=True)
+    sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], check=True,
+                          capture_output=True, text=True).stdout
     num = lambda pattern: int(re.search(pattern, info).group(1))
     out.append({"registers": num(r"Used (\d+) registers"),
                 "spill_stores": num(r"(\d+) bytes spill stores"),
                 "spill_loads": num(r"(\d+) bytes spill loads"),
                 "stack_frame": num(r"(\d+) bytes stack frame"),
-                "shared_bytes": k.metadata.shared})
+                "shared_bytes": k.metadata.shared, "sass": sass})
 json.dump({"triton": triton.__version__, "kernels": out}, sys.stdout)
 """
+
+
+# SASS opcodes by what they do (sm_90); the rest counts as "other"
+SASS_CLASSES = {
+    "fp32": ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP", "FRND", "FCHK"),
+    "mufu": ("MUFU",),
+    "tensor": ("HGMMA", "HMMA", "IMMA"),
+    "smem_sync": ("LDS", "STS", "LDSM", "STSM", "BAR", "SHFL", "LDGSTS", "LDGDEPBAR",
+                  "DEPBAR", "WARPSYNC", "MEMBAR", "REDUX"),
+    "int_addr": ("IADD3", "LOP3", "SHF", "LEA", "IMAD", "ISETP", "SEL", "PRMT", "VIADD",
+                 "UIADD3", "R2UR", "UMOV", "MOV", "S2R", "S2UR", "PLOP3", "F2I", "I2F", "ULDC",
+                 "UISETP", "USEL", "ULOP3", "CS2R", "SGXT", "ULEA", "USHF", "P2R", "R2P",
+                 "IABS", "IMNMX", "UIMAD", "USGXT", "FLO", "POPC"),
+    "convert": ("F2FP", "F2F"),
+    "global": ("LDG", "STG", "ATOMG", "RED"),
+    "local": ("LDL", "STL"),
+}
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z0-9_]+)")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_TARGET = re.compile(r"BRA\s.*`\((\.L_x_\d+)\)")
+
+
+# the kernels that walk chunks in a loop (one pass of it per chunk); the others compute one
+# chunk per program, so their whole kernel is a chunk's work
+WALKS = ("gla_states_fwd", "gla_final_state_fwd", "gla_fused_fwd", "gla_dstates_bwd",
+         "gla_final_dstate_bwd")
+
+
+def sass_mix(sass: str) -> dict:
+    """Instruction counts of a kernel's SASS (nvdisasm -c), whole and by class
+    (SASS_CLASSES), and of its main loop (the longest span a backward branch closes: a walk's
+    chunk loop). Per thread, each instruction once (static counts: a walk's loop body runs
+    once per chunk, so its count is one thread's issue work per chunk; cold branches count
+    too)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [_SASS_LABEL.match(line)]
+              if m}
+    loop = (0, 0)
+    for i, line in enumerate(lines):
+        m = _SASS_TARGET.search(line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > loop[1] - loop[0]:
+            loop = (labels[m.group(1)], i)
+
+    def opcodes(part):
+        return [m.group(1) for line in part for m in [_SASS_LINE.match(line)] if m]
+
+    def by_class(ops):
+        counts = {name: sum(op in names for op in ops) for name, names in SASS_CLASSES.items()}
+        counts["other"] = len(ops) - sum(counts.values())
+        return counts
+
+    whole = opcodes(lines)
+    in_loop = opcodes(lines[loop[0]:loop[1] + 1]) if loop[1] else []
+    return {"instructions": len(whole), "by_class": by_class(whole),
+            "loop_instructions": len(in_loop), "loop_by_class": by_class(in_loop)}
 
 
 def compile_stats(kernels, workdir: str) -> tuple[str, list[dict]]:
@@ -166,7 +225,9 @@ def compile_stats(kernels, workdir: str) -> tuple[str, list[dict]]:
         raise SystemExit("kernel_registers: compiling with pip triton failed (pip install "
                          f"triton==3.6.0):\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout)
-    return result["triton"], result["kernels"]
+    stats = [{**{k: v for k, v in st.items() if k != "sass"}, **sass_mix(st["sass"])}
+             for st in result["kernels"]]
+    return result["triton"], stats
 
 
 def parse_args(argv=None):
@@ -206,18 +267,34 @@ def main(argv=None):
     what = ("forward without gradient" if args.forward_only else "forward + backward")
     if args.fast_only:
         what += ", fast intra-chunk path only (cold branches cut out)"
+    def mix(r):
+        """A chunk's instructions: a walk's loop body, a chunk-parallel kernel's whole code."""
+        walk = r["kernel"] in WALKS
+        n, c = ((r["loop_instructions"], r["loop_by_class"]) if walk
+                else (r["instructions"], r["by_class"]))
+        return (f"{n} | {c['fp32']} / {c['mufu']} / {c['tensor']} / {c['smem_sync']} / "
+                f"{c['int_addr']}")
+
     table = common.markdown_table(
         ["B,T,H,K,M,V", "variant", "#", "kernel", "warps", "stages", "registers",
-         "spill st / ld (B)", "shared KiB"],
+         "spill st / ld (B)", "shared KiB", "SASS per chunk",
+         "fp32 / MUFU / MMA / smem+sync / int"],
         [(",".join(map(str, r["shape"])), r["variant"], r["launch"], r["kernel"],
           r["num_warps"], r["num_stages"], r["registers"],
-          f"{r['spill_stores']} / {r['spill_loads']}", f"{r['shared_bytes'] / 1024:.0f}")
-         for r in rows], align="llrlrrrrr")
+          f"{r['spill_stores']} / {r['spill_loads']}", f"{r['shared_bytes'] / 1024:.0f}",
+          mix(r)) for r in rows], align="llrlrrrrrrr")
     markdown = (f"# Kernel registers and spills ({args.tag})\n\n"
                 f"The Pallas GPU kernels of one GSA {what}, bf16, chunk 64: their Triton IR "
                 f"compiled by pip triton {triton_version} for sm_90 and assembled by its ptxas "
                 "(experiments/kernel_registers.py). Per thread: registers and spilled bytes "
-                "(stores / loads); per program: shared memory. XLA compiles the same IR with "
+                "(stores / loads); per program: shared memory. 'SASS per chunk': the "
+                "instructions one thread issues for a chunk (nvdisasm of the assembled kernel, "
+                "static counts: a walk's loop body; a chunk-parallel kernel's whole code, "
+                "cold branches included), by class: float32 arithmetic, MUFU (exp, "
+                "reciprocal), tensor-core, shared memory and synchronisation, integer and "
+                "addressing. A walk whose warps cannot hide latency is bound by this count "
+                "(issue slots), not by its matmuls. "
+                "XLA compiles the same IR with "
                 "its own Triton on the GPU, so its allocation may differ somewhat; the times "
                 "are the GPU's to measure. # is the launch order: GSA's pass 1 (q, k, s; gated on its "
                 "value axis, the slots) then pass 2 (p, s, v; gated on its key axis, the slots), "

@@ -54,6 +54,40 @@ def test_strong_gates_apart_takes_the_branches_out_of_the_hot_kernels():
         assert all("scf.if" in text for name, _, _, text in default if name in hot)
 
 
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0020*/                   LDS R2, [R0] ;
+        /*0030*/                   FFMA R3, R2, R2, R3 ;
+        /*0040*/                   MUFU.EX2 R4, R3 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8 ;
+        /*0060*/               @!P0 FADD R3, R3, R4 ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0090*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*00a0*/                   STG.E [R6.64], R3 ;
+        /*00b0*/                   @P1 BRA `(.L_x_1) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_sass_mix_counts_the_main_loop_by_class():
+    """A hand-written SASS listing: 13 instructions, the main loop (the longest span a
+    backward branch closes) is the 8 from .L_x_0 to its branch; predicated instructions
+    count under their opcode."""
+    mix = kr.sass_mix(SASS)
+    assert mix["instructions"] == 13
+    assert mix["by_class"] == {"fp32": 2, "mufu": 1, "tensor": 1, "smem_sync": 2,
+                               "int_addr": 3, "convert": 0, "global": 1, "local": 0,
+                               "other": 3}   # two branches and the exit
+    assert mix["loop_instructions"] == 8
+    assert mix["loop_by_class"] == {"fp32": 2, "mufu": 1, "tensor": 1, "smem_sync": 2,
+                                    "int_addr": 1, "convert": 0, "global": 0, "local": 0,
+                                    "other": 1}   # the branch
+
+
 @pytest.mark.reference
 def test_registers_and_spills_from_ptxas(tmp_path):
     """Compiled by pip triton (the reference extra) for sm_90: every row within the hardware's
@@ -71,9 +105,15 @@ def test_registers_and_spills_from_ptxas(tmp_path):
         threads = 32 * r["num_warps"]
         assert 0 < r["registers"] <= min(255, 65536 // threads), r
         assert r["shared_bytes"] <= 227 * 1024, r
+        assert 0 < r["loop_instructions"] < r["instructions"], r
     walk = {r["variant"]: r for r in rows if r["kernel"] == "gla_states_fwd"}
     assert walk["one"]["num_warps"] == 1 and walk["one"]["spill_stores"] > 512, walk
     assert walk["eight"]["spill_stores"] < walk["one"]["spill_stores"], walk
+    # the walk's loop holds a chunk's state update on the tensor cores, and the spilled
+    # values go through local memory inside it
+    for r in walk.values():
+        assert r["loop_by_class"]["tensor"] > 0 and r["loop_by_class"]["fp32"] > 0, r
+    assert walk["one"]["loop_by_class"]["local"] > walk["eight"]["loop_by_class"]["local"]
     assert "| gla_states_fwd |" in (tmp_path / "kernel_registers_test.md").read_text()
 
 
