@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the GPU kernels, read on a CPU machine.
+"""Registers, spills, shared memory and instruction counts of the GPU kernels, read on a CPU.
 
 Each Pallas GPU kernel of one `gsa_pallas` forward (or forward+backward) at a given shape and
 launch tuning is lowered to Triton IR here (the very module XLA would compile on the GPU: Pallas'
@@ -7,6 +7,10 @@ num_warps / num_stages, and its PTX assembled by the `ptxas` Triton ships (`-v`)
 thread, spill stores / loads and stack frame per thread, shared memory. A spill is local
 memory traffic inside the kernel's loop, so a launch that spills is a candidate for more warps,
 a smaller block or fewer pipeline stages; the times stay the GPU's to measure (bench_kernels).
+The assembled kernel is also disassembled (the `nvdisasm` Triton ships) and its SASS counted
+per chunk by class (`sass_mix`): one program per SM cannot hide latency, so a walk's time per
+chunk follows the instructions its threads issue (on the H200, pass 2's fused walk: ~2200 per
+chunk at Nsight's 0.47 issues per cycle per scheduler, ~4.7 µs predicted, 4.8 measured).
 
 Caveats: XLA compiles the IR with its own Triton (jaxlib's), not the pip package, so its register
 allocation may differ somewhat; use the same triton as the device (3.6.0 there, 2026-11) for the
