@@ -138,16 +138,15 @@ for path, warps, stages in jobs:
                        options={"num_warps": warps, "num_stages": stages})
     ptx = path[:-5] + ".ptx"
     open(ptx, "w").write(k.asm["ptx"])
-    for ptxas in candidates:
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+    cubin = path[:-5] + ".cubin"
+    for ptxas in candidates:  # one run gives the statistics (-v) and the cubin to disassemble
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin],
                              capture_output=True, text=True)
         if run.returncode == 0:
             break
     else:
         raise RuntimeError(run.stderr)
     info = run.stderr
-    cubin = path[:-5] + ".cubin"
-    subprocess.run([ptxas, "-arch=sm_90a", ptx, "-o", cubin], check=True, capture_output=True)
     sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", cubin], check=True,
                           capture_output=True, text=True).stdout
     num = lambda pattern: int(re.search(pattern, info).group(1))

@@ -100,8 +100,9 @@ def _rows(x, sp: SplitPlan, C: int):
 
 
 def _padded(q, k, v, g, runs, sp: SplitPlan, C: int):
-    """The inputs padded along time to the plan's NB·L chunks (zero k, v, g leave a state
-    unchanged; runs repeat their last run)."""
+    """Four time-major inputs padded along time to the plan's NB·L chunks (zero k, v, g leave
+    a state unchanged, as zero q, v, g, do leave a state gradient; runs repeat their last
+    run)."""
     extra = sp.padded_chunks * C - q.shape[1]
     q, k, v, g = (_pad_time(x, extra) for x in (q, k, v, g))
     return q, k, v, g, None if runs is None else _pad_time(runs, extra, mode="edge")
@@ -333,9 +334,7 @@ def split_dstates(dstates_fn, q, v, g, runs, do, dsT, *, sp: SplitPlan, C: int,
     Returns (gradients of the states leaving each chunk [B, H, N·K, V] in q's dtype, gradient
     of the initial state [B, H, K, V] f32)."""
     B, H = q.shape[0], q.shape[2]
-    extra = sp.padded_chunks * C - q.shape[1]
-    q, v, g, do = (_pad_time(x, extra) for x in (q, v, g, do))
-    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    q, v, g, do, runs = _padded(q, v, g, do, runs, sp, C)
     dsT_rows = jnp.zeros((B, sp.NB) + dsT.shape[1:], f32).at[:, -1].set(dsT.astype(f32))
     local, ds0 = dstates_fn(
         _rows(q, sp, C), _rows(v, sp, C), _rows(g, sp, C),
@@ -362,9 +361,7 @@ def split_dstates_in_kernel(final_fn, dstates_fn, q, v, g, runs, do, dsT, *, sp:
     from the big chunks after it (gla_fwd.entering_state with reverse). Returns (gradients of
     the states leaving each chunk [B, H, N·K, V] in q's dtype, gradient of the initial state
     [B, H, K, V] f32: the first big chunk's walk ends at it)."""
-    extra = sp.padded_chunks * C - q.shape[1]
-    q, v, g, do = (_pad_time(x, extra) for x in (q, v, g, do))
-    runs = None if runs is None else _pad_time(runs, extra, mode="edge")
+    q, v, g, do, runs = _padded(q, v, g, do, runs, sp, C)
     rows = [_rows(x, sp, C) for x in (q, v, g)]
     args = (*rows, _row_runs(runs, sp, C), _rows(do, sp, C), dsT)
     _, entering, decay = final_fn(*args, big_chunks=sp.NB, decay=True)
