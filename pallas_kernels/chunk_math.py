@@ -64,12 +64,27 @@ class Gates:
 
 
 def gates(g, masks) -> Gates:
+    """The chunk's Gates from its log gates g [C, D]."""
     g = g.astype(f32)
-    b = jnp.cumsum(g, axis=0)
-    b_last = jnp.sum(g, axis=0)
+    return cumulative_gates(jnp.cumsum(g, axis=0), jnp.sum(g, axis=0), masks)
+
+
+def cumulative_gates(b, b_last, masks) -> Gates:
+    """The chunk's Gates from b [C, D], its cumulative log gate, and b's last row b_last [D]
+    (Tuning.cumulative_gates: b computed once outside the kernels and b_last loaded as a
+    row of its own, so a kernel does no scan or row sum)."""
+    b, b_last = b.astype(f32), b_last.astype(f32)
     return Gates(b=b, b_last=b_last, rho=0.5 * b_last,
                  decay_last=jnp.exp(b_last) * masks.survive,
                  to_end=jnp.exp(b_last[None, :] - b) * masks.into[:, None])
+
+
+def chunk_cumsum(g, chunk_size: int):
+    """[B, Tp, H, D] log gates -> b [B, Tp, H, D] float32, their cumulative sum inside each
+    chunk of chunk_size steps (Tp a multiple of it): what `gates` computes per chunk."""
+    B, Tp, H, D = g.shape
+    b = jnp.cumsum(g.astype(f32).reshape(B, Tp // chunk_size, chunk_size, H, D), axis=2)
+    return b.reshape(B, Tp, H, D)
 
 
 def _scores(q, k, gt: Gates, masks, key_gated, scale, dot):
@@ -86,7 +101,12 @@ def _scores(q, k, gt: Gates, masks, key_gated, scale, dot):
 
 def is_extreme(gt: Gates):
     """Whether some gated channel of this tile decays beyond the fast path's bound."""
-    return jnp.max(-gt.b_last) > MAX_CHUNK_DECAY
+    return is_extreme_last(gt.b_last)
+
+
+def is_extreme_last(b_last):
+    """is_extreme from the chunk's total log gate b_last [D] (or [1, D])."""
+    return jnp.max(-b_last) > MAX_CHUNK_DECAY
 
 
 TILE_STEP = 1024.0   # is_extreme_tile's fixed point: log gates in steps of 1/1024

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import common, two_level
+from pallas_kernels import chunk_math, common, two_level
 from pallas_kernels.chunk_math import AUTO_SUB_CHUNK, sub_chunk_for  # noqa: F401 (re-exported)
 from pallas_kernels.chunk_math import MAX_CHUNK_DECAY
 from pallas_kernels.gla_bwd import dstates_bwd, grads_bwd
@@ -162,7 +162,17 @@ class Tuning:
     `warps_seq`; None (auto) takes 8 for a large state, where 4 spill (at M = 128 208 MB of
     local loads per launch, 0.218 / 0.196 ms against 0.156 / 0.154 with 8), `warps_seq`
     otherwise (at M = 64 8 warps took 0.090 ms against 0.080). The state-gradient walk keeps
-    `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131)."""
+    `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131).
+
+    `cumulative_gates` (off until timed on a GPU): the forward sums the log gates inside
+    each chunk once, in XLA (chunk_math.chunk_cumsum, float32), and its kernels read that b
+    instead of g, with b's last row loaded as a tile of its own (gla_fwd.load_gates): no
+    scan and no row sum in a kernel. Why: the walks are bound by instruction issue, and read
+    by ptxas (kernel_registers: SASS per chunk, 8 x 2048, M = 64) the within-chunk cumsum and
+    its row sum are a third of the fused walk's instructions (2178 -> 1490 per chunk for pass
+    2 without them); the cost is one XLA pass over g (read) and b (write, float32) per GLA
+    pass and the kernels reading b in float32. A split forward then combines in the kernels
+    (split_combine_in_kernel implied; split_fixup keeps g). The backward is unchanged."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -184,6 +194,7 @@ class Tuning:
     warps_states: Optional[int] = 0
     strong_gates_apart: Union[bool, str] = False
     split_grads_bwd: Union[bool, str] = False
+    cumulative_gates: bool = False
 
     def __post_init__(self):
         for name in ("strong_gates_apart", "split_grads_bwd"):
@@ -325,13 +336,17 @@ def _kernel_fn(cfg: KernelConfig):
                               below=t.split_below_programs, target=t.split_programs,
                               min_chunks=t.split_min_chunks)
 
-    def states(q, k, v, g, s0, runs):
+    def states(q, k, v, g, s0, runs, cumulative=False):
+        """Chunk states and the final state; cumulative: g holds the chunk-local cumulative
+        gates (Tuning.cumulative_gates), which only the in-kernel combine reads."""
         kw = cfg.kw(parallel=False, with_scale=False)
+        if cumulative:
+            kw["cumulative"] = True
         kernel = functools.partial(states_fwd, **kw)
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, k, v, g, s0, runs)
-        if cfg.tuning.split_combine_in_kernel:
+        if cfg.tuning.split_combine_in_kernel or cumulative:
             final_fn = functools.partial(states_fwd, final_only=True, **kw)
             return two_level.split_states_in_kernel(final_fn, kernel, q, k, v, g, s0, runs,
                                                     sp=sp, C=cfg.chunk_size)
@@ -375,12 +390,19 @@ def _kernel_fn(cfg: KernelConfig):
                 fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                 key_gated=cfg.key_gated, scale=cfg.scale, out_dtype=out_dtype)
             return o, sT, None
+        # Tuning.cumulative_gates: every forward kernel below reads b (the log gates summed
+        # inside each chunk, once here) instead of g; the split walks then combine in the
+        # kernels, since the XLA combine's chunk decays are sums of g
+        cumulative = t.cumulative_gates
+        cw = dict(cumulative=True) if cumulative else {}
+        if cumulative:
+            g = chunk_math.chunk_cumsum(g, cfg.chunk_size)
         if sp is not None:
             final_fn = functools.partial(states_fwd, final_only=True,
-                                         **cfg.kw(parallel=False, with_scale=False))
+                                         **cfg.kw(parallel=False, with_scale=False), **cw)
             fused_fn = functools.partial(fused_fwd, out_dtype=out_dtype,
-                                         **cfg.kw(parallel=False, fused=True))
-            if t.split_combine_in_kernel:
+                                         **cfg.kw(parallel=False, fused=True), **cw)
+            if t.split_combine_in_kernel or cumulative:
                 o, sT = two_level.split_fused_forward_in_kernel(
                     final_fn, fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size)
                 return o, sT, None
@@ -390,11 +412,11 @@ def _kernel_fn(cfg: KernelConfig):
             return o, sT, None
         if fused and chunks <= t.fused_max_chunks:
             o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=out_dtype,
-                              **cfg.kw(parallel=False, fused=True))
+                              **cfg.kw(parallel=False, fused=True), **cw)
             return o, sT, None
-        chunk_states, sT = states(q, k, v, g, s0, runs)
+        chunk_states, sT = states(q, k, v, g, s0, runs, cumulative)
         o = output_fwd(q, k, v, g, chunk_states, runs, out_dtype=cfg.out_dtype or q.dtype,
-                       **cfg.kw(parallel=True))
+                       **cfg.kw(parallel=True), **cw)
         return o, sT, chunk_states
 
     def backward(args, chunk_states, cotangents):

@@ -24,6 +24,21 @@ from pallas_kernels import chunk_math, common
 f32 = jnp.float32
 
 
+def load_gates(g_ref, rows, masks, cumulative: bool):
+    """(Gates, whether the tile is past the chunk bound) of the chunk at rows. g_ref holds
+    the log gates, or (cumulative, Tuning.cumulative_gates) b, their cumulative sum inside
+    each chunk (chunk_math.chunk_cumsum): then b's last row is loaded as a [1, D] tile of its
+    own and no scan or row sum runs here. The bound's test is exact in either form (the
+    integer sum of is_extreme_tile, or the b_last every kernel loads alike), so kernels that
+    share a tile's work classify it the same."""
+    if not cumulative:
+        g = g_ref[rows, :]
+        return chunk_math.gates(g, masks), chunk_math.is_extreme_tile(g)
+    last = g_ref[pl.ds(rows.start + rows.size - 1, 1), :]
+    gt = chunk_math.cumulative_gates(g_ref[rows, :], jnp.sum(last, axis=0), masks)
+    return gt, chunk_math.is_extreme(gt)
+
+
 def entering_state(s0_ref, big_chunks: int, combine_refs, key_gated: bool,
                    reverse: bool = False):
     """The float32 state a sequential program starts from. One row per batch (big_chunks 1):
@@ -54,7 +69,7 @@ def entering_state(s0_ref, big_chunks: int, combine_refs, key_gated: bool,
 
 
 def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot, big_chunks=1,
-                   combine=False, decay=False):
+                   combine=False, decay=False, cumulative=False):
     k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     s0_ref, *refs = refs
@@ -69,7 +84,7 @@ def _states_kernel(*refs, lay: common.Layout, has_runs, store_states, dot, big_c
         S, run_prev, *P = carry
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
-        gt = chunk_math.gates(g_ref[rows, :], masks)
+        gt, _ = load_gates(g_ref, rows, masks, cumulative)
         if store_states:
             states_ref[pl.ds(n * K, K), :] = S.astype(states_ref.dtype)
         S = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], S, gt,
@@ -92,33 +107,38 @@ def _program_chunk(runs_ref, lay: common.Layout, n):
                                     common.causal_mask(lay.C))
 
 
-def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart):
+def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart,
+                   cumulative=False):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, o_ref = refs
     rows, masks = _program_chunk(runs_ref, lay, pl.program_id(0))
-    g = g_ref[rows, :]
+    gt, past = load_gates(g_ref, rows, masks, cumulative)
     o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                          state_ref[...].astype(f32), chunk_math.gates(g, masks), masks,
+                          state_ref[...].astype(f32), gt, masks,
                           key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
-                          apart=chunk_math.is_extreme_tile(g) if strong_apart else None)
+                          apart=past if strong_apart else None)
     o_ref[rows, :] = o.astype(o_ref.dtype)
 
 
-def when_past_the_bound(runs_ref, g_ref, lay: common.Layout, body):
+def when_past_the_bound(runs_ref, g_ref, lay: common.Layout, body, cumulative=False):
     """body(rows, masks, gates) in a program of the parallel grid whose chunk's tile is past
-    the bound; the other programs only read their gates and sum them."""
+    the bound; the other programs only read their gates and sum them (cumulative: read the
+    last row of b)."""
     n = pl.program_id(0)   # outside the branch: interpret mode cannot read it inside one
     rows = pl.ds(n * lay.C, lay.C)
-    g = g_ref[rows, :]
+    if cumulative:
+        past = chunk_math.is_extreme_last(g_ref[pl.ds(n * lay.C + lay.C - 1, 1), :])
+    else:
+        past = chunk_math.is_extreme_tile(g_ref[rows, :])
 
-    @pl.when(chunk_math.is_extreme_tile(g))
+    @pl.when(past)
     def _():
         _, masks = _program_chunk(runs_ref, lay, n)
-        body(rows, masks, chunk_math.gates(g, masks))
+        body(rows, masks, load_gates(g_ref, rows, masks, cumulative)[0])
 
 
-def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulative=False):
     """Adds the within-chunk term of each tile past the bound to o (aliased in place); the
     programs of the other tiles write nothing."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
@@ -131,11 +151,11 @@ def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
             key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
         o_ref[rows, :] = (o_in_ref[rows, :].astype(f32) + intra).astype(o_ref.dtype)
 
-    when_past_the_bound(runs_ref, g_ref, lay, add)
+    when_past_the_bound(runs_ref, g_ref, lay, add, cumulative)
 
 
 def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart,
-                  big_chunks=1, combine=False):
+                  big_chunks=1, combine=False, cumulative=False):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     s0_ref, *refs = refs
@@ -148,12 +168,11 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart,
         S, run_prev = carry
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, run_prev, causal)
-        g = g_ref[rows, :]
-        gt = chunk_math.gates(g, masks)
+        gt, past = load_gates(g_ref, rows, masks, cumulative)
         k, v = k_ref[rows, :], v_ref[rows, :]
         o = chunk_math.output(q_ref[rows, :], k, v, S, gt, masks, key_gated=lay.key_gated,
                               scale=scale, dot=dot, sub=lay.sub,
-                              apart=chunk_math.is_extreme_tile(g) if strong_apart else None)
+                              apart=past if strong_apart else None)
         o_ref[rows, :] = o.astype(o_ref.dtype)
         S = chunk_math.state_update(k, v, S, gt, key_gated=lay.key_gated, dot=dot)
         return S, masks.run_last
@@ -221,7 +240,7 @@ def walk_outputs(lay: common.Layout, dtype, *, final_only, big_chunks, decay):
 
 def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpret=False,
                num_warps=4, num_stages=2, final_only=False, big_chunks=1, combine=None,
-               decay=False):
+               decay=False, cumulative=False):
     """States entering each chunk [B, H, N·K, V] and the final state [B, H, K, V] f32
     (final_only: (None, the final state); no chunk state is written).
 
@@ -238,6 +257,7 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
     decay: also each walk's decay, the product of its chunks' e^{b_C}·survive,
     [B·NB, H, NV, DG] f32 (DG: K with a key gate, the value block with a value gate),
     appended to the outputs.
+    cumulative: g holds b, the log gates' cumulative sum inside each chunk (`load_gates`).
     """
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
@@ -247,7 +267,8 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
                                         big_chunks=big_chunks, decay=decay)
     kernel = functools.partial(_states_kernel, lay=lay, has_runs=runs is not None,
                                store_states=not final_only, dot=common.Dot(k.dtype, interpret),
-                               big_chunks=big_chunks, combine=combine is not None, decay=decay)
+                               big_chunks=big_chunks, combine=combine is not None, decay=decay,
+                               cumulative=cumulative)
     out = _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
                 num_warps=num_warps, num_stages=num_stages,
                 name="gla_final_state_fwd" if final_only else "gla_states_fwd")
@@ -255,10 +276,11 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
 
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
-               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False):
+               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False,
+               cumulative=False):
     """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel.
     strong_apart: tiles past the chunk bound get their within-chunk term from `strong_intra`
-    (Tuning.strong_gates_apart)."""
+    (Tuning.strong_gates_apart). cumulative: g holds b (`load_gates`)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=True, sub_chunk=sub_chunk)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
@@ -266,7 +288,7 @@ def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_
     in_specs.append(lay.states())
     kernel = functools.partial(_output_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),
-                               strong_apart=strong_apart)
+                               strong_apart=strong_apart, cumulative=cumulative)
     o = _call(kernel, lay, args, in_specs,
               jax.ShapeDtypeStruct((lay.B, lay.Tp, lay.H, lay.V), out_dtype), lay.o(),
               interpret=interpret, num_warps=num_warps, num_stages=num_stages,
@@ -274,10 +296,11 @@ def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_
     if not strong_apart:
         return o
     return strong_intra(q, k, v, g, runs, o, lay=lay, scale=scale, interpret=interpret,
-                        num_warps=num_warps, num_stages=num_stages)
+                        num_warps=num_warps, num_stages=num_stages, cumulative=cumulative)
 
 
-def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_stages):
+def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_stages,
+                 cumulative=False):
     """o [B, Tp, H, V] plus the within-chunk term of every tile past the chunk bound (a kernel
     over the chunks in parallel, o updated in place; a program whose tile is within the bound
     only reads its gates). lay: the forward's layout (its sub-chunk tier size)."""
@@ -286,7 +309,8 @@ def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_s
     args.append(o)
     in_specs.append(lay.o())
     kernel = functools.partial(_strong_intra_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               cumulative=cumulative)
     return _call(kernel, lay, args, in_specs, jax.ShapeDtypeStruct(o.shape, o.dtype), lay.o(),
                  interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                  name="gla_strong_intra_fwd", aliases={len(args) - 1: 0})
@@ -294,12 +318,12 @@ def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_s
 
 def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False,
-              strong_warps=8, big_chunks=1, combine=None):
+              strong_warps=8, big_chunks=1, combine=None, cumulative=False):
     """(o [B, Tp, H, V], final state [B, H, K, V] f32) in one sequential walk per program.
     strong_apart: the walk takes the fast within-chunk path only, and tiles past the chunk
     bound get their term from `strong_intra` afterwards (with strong_warps warps).
     big_chunks, combine: the rows of a split time axis, as in `states_fwd` (the final state
-    is each row's, [B·NB, H, K, V])."""
+    is each row's, [B·NB, H, K, V]). cumulative: g holds b (`load_gates`)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False, sub_chunk=sub_chunk)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
@@ -309,11 +333,11 @@ def fused_fwd(q, k, v, g, s0, runs, *, key_gated, scale, chunk_size, block_v, ou
     kernel = functools.partial(_fused_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),
                                strong_apart=strong_apart, big_chunks=big_chunks,
-                               combine=combine is not None)
+                               combine=combine is not None, cumulative=cumulative)
     o, sT = _call(kernel, lay, args, in_specs, out_shape, [lay.o(), lay.state()],
                   interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                   name="gla_fused_fwd")
     if strong_apart:
         o = strong_intra(q, k, v, g, runs, o, lay=lay, scale=scale, interpret=interpret,
-                         num_warps=strong_warps, num_stages=num_stages)
+                         num_warps=strong_warps, num_stages=num_stages, cumulative=cumulative)
     return o, sT

@@ -651,6 +651,46 @@ def test_split_gradient_kernels_match_float64(case, tuning):
     assert jaxpr.count("name=gla_strong_intra_bwd") == passes   # implied by the split
 
 
+SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, split_min_chunks=1)
+
+
+@pytest.mark.parametrize("tuning", [
+    {},
+    dict(strong_gates_apart=True),                  # the strong kernel reads b's last row
+    SPLIT_EVERYWHERE,                               # big chunks: the combine in the kernels
+    dict(block_v=8),                                # value blocks (value gate: b's slice)
+], ids=["fused_walk", "apart", "big_chunks", "value_blocks"])
+def test_cumulative_gates_forward_matches_float64(tuning):
+    """`cumulative_gates`: the forward's kernels read b, the log gates summed inside each
+    chunk once in XLA, and b's last row instead of summing g themselves; with one tile of each
+    kind (fast, sub-chunk tier, exact loop), packed segments and an initial state, the fused
+    walk's outputs and final states match the float64 recurrence, also with the strong tiles'
+    kernel apart, over big chunks and in value blocks; one chunk cumsum per GSA pass runs in
+    XLA, none without the tuning (dropping it, so that the kernels read g as if it were b,
+    fails the values)."""
+    case, seed = "segments_C32", 340
+    C = CASES[case][7]
+    ref = _float64_forward(seed, case, _mixed_gates)
+    args, _, seg, _ = _case_inputs(seed, case, jnp.float32)
+    with pgla.tuning(cumulative_gates=True, sub_chunk=8, **tuning):
+        o, (hk, hv) = jax.jit(lambda a, sg: _forward(a, sg, "pallas", C))(_mixed_gates(args), seg)
+    _assert_rel(o, ref[0], F32_REL, "o")
+    _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
+    _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
+    assert _xla_arithmetic(C, args, seg, cumulative_gates=True, **tuning)["cumsum"] == \
+        _xla_arithmetic(C, args, seg, **tuning)["cumsum"] + 2
+
+
+@pytest.mark.parametrize("tuning", [{}, SPLIT_EVERYWHERE], ids=["walk", "big_chunks"])
+def test_cumulative_gates_forward_backward_matches_float64(tuning):
+    """`cumulative_gates` in a forward that keeps its chunk states (the state walk and the
+    chunk-parallel output kernel read b; over big chunks both walks of the in-kernel combine),
+    with the unchanged backward: values and every gradient match the float64 recurrence on
+    mixed gates, packed segments and an initial state."""
+    _tuned_against_float64(341, "segments_C32", _mixed_gates, sub_chunk=8,
+                           cumulative_gates=True, **tuning)
+
+
 def test_bfloat16_inputs_close_to_float64():
     """bf16 inputs (f32 accumulation inside): output in bf16, within bf16 rounding of the
     float64 reference computed on the same (rounded) inputs."""
