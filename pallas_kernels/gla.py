@@ -172,7 +172,10 @@ class Tuning:
     its row sum are a third of the fused walk's instructions (2178 -> 1490 per chunk for pass
     2 without them); the cost is one XLA pass over g (read) and b (write, float32) per GLA
     pass and the kernels reading b in float32. A split forward then combines in the kernels
-    (split_combine_in_kernel implied; split_fixup keeps g). The backward is unchanged."""
+    (split_combine_in_kernel implied; split_fixup keeps g). The backward sums g again (b is
+    not kept between the passes) and its kernels read b too (the state-gradient walk, whose
+    split then combines in the kernels, and the gradient kernels; dg is still formed in the
+    kernel, by a reverse cumulative sum of b's gradient)."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -353,13 +356,15 @@ def _kernel_fn(cfg: KernelConfig):
         return two_level.split_states(kernel, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                                       key_gated=cfg.key_gated)
 
-    def state_grads(q, v, g, runs, do, dsT):
+    def state_grads(q, v, g, runs, do, dsT, cumulative=False):
         kw = cfg.kw(parallel=False, backward=True)
+        if cumulative:
+            kw["cumulative"] = True
         kernel = functools.partial(dstates_bwd, **kw)
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, v, g, runs, do, dsT)
-        if cfg.tuning.split_combine_in_kernel:
+        if cfg.tuning.split_combine_in_kernel or cumulative:
             final_fn = functools.partial(dstates_bwd, final_only=True, **kw)
             return two_level.split_dstates_in_kernel(final_fn, kernel, q, v, g, runs, do, dsT,
                                                      sp=sp, C=cfg.chunk_size)
@@ -422,8 +427,11 @@ def _kernel_fn(cfg: KernelConfig):
     def backward(args, chunk_states, cotangents):
         q, k, v, g, s0, runs = args
         do, dsT = cotangents
-        dstates, ds0 = state_grads(q, v, g, runs, do, dsT)
-        dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
+        cumulative = cfg.tuning.cumulative_gates
+        gates = chunk_math.chunk_cumsum(g, cfg.chunk_size) if cumulative else g
+        dstates, ds0 = state_grads(q, v, gates, runs, do, dsT, cumulative)
+        dq, dk, dv, dg = grads_bwd(q, k, v, gates, runs, chunk_states, dstates, do,
+                                   cumulative=cumulative, gate_dtype=g.dtype,
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)

@@ -32,13 +32,13 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import chunk_math, common
 from pallas_kernels.gla_fwd import (_call, _row_inputs, _with_runs, entering_state, layout,
-                                    walk_outputs, when_past_the_bound)
+                                    load_gates, walk_outputs, when_past_the_bound)
 
 f32 = jnp.float32
 
 
 def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True, big_chunks=1,
-                    combine=False, decay=False):
+                    combine=False, decay=False, cumulative=False):
     q_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     do_ref, dsT_ref, *refs = refs
@@ -54,7 +54,7 @@ def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True,
         n = lay.N - 1 - i
         rows = pl.ds(n * C, C)
         masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, C), causal)
-        gt = chunk_math.gates(g_ref[rows, :], masks)
+        gt, _ = load_gates(g_ref, rows, masks, cumulative)
         if store:
             dstates_ref[pl.ds(n * K, K), :] = dS.astype(dstates_ref.dtype)
         dS = chunk_math.dstate_update(q_ref[rows, :], do_ref[rows, :], dS, gt, masks,
@@ -70,7 +70,7 @@ def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True,
 
 
 def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int,
-                  strong_apart: bool):
+                  strong_apart: bool, cumulative=False):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
@@ -79,14 +79,15 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
     kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
-    # the gate tile of the whole K, read once where it is needed (a key loop reads a key-gated
-    # pass's gates per key block)
-    g_tile = g_ref[rows, :] if (strong_apart or not key_loop or not lay.key_gated) else None
-    # strong_apart: the tile past the bound or not, as the strong kernel decides it (its
-    # layout's tile: a key block of the grid, or the whole K around a key loop)
-    apart = chunk_math.is_extreme_tile(g_tile) if strong_apart else None
+    # the gates of the whole K, read once where they are needed (a key loop reads a key-gated
+    # pass's gates per key block); strong_apart: the tile past the bound or not, as the strong
+    # kernel decides it (its layout's tile: a key block of the grid, or the whole K around a
+    # key loop)
+    whole, past = (load_gates(g_ref, rows, masks, cumulative)
+                   if (strong_apart or not key_loop or not lay.key_gated) else (None, None))
+    apart = past if strong_apart else None
     if not key_loop:
-        gt = chunk_math.gates(g_tile, masks)
+        gt = whole
         dq, dk, dv, db = chunk_math.grads(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
             state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, apart=apart,
@@ -99,11 +100,9 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
     v, do = v_ref[rows, :], do_ref[rows, :]
-    value_gates = None if lay.key_gated else chunk_math.gates(g_tile, masks)
-
     def key_block(kb, acc):
         cols = pl.ds(kb * key_loop, key_loop)
-        gt = (chunk_math.gates(g_ref[rows, cols], masks) if lay.key_gated else value_gates)
+        gt = load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated else whole
         dq, dk, dv, db = chunk_math.grads(
             q_ref[rows, cols], k_ref[rows, cols], v, do, state_ref[cols, :].astype(f32),
             dstate_ref[cols, :].astype(f32), gt, masks, apart=apart, **kw)
@@ -121,23 +120,22 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
 
 
-def _parallel_tile(runs_ref, g_ref, lay: common.Layout):
+def _parallel_tile(runs_ref, g_ref, lay: common.Layout, cumulative: bool):
     """(rows, masks, gates, whether the tile is past the bound) of this program's chunk."""
     n = pl.program_id(0)
     rows = pl.ds(n * lay.C, lay.C)
     masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
                                common.causal_mask(lay.C))
-    g = g_ref[rows, :]
-    return rows, masks, chunk_math.gates(g, masks), chunk_math.is_extreme_tile(g)
+    return (rows, masks, *load_gates(g_ref, rows, masks, cumulative))
 
 
-def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulative=False):
     """The query side of the gradients (Tuning.split_grads_bwd): dq, and db_q in float32 for
     the key/value side's kernel."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, do_ref, dq_ref, dbq_ref = refs
-    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay)
+    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay, cumulative)
     dq, db_q = chunk_math.grads_query_side(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
         state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated, scale=scale, dot=dot,
@@ -146,12 +144,13 @@ def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     dbq_ref[rows, :] = db_q
 
 
-def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
+                            cumulative=False):
     """The key/value side (Tuning.split_grads_bwd): dk, dv, and dg from db_q + db_kv."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dbq_ref, dk_ref, dv_ref, dg_ref = refs
-    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay)
+    rows, masks, gt, apart = _parallel_tile(runs_ref, g_ref, lay, cumulative)
     dk, dv, db = chunk_math.grads_key_value_side(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
         state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks,
@@ -161,7 +160,8 @@ def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
     dg_ref[rows, :] = chunk_math.reverse_cumsum(db + dbq_ref[rows, :]).astype(dg_ref.dtype)
 
 
-def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
+def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
+                               cumulative=False):
     """Adds the within-chunk gradient terms of each tile past the bound to dq, dk, dv, dg
     (aliased in place); the programs of the other tiles write nothing."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
@@ -176,17 +176,18 @@ def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot):
         for src, dst, term in zip(ins, outs, (dq, dk, dv, chunk_math.reverse_cumsum(db))):
             dst[rows, :] = (src[rows, :].astype(f32) + term).astype(dst.dtype)
 
-    when_past_the_bound(runs_ref, g_ref, lay, add)
+    when_past_the_bound(runs_ref, g_ref, lay, add, cumulative)
 
 
 def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v,
                 interpret=False, num_warps=4, num_stages=2, final_only=False, big_chunks=1,
-                combine=None, decay=False):
+                combine=None, decay=False, cumulative=False):
     """Gradients of the state leaving each chunk [B, H, N·K, V] (in q's dtype, like the
     forward's chunk states) and of the initial state [B, H, K, V] f32 (final_only: (None,
     the latter)). big_chunks, combine, decay: the rows of a split time axis, as in
     gla_fwd.states_fwd, walked from the end: dsT is the batch's, each row's walk starts from
-    `entering_state(..., reverse=True)`, and the initial state's gradient is each row's."""
+    `entering_state(..., reverse=True)`, and the initial state's gradient is each row's.
+    cumulative: g holds b, the log gates summed inside each chunk (gla_fwd.load_gates)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=False)
     args, in_specs = _with_runs(lay, [q, g], [lay.q(), lay.g()], runs)
@@ -198,7 +199,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
     kernel = functools.partial(_dstates_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),
                                store=not final_only, big_chunks=big_chunks,
-                               combine=combine is not None, decay=decay)
+                               combine=combine is not None, decay=decay, cumulative=cumulative)
     out = _call(kernel, lay, args, in_specs, out_shape, out_specs,
                 interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                 name="gla_final_dstate_bwd" if final_only else "gla_dstates_bwd")
@@ -207,7 +208,8 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False, strong_apart=False, split=False):
+              key_loop=False, strong_apart=False, split=False, cumulative=False,
+              gate_dtype=None):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -228,7 +230,10 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     split (Tuning.split_grads_bwd): two kernels on the same grid instead of one, the query
     side (dq, and db_q through memory in float32) then the key/value side (dk, dv, dg); each
     holds fewer values than the whole. Fast path only in both: the strong kernel runs
-    (strong_apart implied). Not with a key loop."""
+    (strong_apart implied). Not with a key loop.
+
+    cumulative: g holds b, the log gates summed inside each chunk (gla_fwd.load_gates); dg is
+    still the gradient of the log gates, in gate_dtype (None: g's dtype)."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     if split and loop:
@@ -254,13 +259,13 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     out_shape = [out(per_block, q.dtype, lay.NV > 1),
                  out(per_block, k.dtype, lay.NV > 1 or grouped),
                  out(per_head, v.dtype, value_side_f32),
-                 (out(per_block, g.dtype, lay.NV > 1 or grouped) if key_gated
-                  else out(per_head, g.dtype, value_side_f32))]
+                 (out(per_block, gate_dtype or g.dtype, lay.NV > 1 or grouped) if key_gated
+                  else out(per_head, gate_dtype or g.dtype, value_side_f32))]
     out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
     launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     if split:
         common_kw = dict(lay=lay, has_runs=runs is not None, scale=float(scale),
-                         dot=common.Dot(q.dtype, interpret))
+                         dot=common.Dot(q.dtype, interpret), cumulative=cumulative)
         dbq_shape = jax.ShapeDtypeStruct(out_shape[3].shape, f32)
         # the query side reads the states (not their gradients)
         dq, dbq = _call(functools.partial(_grads_query_kernel, **common_kw), lay,
@@ -273,7 +278,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     else:
         kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
                                    scale=float(scale), dot=common.Dot(q.dtype, interpret),
-                                   key_loop=loop, strong_apart=strong_apart)
+                                   key_loop=loop, strong_apart=strong_apart,
+                                   cumulative=cumulative)
         grads = _call(kernel, lay, args, in_specs, out_shape, out_specs, name="gla_grads_bwd",
                       **launch)
     if not strong_apart:
@@ -281,7 +287,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     # the same programs (chunk, head, value block, key block); the four gradients in place
     args, in_specs = args[:-3] + [do, *grads], in_specs[:-3] + [lay.o(), *out_specs]
     kernel = functools.partial(_strong_intra_grads_kernel, lay=lay, has_runs=runs is not None,
-                               scale=float(scale), dot=common.Dot(q.dtype, interpret))
+                               scale=float(scale), dot=common.Dot(q.dtype, interpret),
+                               cumulative=cumulative)
     first = len(args) - 4
     return _call(kernel, lay, args, in_specs, out_shape, out_specs, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages, name="gla_strong_intra_bwd",

@@ -24,18 +24,18 @@ from pallas_kernels import chunk_math, common
 f32 = jnp.float32
 
 
-def load_gates(g_ref, rows, masks, cumulative: bool):
-    """(Gates, whether the tile is past the chunk bound) of the chunk at rows. g_ref holds
-    the log gates, or (cumulative, Tuning.cumulative_gates) b, their cumulative sum inside
-    each chunk (chunk_math.chunk_cumsum): then b's last row is loaded as a [1, D] tile of its
-    own and no scan or row sum runs here. The bound's test is exact in either form (the
-    integer sum of is_extreme_tile, or the b_last every kernel loads alike), so kernels that
-    share a tile's work classify it the same."""
+def load_gates(g_ref, rows, masks, cumulative: bool, cols=slice(None)):
+    """(Gates, whether the tile is past the chunk bound) of the chunk at rows (and columns
+    cols: a key block). g_ref holds the log gates, or (cumulative, Tuning.cumulative_gates)
+    b, their cumulative sum inside each chunk (chunk_math.chunk_cumsum): then b's last row is
+    loaded as a [1, D] tile of its own and no scan or row sum runs here. The bound's test is
+    exact in either form (the integer sum of is_extreme_tile, or the b_last every kernel
+    loads alike), so kernels that share a tile's work classify it the same."""
     if not cumulative:
-        g = g_ref[rows, :]
+        g = g_ref[rows, cols]
         return chunk_math.gates(g, masks), chunk_math.is_extreme_tile(g)
-    last = g_ref[pl.ds(rows.start + rows.size - 1, 1), :]
-    gt = chunk_math.cumulative_gates(g_ref[rows, :], jnp.sum(last, axis=0), masks)
+    last = g_ref[pl.ds(rows.start + rows.size - 1, 1), cols]
+    gt = chunk_math.cumulative_gates(g_ref[rows, cols], jnp.sum(last, axis=0), masks)
     return gt, chunk_math.is_extreme(gt)
 
 

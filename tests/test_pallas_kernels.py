@@ -681,11 +681,20 @@ def test_cumulative_gates_forward_matches_float64(tuning):
         _xla_arithmetic(C, args, seg, **tuning)["cumsum"] + 2
 
 
-@pytest.mark.parametrize("tuning", [{}, SPLIT_EVERYWHERE], ids=["walk", "big_chunks"])
+@pytest.mark.parametrize("tuning", [
+    {},
+    SPLIT_EVERYWHERE,                                      # both state walks over big chunks
+    dict(strong_gates_apart=True, block_v_bwd=8),          # strong kernels, value blocks
+    dict(block_k_bwd=8, key_loop_bwd=True),                # key blocks looped (per-block b)
+    dict(block_k_bwd=8, key_loop_bwd=False, strong_gates_apart=True),   # ... as programs
+    dict(split_grads_bwd=True),                            # the two gradient kernels
+], ids=["walks", "big_chunks", "apart_value_blocks", "key_loop", "key_blocks", "split_grads"])
 def test_cumulative_gates_forward_backward_matches_float64(tuning):
-    """`cumulative_gates` in a forward that keeps its chunk states (the state walk and the
-    chunk-parallel output kernel read b; over big chunks both walks of the in-kernel combine),
-    with the unchanged backward: values and every gradient match the float64 recurrence on
+    """`cumulative_gates` through forward and backward: the forward's state walk and output
+    kernel, the backward's state-gradient walk and gradient kernels all read b (the backward
+    sums g again), also over big chunks (both combines in the kernels), with the strong tiles
+    apart, in value blocks, key blocks looped or as programs, and the split gradient kernels:
+    values and every gradient (dg still of the log gates) match the float64 recurrence on
     mixed gates, packed segments and an initial state."""
     _tuned_against_float64(341, "segments_C32", _mixed_gates, sub_chunk=8,
                            cumulative_gates=True, **tuning)
