@@ -100,6 +100,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
     v, do = v_ref[rows, :], do_ref[rows, :]
+
     def key_block(kb, acc):
         cols = pl.ds(kb * key_loop, key_loop)
         gt = load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated else whole

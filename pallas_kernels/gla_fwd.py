@@ -129,13 +129,16 @@ def when_past_the_bound(runs_ref, g_ref, lay: common.Layout, body, cumulative=Fa
     rows = pl.ds(n * lay.C, lay.C)
     if cumulative:
         past = chunk_math.is_extreme_last(g_ref[pl.ds(n * lay.C + lay.C - 1, 1), :])
+        gates_of = lambda masks: load_gates(g_ref, rows, masks, True)[0]   # noqa: E731
     else:
-        past = chunk_math.is_extreme_tile(g_ref[rows, :])
+        g = g_ref[rows, :]
+        past = chunk_math.is_extreme_tile(g)
+        gates_of = functools.partial(chunk_math.gates, g)
 
     @pl.when(past)
     def _():
         _, masks = _program_chunk(runs_ref, lay, n)
-        body(rows, masks, load_gates(g_ref, rows, masks, cumulative)[0])
+        body(rows, masks, gates_of(masks))
 
 
 def _strong_intra_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulative=False):
