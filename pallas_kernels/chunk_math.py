@@ -80,11 +80,14 @@ def cumulative_gates(b, b_last, masks) -> Gates:
 
 
 def chunk_cumsum(g, chunk_size: int):
-    """[B, Tp, H, D] log gates -> b [B, Tp, H, D] float32, their cumulative sum inside each
-    chunk of chunk_size steps (Tp a multiple of it): what `gates` computes per chunk."""
-    B, Tp, H, D = g.shape
-    b = jnp.cumsum(g.astype(f32).reshape(B, Tp // chunk_size, chunk_size, H, D), axis=2)
-    return b.reshape(B, Tp, H, D)
+    """[B, T, H, D] log gates -> b [B, T, H, D] float32, their cumulative sum inside each
+    chunk of chunk_size steps (the last chunk may be partial): what `gates` computes per
+    chunk."""
+    B, T, H, D = g.shape
+    Tp = -(-T // chunk_size) * chunk_size
+    g = jnp.pad(g.astype(f32), ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    b = jnp.cumsum(g.reshape(B, Tp // chunk_size, chunk_size, H, D), axis=2)
+    return b.reshape(B, Tp, H, D)[:, :T]
 
 
 def _scores(q, k, gt: Gates, masks, key_gated, scale, dot):

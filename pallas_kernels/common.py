@@ -87,14 +87,17 @@ def keep_or_recompute_vjp(forward, states, backward, *, recompute_states: bool):
     return fn
 
 
-def pad_to_chunks(q, k, v, g, runs, C: int):
+def pad_to_chunks(q, k, v, g, runs, C: int, g_mode: str = "constant"):
     """Pad the time axis (1) of [B, T, heads, D] inputs to a multiple of C. Zero k, v and g
-    past the end leave the state untouched; runs [B, T] (or None) repeat their last run."""
+    past the end leave the state untouched; runs [B, T] (or None) repeat their last run.
+    g_mode="edge": g repeats its last step (g holding the gates' sums inside each chunk, as
+    zero gates past the end would leave them)."""
     T = q.shape[1]
     Tp = -(-T // C) * C
     if Tp != T:
         pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-        q, k, v, g = (jnp.pad(x, pad) for x in (q, k, v, g))
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        g = jnp.pad(g, pad, mode=g_mode)
         if runs is not None:
             runs = jnp.pad(runs, ((0, 0), (0, Tp - T)), mode="edge")
     if runs is not None:

@@ -164,18 +164,18 @@ class Tuning:
     otherwise (at M = 64 8 warps took 0.090 ms against 0.080). The state-gradient walk keeps
     `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131).
 
-    `cumulative_gates` (off until timed on a GPU): the forward sums the log gates inside
-    each chunk once, in XLA (chunk_math.chunk_cumsum, float32), and its kernels read that b
-    instead of g, with b's last row loaded as a tile of its own (gla_fwd.load_gates): no
-    scan and no row sum in a kernel. Why: the walks are bound by instruction issue, and read
-    by ptxas (kernel_registers: SASS per chunk, 8 x 2048, M = 64) the within-chunk cumsum and
-    its row sum are a third of the fused walk's instructions (2178 -> 1490 per chunk for pass
-    2 without them); the cost is one XLA pass over g (read) and b (write, float32) per GLA
-    pass and the kernels reading b in float32. A split forward then combines in the kernels
-    (split_combine_in_kernel implied; split_fixup keeps g). The backward sums g again (b is
-    not kept between the passes) and its kernels read b too (the state-gradient walk, whose
-    split then combines in the kernels, and the gradient kernels; dg is still formed in the
-    kernel, by a reverse cumulative sum of b's gradient)."""
+    `cumulative_gates` (off until timed on a GPU): the log gates are summed inside each chunk
+    once, in XLA, before the kernels' custom_vjp (chunk_math.chunk_cumsum, float32; GSA sums
+    them once for both passes, gsa_pallas), and every kernel reads that b instead of g, with
+    b's last row loaded as a tile of its own (gla_fwd.load_gates); the gradient kernels write
+    b's gradient, and autodiff turns it into the log gates' one (a reverse sum inside each
+    chunk, in XLA). So no kernel scans or sums along a chunk. Why: the walks are bound by
+    instruction issue, and read by ptxas (kernel_registers: SASS per chunk, 8 x 2048, M =
+    64, with strong_gates_apart) the within-chunk sums are a third of a walk's instructions
+    (fused walks 2247 / 2175 -> 1488 / 1557) and of the gradient kernel's reverse sum
+    another ~600. The cost: XLA passes over g and b (float32) in the forward and over b's
+    gradient (float32) in the backward. A split walk then combines in the kernels
+    (split_combine_in_kernel implied; split_fixup, which sums g in XLA, is not taken)."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -294,6 +294,7 @@ class KernelConfig:
     out_dtype: Any
     interpret: bool
     tuning: Tuning
+    cumulative: bool = False   # g holds b, the log gates summed inside each chunk
 
     def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False,
            backward: bool = False):
@@ -388,20 +389,17 @@ def _kernel_fn(cfg: KernelConfig):
         out_dtype = cfg.out_dtype or q.dtype
         fused = t.fused_forward and t.fused_max_chunks > 0 and not keep_states
         sp = fused_split_plan(q, v) if fused and t.fused_split else None
-        if sp is not None and t.split_fixup:
+        if sp is not None and t.split_fixup and not cfg.cumulative:   # it sums g in XLA
             fused_fn = functools.partial(fused_fwd, out_dtype=jnp.float32,
                                          **cfg.kw(parallel=False, fused=True))
             o, sT = two_level.split_fused_fixup_forward(
                 fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                 key_gated=cfg.key_gated, scale=cfg.scale, out_dtype=out_dtype)
             return o, sT, None
-        # Tuning.cumulative_gates: every forward kernel below reads b (the log gates summed
-        # inside each chunk, once here) instead of g; the split walks then combine in the
-        # kernels, since the XLA combine's chunk decays are sums of g
-        cumulative = t.cumulative_gates
+        # g holding b (cfg.cumulative): every forward kernel below reads it as such, and the
+        # split walks combine in the kernels (the XLA combine's chunk decays are sums of g)
+        cumulative = cfg.cumulative
         cw = dict(cumulative=True) if cumulative else {}
-        if cumulative:
-            g = chunk_math.chunk_cumsum(g, cfg.chunk_size)
         if sp is not None:
             final_fn = functools.partial(states_fwd, final_only=True,
                                          **cfg.kw(parallel=False, with_scale=False), **cw)
@@ -427,11 +425,11 @@ def _kernel_fn(cfg: KernelConfig):
     def backward(args, chunk_states, cotangents):
         q, k, v, g, s0, runs = args
         do, dsT = cotangents
-        cumulative = cfg.tuning.cumulative_gates
-        gates = chunk_math.chunk_cumsum(g, cfg.chunk_size) if cumulative else g
-        dstates, ds0 = state_grads(q, v, gates, runs, do, dsT, cumulative)
-        dq, dk, dv, dg = grads_bwd(q, k, v, gates, runs, chunk_states, dstates, do,
-                                   cumulative=cumulative, gate_dtype=g.dtype,
+        dstates, ds0 = state_grads(q, v, g, runs, do, dsT, cfg.cumulative)
+        # with g holding b, dg is b's gradient (the caller's chunk_cumsum turns it into the
+        # log gates' one)
+        dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
+                                   cumulative=cfg.cumulative,
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
@@ -444,13 +442,15 @@ def _kernel_fn(cfg: KernelConfig):
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
-    return common.keep_or_recompute_vjp(forward, lambda *args: states(*args)[0], backward,
-                                        recompute_states=cfg.recompute_states)
+    return common.keep_or_recompute_vjp(
+        forward, lambda *args: states(*args, cumulative=cfg.cumulative)[0], backward,
+        recompute_states=cfg.recompute_states)
 
 
 def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, key_gated: bool,
                      scale: float, chunk_size: int = 64, block_v: Optional[int] = None,
-                     recompute_states: bool = False, out_dtype=None, interpret: bool = False):
+                     recompute_states: bool = False, out_dtype=None, interpret: bool = False,
+                     gates_cumulative: bool = False):
     """GLA by the Pallas kernels; differentiable in every array argument.
 
     Args:
@@ -461,9 +461,16 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         MAX_KEY_DIM is split into slices (see below), a value dim is tiled by the value block.
         chunk_size: a power of two ≥ 16.
       block_v: value block of the launch; None takes the default tuning (`set_tuning`).
+      gates_cumulative: g holds b = chunk_math.chunk_cumsum(log gates, chunk_size) instead of
+        the log gates (float32; e.g. summed once for GSA's two passes), and the gradient for it
+        is b's. Under Tuning.cumulative_gates a plain g is summed so here, outside the kernels'
+        custom_vjp: autodiff then forms the log gates' gradient from b's, a reverse sum inside
+        each chunk, in XLA, and no kernel sums along a chunk.
     Returns:
       (o [B, T, H, V] in out_dtype (default q's), final state [B, H, K, V] float32).
     """
+    if current_tuning().cumulative_gates and not gates_cumulative:
+        g, gates_cumulative = chunk_math.chunk_cumsum(g, chunk_size), True
     K = q.shape[-1]
     if K > MAX_KEY_DIM:
         # A chunk's [C, K] q/k tiles live in registers, so wide keys go in slices. GLA is a sum
@@ -472,7 +479,8 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         # exactly and their states stack along K.
         width = MAX_KEY_DIM if K % MAX_KEY_DIM == 0 else 128
         kw = dict(key_gated=key_gated, scale=scale, chunk_size=chunk_size, block_v=block_v,
-                  recompute_states=recompute_states, out_dtype=jnp.float32, interpret=interpret)
+                  recompute_states=recompute_states, out_dtype=jnp.float32, interpret=interpret,
+                  gates_cumulative=gates_cumulative)
         outs, states = [], []
         for lo in range(0, K, width):
             part = slice(lo, lo + width)
@@ -484,11 +492,13 @@ def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, ke
         return sum(outs).astype(out_dtype or q.dtype), jnp.concatenate(states, axis=2)
     T = q.shape[1]
     C = chunk_size
-    q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C)
+    # b past the end holds its last value (zero log gates there)
+    q, k, v, g, runs = common.pad_to_chunks(q, k, v, g, runs, C,
+                                            g_mode="edge" if gates_cumulative else "constant")
     tuning = resolved_tuning(q.dtype, K, v.shape[-1], block_v, key_gated=key_gated)
     cfg = KernelConfig(key_gated=key_gated, scale=float(scale), chunk_size=C,
                        recompute_states=recompute_states,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                       interpret=interpret, tuning=tuning)
+                       interpret=interpret, tuning=tuning, cumulative=gates_cumulative)
     o, sT = _kernel_fn(cfg)(q, k, v, g, initial_state.astype(jnp.float32), runs)
     return o[:, :T], sT

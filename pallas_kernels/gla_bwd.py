@@ -37,6 +37,12 @@ from pallas_kernels.gla_fwd import (_call, _row_inputs, _with_runs, entering_sta
 f32 = jnp.float32
 
 
+def _gate_grad(db, cumulative: bool):
+    """The gradient of what g holds: the log gates' (the reverse sum of db inside the chunk,
+    since b_t = Σ_{j≤t} g_j), or with cumulative b's own, db."""
+    return db if cumulative else chunk_math.reverse_cumsum(db)
+
+
 def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True, big_chunks=1,
                     combine=False, decay=False, cumulative=False):
     q_ref, g_ref, *refs = refs
@@ -95,7 +101,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+        dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
         return
     # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
     # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
@@ -110,7 +116,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
         dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
         if lay.key_gated:
-            dg_ref[rows, cols] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+            dg_ref[rows, cols] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
             return acc[0] + dv, acc[1]
         return acc[0] + dv, acc[1] + db
 
@@ -118,7 +124,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     dv, db = lax.fori_loop(0, lay.K // key_loop, key_block, (zeros, zeros))
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     if not lay.key_gated:
-        dg_ref[rows, :] = chunk_math.reverse_cumsum(db).astype(dg_ref.dtype)
+        dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
 
 
 def _parallel_tile(runs_ref, g_ref, lay: common.Layout, cumulative: bool):
@@ -158,7 +164,7 @@ def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
         key_gated=lay.key_gated, scale=scale, dot=dot, apart=apart)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    dg_ref[rows, :] = chunk_math.reverse_cumsum(db + dbq_ref[rows, :]).astype(dg_ref.dtype)
+    dg_ref[rows, :] = _gate_grad(db + dbq_ref[rows, :], cumulative).astype(dg_ref.dtype)
 
 
 def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
@@ -174,7 +180,7 @@ def _strong_intra_grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
         dq, dk, dv, db = chunk_math.intra_grads_strong(
             q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], gt, masks,
             key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
-        for src, dst, term in zip(ins, outs, (dq, dk, dv, chunk_math.reverse_cumsum(db))):
+        for src, dst, term in zip(ins, outs, (dq, dk, dv, _gate_grad(db, cumulative))):
             dst[rows, :] = (src[rows, :].astype(f32) + term).astype(dst.dtype)
 
     when_past_the_bound(runs_ref, g_ref, lay, add, cumulative)
@@ -209,8 +215,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False, strong_apart=False, split=False, cumulative=False,
-              gate_dtype=None):
+              key_loop=False, strong_apart=False, split=False, cumulative=False):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -233,8 +238,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     holds fewer values than the whole. Fast path only in both: the strong kernel runs
     (strong_apart implied). Not with a key loop.
 
-    cumulative: g holds b, the log gates summed inside each chunk (gla_fwd.load_gates); dg is
-    still the gradient of the log gates, in gate_dtype (None: g's dtype)."""
+    cumulative: g holds b, the log gates summed inside each chunk (gla_fwd.load_gates), and dg
+    is b's gradient (no reverse sum inside the kernels)."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     if split and loop:
@@ -260,8 +265,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     out_shape = [out(per_block, q.dtype, lay.NV > 1),
                  out(per_block, k.dtype, lay.NV > 1 or grouped),
                  out(per_head, v.dtype, value_side_f32),
-                 (out(per_block, gate_dtype or g.dtype, lay.NV > 1 or grouped) if key_gated
-                  else out(per_head, gate_dtype or g.dtype, value_side_f32))]
+                 (out(per_block, g.dtype, lay.NV > 1 or grouped) if key_gated
+                  else out(per_head, g.dtype, value_side_f32))]
     out_specs = [key_spec, key_spec, per_head_spec, key_spec if key_gated else per_head_spec]
     launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     if split:

@@ -659,15 +659,16 @@ SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, sp
     dict(strong_gates_apart=True),                  # the strong kernel reads b's last row
     SPLIT_EVERYWHERE,                               # big chunks: the combine in the kernels
     dict(block_v=8),                                # value blocks (value gate: b's slice)
-], ids=["fused_walk", "apart", "big_chunks", "value_blocks"])
+    dict(SPLIT_EVERYWHERE, split_fixup=True),       # not taken: it sums g in XLA
+], ids=["fused_walk", "apart", "big_chunks", "value_blocks", "fixup_asked"])
 def test_cumulative_gates_forward_matches_float64(tuning):
     """`cumulative_gates`: the forward's kernels read b, the log gates summed inside each
     chunk once in XLA, and b's last row instead of summing g themselves; with one tile of each
     kind (fast, sub-chunk tier, exact loop), packed segments and an initial state, the fused
     walk's outputs and final states match the float64 recurrence, also with the strong tiles'
-    kernel apart, over big chunks and in value blocks; one chunk cumsum per GSA pass runs in
-    XLA, none without the tuning (dropping it, so that the kernels read g as if it were b,
-    fails the values)."""
+    kernel apart, over big chunks and in value blocks; one chunk cumsum runs in XLA for
+    both GSA passes (gsa_pallas sums g once), none without the tuning (dropping it, so that
+    the kernels read g as if it were b, fails the values)."""
     case, seed = "segments_C32", 340
     C = CASES[case][7]
     ref = _float64_forward(seed, case, _mixed_gates)
@@ -677,8 +678,9 @@ def test_cumulative_gates_forward_matches_float64(tuning):
     _assert_rel(o, ref[0], F32_REL, "o")
     _assert_rel(hk, ref[1][0], F32_REL, "final Hk")
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
+    plain = {**tuning, "split_fixup": False}   # the path taken (the fix-up sums g in XLA)
     assert _xla_arithmetic(C, args, seg, cumulative_gates=True, **tuning)["cumsum"] == \
-        _xla_arithmetic(C, args, seg, **tuning)["cumsum"] + 2
+        _xla_arithmetic(C, args, seg, **plain)["cumsum"] + 1
 
 
 @pytest.mark.parametrize("tuning", [
@@ -688,7 +690,9 @@ def test_cumulative_gates_forward_matches_float64(tuning):
     dict(block_k_bwd=8, key_loop_bwd=True),                # key blocks looped (per-block b)
     dict(block_k_bwd=8, key_loop_bwd=False, strong_gates_apart=True),   # ... as programs
     dict(split_grads_bwd=True),                            # the two gradient kernels
-], ids=["walks", "big_chunks", "apart_value_blocks", "key_loop", "key_blocks", "split_grads"])
+    dict(case="wide_K512_V384_M256"),                      # pass 1 in key slices
+], ids=["walks", "big_chunks", "apart_value_blocks", "key_loop", "key_blocks", "split_grads",
+        "wide"])
 def test_cumulative_gates_forward_backward_matches_float64(tuning):
     """`cumulative_gates` through forward and backward: the forward's state walk and output
     kernel, the backward's state-gradient walk and gradient kernels all read b (the backward
@@ -696,8 +700,45 @@ def test_cumulative_gates_forward_backward_matches_float64(tuning):
     apart, in value blocks, key blocks looped or as programs, and the split gradient kernels:
     values and every gradient (dg still of the log gates) match the float64 recurrence on
     mixed gates, packed segments and an initial state."""
-    _tuned_against_float64(341, "segments_C32", _mixed_gates, sub_chunk=8,
-                           cumulative_gates=True, **tuning)
+    case = tuning.pop("case", "segments_C32")
+    _tuned_against_float64(341, case, _mixed_gates if case == "segments_C32" else (lambda a: a),
+                           sub_chunk=8, cumulative_gates=True, **tuning)
+
+
+@pytest.mark.parametrize("gate_axis", ["key", "value"])
+def test_cumulative_gates_in_gla_match_float64(gate_axis):
+    """`cumulative_gates` for plain GLA (gla_chunk_pallas sums the gates itself, outside its
+    custom_vjp, and autodiff turns b's gradient into the log gates'): T = 75 (a partial last
+    chunk: b padded with its last value), gates of ~-4.2 per step (most chunks of 32 past the
+    bound, sub-chunks of 8 within it), an initial state; outputs, final state and the
+    gradients of q, k, v, g and the initial state against the float64 recurrence."""
+    from gsa_jax.ops import gated_linear_attention
+    B, T, H, K, V, C = 1, 75, 2, 16, 32, 32
+    keys = jax.random.split(jax.random.PRNGKey(350), 6)
+    D = K if gate_axis == "key" else V
+    with enable_x64():
+        q, k = (jax.random.normal(keys[i], (B, T, H, K), jnp.float64) for i in (0, 1))
+        v = jax.random.normal(keys[2], (B, T, H, V), jnp.float64)
+        g = -4.2 + jnp.tanh(jax.random.normal(keys[3], (B, T, H, D), jnp.float64))
+        s0 = jax.random.normal(keys[4], (B, H, K, V), jnp.float64)
+        cot = jax.random.normal(keys[5], (B, T, H, V), jnp.float64)
+
+        def loss(impl):
+            def f(q, k, v, g, s0):
+                o, sT = gated_linear_attention(q, k, v, g, gate_axis=gate_axis,
+                                               initial_state=s0, return_final_state=True,
+                                               impl=impl, chunk_size=C)
+                return jnp.sum(o * cot.astype(o.dtype)) + jnp.sum(sT ** 2), (o, sT)
+            return jax.value_and_grad(f, argnums=range(5), has_aux=True)
+
+        (_, ref_out), ref_grads = jax.tree.map(np.asarray, loss("recurrent")(q, k, v, g, s0))
+    args32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, s0)]
+    with pgla.tuning(cumulative_gates=True, sub_chunk=8):
+        (_, out), grads = jax.jit(loss("pallas"))(*args32)
+    for name, got, want in zip(("o", "final state"), out, ref_out):
+        _assert_rel(got, want, F32_REL, name)
+    for name, got, want in zip(("dq", "dk", "dv", "dg", "ds0"), grads, ref_grads):
+        _assert_rel(got, want, F32_REL, name)
 
 
 def test_bfloat16_inputs_close_to_float64():

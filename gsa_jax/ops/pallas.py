@@ -85,11 +85,14 @@ def shard_mapped(fn, batch: tuple[str, ...], heads: Optional[str], with_runs: bo
 
 def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axis: str,
                scale: float, chunk_size: int, out_dtype=None, recompute_states: bool = False,
-               interpret: Optional[bool] = None):
+               interpret: Optional[bool] = None, gates_cumulative: bool = False):
     """GLA by the kernels of this backend. Args as `pallas_kernels.gla.gla_chunk_pallas`
-    (initial_state per query head, [B, H, K, V]); returns (o [B, T, H, V], final state
-    [B, H, K, V] f32). interpret=None: interpreted unless jax really runs on the kernels'
-    backend (so a faked TPU runs the TPU kernels in TPU interpret mode)."""
+    (initial_state per query head, [B, H, K, V]; gates_cumulative: the GPU kernels only);
+    returns (o [B, T, H, V], final state [B, H, K, V] f32). interpret=None: interpreted
+    unless jax really runs on the kernels' backend (so a faked TPU runs the TPU kernels in
+    TPU interpret mode)."""
+    if on_tpu() and gates_cumulative:
+        raise ValueError("gates_cumulative: the TPU kernels read the log gates themselves")
     if on_tpu():
         from pallas_kernels.tpu_gla import gla_chunk_pallas_tpu as kernels
         platform = "tpu"
@@ -103,10 +106,12 @@ def gla_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, gate_axi
     if interpret is None:
         interpret = jax.default_backend() != platform
 
+    extra = dict(gates_cumulative=True) if gates_cumulative else {}
+
     def run(q, k, v, g, state, runs=None):
         return kernels(q, k, v, g, state, runs, key_gated=gate_axis == "key", scale=scale,
                        chunk_size=chunk_size, out_dtype=out_dtype,
-                       recompute_states=recompute_states, interpret=interpret)
+                       recompute_states=recompute_states, interpret=interpret, **extra)
 
     args = (q, k, v, g, initial_state) + (() if runs is None else (runs,))
     o, s = per_shard(run, q.shape[0], k.shape[2], runs is not None)(*args)
@@ -122,9 +127,16 @@ def gsa_pallas(q, k, v, s, g, hk0, hv0, runs, *, scale: float, chunk_size: int,
     (One kernel walk doing both passes was built and measured slower on an H200: forward
     0.695 / 0.827 ms against 0.476 / 0.668 at 8 x 2048 and 4 x 4096, M = 64; the walk
     spilled, experiments/results/bench_kernels_h200fgsa.md; removed after commit bddd0c0.)
+    Under the GPU kernels' Tuning.cumulative_gates the log gates are summed inside each chunk
+    once here for both passes (pallas_kernels.gla.gla_chunk_pallas, gates_cumulative).
     Returns (o [B, T, H, V] in q's dtype, Hk [B, H, K, M] f32, Hv [B, H, M, V] f32).
     """
     kw = dict(chunk_size=chunk_size, recompute_states=recompute_states, interpret=interpret)
+    if not on_tpu():
+        from pallas_kernels import chunk_math, gla
+        if gla.current_tuning().cumulative_gates:
+            g = chunk_math.chunk_cumsum(g, chunk_size)
+            kw["gates_cumulative"] = True
     z, hk = gla_pallas(q, k, s, g, hk0, runs, gate_axis="value", scale=scale,
                        out_dtype=jnp.float32, **kw)
     p = slot_activation_fn(z).astype(q.dtype)
