@@ -341,8 +341,8 @@ def _kernel_fn(cfg: KernelConfig):
                               min_chunks=t.split_min_chunks)
 
     def states(q, k, v, g, s0, runs, cumulative=False):
-        """Chunk states and the final state; cumulative: g holds the chunk-local cumulative
-        gates (Tuning.cumulative_gates), which only the in-kernel combine reads."""
+        """Chunk states and the final state; cumulative: g holds b, the gates summed inside
+        each chunk (a split then combines in the kernels)."""
         kw = cfg.kw(parallel=False, with_scale=False)
         if cumulative:
             kw["cumulative"] = True

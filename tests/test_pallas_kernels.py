@@ -573,10 +573,10 @@ def test_strong_gates_apart_forward_matches_float64(path, tuning):
     _assert_rel(hv, ref[1][1], F32_REL, "final Hv")
 
 
-def _tuned_against_float64(seed, case, prep, **tuning):
+def _tuned_against_float64(seed, case, prep, recompute=False, **tuning):
     """The kernels under a tuning on a case's inputs (transformed by prep), values and every
-    gradient compared with the float64 recurrence on the same inputs; returns the jaxpr's
-    text (which kernels ran)."""
+    gradient compared with the float64 recurrence on the same inputs (recompute: the
+    backward recomputes the chunk states); returns the jaxpr's text (which kernels ran)."""
     C, segs, state = CASES[case][7:10]
     with enable_x64():
         args, cot, seg, _ = _case_inputs(seed, case, jnp.float64)
@@ -584,7 +584,7 @@ def _tuned_against_float64(seed, case, prep, **tuning):
             np.asarray, _value_and_grads("recurrent", C, state, segs)(prep(args), cot, seg))
     args, cot, seg, _ = _case_inputs(seed, case, jnp.float32)
     with pgla.tuning(**tuning):
-        fn = _value_and_grads.__wrapped__("pallas", C, state, segs)
+        fn = _value_and_grads.__wrapped__("pallas", C, state, segs, recompute)
         jaxpr = str(jax.make_jaxpr(fn)(prep(args), cot, seg))
         out, grads = fn(prep(args), cot, seg)
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
@@ -691,8 +691,9 @@ def test_cumulative_gates_forward_matches_float64(tuning):
     dict(block_k_bwd=8, key_loop_bwd=False, strong_gates_apart=True),   # ... as programs
     dict(split_grads_bwd=True),                            # the two gradient kernels
     dict(case="wide_K512_V384_M256"),                      # pass 1 in key slices
+    dict(SPLIT_EVERYWHERE, recompute=True),                # the backward's state walks
 ], ids=["walks", "big_chunks", "apart_value_blocks", "key_loop", "key_blocks", "split_grads",
-        "wide"])
+        "wide", "recompute_big_chunks"])
 def test_cumulative_gates_forward_backward_matches_float64(tuning):
     """`cumulative_gates` through forward and backward: the forward's state walk and output
     kernel, the backward's state-gradient walk and gradient kernels all read b (the backward
