@@ -1,0 +1,43 @@
+#!/bin/bash
+# One device call that times the kernels' launch variants still off until a GPU says they win
+# (Tuning.split_combine_in_kernel, split_grads_bwd, strong_gates_apart, cumulative_gates) against
+# the default, shape by shape, within a deadline, then runs their float64 tests on the GPU.
+#
+#   bash experiments/kernel_variants_device_call.sh [SECONDS] [SHAPES...]
+#     e.g. (device tool, carry [".whl"] for the peer's wheels, unused here)
+#          bash experiments/kernel_variants_device_call.sh 560 6 0 5
+#
+# SECONDS: the whole command's budget (default 560): a shape starts only with 60 s left for
+# it, the tests run only with 30 s left. SHAPES: bench_kernels.py indices (default 6 0 5:
+# 1 x 16384, 8 x 2048, 8 x 2048 at M = 128). Each shape's rows are merged into
+# $OUT/bench_kernels_<gpu>var.{json,md} (gpu: h200 or h100), each variant's outputs and
+# gradients checked against the default row's in the same process; $OUT also gets bench.log
+# and pytest.log. --no-check: the default row is not compared with the f32 chunk form again.
+set -u -o pipefail
+TOTAL=${1:-560}; shift || true
+SHAPES=${*:-6 0 5}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+VARIANTS=(
+  --variant 'combine={"split_combine_in_kernel": true}'
+  --variant 'sgrads={"split_grads_bwd": true}'
+  --variant 'apart={"strong_gates_apart": true}'
+  --variant 'cum={"cumulative_gates": true}'
+  --variant 'cumapart={"cumulative_gates": true, "strong_gates_apart": true}'
+  --variant 'all={"split_combine_in_kernel": true, "split_grads_bwd": true, "strong_gates_apart": true, "cumulative_gates": true}'
+)
+for s in $SHAPES; do
+  left=$(( TOTAL - 30 - SECONDS )); [ $left -lt 60 ] && { echo "no time for shape $s"; break; }
+  merge=(); [ -f "$OUT/bench_kernels_${GPU}var.json" ] && merge=(--merge)
+  timeout $(( left < 200 ? left : 200 )) python3 experiments/bench_kernels.py --tag "${GPU}var" \
+    --only "$s" --impls pallas --no-decode --no-check "${VARIANTS[@]}" "${merge[@]}" \
+    --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | grep -v "^WARNING" | grep "^|" | tail -20
+done
+left=$(( TOTAL - SECONDS ))
+if [ $left -gt 30 ]; then
+  timeout $left python3 -m pytest -q -x tests/test_pallas_kernels.py \
+    -k "cumulative or in_kernel or split_gradient or strong_gates_apart" 2>&1 \
+    | tee "$OUT/pytest.log" | tail -5
+fi
