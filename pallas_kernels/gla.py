@@ -296,6 +296,12 @@ class KernelConfig:
     tuning: Tuning
     cumulative: bool = False   # g holds b, the log gates summed inside each chunk
 
+    @property
+    def combine_in_kernel(self) -> bool:
+        """Whether a split walk combines in its kernels: Tuning.split_combine_in_kernel, and
+        always with g holding b (the XLA combine's chunk decays are sums of g)."""
+        return self.tuning.split_combine_in_kernel or self.cumulative
+
     def kw(self, parallel: bool, with_scale: bool = True, fused: bool = False,
            backward: bool = False):
         t = self.tuning
@@ -319,6 +325,8 @@ class KernelConfig:
                 kw["strong_warps"] = t.warps_par
         if with_scale:
             kw["scale"] = self.scale
+        if self.cumulative:   # every kernel then reads g as b
+            kw["cumulative"] = True
         return kw
 
 
@@ -340,32 +348,26 @@ def _kernel_fn(cfg: KernelConfig):
                               below=t.split_below_programs, target=t.split_programs,
                               min_chunks=t.split_min_chunks)
 
-    def states(q, k, v, g, s0, runs, cumulative=False):
-        """Chunk states and the final state; cumulative: g holds b, the gates summed inside
-        each chunk (a split then combines in the kernels)."""
+    def states(q, k, v, g, s0, runs):
         kw = cfg.kw(parallel=False, with_scale=False)
-        if cumulative:
-            kw["cumulative"] = True
         kernel = functools.partial(states_fwd, **kw)
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, k, v, g, s0, runs)
-        if cfg.tuning.split_combine_in_kernel or cumulative:
+        if cfg.combine_in_kernel:
             final_fn = functools.partial(states_fwd, final_only=True, **kw)
             return two_level.split_states_in_kernel(final_fn, kernel, q, k, v, g, s0, runs,
                                                     sp=sp, C=cfg.chunk_size)
         return two_level.split_states(kernel, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                                       key_gated=cfg.key_gated)
 
-    def state_grads(q, v, g, runs, do, dsT, cumulative=False):
+    def state_grads(q, v, g, runs, do, dsT):
         kw = cfg.kw(parallel=False, backward=True)
-        if cumulative:
-            kw["cumulative"] = True
         kernel = functools.partial(dstates_bwd, **kw)
         sp = split_plan(q, v, kw["block_v"])
         if sp is None:
             return kernel(q, v, g, runs, do, dsT)
-        if cfg.tuning.split_combine_in_kernel or cumulative:
+        if cfg.combine_in_kernel:
             final_fn = functools.partial(dstates_bwd, final_only=True, **kw)
             return two_level.split_dstates_in_kernel(final_fn, kernel, q, v, g, runs, do, dsT,
                                                      sp=sp, C=cfg.chunk_size)
@@ -396,16 +398,12 @@ def _kernel_fn(cfg: KernelConfig):
                 fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size,
                 key_gated=cfg.key_gated, scale=cfg.scale, out_dtype=out_dtype)
             return o, sT, None
-        # g holding b (cfg.cumulative): every forward kernel below reads it as such, and the
-        # split walks combine in the kernels (the XLA combine's chunk decays are sums of g)
-        cumulative = cfg.cumulative
-        cw = dict(cumulative=True) if cumulative else {}
         if sp is not None:
             final_fn = functools.partial(states_fwd, final_only=True,
-                                         **cfg.kw(parallel=False, with_scale=False), **cw)
+                                         **cfg.kw(parallel=False, with_scale=False))
             fused_fn = functools.partial(fused_fwd, out_dtype=out_dtype,
-                                         **cfg.kw(parallel=False, fused=True), **cw)
-            if t.split_combine_in_kernel or cumulative:
+                                         **cfg.kw(parallel=False, fused=True))
+            if cfg.combine_in_kernel:
                 o, sT = two_level.split_fused_forward_in_kernel(
                     final_fn, fused_fn, q, k, v, g, s0, runs, sp=sp, C=cfg.chunk_size)
                 return o, sT, None
@@ -415,21 +413,20 @@ def _kernel_fn(cfg: KernelConfig):
             return o, sT, None
         if fused and chunks <= t.fused_max_chunks:
             o, sT = fused_fwd(q, k, v, g, s0, runs, out_dtype=out_dtype,
-                              **cfg.kw(parallel=False, fused=True), **cw)
+                              **cfg.kw(parallel=False, fused=True))
             return o, sT, None
-        chunk_states, sT = states(q, k, v, g, s0, runs, cumulative)
+        chunk_states, sT = states(q, k, v, g, s0, runs)
         o = output_fwd(q, k, v, g, chunk_states, runs, out_dtype=cfg.out_dtype or q.dtype,
-                       **cfg.kw(parallel=True), **cw)
+                       **cfg.kw(parallel=True))
         return o, sT, chunk_states
 
     def backward(args, chunk_states, cotangents):
         q, k, v, g, s0, runs = args
         do, dsT = cotangents
-        dstates, ds0 = state_grads(q, v, g, runs, do, dsT, cfg.cumulative)
+        dstates, ds0 = state_grads(q, v, g, runs, do, dsT)
         # with g holding b, dg is b's gradient (the caller's chunk_cumsum turns it into the
         # log gates' one)
         dq, dk, dv, dg = grads_bwd(q, k, v, g, runs, chunk_states, dstates, do,
-                                   cumulative=cfg.cumulative,
                                    **cfg.kw(parallel=True, backward=True))
         groups = q.shape[2] // k.shape[2]
         dq = dq.sum(0, dtype=dq.dtype)
@@ -442,9 +439,8 @@ def _kernel_fn(cfg: KernelConfig):
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
                 ds0.astype(s0.dtype), None)
 
-    return common.keep_or_recompute_vjp(
-        forward, lambda *args: states(*args, cumulative=cfg.cumulative)[0], backward,
-        recompute_states=cfg.recompute_states)
+    return common.keep_or_recompute_vjp(forward, lambda *args: states(*args)[0], backward,
+                                        recompute_states=cfg.recompute_states)
 
 
 def gla_chunk_pallas(q, k, v, g, initial_state, runs: Optional[jax.Array], *, key_gated: bool,
