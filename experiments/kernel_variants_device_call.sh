@@ -1,10 +1,12 @@
 #!/bin/bash
-# One device call that times the kernels' launch variants still off until a GPU says they win
-# (Tuning.split_combine_in_kernel, split_grads_bwd, strong_gates_apart, cumulative_gates) against
-# the default, shape by shape, within a deadline, then runs their float64 tests on the GPU.
+# One device call that times the kernels' launch variants against the default, shape by shape,
+# within a deadline, then runs their float64 tests on the GPU: the defaults before the H100
+# timing of 2026-12-06 (no in-kernel combine, no strong tiles apart, one gradient kernel), strong
+# tiles apart on both passes, the gradient kernel split on both, cumulative_gates (measured
+# slower on an H100): what an H200 should confirm or overturn.
 #
 #   bash experiments/kernel_variants_device_call.sh [SECONDS] [SHAPES...]
-#     e.g. (device tool, carry [".whl"] for the peer's wheels, unused here)
+#     e.g. (device tool, no carry)
 #          bash experiments/kernel_variants_device_call.sh 560 6 0 5
 #
 # SECONDS: the whole command's budget (default 560): a shape starts only with 60 s left for
@@ -21,12 +23,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 VARIANTS=(
-  --variant 'combine={"split_combine_in_kernel": true}'
-  --variant 'sgrads={"split_grads_bwd": true}'
+  --variant 'previous={"split_combine_in_kernel": false, "strong_gates_apart": false, "split_grads_bwd": false}'
   --variant 'apart={"strong_gates_apart": true}'
+  --variant 'sgrads={"split_grads_bwd": true}'
   --variant 'cum={"cumulative_gates": true}'
-  --variant 'cumapart={"cumulative_gates": true, "strong_gates_apart": true}'
-  --variant 'all={"split_combine_in_kernel": true, "split_grads_bwd": true, "strong_gates_apart": true, "cumulative_gates": true}'
 )
 for s in $SHAPES; do
   left=$(( TOTAL - 30 - SECONDS )); [ $left -lt 60 ] && { echo "no time for shape $s"; break; }

@@ -68,7 +68,7 @@ class Tuning:
     only, combine, then each big chunk's fused walk from its true entering state), with big
     chunks of at most `fused_max_chunks` chunks; no chunk state goes through memory.
 
-    `split_combine_in_kernel` (off until timed on a GPU) moves the combine of a split walk
+    `split_combine_in_kernel` (on: measured faster) moves the combine of a split walk
     into the kernels: the final-state walk also writes each big chunk's decay, and the second
     walk's programs (the fused walk of a forward without chunk states; the state walk of one
     with them, which then writes the true chunk states) fold the leaving states and decays of
@@ -79,7 +79,10 @@ class Tuning:
     ms of 0.66 (chunk decays, the associative scan, the entering states), and the split state
     pass's fix-up is a float32 pass reading and writing every chunk state; the fold is at
     most NB − 1 multiply-adds of a [K, BV] state per program, and a forward with chunk states
-    walks once more (without stores), as does the backward.
+    walks once more (without stores), as does the backward. On an H100 (bf16, H 16, K 128,
+    M 64; experiments/results/bench_kernels_h100var{,2}.md) the forward goes 0.715 -> 0.657 /
+    0.727 -> 0.658 / 0.736 -> 0.668 / 1.349 -> 1.225 ms at 4 x 4096, 2 x 8192, 1 x 16384,
+    1 x 32768, forward+backward 0.3-1% faster; where no walk is split, nothing changes.
 
     `split_fixup` (off: measured slower) runs that split forward in one walk instead of
     two: every big chunk's fused walk from a zero state, then the outputs fixed up with the
@@ -126,7 +129,8 @@ class Tuning:
     and 1.60 ms looped), hence key-gated only. Key blocks as programs of their own were
     slower still: forward+backward 8.15 ms against 5.59 (bench_kernels_h200spill.md).
 
-    `strong_gates_apart` (off until timed on a GPU) takes the within-chunk paths for tiles
+    `strong_gates_apart` (None, auto: a value-gated pass with K <= 128 and V < 128) takes
+    the within-chunk paths for tiles
     past the chunk bound (the sub-chunk tier and the exact loop) out of the fused walk, the
     output kernel and the backward's gradient kernel: they compute the fast path only (0 for
     such a tile), and a chunk-parallel kernel (`gla_fwd.strong_intra`,
@@ -142,9 +146,17 @@ class Tuning:
     127 registers instead of 255; on the H200 pass 1's walk reads 143 MB of spilled values
     per launch and takes 0.278 ms against pass 2's 0.152 (ncu_kernels_h200fwd.md). A bf16
     output (or gradient) of a tile past the bound is rounded twice (its fast part, then the
-    sum).
+    sum). Timed on an H100 (bf16, 8 x 2048, H 16, K 128; bench_kernels_h100var2.md, fwd /
+    fwd+bwd ms): at M = 64 none apart 0.486 / 2.074, "value" 0.423 / 2.021, True 0.503 /
+    1.991, "key" 0.560 / 2.060; at M = 128 none 0.760 / 6.148, "value" 0.844 / 6.043,
+    True 0.919 / 6.559. Hence the automatic choice: a value-gated pass with K <= 128 and
+    V < 128 (GSA's first pass at M <= 64; at M = 32 a tie, 0.320 / 1.326 against 0.315 /
+    1.337, bench_kernels_h100var4.md). At K = 256 (GSA with 4 heads of 256) the strong
+    kernels asked for more shared memory than an H100 has (RESOURCE_EXHAUSTED at launch,
+    h100var4), so the rule keeps K <= 128 (h100var5: the default runs there).
 
-    `split_grads_bwd` (off until timed on a GPU) runs the backward's gradient kernel as two
+    `split_grads_bwd` (None, auto: a key-gated pass with K = 128 and V >= 128) runs
+    the backward's gradient kernel as two
     on the same grid: the query side (dq and its share of the gate gradient, which goes
     through memory in float32) and the key/value side (dk, dv, the rest, and dg), each with
     the fast within-chunk path only (the strong kernel of `strong_gates_apart` adds the tiles
@@ -155,7 +167,14 @@ class Tuning:
     recompute the scores and their gradient (one more or two more matmuls per chunk) and read
     the inputs twice. Where it applies, a key loop (key_loop_bwd, block_k_bwd None's choice
     for a large state) is not taken: the split is the alternative to it (whole K, or key
-    blocks as programs where key_loop_bwd is false).
+    blocks as programs where key_loop_bwd is false). Timed on an H100 (bf16, 8 x 2048, H 16,
+    K 128; bench_kernels_h100var2.md, fwd+bwd ms): at M = 128 no split 6.148, "key" 5.740,
+    True 5.786, "value" 6.194; at M = 64 no split 2.074, "key" 2.185, "value" 2.097. Hence
+    the automatic choice, a key-gated pass of a large state with K <= 128 as timed (its
+    strong kernel is the one that overflowed shared memory at K = 256; GSA's second pass at
+    M = 128, plain GLA with 128-wide heads;
+    adding the value-gated pass's strong tiles apart there gave 5.641 ms but a forward 12%
+    slower, h100var3, so the automatic choices leave that pass alone at M = 128).
 
     `warps_states` sets the warps of the forward's sequential state walk (`states_fwd`, also
     the final-state walks of a split forward): 0 (the default until timed as above) takes
@@ -164,7 +183,7 @@ class Tuning:
     otherwise (at M = 64 8 warps took 0.090 ms against 0.080). The state-gradient walk keeps
     `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131).
 
-    `cumulative_gates` (off until timed on a GPU): the log gates are summed inside each chunk
+    `cumulative_gates` (off: measured slower): the log gates are summed inside each chunk
     once, in XLA, before the kernels' custom_vjp (chunk_math.chunk_cumsum, float32; GSA sums
     them once for both passes, gsa_pallas), and every kernel reads that b instead of g, with
     b's last row loaded as a tile of its own (gla_fwd.load_gates); the gradient kernels write
@@ -175,7 +194,14 @@ class Tuning:
     (fused walks 2247 / 2175 -> 1488 / 1557) and of the gradient kernel's reverse sum
     another ~600. The cost: XLA passes over g and b (float32) in the forward and over b's
     gradient (float32) in the backward. A split walk then combines in the kernels
-    (split_combine_in_kernel implied; split_fixup, which sums g in XLA, is not taken)."""
+    (split_combine_in_kernel implied; split_fixup, which sums g in XLA, is not taken).
+    On an H100 it is slower at every shape timed (experiments/results/bench_kernels_h100var.md,
+    bf16, H 16, K 128): forward 0.485 -> 0.588 / 0.760 -> 1.204 / 0.735 -> 0.837 ms and
+    forward+backward 2.068 -> 2.564 / 6.151 -> 7.181 / 2.431 -> 2.920 ms at 8 x 2048 M 64,
+    8 x 2048 M 128 and 1 x 16384: the fewer instructions do not pay for b's float32 bytes
+    (written once, read by every kernel where bf16 g was) and for the XLA sums; with
+    strong_gates_apart at M = 128 the strong-tile kernel's float32 tiles exceed the H100's
+    shared memory (RESOURCE_EXHAUSTED at launch)."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -190,19 +216,19 @@ class Tuning:
     split_min_chunks: int = 8
     fused_split: bool = True
     split_fixup: bool = False
-    split_combine_in_kernel: bool = False
+    split_combine_in_kernel: bool = True
     sub_chunk: Optional[int] = None
     block_k_bwd: Optional[int] = 0
     key_loop_bwd: Optional[bool] = None
     warps_states: Optional[int] = 0
-    strong_gates_apart: Union[bool, str] = False
-    split_grads_bwd: Union[bool, str] = False
+    strong_gates_apart: Union[bool, str, None] = None
+    split_grads_bwd: Union[bool, str, None] = None
     cumulative_gates: bool = False
 
     def __post_init__(self):
         for name in ("strong_gates_apart", "split_grads_bwd"):
-            if getattr(self, name) not in (True, False, "key", "value"):
-                raise ValueError(f"Tuning.{name} must be true, false, 'key' or 'value', "
+            if getattr(self, name) not in (True, False, None, "key", "value"):
+                raise ValueError(f"Tuning.{name} must be true, false, None, 'key' or 'value', "
                                  f"got {getattr(self, name)!r}")
 
 
@@ -278,9 +304,17 @@ def resolved_tuning(dtype, K: int, V: int, block_v: Optional[int] = None,
     if warps_states is None:
         warps_states = LARGE_STATE_WARPS_STATES if large_state else tuning.warps_seq
     warps_states = warps_states or tuning.warps_seq   # 0: warps_seq
+    apart, split_grads = tuning.strong_gates_apart, tuning.split_grads_bwd
+    # timed on an H100 (see Tuning): where each gains; K <= 128 as timed (at K = 256 the
+    # strong kernels overflowed shared memory)
+    if apart is None:
+        apart = not key_gated and K <= 128 and V < 128
+    if split_grads is None:
+        split_grads = key_gated and large_state and K <= 128
     return dataclasses.replace(tuning, block_v_bwd=math.gcd(block_v_bwd, V),
                                block_k_bwd=block_k_bwd if block_k_bwd < K else 0,
-                               key_loop_bwd=bool(key_loop), warps_states=warps_states)
+                               key_loop_bwd=bool(key_loop), warps_states=warps_states,
+                               strong_gates_apart=apart, split_grads_bwd=split_grads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,8 @@ def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
     """Forward + backward: the four GLA kernels of each pass, each with the warps and stages of
     the tuning in force (a variant's changes reach them); --fast-only cuts the intra-chunk
     branches (scf.if in the IR) out of the kernels that have them."""
-    kernels = kr.lower_kernels(SHAPE, {"warps_seq": 2, "warps_par": 4, "stages": 1},
+    kernels = kr.lower_kernels(SHAPE, {"warps_seq": 2, "warps_par": 4, "stages": 1,
+                                       "strong_gates_apart": False},
                                forward_only=False, fast_only=False)
     names = [k[0] for k in kernels]
     assert sorted(set(names)) == ["gla_dstates_bwd", "gla_grads_bwd", "gla_output_fwd",
@@ -28,7 +29,8 @@ def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
     assert all("tt.func public @" + name in text for name, _, _, text in kernels)
     branched = {name for name, _, _, text in kernels if "scf.if" in text}
     assert {"gla_output_fwd", "gla_grads_bwd"} <= branched
-    fast = kr.lower_kernels(SHAPE, {}, forward_only=False, fast_only=True)
+    fast = kr.lower_kernels(SHAPE, {"strong_gates_apart": False}, forward_only=False,
+                            fast_only=True)
     assert not any("scf.if" in text for name, _, _, text in fast
                    if name in ("gla_output_fwd", "gla_grads_bwd"))
     assert pgla.current_tuning() == pgla.Tuning()   # the variant was undone
@@ -37,7 +39,8 @@ def test_every_kernel_of_a_training_step_is_lowered_with_its_launch():
 def test_strong_gates_apart_takes_the_branches_out_of_the_hot_kernels():
     """`strong_gates_apart`: the fused walk, the output kernel and the gradient kernel lower
     with no branch (scf.if) left in them, and each pass gets a strong-path kernel (forward and
-    backward) that holds the branch; without it the hot kernels hold it."""
+    backward) that holds the branch; without it the hot kernels hold it. The default takes
+    them apart on the value-gated pass (the first) only."""
     hot = ("gla_fused_fwd", "gla_output_fwd", "gla_grads_bwd")
     for forward_only in (True, False):
         apart = kr.lower_kernels(SHAPE, {"strong_gates_apart": True},
@@ -50,8 +53,12 @@ def test_strong_gates_apart_takes_the_branches_out_of_the_hot_kernels():
         assert all(names.count(name) == 2 for name in strong), names   # one per GSA pass
         assert not any("scf.if" in text for name, _, _, text in apart if name in hot)
         assert all("scf.if" in text for name, _, _, text in apart if name in strong)
-        default = kr.lower_kernels(SHAPE, {}, forward_only=forward_only, fast_only=False)
-        assert all("scf.if" in text for name, _, _, text in default if name in hot)
+        together = kr.lower_kernels(SHAPE, {"strong_gates_apart": False},
+                                    forward_only=forward_only, fast_only=False)
+        assert all("scf.if" in text for name, _, _, text in together if name in hot)
+        default = [k[0] for k in kr.lower_kernels(SHAPE, {}, forward_only=forward_only,
+                                                  fast_only=False)]
+        assert all(default.count(name) == 1 for name in strong), default
 
 
 SASS = """

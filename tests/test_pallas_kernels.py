@@ -643,7 +643,9 @@ def test_split_gradient_kernels_match_float64(case, tuning):
     mild gates without segments (K32_V16_M32_gqa), values and every gradient match the
     float64 recurrence."""
     prep = _mixed_gates if case == "segments_C32" else (lambda a: a)
-    jaxpr = _tuned_against_float64(332, case, prep, sub_chunk=8, **tuning)
+    # strong tiles apart off where not implied (the default takes them on pass 1 here)
+    jaxpr = _tuned_against_float64(332, case, prep, sub_chunk=8, strong_gates_apart=False,
+                                   **tuning)
     passes = 2 if tuning["split_grads_bwd"] is True else 1
     assert jaxpr.count("name=gla_grads_query_bwd") == passes
     assert jaxpr.count("name=gla_grads_key_value_bwd") == passes
@@ -791,7 +793,7 @@ def test_large_state_automatic_choices():
     walk of a large state; the launch keywords the kernels get follow. The defaults (0) keep
     the whole K and `warps_seq` until the GPU has timed the automatic choice."""
     bf16 = jnp.bfloat16
-    with pgla.tuning(block_k_bwd=None, warps_states=None):
+    with pgla.tuning(block_k_bwd=None, warps_states=None, split_grads_bwd=False):
         big_key = pgla.resolved_tuning(bf16, 128, 128, key_gated=True)
         big_value = pgla.resolved_tuning(bf16, 128, 128, key_gated=False)
         small_key = pgla.resolved_tuning(bf16, 64, 128, key_gated=True)
@@ -817,6 +819,50 @@ def test_large_state_automatic_choices():
     assert config(big_key, True).kw(parallel=False)["num_warps"] == 8        # state walk
     assert config(big_key, True).kw(parallel=False, backward=True)["num_warps"] == \
         big_key.warps_seq                                                     # its gradient
+
+
+def test_launch_variants_automatic_choices():
+    """The defaults (None, auto) of `strong_gates_apart` and `split_grads_bwd`, as timed on an
+    H100 (Tuning): strong tiles apart for a value-gated pass with K <= 128 and V < 128 only
+    (GSA's first pass at M <= 64; not at K = 256, where the strong kernels overflow shared
+    memory), the gradient kernel split for a key-gated pass with K = 128, V >= 128 only
+    (GSA's second pass at M = 128), each launch's keywords following; an explicit setting
+    wins. The in-kernel combine is on."""
+    bf16 = jnp.bfloat16
+    assert pgla.Tuning().split_combine_in_kernel
+
+    def resolved(K, V, key_gated, **changes):
+        with pgla.tuning(**changes):
+            return pgla.resolved_tuning(bf16, K, V, key_gated=key_gated)
+
+    def kw(tuning, key_gated, **where):
+        return pgla.KernelConfig(key_gated=key_gated, scale=1.0, chunk_size=64,
+                                 recompute_states=False, out_dtype=None, interpret=False,
+                                 tuning=tuning).kw(parallel=True, **where)
+
+    apart = {(K, V, kg): resolved(K, V, kg).strong_gates_apart
+             for K, V, kg in [(128, 64, False), (128, 32, False), (128, 128, False),
+                              (256, 64, False), (256, 32, False), (128, 64, True),
+                              (64, 64, True)]}
+    assert apart == {(128, 64, False): True, (128, 32, False): True, (128, 128, False): False,
+                     (256, 64, False): False, (256, 32, False): False, (128, 64, True): False,
+                     (64, 64, True): False}
+    split = {(K, V, kg): resolved(K, V, kg).split_grads_bwd
+             for K, V, kg in [(128, 128, True), (256, 128, True), (128, 128, False),
+                              (64, 128, True), (128, 64, True)]}
+    assert split == {(128, 128, True): True, (256, 128, True): False, (128, 128, False): False,
+                     (64, 128, True): False, (128, 64, True): False}
+    assert kw(resolved(128, 64, False), False)["strong_apart"]
+    assert "strong_apart" not in kw(resolved(128, 128, False), False)
+    assert kw(resolved(128, 128, True), True, backward=True)["split"]
+    assert "split" not in kw(resolved(128, 64, True), True, backward=True)
+    # with the key loop asked for, the split still replaces it
+    looped = resolved(128, 128, True, block_k_bwd=None)
+    assert "block_k" not in kw(looped, True, backward=True)
+    assert resolved(128, 64, False, strong_gates_apart=False).strong_gates_apart is False
+    assert resolved(128, 128, True, split_grads_bwd="value").split_grads_bwd == "value"
+    assert "split" not in kw(resolved(128, 128, True, split_grads_bwd="value"), True,
+                             backward=True)
 
 @pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
 def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
@@ -846,7 +892,9 @@ def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
             return loss(*a)
 
         sizes = {}
-        with pgla.tuning(sub_chunk=sub_chunk):
+        # the tier inside the hot kernels (the default takes a small value-gated pass's
+        # strong tiles apart, into kernels of their own)
+        with pgla.tuning(sub_chunk=sub_chunk, strong_gates_apart=False):
             for fn in (jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))):
                 module = jax.export.export(
                     fn, platforms=["cuda"],

@@ -209,10 +209,12 @@ def _kernel_names(fn, *args):
 
 
 @pytest.mark.parametrize("backend, expected", [
-    ("tpu", {"gla_tpu_forward"}), ("gpu", {"gla_fused_fwd"}), ("cpu", set())])
+    ("tpu", {"gla_tpu_forward"}), ("gpu", {"gla_fused_fwd", "gla_strong_intra_fwd"}),
+    ("cpu", set())])
 def test_auto_picks_the_kernels_of_the_backend(monkeypatch, backend, expected):
-    """impl="auto" takes the TPU kernels on a TPU, the GPU kernels on a GPU and the chunk form
-    elsewhere (and for float64); impl="pallas" takes the backend's kernels."""
+    """impl="auto" takes the TPU kernels on a TPU, the GPU kernels on a GPU (the fused walks,
+    and the first pass's strong tiles apart, Tuning.strong_gates_apart's default) and the
+    chunk form elsewhere (and for float64); impl="pallas" takes the backend's kernels."""
     monkeypatch.setattr(ops_pallas, "backend", lambda: backend)
     K, V, M, C = 16, 32, 16, 16
     auto = "chunk" if backend == "cpu" else "pallas"
