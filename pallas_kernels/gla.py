@@ -170,11 +170,11 @@ class Tuning:
     blocks as programs where key_loop_bwd is false). Timed on an H100 (bf16, 8 x 2048, H 16,
     K 128; bench_kernels_h100var2.md, fwd+bwd ms): at M = 128 no split 6.148, "key" 5.740,
     True 5.786, "value" 6.194; at M = 64 no split 2.074, "key" 2.185, "value" 2.097. Hence
-    the automatic choice, a key-gated pass of a large state with K <= 128 as timed (its
-    strong kernel is the one that overflowed shared memory at K = 256; GSA's second pass at
-    M = 128, plain GLA with 128-wide heads;
-    adding the value-gated pass's strong tiles apart there gave 5.641 ms but a forward 12%
-    slower, h100var3, so the automatic choices leave that pass alone at M = 128).
+    the automatic choice: a key-gated pass of a large state with K = 128 as timed (GSA's
+    second pass at M = 128, plain GLA with 128-wide heads; not K = 256, where the strong
+    kernel the split brings overflowed shared memory). Adding the value-gated pass's strong
+    tiles apart at M = 128 gave 5.641 ms but a forward 12% slower (h100var3), so the
+    automatic choices leave that pass alone there.
 
     `warps_states` sets the warps of the forward's sequential state walk (`states_fwd`, also
     the final-state walks of a split forward): 0 (the default until timed as above) takes

@@ -864,6 +864,7 @@ def test_launch_variants_automatic_choices():
     assert "split" not in kw(resolved(128, 128, True, split_grads_bwd="value"), True,
                              backward=True)
 
+
 @pytest.mark.parametrize("key_gated", [True, False], ids=["key_gate", "value_gate"])
 def test_kernels_lower_to_triton_with_the_sub_chunk_tier(key_gated):
     """The compiled (not interpreted) GPU kernels, forward and backward at chunk 64 with the
