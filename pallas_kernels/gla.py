@@ -130,8 +130,7 @@ class Tuning:
     slower still: forward+backward 8.15 ms against 5.59 (bench_kernels_h200spill.md).
 
     `strong_gates_apart` (None, auto: a value-gated pass with K <= 128 and V < 128) takes
-    the within-chunk paths for tiles
-    past the chunk bound (the sub-chunk tier and the exact loop) out of the fused walk, the
+    the within-chunk paths for tiles past the chunk bound (the sub-chunk tier and the exact loop) out of the fused walk, the
     output kernel and the backward's gradient kernel: they compute the fast path only (0 for
     such a tile), and a chunk-parallel kernel (`gla_fwd.strong_intra`,
     `gla_bwd._strong_intra_grads_kernel`) adds those tiles' terms to o (or dq, dk, dv, dg) in
@@ -156,8 +155,7 @@ class Tuning:
     h100var4), so the rule keeps K <= 128 (h100var5: the default runs there).
 
     `split_grads_bwd` (None, auto: a key-gated pass with K = 128 and V >= 128) runs
-    the backward's gradient kernel as two
-    on the same grid: the query side (dq and its share of the gate gradient, which goes
+    the backward's gradient kernel as two on the same grid: the query side (dq and its share of the gate gradient, which goes
     through memory in float32) and the key/value side (dk, dv, the rest, and dg), each with
     the fast within-chunk path only (the strong kernel of `strong_gates_apart` adds the tiles
     past the bound); True, or "key" / "value" for one GSA pass. Why: the single kernel holds

@@ -786,6 +786,13 @@ def test_strong_gates_apart_values_are_checked():
     assert pgla.current_tuning() == pgla.Tuning()   # refused: nothing changed
 
 
+def _launch_config(tuning, key_gated):
+    """The static settings of one compiled launch of a resolved tuning (for its kw)."""
+    return pgla.KernelConfig(key_gated=key_gated, scale=1.0, chunk_size=64,
+                             recompute_states=False, out_dtype=None, interpret=False,
+                             tuning=tuning)
+
+
 def test_large_state_automatic_choices():
     """`block_k_bwd=None` / `warps_states=None` (auto): key blocks of 64 looped inside each
     program for a key-gated pass with a state of at least 128 x 128 only (the value-gated
@@ -809,10 +816,7 @@ def test_large_state_automatic_choices():
     default = pgla.resolved_tuning(bf16, 128, 128, key_gated=True)
     assert (default.block_k_bwd, default.warps_states) == (0, default.warps_seq)
 
-    def config(tuning, key_gated):
-        return pgla.KernelConfig(key_gated=key_gated, scale=1.0, chunk_size=64,
-                                 recompute_states=False, out_dtype=None, interpret=False,
-                                 tuning=tuning)
+    config = _launch_config
     grads_kw = config(big_key, True).kw(parallel=True, backward=True)
     assert (grads_kw["block_k"], grads_kw["key_loop"]) == (64, True)
     assert "block_k" not in config(big_value, False).kw(parallel=True, backward=True)
@@ -836,9 +840,7 @@ def test_launch_variants_automatic_choices():
             return pgla.resolved_tuning(bf16, K, V, key_gated=key_gated)
 
     def kw(tuning, key_gated, **where):
-        return pgla.KernelConfig(key_gated=key_gated, scale=1.0, chunk_size=64,
-                                 recompute_states=False, out_dtype=None, interpret=False,
-                                 tuning=tuning).kw(parallel=True, **where)
+        return _launch_config(tuning, key_gated).kw(parallel=True, **where)
 
     apart = {(K, V, kg): resolved(K, V, kg).strong_gates_apart
              for K, V, kg in [(128, 64, False), (128, 32, False), (128, 128, False),
