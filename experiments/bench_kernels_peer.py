@@ -96,8 +96,13 @@ def bench_peer(inputs, segment_ids, dtype_name):
     fwd_bwd()  # autotunes every kernel for this shape
     torch.cuda.synchronize()
     tune_s = time.time() - t0
-    t_fwd = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    # The forward is timed before and after the forward+backward and the faster median kept
+    # (the one that favours the peer): on an H100 the first shape after a long autotune once
+    # gave a forward of 4.0 ms against 1.5 ms re-timed (results/bench_kernels_h100d.md).
+    t_fwd1 = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
     t_fb = triton.testing.do_bench(fwd_bwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    t_fwd2 = triton.testing.do_bench(fwd, warmup=100, rep=500, return_mode="median") * 1e-3
+    t_fwd = min(t_fwd1, t_fwd2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fwd_bwd()
@@ -105,5 +110,6 @@ def bench_peer(inputs, segment_ids, dtype_name):
     mem = torch.cuda.max_memory_allocated()
     o = fwd().detach().float().cpu().numpy()
     return {"fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_fb * 1e3, "mem_bytes": int(mem),
+            "fwd_ms_both": [round(t_fwd1 * 1e3, 4), round(t_fwd2 * 1e3, 4)],
             "autotune_s": round(tune_s, 1)}, o
 
