@@ -10,6 +10,8 @@
 # 4-run cell's state (~72 MiB at D = 128, ~12 bytes per parameter per run) is more than a
 # call may return (64 MiB, 8 files), so it is returned only when it fits (as 15 MiB parts,
 # a backup); otherwise plan to finish the cell within one session's device time.
+# XLA's executables are kept in devstate/jaxcache too: a chained call of the same cell (or a
+# later cell of the same model and width) skips the ~30 s compile on a held machine.
 # MQAR_EXTRA: more mqar_authors.py options (they override the ones above; e.g. a CPU trial).
 # $OUT gets: the report (json, md), logs.tgz (the run's log, nvidia-smi samples, the state
 # dir listing before and after), and st.part* when they fit.
@@ -31,6 +33,7 @@ LEFT=$(( TOTAL - ($(date +%s) - T0) - 30 ))
 timeout "$LEFT" python experiments/mqar_authors.py --tag "$TAG" --out-dir "$REPORT" \
   --models "$M" --widths "$W" --lr 2e-3 5e-3 --seeds 2 --max-epochs 64 --dtype bfloat16 \
   --state-dir "$STATE" --pause-seconds $((LEFT - 70)) --call-seconds $((LEFT - 20)) --merge \
+  --compile-cache devstate/jaxcache \
   ${MQAR_EXTRA:-} > "$LOGS/mqar_${M}_D${W}.txt" 2>&1
 echo "exit $?" >> "$LOGS/mqar_${M}_D${W}.txt"
 kill "$SMI" 2>/dev/null
