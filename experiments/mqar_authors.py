@@ -37,9 +37,13 @@ mean accuracy over seeds.
 
 Speed: all runs of a cell train at once: parameters and optimizer states stacked [R, ...]
 (R = lrs x seeds; runs of one seed share the initialisation, as Zoology's seeded runs), the lr an
-array [R] into the schedule, and a run past 0.99 is frozen by masking its update (it still
-computes: the cost of a cell is that of its slowest run). --eval-every steps run as one jitted
-`lax.scan` followed by the held-out accuracy of every run. A cell stops when every run is
+array [R] into the schedule; a run past 0.99 stops, and the next chunks run the other runs
+only (compiled once per run count: a chunk's cost grows with its runs; GSA at D = 64 on an
+H200 took 10.3 ms per step with 2 runs, results/logs/mqar_step_profile_h200_after_fix.txt,
+and 16 ms with 4, mqar_authors_h200a.md). --no-compact-stopped keeps stopped runs in the
+chunk, their updates masked (the same results for the others, to float rounding).
+--eval-every steps run as one jitted `lax.scan` followed by the held-out accuracy of every
+run. A cell stops when every run is
 frozen, at --max-epochs, or when another chunk would pass --cell-seconds of training; the
 report records the epochs done and why, per cell.
 
@@ -217,6 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train nothing: only merge --merge-files (and --merge) into this tag")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     p.add_argument("--compile-cache", default=None)
+    p.add_argument("--no-compact-stopped", dest="compact_stopped", action="store_false",
+                   help="keep early-stopped runs in the vmapped chunk (masked) instead of "
+                        "leaving them out (same results for the other runs; a check)")
     p.add_argument("--compile-ahead", type=int, default=2,
                    help="cells prepared (init + compile) in threads while one trains")
     args = p.parse_args(argv)
@@ -259,7 +266,8 @@ def task_config(args) -> dict[str, Any]:
 def train_cell(name: str, width: int, args, data: dict, log=print,
                prepared: Optional[dict] = None) -> dict[str, Any]:
     """Trains every (lr, seed) run of one (model, width) cell at once (vmapped) until all are
-    frozen past STOP_ACCURACY, args.max_epochs, or args.cell_seconds. With a time budget the
+    frozen past STOP_ACCURACY, args.max_epochs, or args.cell_seconds; a frozen run is left out
+    of the next chunks (args.compact_stopped; else masked in them). With a time budget the
     cosine horizon is fitted to it after the first chunk: min(max_epochs, the chunks that fit)
     (the first chunk ran on the max_epochs horizon). With args.state_dir the cell resumes from
     its saved state, if any, and is saved when it stops; with args.pause_seconds it stops
@@ -285,6 +293,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     # Seconds per chunk, kept across pauses: on the H200 a cell's epochs got up to 1.8x slower as
     # its runs learned (same program, same machine), so the report records the drift.
     chunk_times: list[float] = []
+    run_steps = None   # steps trained summed over runs (stopped runs left out train none)
     prefix, calls = None, 1
     if args.state_dir is not None:
         prefix = os.path.join(args.state_dir, f"{name}_D{width}")
@@ -293,6 +302,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         if saved is not None:
             (params, opt_state), step, train_s, curves, stopped, calls, chunk_times = \
                 restore_cell(prefix, saved, identity, (params, opt_state))
+            run_steps = saved[0].get("run_steps")   # (states saved before it: every run ran)
             calls += 1
             frozen = jnp.asarray([s is not None for s in stopped])
             log(f"  {LABELS[name]} D={width}: resumed at epoch {step / E:.2f} (call {calls})")
@@ -312,15 +322,32 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                     and time.perf_counter() + chunk_s > args.call_deadline)):
             reason = "paused (resumes from --state-dir)"
             break
+        active = [r for r in range(R) if stopped[r] is None]
+        if len(active) < R and args.compact_stopped:   # (a compile, once per count: untimed)
+            compiled_part = prep["compile_for"](len(active))
         start = time.perf_counter()
-        params, opt_state, loss, acc = prep["compiled"](
-            params, opt_state, frozen, prep["lr_R"], prep["keys"], jnp.int32(step),
-            jnp.int32(horizon), data["train"], data["test"])
-        loss, acc = np.asarray(loss), np.asarray(acc)   # waits for the chunk
+        if len(active) == R or not args.compact_stopped:
+            params, opt_state, loss, acc = prep["compiled"](
+                params, opt_state, frozen, prep["lr_R"], prep["keys"], jnp.int32(step),
+                jnp.int32(horizon), data["train"], data["test"])
+            loss, acc = np.asarray(loss), np.asarray(acc)   # waits for the chunk
+        else:
+            # Early-stopped runs left out: the chunk runs the others only (its cost is about
+            # linear in the runs), then they go back into the stacked state.
+            idx = jnp.asarray(active)
+            part = compiled_part(
+                jax.tree.map(lambda a: a[idx], params), jax.tree.map(lambda a: a[idx], opt_state),
+                jnp.zeros((len(active),), bool), prep["lr_R"][idx], prep["keys"][idx],
+                jnp.int32(step), jnp.int32(horizon), data["train"], data["test"])
+            params, opt_state = (jax.tree.map(lambda a, b: a.at[idx].set(b), full, sub)
+                                 for full, sub in zip((params, opt_state), part[:2]))
+            loss, acc = np.full(R, np.nan), np.full(R, np.nan)
+            loss[active], acc[active] = np.asarray(part[2]), np.asarray(part[3])
         chunk_s = time.perf_counter() - start
         train_s += chunk_s
         call_s += chunk_s
         chunk_times.append(round(chunk_s, 3))
+        run_steps = (step * R if run_steps is None else run_steps) + S * len(active)
         step += S
         if step == S and args.cell_seconds is not None:
             # The chunks that fit the budget, at this chunk's speed, set the cosine horizon.
@@ -334,8 +361,9 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                     stopped[r] = round(step / E, 3)
         frozen = jnp.asarray([s is not None for s in stopped])
         log(f"  {LABELS[name]} D={width} epoch {step / E:.2f}: loss "
-            + " ".join(f"{x:.2f}" for x in loss) + " | acc "
-            + " ".join(f"{x:.2f}" for x in acc) + f"  ({chunk_s:.1f} s)")
+            + " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in loss) + " | acc "
+            + " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in acc)
+            + f"  ({chunk_s:.1f} s)")
         if all(s is not None for s in stopped):
             reason = "all runs early-stopped"
             break
@@ -343,10 +371,13 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         reason = "time budget"   # the horizon was cut to fit the budget
     if prefix is not None:
         meta = {"identity": identity, "step": step, "train_s": train_s, "curves": curves,
-                "stopped": stopped, "calls": calls, "chunk_times": chunk_times}
+                "stopped": stopped, "calls": calls, "chunk_times": chunk_times,
+                "run_steps": run_steps}
         save_cell_state(prefix, meta, jax.tree.leaves((params, opt_state)), args.state_part_mb)
-    per_step = train_s / step if step else None   # all R runs' step together
-    tokens = R * args.batch_size * args.seq_len
+    per_step = train_s / step if step else None   # the step of every run still training
+    # tokens per second over the runs that trained (a stopped run is left out of the chunks)
+    tokens = (run_steps if run_steps is not None else step * R) / max(step, 1) \
+        * args.batch_size * args.seq_len
     return {"model": name, "width": width, "params": prep["num_params"],
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),

@@ -173,13 +173,31 @@ def prepare_cell(name: str, width: int, args, shapes) -> dict[str, Any]:
     lrs, run_seeds = run_grid(args)
     params, opt_state = init_runs(model, args, list(range(args.seeds)), run_seeds)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(run_seeds))
-    vchunk = jax.vmap(make_chunk(model, args), in_axes=(0, 0, 0, 0, 0, None, None, None, None))
-    frozen = jnp.zeros((len(lrs),), bool)
+    vchunk = jax.jit(jax.vmap(make_chunk(model, args),
+                              in_axes=(0, 0, 0, 0, 0, None, None, None, None)),
+                     donate_argnums=(0, 1))
     lr_R = jnp.asarray(lrs, jnp.float32)
-    compiled = jax.jit(vchunk, donate_argnums=(0, 1)).lower(
-        params, opt_state, frozen, lr_R, keys, jnp.int32(0), jnp.int32(1), *shapes).compile()
+    compiled_by_runs = {}
+
+    def compile_for(runs: int):
+        """The vmapped chunk compiled for `runs` stacked runs (a cell whose early-stopped runs
+        are left out runs fewer; compiled once per count, on first use)."""
+        if runs not in compiled_by_runs:
+            # shapes only: the arrays themselves are donated to the first chunk
+            spec = lambda tree: jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct((runs,) + a.shape[1:], a.dtype), tree)
+            compiled_by_runs[runs] = vchunk.lower(
+                spec(param_shapes), spec(opt_shapes), spec(jnp.zeros((1,), bool)),
+                spec(lr_R), spec(keys), jnp.int32(0), jnp.int32(1), *shapes).compile()
+        return compiled_by_runs[runs]
+
+    param_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    opt_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), opt_state)
+
+    compiled = compile_for(len(lrs))
     return {"name": name, "width": width, "lrs": lrs, "run_seeds": run_seeds, "params": params,
             "opt_state": opt_state, "keys": keys, "lr_R": lr_R, "compiled": compiled,
+            "compile_for": compile_for,
             "num_params": sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(params)),
             "compile_s": time.perf_counter() - t0}
 

@@ -195,6 +195,55 @@ def test_cell_stops_when_every_run_passed_the_threshold(monkeypatch):
     assert all(r["stopped_epoch"] == 0.75 and len(r["curve"]) == 1 for r in cell["runs"])
 
 
+@pytest.mark.slow  # three small attention compiles (~20 s on 2 cores)
+def test_stopped_runs_left_out_train_the_others_as_masked(tmp_path):
+    """Runs 1 and 2 marked early-stopped in a paused cell's state: resumed with them left out of
+    the chunks (the default) or kept in and masked (--no-compact-stopped), the other two runs
+    end with the same curves and parameters (to float rounding: a vmap over 2 runs instead of
+    4), the stopped ones exactly as saved, and tokens/s counts the runs that trained."""
+    import shutil
+    from experiments.mqar_authors_train import save_cell_state
+    quiet = lambda *_: None  # noqa: E731
+    base = TINY + ["--eval-every", "2", "--max-epochs", "2", "--num-layers", "1"]
+    first = ma.parse_args(base + ["--state-dir", str(tmp_path / "s"), "--pause-seconds", "0"])
+    data = ma.make_data(first)
+    assert ma.train_cell("attention", 8, first, data, log=quiet)["steps_done"] == 2
+    prefix = str(tmp_path / "s" / "attention_D8")
+    meta, leaves = ma.load_cell_state(prefix)
+    meta["stopped"] = [None, 0.5, 0.5, None]
+    save_cell_state(prefix, meta, leaves, 15.0)
+    cells, states = {}, {}
+    for name, extra in (("left_out", []), ("masked", ["--no-compact-stopped"])):
+        shutil.copytree(tmp_path / "s", tmp_path / name)
+        args = ma.parse_args(base + ["--state-dir", str(tmp_path / name), *extra])
+        cells[name] = ma.train_cell("attention", 8, args, data, log=quiet)
+        states[name] = ma.load_cell_state(str(tmp_path / name / "attention_D8"))[1]
+    for cell in cells.values():
+        assert cell["stop_reason"] == "max epochs" and cell["steps_done"] == 8
+        assert [len(r["curve"]) for r in cell["runs"]] == [4, 1, 1, 4]
+    for r in (0, 3):
+        a, b = (cells[n]["runs"][r]["curve"] for n in ("left_out", "masked"))
+        assert [c["step"] for c in a] == [c["step"] for c in b]
+        np.testing.assert_allclose([c["loss"] for c in a], [c["loss"] for c in b], rtol=1e-5)
+    moved = 0
+    for saved, left_out, masked in zip(leaves, states["left_out"], states["masked"],
+                                       strict=True):
+        if saved.ndim == 0 or saved.shape[0] != 4:
+            continue
+        for r in (1, 2):   # stopped: untouched by either
+            np.testing.assert_array_equal(left_out[r], saved[r])
+            np.testing.assert_array_equal(masked[r], saved[r])
+        np.testing.assert_allclose(left_out[[0, 3]], masked[[0, 3]], rtol=1e-4, atol=1e-6)
+        moved += not np.array_equal(left_out[[0, 3]], saved[[0, 3]])
+    assert moved > 0
+    # 4 runs trained the first 2 steps, 2 runs the other 6: per step of the cell B x T x
+    # (2 * 4 + 6 * 2) / 8 tokens (step_s is rounded to 1e-5 s, hence the tolerance)
+    for cell in cells.values():
+        tokens_per_step = 16 * 16 * (2 * 4 + 6 * 2) / 8
+        assert cell["tokens_per_s"] == pytest.approx(tokens_per_step / cell["step_s"], rel=1e-2)
+        assert cell["tokens_per_s"] < 16 * 16 * 4 / cell["step_s"] * 0.9
+
+
 def _cell(model, width, accs, losses, lrs=(1e-3, 1e-2)):
     runs = [{"lr": lr, "seed": s, "stopped_epoch": None,
              "curve": [{"step": 1, "epoch": 1, "loss": l, "accuracy": a}]}
