@@ -468,7 +468,7 @@ def main(argv=None) -> int:
             print(f"{LABELS[m]:>9} D={D:<4} {fmt_cell(s):>18} % (lr {s['lr']})  "
                   f"{cell['epochs_done']:g} epochs ({cell['stop_reason']}); init + compile "
                   f"{cell['compile_s']:.1f} s (overlapping), train {cell['train_s']:.1f} s, "
-                  f"{cell['step_s']} s/step, {cell['tokens_per_s']} tokens/s (all runs)",
+                  f"{cell['step_s']} s/step, {cell['tokens_per_s']} tokens/s (the runs training)",
                   flush=True)
             record["cells"] = [c for c in record["cells"] if (c["model"], c["width"]) != (m, D)]
             record["cells"].append(cell)

@@ -264,7 +264,8 @@ def authors_markdown(record: dict) -> str:
         [[AUTHORS_LABELS[m]] + [f"{state_size(m, w, cfg['seq_len']):,}" for w in widths]
          for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]))
     lines += ["", "Per cell: best lr, lrs tried, seeds, epochs done of the cap and why the cell "
-                  "stopped, training time, step time (all runs together) and tokens/s:", ""]
+                  "stopped, training time, step time (the runs still training, together: "
+                  "early-stopped runs are left out of later steps) and tokens/s:", ""]
     table = []
     for c in sorted(cells, key=lambda c: (AUTHORS_MODELS.index(c["model"]), c["width"])):
         s = summaries[(c["model"], c["width"])]
