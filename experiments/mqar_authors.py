@@ -316,15 +316,17 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         if args.cell_seconds is not None and train_s + chunk_s > args.cell_seconds:
             reason = "time budget"
             break
+        active = [r for r in range(R) if stopped[r] is None]
+        if len(active) < R and args.compact_stopped:
+            # a compile, once per run count: not training time, but before the call's
+            # deadline is checked, which it counts against
+            compiled_part = prep["compile_for"](len(active))
         if step > resumed_at and (
                 (args.pause_seconds is not None and call_s + chunk_s > args.pause_seconds)
                 or (args.call_deadline is not None
                     and time.perf_counter() + chunk_s > args.call_deadline)):
             reason = "paused (resumes from --state-dir)"
             break
-        active = [r for r in range(R) if stopped[r] is None]
-        if len(active) < R and args.compact_stopped:   # (a compile, once per count: untimed)
-            compiled_part = prep["compile_for"](len(active))
         start = time.perf_counter()
         if len(active) == R or not args.compact_stopped:
             params, opt_state, loss, acc = prep["compiled"](
