@@ -293,7 +293,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     # Seconds per chunk, kept across pauses: on the H200 a cell's epochs got up to 1.8x slower as
     # its runs learned (same program, same machine), so the report records the drift.
     chunk_times: list[float] = []
-    run_steps = None   # steps trained summed over runs (stopped runs left out train none)
+    run_steps = 0   # steps trained summed over runs (a stopped run left out trains none)
     prefix, calls = None, 1
     if args.state_dir is not None:
         prefix = os.path.join(args.state_dir, f"{name}_D{width}")
@@ -302,11 +302,14 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         if saved is not None:
             (params, opt_state), step, train_s, curves, stopped, calls, chunk_times = \
                 restore_cell(prefix, saved, identity, (params, opt_state))
-            run_steps = saved[0].get("run_steps")   # (states saved before it: every run ran)
+            # (states saved before run_steps was kept: every run ran every step)
+            run_steps = saved[0].get("run_steps") or step * R
             calls += 1
             frozen = jnp.asarray([s is not None for s in stopped])
             log(f"  {LABELS[name]} D={width}: resumed at epoch {step / E:.2f} (call {calls})")
     resumed_at, call_s = step, 0.0
+    # a chunk's losses and accuracies for the log ("-": a stopped run, left out of the chunk)
+    shown = lambda xs: " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in xs)  # noqa: E731
     while True:
         if step >= total:
             break
@@ -349,7 +352,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         train_s += chunk_s
         call_s += chunk_s
         chunk_times.append(round(chunk_s, 3))
-        run_steps = (step * R if run_steps is None else run_steps) + S * len(active)
+        run_steps += S * len(active)
         step += S
         if step == S and args.cell_seconds is not None:
             # The chunks that fit the budget, at this chunk's speed, set the cosine horizon.
@@ -362,10 +365,8 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                 if acc[r] > STOP_ACCURACY:
                     stopped[r] = round(step / E, 3)
         frozen = jnp.asarray([s is not None for s in stopped])
-        log(f"  {LABELS[name]} D={width} epoch {step / E:.2f}: loss "
-            + " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in loss) + " | acc "
-            + " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in acc)
-            + f"  ({chunk_s:.1f} s)")
+        log(f"  {LABELS[name]} D={width} epoch {step / E:.2f}: loss {shown(loss)} | acc "
+            f"{shown(acc)}  ({chunk_s:.1f} s)")
         if all(s is not None for s in stopped):
             reason = "all runs early-stopped"
             break
@@ -378,8 +379,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
         save_cell_state(prefix, meta, jax.tree.leaves((params, opt_state)), args.state_part_mb)
     per_step = train_s / step if step else None   # the step of every run still training
     # tokens per second over the runs that trained (a stopped run is left out of the chunks)
-    tokens = (run_steps if run_steps is not None else step * R) / max(step, 1) \
-        * args.batch_size * args.seq_len
+    tokens = run_steps / max(step, 1) * args.batch_size * args.seq_len
     return {"model": name, "width": width, "params": prep["num_params"],
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),

@@ -178,21 +178,19 @@ def prepare_cell(name: str, width: int, args, shapes) -> dict[str, Any]:
                      donate_argnums=(0, 1))
     lr_R = jnp.asarray(lrs, jnp.float32)
     compiled_by_runs = {}
+    # one run's argument shapes (the arrays themselves are donated to the first chunk)
+    per_run = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                           (params, opt_state, jnp.zeros((1,), bool), lr_R, keys))
 
     def compile_for(runs: int):
         """The vmapped chunk compiled for `runs` stacked runs (a cell whose early-stopped runs
         are left out runs fewer; compiled once per count, on first use)."""
         if runs not in compiled_by_runs:
-            # shapes only: the arrays themselves are donated to the first chunk
-            spec = lambda tree: jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct((runs,) + a.shape[1:], a.dtype), tree)
+            stacked = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct((runs, *a.shape), a.dtype), per_run)
             compiled_by_runs[runs] = vchunk.lower(
-                spec(param_shapes), spec(opt_shapes), spec(jnp.zeros((1,), bool)),
-                spec(lr_R), spec(keys), jnp.int32(0), jnp.int32(1), *shapes).compile()
+                *stacked, jnp.int32(0), jnp.int32(1), *shapes).compile()
         return compiled_by_runs[runs]
-
-    param_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    opt_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), opt_state)
 
     compiled = compile_for(len(lrs))
     return {"name": name, "width": width, "lrs": lrs, "run_seeds": run_seeds, "params": params,
