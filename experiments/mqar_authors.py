@@ -294,6 +294,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     # its runs learned (same program, same machine), so the report records the drift.
     chunk_times: list[float] = []
     run_steps = 0   # steps trained summed over runs (a stopped run left out trains none)
+    devices: list[str] = []   # the GPUs (device kinds) that trained the cell, call by call
     prefix, calls = None, 1
     if args.state_dir is not None:
         prefix = os.path.join(args.state_dir, f"{name}_D{width}")
@@ -304,9 +305,12 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
                 restore_cell(prefix, saved, identity, (params, opt_state))
             # (states saved before run_steps was kept: every run ran every step)
             run_steps = saved[0].get("run_steps") or step * R
+            devices = list(saved[0].get("devices", []))
             calls += 1
             frozen = jnp.asarray([s is not None for s in stopped])
             log(f"  {LABELS[name]} D={width}: resumed at epoch {step / E:.2f} (call {calls})")
+    if jax.devices()[0].device_kind not in devices:   # a cell may resume on another machine
+        devices.append(jax.devices()[0].device_kind)
     resumed_at, call_s = step, 0.0
     # a chunk's losses and accuracies for the log ("-": a stopped run, left out of the chunk)
     shown = lambda xs: " ".join(f"{x:.2f}" if np.isfinite(x) else "-" for x in xs)  # noqa: E731
@@ -375,7 +379,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     if prefix is not None:
         meta = {"identity": identity, "step": step, "train_s": train_s, "curves": curves,
                 "stopped": stopped, "calls": calls, "chunk_times": chunk_times,
-                "run_steps": run_steps}
+                "run_steps": run_steps, "devices": devices}
         save_cell_state(prefix, meta, jax.tree.leaves((params, opt_state)), args.state_part_mb)
     per_step = train_s / step if step else None   # the step of every run still training
     # tokens per second over the runs that trained (a stopped run is left out of the chunks)
@@ -384,7 +388,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
             "steps_done": step, "schedule_epochs": round(horizon / E, 3), "stop_reason": reason,
-            "cell_seconds": args.cell_seconds, "calls": calls,
+            "cell_seconds": args.cell_seconds, "calls": calls, "devices": devices,
             "compile_s": round(prep["compile_s"], 2),
             "train_s": round(train_s, 2),
             "step_s": None if per_step is None else round(per_step, 5),

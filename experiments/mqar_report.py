@@ -265,7 +265,8 @@ def authors_markdown(record: dict) -> str:
          for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]))
     lines += ["", "Per cell: best lr, lrs tried, seeds, epochs done of the cap and why the cell "
                   "stopped, training time, step time (the runs still training, together: "
-                  "early-stopped runs are left out of later steps) and tokens/s:", ""]
+                  "early-stopped runs are left out of later steps), tokens/s and the GPU "
+                  "(timings compare only within one GPU):", ""]
     table = []
     for c in sorted(cells, key=lambda c: (AUTHORS_MODELS.index(c["model"]), c["width"])):
         s = summaries[(c["model"], c["width"])]
@@ -276,10 +277,18 @@ def authors_markdown(record: dict) -> str:
                       f" / {c['max_epochs']}", c["stop_reason"],
                       f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
                       "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M",
-                      chunk_drift(c.get("chunk_seconds"))])
+                      chunk_drift(c.get("chunk_seconds")),
+                      ", ".join(d.removeprefix("NVIDIA ") for d in c.get("devices", [])) or "-"])
     lines.append(common.markdown_table(
         ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by",
-         "train s", "s/step", "tokens/s", "s per chunk: first / last / max"], table))
+         "train s", "s/step", "tokens/s", "s per chunk: first / last / max", "trained on"],
+        table))
+    gpus = list(dict.fromkeys(d.removeprefix("NVIDIA ")
+                              for c in cells for d in c.get("devices", [])))
+    if len(gpus) > 1:
+        lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
+                      "'trained on'): the machine line at the end is the first merged report's. "
+                      "Accuracies compare across them; times only within one GPU."]
     cut = cuts(record)
     if cut:
         lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
@@ -374,7 +383,10 @@ def merge(previous: dict, record: dict) -> dict:
         raise ValueError(f"--merge: the existing results were run with other settings "
                          f"(old, new): {diff}")
     redo = {(c["model"], c["width"]) for c in record["cells"]}
-    cells = [c for c in previous["cells"] if (c["model"], c["width"]) not in redo]
+    # cells trained before they recorded their GPU were trained on their report's machine
+    kind = previous.get("environment", {}).get("device_kind")
+    cells = [c if "devices" in c or kind is None else {**c, "devices": [kind]}
+             for c in previous["cells"] if (c["model"], c["width"]) not in redo]
     return {**record, "cells": cells + record["cells"],
             "commands": list(dict.fromkeys(previous.get("commands", [])
                                            + record.get("commands", []))),

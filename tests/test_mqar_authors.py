@@ -64,6 +64,8 @@ def test_paused_cell_resumes_exactly(tmp_path):
     assert [c["steps_done"] for c in cells] == [2, 4, 6, 8] and cells[-1]["calls"] == 4
     # chunk times survive the pauses: one per chunk so far, in each call's report
     assert [len(c["chunk_seconds"]) for c in cells] == [1, 2, 3, 4]
+    # the GPU that trained it is recorded once per machine, not once per call
+    assert cells[-1]["devices"] == straight["devices"] == [jax.devices()[0].device_kind]
     assert len(straight["chunk_seconds"]) == 4
     assert cells[-1]["stop_reason"] == straight["stop_reason"] == "max epochs"
     assert [r["curve"] for r in cells[-1]["runs"]] == [r["curve"] for r in straight["runs"]]
@@ -324,21 +326,32 @@ def test_abc_cumulative_normaliser_is_causal():
 
 
 def test_merge_files_of_two_calls(tmp_path):
-    """Two calls' reports (e.g. two GPU calls' $OUT) combine with --merge-only --merge-files."""
+    """Two calls' reports (e.g. two GPU calls' $OUT) combine with --merge-only --merge-files;
+    each cell keeps the GPUs that trained it (a cell from before cells recorded it gets its
+    report's machine)."""
     cfg = ma.task_config(ma.parse_args(TINY))
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"tag": "a", "config": cfg, "commands": ["call 1"],
+                             "environment": {"device_kind": "NVIDIA H200"},
                              "cells": [_cell("gsa", 8, [0.5] * 4, [1.0] * 4)]}))
-    # b was merged onto a before its call (the same history): its copy of "call 1" is not repeated
+    # b was merged onto a before its call (the same history): its copy of "call 1" is not
+    # repeated; its cell paused on one GPU and resumed on another
+    gla = {**_cell("gla", 16, [0.25] * 4, [2.0] * 4),
+           "devices": ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]}
     b.write_text(json.dumps({"tag": "b", "config": cfg, "commands": ["call 1", "call 2"],
-                             "cells": [_cell("gla", 16, [0.25] * 4, [2.0] * 4)]}))
+                             "environment": {"device_kind": "NVIDIA H200"}, "cells": [gla]}))
     assert ma.main(TINY + ["--merge-only", "--merge-files", str(a), str(b), "--tag", "m",
                            "--out-dir", str(tmp_path)]) == 0
     merged = json.loads((tmp_path / "mqar_authors_m.json").read_text())
     assert sorted((c["model"], c["width"]) for c in merged["cells"]) == [("gla", 16), ("gsa", 8)]
     assert merged["commands"][:2] == ["call 1", "call 2"]
     assert merged["commands"].count("call 1") == 1
-    assert "| GSA | 50.0 (50.0–50.0) | - |" in (tmp_path / "mqar_authors_m.md").read_text()
+    assert {c["model"]: c["devices"] for c in merged["cells"]} == {
+        "gsa": ["NVIDIA H200"], "gla": ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]}
+    text = (tmp_path / "mqar_authors_m.md").read_text()
+    assert "| GSA | 50.0 (50.0–50.0) | - |" in text
+    assert text.count("| H200 |") == 1 and "| H100 80GB HBM3, H200 |" in text
+    assert "more than one GPU (H200, H100 80GB HBM3;" in text
 
 
 def test_near_chance_cells_are_not_ordered():
