@@ -10,7 +10,7 @@
 # 4-run cell's state (~72 MiB at D = 128, ~12 bytes per parameter per run) is more than a
 # call may return (64 MiB, 8 files), so it is returned only when it fits (as 15 MiB parts,
 # a backup); otherwise finish the cell within one session's device time, or move its state
-# out and back in pieces with experiments/mqar_state_transfer.sh.
+# out and back in pieces with experiments/mqar_state_transfer.sh (experiments/README, MQAR).
 # XLA's executables are kept in devstate/jaxcache too: a chained call of the same cell (or a
 # later cell of the same model and width) skips the ~30 s compile on a held machine.
 # MQAR_EXTRA: more mqar_authors.py options (they override the ones above; e.g. a CPU trial).
