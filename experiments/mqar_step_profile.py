@@ -7,8 +7,23 @@ one chunk profiled (jax.profiler, perfetto trace) and its device time summed per
 Found with it (results/logs/mqar_step_profile_h200_*.txt): 645 ms of a 660 ms GSA step was one
 `input_scatter_fusion`, the embedding gradient's bfloat16 scatter-add on the filler token; with
 gsa_jax.layers.Embed (float32 scatter-add) the same chunk runs at 10.3 ms per step.
-DIAG_SMOKE=1 runs it at the harness's --smoke sizes (CPU)."""
+DIAG_SMOKE=1 runs it at the harness's --smoke sizes (CPU).
+
+Kernel launch parameters for the cells' small heads (the kernels' defaults were tuned at
+K = V = 128; MQAR's GSA has K = M = V = D/4): a case `model:impl:NAME` traces with the Tuning
+changes DIAG_TUNINGS[NAME] (a JSON object of names to pallas_kernels.gla.Tuning changes), and
+its first chunk's losses are compared with the first case of the same model (same init, same
+data: they differ by float rounding only). DIAG_WIDTH (64), DIAG_LRS ("1e-3") and DIAG_SEEDS (2)
+set the cell; DIAG_TRACE=0 skips the profiles. E.g. a cell's 4 runs at D = 128:
+
+    DIAG_WIDTH=128 DIAG_LRS="2e-3 5e-3" DIAG_TRACE=0 \
+    DIAG_TUNINGS='{"p4": {"warps_par": 4}, "p4s2": {"warps_par": 4, "warps_seq": 2}}' \
+    DIAG_CASES="gsa:auto gsa:auto:p4 gsa:auto:p4s2 gsa:chunk" OUT=$OUT \
+    python experiments/mqar_step_profile.py
+
+The best tuning then applies to a whole cell through $GSA_PALLAS_TUNING (read at import)."""
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -24,15 +39,24 @@ import numpy as np  # noqa: E402
 
 from experiments import mqar_authors as ma  # noqa: E402
 from experiments.mqar_authors_train import make_data, prepare_cell  # noqa: E402
+from pallas_kernels import gla as kernels  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp/out")
+os.makedirs(OUT, exist_ok=True)
 S = int(os.environ.get("DIAG_S", "20"))
-cases = [c.split(":") for c in
+cases = [(c.split(":") + [""])[:3] for c in
          os.environ.get("DIAG_CASES", "gla:auto gla:chunk gsa:auto attention:auto").split()]
+TUNINGS = json.loads(os.environ.get("DIAG_TUNINGS", "{}"))
+missing = sorted({name for _, _, name in cases if name and name not in TUNINGS})
+if missing:
+    sys.exit(f"DIAG_CASES name tunings that DIAG_TUNINGS does not define: {missing}")
+TRACE = os.environ.get("DIAG_TRACE", "1") != "0"
 print(jax.devices(), flush=True)
 
 def parse(impl):
-    return ma.parse_args(["--widths", "64", "--lr", "1e-3", "--seeds", "2", "--eval-every", str(S),
+    return ma.parse_args(["--widths", os.environ.get("DIAG_WIDTH", "64"),
+                          "--lr", *os.environ.get("DIAG_LRS", "1e-3").split(),
+                          "--seeds", os.environ.get("DIAG_SEEDS", "2"), "--eval-every", str(S),
                           "--dtype", "bfloat16", "--impl", impl, "--tag", "diag"]
                          + (["--smoke"] if os.environ.get("DIAG_SMOKE") else []))
 
@@ -73,11 +97,17 @@ def run_chunk(prep, params, opt, frozen, step0):
 
 
 results = {}
-for model, impl in cases:
+first_loss = {}   # model -> the first chunk's losses of its first case
+for model, impl, name in cases:
+    label = ":".join(x for x in (model, impl, name) if x)
     a = parse(impl)
     t = time.perf_counter()
-    prep = prepare_cell(model, a.widths[0], a, (data["train"], data["test"]))
-    print(f"{model}:{impl} compile {time.perf_counter() - t:.1f} s", flush=True)
+    before = kernels.set_tuning(**TUNINGS.get(name, {}))   # traced (compiled) below
+    try:
+        prep = prepare_cell(model, a.widths[0], a, (data["train"], data["test"]))
+    finally:
+        kernels.set_tuning(**dataclasses.asdict(before))
+    print(f"{label} compile {time.perf_counter() - t:.1f} s", flush=True)
     params, opt = prep["params"], prep["opt_state"]
     R = len(prep["lrs"])
     frozen = jnp.zeros((R,), bool)
@@ -85,18 +115,25 @@ for model, impl in cases:
     for i in range(4):
         t = time.perf_counter()
         params, opt, loss, acc = run_chunk(prep, params, opt, frozen, i * S)
-        np.asarray(loss)
+        loss = np.asarray(loss)
         times.append(time.perf_counter() - t)
-    print(f"{model}:{impl} chunk times (S={S}): " + " ".join(f"{x:.3f}" for x in times)
-          + f"  -> {min(times[1:]) / S * 1e3:.1f} ms/step incl eval; loss {np.asarray(loss)}",
-          flush=True)
-    results[f"{model}:{impl}"] = times
-    d = os.path.join(OUT, f"trace_{model}_{impl}")
+        if i == 0:
+            ref = first_loss.setdefault(model, loss)
+            drift = float(np.max(np.abs(loss - ref) / np.abs(ref)))
+    print(f"{label} chunk times (S={S}): " + " ".join(f"{x:.3f}" for x in times)
+          + f"  -> {min(times[1:]) / S * 1e3:.2f} ms/step incl eval; loss {loss}; first "
+          f"chunk's loss vs {model}'s first case: max rel diff {drift:.1e}", flush=True)
+    results[label] = {"chunk_s": times, "ms_per_step": min(times[1:]) / S * 1e3,
+                      "tuning": TUNINGS.get(name, {}), "first_loss_rel_diff": drift}
+    if not TRACE:
+        del prep, params, opt
+        continue
+    d = os.path.join(OUT, f"trace_{label.replace(':', '_')}")
     with jax.profiler.trace(d, create_perfetto_trace=True):
         params, opt, loss, acc = run_chunk(prep, params, opt, frozen, 4 * S)
         np.asarray(loss)
     try:
-        summarize_trace(d, f"{model}:{impl}")
+        summarize_trace(d, label)
     except Exception as e:
         print("trace parse failed", repr(e))
     del prep, params, opt
