@@ -389,6 +389,7 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
             "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
             "steps_done": step, "schedule_epochs": round(horizon / E, 3), "stop_reason": reason,
             "cell_seconds": args.cell_seconds, "calls": calls, "devices": devices,
+            "kernel_tuning": kernel_tuning_changes(),
             "compile_s": round(prep["compile_s"], 2),
             "train_s": round(train_s, 2),
             "step_s": None if per_step is None else round(per_step, 5),
@@ -424,6 +425,15 @@ def restore_cell(prefix, saved, identity, template):
     state = jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in leaves])
     return (state, meta["step"], meta["train_s"], meta["curves"], meta["stopped"],
             meta["calls"], meta.get("chunk_times", []))
+
+
+def kernel_tuning_changes() -> dict[str, Any]:
+    """The GPU kernels' launch parameters that differ from their defaults in this process
+    ($GSA_PALLAS_TUNING): speed only, the math is the same, so cells of other tunings merge."""
+    import dataclasses
+    from pallas_kernels import gla as kernels
+    now, default = (dataclasses.asdict(t) for t in (kernels.current_tuning(), kernels.Tuning()))
+    return {k: v for k, v in now.items() if v != default[k]}
 
 
 # ------------------------------------------------------------------ main

@@ -13,6 +13,8 @@
 # out and back in pieces with experiments/mqar_state_transfer.sh (experiments/README, MQAR).
 # XLA's executables are kept in devstate/jaxcache too: a chained call of the same cell (or a
 # later cell of the same model and width) skips the ~30 s compile on a held machine.
+# GSA_PALLAS_TUNING (kernel launch parameters, e.g. the best of mqar_step_profile.py's tunings
+# for the cell's small heads) passes through; each cell records the tuning it trained with.
 # MQAR_EXTRA: more mqar_authors.py options (they override the ones above; e.g. a CPU trial).
 # $OUT gets: the report (json, md), logs.tgz (the run's log, nvidia-smi samples, the state
 # dir listing before and after), and st.part* when they fit.

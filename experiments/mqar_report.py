@@ -289,6 +289,11 @@ def authors_markdown(record: dict) -> str:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
                       "'trained on'): the machine line at the end is the first merged report's. "
                       "Accuracies compare across them; times only within one GPU."]
+    tuned = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} {c['kernel_tuning']}"
+             for c in cells if c.get("kernel_tuning")]
+    if tuned:
+        lines += ["", "Kernel launch parameters other than the defaults ($GSA_PALLAS_TUNING; "
+                      "speed only): " + "; ".join(tuned) + "."]
     cut = cuts(record)
     if cut:
         lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]

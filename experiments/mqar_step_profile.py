@@ -23,7 +23,6 @@ set the cell; DIAG_TRACE=0 skips the profiles. E.g. a cell's 4 runs at D = 128:
 
 The best tuning then applies to a whole cell through $GSA_PALLAS_TUNING (read at import)."""
 import collections
-import dataclasses
 import glob
 import gzip
 import json
@@ -102,11 +101,8 @@ for model, impl, name in cases:
     label = ":".join(x for x in (model, impl, name) if x)
     a = parse(impl)
     t = time.perf_counter()
-    before = kernels.set_tuning(**TUNINGS.get(name, {}))   # traced (compiled) below
-    try:
+    with kernels.tuning(**TUNINGS.get(name, {})):   # traced (compiled) inside
         prep = prepare_cell(model, a.widths[0], a, (data["train"], data["test"]))
-    finally:
-        kernels.set_tuning(**dataclasses.asdict(before))
     print(f"{label} compile {time.perf_counter() - t:.1f} s", flush=True)
     params, opt = prep["params"], prep["opt_state"]
     R = len(prep["lrs"])

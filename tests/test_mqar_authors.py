@@ -30,11 +30,15 @@ TINY = ["--smoke", "--vocab-size", "32", "--seq-len", "16", "--kv-pairs", "2",
 
 @pytest.mark.slow   # ~75 s on a busy 2-core CPU (a GLA compile of the vmapped program)
 def test_end_to_end_two_lrs_two_seeds(tmp_path):
+    from pallas_kernels import gla as kernels
     argv = TINY + ["--models", "gla", "--max-epochs", "2", "--eval-every", "2", "--tag", "t",
                    "--out-dir", str(tmp_path)]
-    assert ma.main(argv) == 0
+    with kernels.tuning(warps_par=2):   # launch parameters are recorded (no effect on a CPU)
+        assert ma.main(argv) == 0
     record = json.loads((tmp_path / "mqar_authors_t.json").read_text())
     (cell,) = record["cells"]
+    assert cell["kernel_tuning"] == {"warps_par": 2}
+    assert "speed only): GLA D=8 {'warps_par': 2}." in (tmp_path / "mqar_authors_t.md").read_text()
     assert (cell["model"], cell["width"], cell["epochs_done"]) == ("gla", 8, 2)
     assert cell["stop_reason"] == "max epochs" and cell["steps_done"] == 8
     assert sorted((r["lr"], r["seed"]) for r in cell["runs"]) == [
@@ -66,6 +70,7 @@ def test_paused_cell_resumes_exactly(tmp_path):
     assert [len(c["chunk_seconds"]) for c in cells] == [1, 2, 3, 4]
     # the GPU that trained it is recorded once per machine, not once per call
     assert cells[-1]["devices"] == straight["devices"] == [jax.devices()[0].device_kind]
+    assert cells[-1]["kernel_tuning"] == {}   # the defaults: nothing to record
     assert len(straight["chunk_seconds"]) == 4
     assert cells[-1]["stop_reason"] == straight["stop_reason"] == "max epochs"
     assert [r["curve"] for r in cells[-1]["runs"]] == [r["curve"] for r in straight["runs"]]
