@@ -275,7 +275,7 @@ def authors_markdown(record: dict) -> str:
                       " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
                       f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
                       f" / {c['max_epochs']}", c["stop_reason"],
-                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4),
+                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4) + masked_mark(c),
                       "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M",
                       chunk_drift(c.get("chunk_seconds")),
                       ", ".join(d.removeprefix("NVIDIA ") for d in c.get("devices", [])) or "-"])
@@ -289,6 +289,10 @@ def authors_markdown(record: dict) -> str:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
                       "'trained on'): the machine line at the end is the first merged report's. "
                       "Accuracies compare across them; times only within one GPU."]
+    if any(masked_mark(c) for c in cells):
+        lines += ["", f"{MASKED_MARK.strip()} this cell's early-stopped runs stayed in its later "
+                      "steps, masked (cells trained before 2026-12-06, or with "
+                      "--no-compact-stopped): its s/step and tokens/s count every run."]
     tuned = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} {c['kernel_tuning']}"
              for c in cells if c.get("kernel_tuning")]
     if tuned:
@@ -299,6 +303,16 @@ def authors_markdown(record: dict) -> str:
         lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
     lines += common.notes_lines(record)
     return "\n".join(lines)
+
+
+MASKED_MARK = " †"
+
+
+def masked_mark(cell: dict) -> str:
+    """MASKED_MARK where a cell's stopped runs were computed (masked) in its later steps, so its
+    step time counts them: cells from before stopped runs were left out lack the key."""
+    stopped = any(r.get("stopped_epoch") is not None for r in cell.get("runs", []))
+    return MASKED_MARK if stopped and not cell.get("stopped_runs_left_out", False) else ""
 
 
 def cuts(record: dict) -> list[str]:

@@ -261,6 +261,25 @@ def _cell(model, width, accs, losses, lrs=(1e-3, 1e-2)):
             "step_s": 0.1, "tokens_per_s": 10, "runs": runs}
 
 
+def test_step_time_of_cells_that_computed_their_stopped_runs_is_marked():
+    """A cell whose early-stopped runs stayed in its later steps (masked: cells from before they
+    were left out, or --no-compact-stopped) has a step time that counts them: the report marks
+    it; one that left them out, or had none stopped, is not marked."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    masked = _cell("attention", 8, [1.0, 0.5, 1.0, 0.5], [0.1] * 4)
+    masked["runs"][0]["stopped_epoch"] = 2.5
+    left_out = {**_cell("gsa", 8, [1.0, 0.5, 1.0, 0.5], [0.1] * 4), "stopped_runs_left_out": True}
+    left_out["runs"][2]["stopped_epoch"] = 3.0
+    none_stopped = _cell("gla", 8, [0.5] * 4, [1.0] * 4)   # no key, no stopped run
+    record = ma.finish({"tag": "t", "config": cfg, "commands": [],
+                        "cells": [masked, left_out, none_stopped]})
+    rows = {line.split(" | ")[0]: line for line in ma.markdown(record).splitlines()
+            if line.startswith("| ") and " | 8 | " in line}
+    assert [("0.1000 † |" in rows[f"| {m}"]) for m in ("Attention", "GSA", "GLA")] == [
+        True, False, False]
+    assert "† this cell's early-stopped runs stayed in its later steps" in ma.markdown(record)
+
+
 def test_merge_summary_plateau_and_verdicts():
     rng = np.random.default_rng(0)
     cfg = ma.task_config(ma.parse_args(TINY))
