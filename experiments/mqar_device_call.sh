@@ -13,6 +13,9 @@
 # out and back in pieces with experiments/mqar_state_transfer.sh (experiments/README, MQAR).
 # XLA's executables are kept in devstate/jaxcache too: a chained call of the same cell (or a
 # later cell of the same model and width) skips the ~30 s compile on a held machine.
+# MQAR_CELL_DIR (default devstate): where this call keeps its logs/, o/ (the report) and
+# jaxcache/; the states stay in devstate/mqstate (experiments/mqar_device_cells.sh runs several
+# cells side by side, each with its own MQAR_CELL_DIR).
 # GSA_PALLAS_TUNING (kernel launch parameters, e.g. the best of mqar_step_profile.py's tunings
 # for the cell's small heads) passes through; each cell records the tuning it trained with.
 # MQAR_EXTRA: more mqar_authors.py options (they override the ones above; e.g. a CPU trial).
@@ -22,12 +25,14 @@ set -u
 M=$1; W=$2; TOTAL=${3:-585}; TAG=${4:-h200e$W}
 export PYTHONPATH=.
 T0=$(date +%s)
-OUT=${OUT:-/tmp/out}
-LOGS=devstate/logs; STATE=devstate/mqstate; REPORT=devstate/o
+OUT=$(mkdir -p "${OUT:-/tmp/out}" && cd "${OUT:-/tmp/out}" && pwd)   # absolute: used from devstate/
+CELL_DIR=${MQAR_CELL_DIR:-devstate}
+LOGS=$CELL_DIR/logs; STATE=devstate/mqstate; REPORT=$CELL_DIR/o
 mkdir -p "$OUT" "$STATE" "$REPORT" "$LOGS"
 rm -f "$LOGS"/*
 { date; ls -la "$STATE" "$REPORT"; } > "$LOGS/state_before.txt" 2>&1
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,utilization.gpu \
+nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i "$CUDA_VISIBLE_DEVICES"} \
+  --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu,utilization.gpu \
   --format=csv -l 10 > "$LOGS/smi.csv" 2>&1 &
 SMI=$!
 touch "$LOGS/marker"; sleep 1
@@ -36,17 +41,19 @@ LEFT=$(( TOTAL - ($(date +%s) - T0) - 30 ))
 timeout "$LEFT" python experiments/mqar_authors.py --tag "$TAG" --out-dir "$REPORT" \
   --models "$M" --widths "$W" --lr 2e-3 5e-3 --seeds 2 --max-epochs 64 --dtype bfloat16 \
   --state-dir "$STATE" --pause-seconds $((LEFT - 70)) --call-seconds $((LEFT - 20)) --merge \
-  --compile-cache devstate/jaxcache \
+  --compile-cache "$CELL_DIR/jaxcache" \
   ${MQAR_EXTRA:-} > "$LOGS/mqar_${M}_D${W}.txt" 2>&1
 echo "exit $?" >> "$LOGS/mqar_${M}_D${W}.txt"
 kill "$SMI" 2>/dev/null
 cp "$REPORT"/mqar_authors_"$TAG".json "$REPORT"/mqar_authors_"$TAG".md "$OUT"/ 2>/dev/null
 { date; ls -la "$STATE" "$REPORT"; } > "$LOGS/state_after.txt" 2>&1
-NEW=$(cd devstate && find mqstate -newer logs/marker -type f)
+# this cell's state parts written in this call
+MARKER=$(cd "$LOGS" && pwd)/marker
+NEW=$(cd devstate && find mqstate -newer "$MARKER" -type f -name "${M}_D${W}.state.*")
 BYTES=$(cd devstate && du -cb $NEW 2>/dev/null | tail -1 | cut -f1)
 if [ -n "$NEW" ] && [ "${BYTES:-0}" -lt $((58 * 1024 * 1024)) ]; then
   (cd devstate && tar cf - $NEW | split -b 15M - "$OUT/st.part")
 elif [ -n "$NEW" ]; then
   echo "state not returned: ${BYTES} bytes (kept in devstate/mqstate)" >> "$LOGS/state_after.txt"
 fi
-tar czf "$OUT/logs.tgz" -C devstate logs
+tar czf "$OUT/logs.tgz" -C "$CELL_DIR" logs

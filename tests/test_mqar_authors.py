@@ -504,3 +504,48 @@ def _state_round_trip(work, tmp_path, env):
         done = transfer("put", "retnet", 16, check=False)
         assert done.returncode == (0 if first == windows[-1] else 3), done.stdout + done.stderr
     assert digest(state) == original
+
+
+@pytest.mark.slow   # three tiny cells, two at a time (~60 s on 2 cores)
+def test_device_cells_script_trains_cells_side_by_side(tmp_path):
+    """experiments/mqar_device_cells.sh on the CPU with MQAR_GPUS=2: three cells, two queues
+    (the first 'GPU' trains two cells one after another); the call's report merges every cell
+    trained under the tag, each cell's state is saved for the next call, and a call with too
+    little time left starts no cell, says so, and still returns the report so far."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "tree"
+    shutil.copytree(os.path.join(repo, "experiments"), work / "experiments",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
+            "--kv-pairs 4 --vocab-size 64 --batch-size 32 --eval-every 4")
+    env = {**os.environ, "MQAR_EXTRA": tiny, "MQAR_GPUS": "2",
+           "PYTHONPATH": os.pathsep.join([str(work), repo])}
+    cells = ["attention:8", "retnet:16", "attention:16"]
+
+    def call(seconds, out):
+        subprocess.run(["bash", "experiments/mqar_device_cells.sh", str(seconds), "cells",
+                        *cells], cwd=work, env={**env, "OUT": str(out)}, check=True,
+                       timeout=900)
+        report = json.loads((out / "mqar_authors_cells.json").read_text())
+        with tarfile.open(out / "cells.tgz") as tgz:
+            names = set(tgz.getnames())
+            left = (tgz.extractfile("left.txt").read().decode() if "left.txt" in names
+                    else "")
+        return report, names, left
+
+    report, names, left = call(600, tmp_path / "out1")
+    assert sorted((c["model"], c["width"], c["stop_reason"]) for c in report["cells"]) == [
+        ("attention", 8, "max epochs"), ("attention", 16, "max epochs"),
+        ("retnet", 16, "max epochs")]
+    for cell in ("attention_D8", "retnet_D16", "attention_D16"):
+        m, w = cell.split("_D")
+        assert f"{cell}/logs/mqar_{m}_D{w}.txt" in names
+        assert list((work / "devstate" / "mqstate").glob(f"{cell}.state.*")), cell
+    assert left == ""
+    report, names, left = call(100, tmp_path / "out2")   # 100 s: under 120 s left per cell
+    assert [line.split(" ")[0] for line in left.splitlines()] == cells
+    assert len(report["cells"]) == 3

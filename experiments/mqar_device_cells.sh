@@ -1,0 +1,67 @@
+#!/bin/bash
+# Several MQAR cells (authors' setup) in one device call, side by side on a machine of several
+# GPUs: each cell is one mqar_device_call.sh process on one GPU (CUDA_VISIBLE_DEVICES), with its
+# own logs, report and compile cache in devstate/cells/<model>_D<width>/ and its state in
+# devstate/mqstate like a single cell's, so chained calls resume every paused cell.
+#
+#   bash experiments/mqar_device_cells.sh SECONDS TAG CELL [CELL ...]     CELL = MODEL:WIDTH
+#     e.g. (device tool, a kind of 4 GPUs, no carry)
+#     bash experiments/mqar_device_cells.sh 585 h100e128 gla:128 retnet:128 attention:128
+#
+# Cells go to the GPUs in turn (MQAR_GPUS overrides the count nvidia-smi gives); a GPU with
+# more than one cell trains them one after another, each with the call's time left, and a cell
+# that would start with under 120 s left waits for the next call. $OUT gets the report of every
+# cell trained under TAG so far (this call's cells and earlier calls', single-cell calls' in
+# devstate/o included) as mqar_authors_TAG.{json,md,png}, and cells.tgz (each cell's logs, the
+# merge's log, and the cells left for the next call). States are not returned (at D >= 128 a
+# cell's is more than a call returns): move one with experiments/mqar_state_transfer.sh.
+# MQAR_EXTRA and GSA_PALLAS_TUNING pass through to every cell.
+set -u
+TOTAL=$1; TAG=$2; shift 2
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}
+export PYTHONPATH=.
+mkdir -p "$OUT" devstate/cells
+rm -f devstate/cells/left.txt devstate/cells/merge.txt
+GPUS=${MQAR_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+[ "${GPUS:-0}" -ge 1 ] || GPUS=1
+
+train_on_gpu() {   # GPU CELL...: the cells one after another
+  local gpu=$1 cell m w left
+  shift
+  for cell in "$@"; do
+    m=${cell%%:*}; w=${cell##*:}
+    left=$(( TOTAL - ($(date +%s) - T0) - 40 ))
+    if [ "$left" -lt 120 ]; then
+      echo "$cell (GPU $gpu): not started, $left s left" >> devstate/cells/left.txt
+      continue
+    fi
+    mkdir -p "devstate/cells/${m}_D${w}/out"
+    CUDA_VISIBLE_DEVICES=$gpu MQAR_CELL_DIR="devstate/cells/${m}_D${w}" \
+      OUT="devstate/cells/${m}_D${w}/out" bash experiments/mqar_device_call.sh "$m" "$w" "$left" "$TAG"
+  done
+}
+
+declare -a QUEUE
+i=0
+for cell in "$@"; do
+  case "$cell" in *:*) ;; *) echo "cell '$cell' is not MODEL:WIDTH" >&2; exit 2 ;; esac
+  QUEUE[$((i % GPUS))]="${QUEUE[$((i % GPUS))]:-} $cell"
+  i=$((i + 1))
+done
+for g in "${!QUEUE[@]}"; do
+  # shellcheck disable=SC2086  # the queue is a list of words
+  train_on_gpu "$g" ${QUEUE[$g]} &
+done
+wait
+
+# oldest first: where two reports hold one cell, the later one wins
+REPORTS=$(ls -tr devstate/cells/*/o/mqar_authors_"$TAG".json devstate/o/mqar_authors_"$TAG".json \
+  2>/dev/null)
+if [ -n "$REPORTS" ]; then
+  # shellcheck disable=SC2086
+  python experiments/mqar_authors.py --tag "$TAG" --merge-only --merge-files $REPORTS \
+    --out-dir "$OUT" > devstate/cells/merge.txt 2>&1
+fi
+(cd devstate/cells && tar czf "$OUT/cells.tgz" --exclude='*/jaxcache' --exclude='*/out' \
+  --exclude='*/o' $(ls -d */logs 2>/dev/null) $(ls merge.txt left.txt 2>/dev/null))
