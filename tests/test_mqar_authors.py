@@ -420,6 +420,19 @@ def test_call_deadline_pauses_the_cell_and_defers_the_next(tmp_path, monkeypatch
         ma.parse_args(TINY + ["--call-seconds", "60"])
 
 
+def _script_tree(tmp_path):
+    """(the repo, a copy of its experiments/ as the device's tree at tmp_path/tree, the
+    mqar_authors.py options of a tiny cell) for the device-call scripts' tests."""
+    import shutil
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = tmp_path / "tree"
+    shutil.copytree(os.path.join(repo, "experiments"), work / "experiments",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
+            "--kv-pairs 4 --vocab-size 64 --batch-size 32 --eval-every 4")
+    return repo, work, tiny
+
+
 @pytest.mark.slow
 def test_device_call_script_pauses_and_resumes_a_cell(tmp_path):
     """experiments/mqar_device_call.sh (one device call of a cell, state kept in devstate/)
@@ -427,16 +440,11 @@ def test_device_call_script_pauses_and_resumes_a_cell(tmp_path):
     (--pause-seconds 0 through MQAR_EXTRA, which overrides the script's options) with its
     state saved and returned in parts; a second call in the same tree resumes and finishes
     it; each call returns the report, the logs and (small here) the state."""
-    import shutil
     import subprocess
     import tarfile
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work = tmp_path / "tree"
-    shutil.copytree(os.path.join(repo, "experiments"), work / "experiments",
-                    ignore=shutil.ignore_patterns("results", "__pycache__"))
-    tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
-            "--kv-pairs 4 --vocab-size 64 --batch-size 32 --widths 16 --eval-every 4")
+    repo, work, tiny = _script_tree(tmp_path)
+    tiny += " --widths 16"
     reports = []
     for call, extra in enumerate((" --pause-seconds 0 --state-part-mb 0.2", "")):
         out = tmp_path / f"out{call}"
@@ -512,16 +520,10 @@ def test_device_cells_script_trains_cells_side_by_side(tmp_path):
     (the first 'GPU' trains two cells one after another); the call's report merges every cell
     trained under the tag, each cell's state is saved for the next call, and a call with too
     little time left starts no cell, says so, and still returns the report so far."""
-    import shutil
     import subprocess
     import tarfile
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work = tmp_path / "tree"
-    shutil.copytree(os.path.join(repo, "experiments"), work / "experiments",
-                    ignore=shutil.ignore_patterns("results", "__pycache__"))
-    tiny = ("--max-epochs 2 --train-examples 256 --test-examples 32 --seq-len 32 "
-            "--kv-pairs 4 --vocab-size 64 --batch-size 32 --eval-every 4")
+    repo, work, tiny = _script_tree(tmp_path)
     env = {**os.environ, "MQAR_EXTRA": tiny, "MQAR_GPUS": "2",
            "PYTHONPATH": os.pathsep.join([str(work), repo])}
     cells = ["attention:8", "retnet:16", "attention:16"]
