@@ -28,7 +28,7 @@ T0=$(date +%s)
 OUT=$(mkdir -p "${OUT:-/tmp/out}" && cd "${OUT:-/tmp/out}" && pwd)   # absolute: used from devstate/
 CELL_DIR=${MQAR_CELL_DIR:-devstate}
 LOGS=$CELL_DIR/logs; STATE=devstate/mqstate; REPORT=$CELL_DIR/o
-mkdir -p "$OUT" "$STATE" "$REPORT" "$LOGS"
+mkdir -p "$STATE" "$REPORT" "$LOGS"
 rm -f "$LOGS"/*
 { date; ls -la "$STATE" "$REPORT"; } > "$LOGS/state_before.txt" 2>&1
 nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i "$CUDA_VISIBLE_DEVICES"} \

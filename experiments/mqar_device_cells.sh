@@ -36,7 +36,6 @@ train_on_gpu() {   # GPU CELL...: the cells one after another
       echo "$cell (GPU $gpu): not started, $left s left" >> devstate/cells/left.txt
       continue
     fi
-    mkdir -p "devstate/cells/${m}_D${w}/out"
     CUDA_VISIBLE_DEVICES=$gpu MQAR_CELL_DIR="devstate/cells/${m}_D${w}" \
       OUT="devstate/cells/${m}_D${w}/out" bash experiments/mqar_device_call.sh "$m" "$w" "$left" "$TAG"
   done
@@ -63,5 +62,4 @@ if [ -n "$REPORTS" ]; then
   python experiments/mqar_authors.py --tag "$TAG" --merge-only --merge-files $REPORTS \
     --out-dir "$OUT" > devstate/cells/merge.txt 2>&1
 fi
-(cd devstate/cells && tar czf "$OUT/cells.tgz" --exclude='*/jaxcache' --exclude='*/out' \
-  --exclude='*/o' $(ls -d */logs 2>/dev/null) $(ls merge.txt left.txt 2>/dev/null))
+(cd devstate/cells && tar czf "$OUT/cells.tgz" $(ls -d */logs merge.txt left.txt 2>/dev/null))

@@ -278,13 +278,12 @@ def authors_markdown(record: dict) -> str:
                       f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4) + masked_mark(c),
                       "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M",
                       chunk_drift(c.get("chunk_seconds")),
-                      ", ".join(d.removeprefix("NVIDIA ") for d in c.get("devices", [])) or "-"])
+                      ", ".join(trained_on(c)) or "-"])
     lines.append(common.markdown_table(
         ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by",
          "train s", "s/step", "tokens/s", "s per chunk: first / last / max", "trained on"],
         table))
-    gpus = list(dict.fromkeys(d.removeprefix("NVIDIA ")
-                              for c in cells for d in c.get("devices", [])))
+    gpus = list(dict.fromkeys(d for c in cells for d in trained_on(c)))
     if len(gpus) > 1:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
                       "'trained on'): the machine line at the end is the first merged report's. "
@@ -303,6 +302,11 @@ def authors_markdown(record: dict) -> str:
         lines += ["", "**Cut relative to the authors:** " + " ".join(cut)]
     lines += common.notes_lines(record)
     return "\n".join(lines)
+
+
+def trained_on(cell: dict) -> list[str]:
+    """The GPUs that trained a cell, short ('H200'); none for cells that predate the record."""
+    return [d.removeprefix("NVIDIA ") for d in cell.get("devices", [])]
 
 
 MASKED_MARK = " †"

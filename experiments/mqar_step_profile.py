@@ -121,16 +121,14 @@ for model, impl, name in cases:
           f"chunk's loss vs {model}'s first case: max rel diff {drift:.1e}", flush=True)
     results[label] = {"chunk_s": times, "ms_per_step": min(times[1:]) / S * 1e3,
                       "tuning": TUNINGS.get(name, {}), "first_loss_rel_diff": drift}
-    if not TRACE:
-        del prep, params, opt
-        continue
-    d = os.path.join(OUT, f"trace_{label.replace(':', '_')}")
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        params, opt, loss, acc = run_chunk(prep, params, opt, frozen, 4 * S)
-        np.asarray(loss)
-    try:
-        summarize_trace(d, label)
-    except Exception as e:
-        print("trace parse failed", repr(e))
+    if TRACE:
+        d = os.path.join(OUT, f"trace_{label.replace(':', '_')}")
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            params, opt, loss, acc = run_chunk(prep, params, opt, frozen, 4 * S)
+            np.asarray(loss)
+        try:
+            summarize_trace(d, label)
+        except Exception as e:
+            print("trace parse failed", repr(e))
     del prep, params, opt
 json.dump(results, open(os.path.join(OUT, "diag.json"), "w"))
