@@ -392,6 +392,41 @@ def test_near_chance_cells_are_not_ordered():
     assert {v["claim"]: v["summary"] for v in only_low["verdicts"]}["GSA ≥ GLA"] == "not testable"
 
 
+def test_verdicts_order_cells_by_their_seed_ranges():
+    """Two seeds' means order nothing while their ranges overlap: a claim fails at a width only
+    where every run of the claimed-better model is below every run of the other (the GPU sweep's
+    attention D = 128, 1.7% and 1.7%, against GSA's 7.6% and 97.0%: a mean-difference rule with
+    the seed spread as its tolerance called that 'holds'), holds where every run is above, and
+    is a tie in between; the attention claim takes a width's worst comparison."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    rng = np.random.default_rng()
+    lo, hi = sorted(rng.uniform(0.06, 0.98, 2))
+    att_low = rng.uniform(0.0, min(lo, 0.05) - 0.006)
+    cells = [_cell("gsa", 8, [lo, 0.0, hi, 0.0], [2.0] * 4),
+             _cell("attention", 8, [att_low, 0.0, att_low, 0.0], [6.9] * 4),
+             # width 16: GSA's range overlaps attention's, GLA's lies wholly below both
+             _cell("gsa", 16, [0.3, 0.0, 0.6, 0.0], [2.0] * 4),
+             _cell("attention", 16, [0.5, 0.0, 0.9, 0.0], [1.0] * 4),
+             _cell("gla", 16, [0.1, 0.0, 0.2, 0.0], [3.0] * 4)]
+    record = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": cells})
+    v = {v["claim"]: v for v in record["verdicts"]}
+    att = v["GSA, GLA, RetNet ≤ attention"]
+    assert [(c["width"], c["outcome"], c["vs"]) for c in att["cells"]] == [
+        (8, "fail", "gsa"), (16, "tie", "gsa")]
+    assert att["summary"] == "does not hold (D = 8); seeds overlap at D = 16"
+    assert math.isclose(att["cells"][0]["margin"], att_low - (lo + hi) / 2)
+    assert [(c["width"], c["outcome"]) for c in v["GSA ≥ GLA"]["cells"]] == [(16, "win")]
+    assert v["GSA ≥ GLA"]["summary"] == "holds"
+    text = ma.markdown(record)
+    assert "D=8: attention − GSA" in text and "(FAILS)" in text and "(tie)" in text
+    # ranges closer than the separation are a tie, not a win
+    near = [_cell("gsa", 8, [0.50, 0.0, 0.52, 0.0], [2.0] * 4),
+            _cell("gla", 8, [0.49, 0.0, 0.497, 0.0], [2.0] * 4)]
+    only = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": near})
+    assert {v["claim"]: v["summary"] for v in only["verdicts"]}["GSA ≥ GLA"] == (
+        "not separated (seeds overlap at D = 8)")
+
+
 @pytest.mark.slow   # two small attention compiles (~15 s on 2 cores): CI's second step
 def test_call_deadline_pauses_the_cell_and_defers_the_next(tmp_path, monkeypatch, capsys):
     """--call-seconds: when the process's deadline passes during a cell, the cell pauses after
