@@ -21,7 +21,7 @@ if ROOT not in sys.path:   # `experiments` is not an installed package
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from experiments import mqar_authors as ma  # noqa: E402
+from experiments import mqar_authors as ma, mqar_report  # noqa: E402
 
 TINY = ["--smoke", "--vocab-size", "32", "--seq-len", "16", "--kv-pairs", "2",
         "--train-examples", "64", "--test-examples", "20", "--batch-size", "16", "--widths", "8",
@@ -390,6 +390,24 @@ def test_near_chance_cells_are_not_ordered():
     assert [c["width"] for c in gla["cells"]] == [16] and gla["summary"] == "holds"
     only_low = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": cells[:2]})
     assert {v["claim"]: v["summary"] for v in only_low["verdicts"]}["GSA ≥ GLA"] == "not testable"
+
+
+def test_cut_lr_grid_is_the_authors_grid_of_each_model():
+    """GSA's cells are held to the authors' GSA grid, the baselines' to the grid their runs used
+    (np.logspace(-4, -2, 4), shared/PAPER.md §4); an lr within 10% of a grid point covers it."""
+    grid = list(np.logspace(-4, -2, 4))
+    assert np.allclose(mqar_report.BASELINE_LRS, grid, rtol=5e-3)   # 3 digits
+    assert mqar_report.untried_lrs("attention", [2e-3, 5e-3]) == [
+        mqar_report.BASELINE_LRS[i] for i in (0, 1, 3)]
+    assert mqar_report.untried_lrs("gla", [1e-4, 4.6e-4, 2e-3, 1e-2]) == []
+    assert mqar_report.untried_lrs("gsa", [2e-3, 5e-3]) == [1e-4, 5e-4, 1e-3, 1e-2]
+    cfg = ma.task_config(ma.parse_args(TINY))
+    record = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": [
+        _cell("gsa", 8, [0.5] * 4, [2.0] * 4, lrs=(2e-3, 5e-3)),
+        _cell("retnet", 8, [0.5] * 4, [2.0] * 4, lrs=(4.64e-4, 2.15e-3))]})
+    cut = [line for line in ma.markdown(record).splitlines() if "lr grid smaller" in line][0]
+    assert "GSA grid {0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01}: GSA D=8" in cut
+    assert "RetNet D=8 (ran 0.000464 0.00215; untried 0.0001 0.01)" in cut
 
 
 def test_verdicts_order_cells_by_their_seed_ranges():
