@@ -303,14 +303,24 @@ def authors_markdown(record: dict) -> str:
                       " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
                       f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
                       f" / {c['max_epochs']}", c["stop_reason"],
-                      f"{c['train_s']:.0f}", common.fmt(c["step_s"], 4) + masked_mark(c),
-                      "-" if not c["tokens_per_s"] else f"{c['tokens_per_s'] / 1e6:.2f}M",
-                      chunk_drift(c.get("chunk_seconds")),
+                      f"{c['train_s']:.0f}",
+                      " ; ".join(common.fmt(p["step_s"], 4) for p in cell_parts(c))
+                      + masked_mark(c),
+                      " ; ".join("-" if not p["tokens_per_s"] else
+                                 f"{p['tokens_per_s'] / 1e6:.2f}M" for p in cell_parts(c)),
+                      " ; ".join(chunk_drift(p.get("chunk_seconds")) for p in cell_parts(c)),
                       ", ".join(trained_on(c)) or "-"])
     lines.append(common.markdown_table(
         ["model", "D", "best lr", "lrs", "seeds", "epochs done / cosine / cap", "stopped by",
          "train s", "s/step", "tokens/s", "s per chunk: first / last / max", "trained on"],
         table))
+    split = [f"{AUTHORS_LABELS[c['model']]} D={c['width']}: " + " ; ".join(
+        " ".join(f"{lr:g}" for lr in p["lrs"]) for p in c["parts"])
+        for c in cells if c.get("parts")]
+    if split:
+        lines += ["", "Cells trained in parts (their lrs split over processes; each run depends "
+                      "on its own lr and seed only): " + ", ".join(split) + ". Their s/step, "
+                      "tokens/s and chunk times are per part, in that order, separated by ';'."]
     gpus = list(dict.fromkeys(d for c in cells for d in trained_on(c)))
     if len(gpus) > 1:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
@@ -440,20 +450,64 @@ def authors_plot(record: dict):
     return fig
 
 
+# A cell's fields that belong to one training process (one part of a cell split by lr)
+PART_KEYS = ("lrs", "epochs_done", "steps_done", "schedule_epochs", "stop_reason",
+             "cell_seconds", "calls", "devices", "kernel_tuning", "stopped_runs_left_out",
+             "compile_s", "train_s", "step_s", "chunk_seconds", "tokens_per_s")
+
+
+def cell_parts(cell: dict) -> list[dict]:
+    """The parts a cell was trained in: one per process that trained some of its lrs (a cell
+    trained whole is one part)."""
+    return cell.get("parts") or [{k: cell[k] for k in PART_KEYS if k in cell}]
+
+
+def join_cell(old: dict, new: dict) -> dict:
+    """`new` with the parts of `old` whose lrs it does not touch: a cell trained in parts (its
+    lrs split over processes or sessions, e.g. `--lr 5e-3` now and `--lr 2e-3` later; every run
+    depends on its own (lr, seed) only, so the split changes no run) is one cell in the report.
+    A part that shares an lr with `new` is redone by it and dropped; a part from another seed
+    count cannot join."""
+    kept = [p for p in cell_parts(old) if not set(p["lrs"]) & set(new["lrs"])]
+    if not kept or old["seeds"] != new["seeds"]:
+        return new
+    parts = kept + cell_parts(new)
+    lrs = sorted(lr for p in parts for lr in p["lrs"])
+    runs = sorted([r for r in old["runs"] if r["lr"] not in new["lrs"]] + new["runs"],
+                  key=lambda r: (r["seed"], lrs.index(r["lr"])))   # seed-major, as run_grid
+    total = lambda k: round(sum(p[k] or 0 for p in parts), 2)   # noqa: E731
+    return {**new, "lrs": lrs, "runs": runs, "parts": parts,
+            "epochs_done": max(p["epochs_done"] for p in parts),
+            "steps_done": max(p["steps_done"] for p in parts),
+            "schedule_epochs": max(p.get("schedule_epochs", new["max_epochs"]) for p in parts),
+            "stop_reason": "; ".join(dict.fromkeys(p["stop_reason"] for p in parts)),
+            "calls": sum(p.get("calls", 1) for p in parts),
+            "devices": list(dict.fromkeys(d for p in parts for d in p.get("devices", []))),
+            "kernel_tuning": next((p["kernel_tuning"] for p in parts
+                                   if p.get("kernel_tuning")), {}),
+            "stopped_runs_left_out": all(p.get("stopped_runs_left_out") for p in parts),
+            "compile_s": total("compile_s"), "train_s": total("train_s"),
+            # per part: parts may run different numbers of runs, on different GPUs
+            "step_s": None, "tokens_per_s": None, "chunk_seconds": None}
+
+
 def merge(previous: dict, record: dict) -> dict:
-    """`record` with the cells of `previous` that it does not redo (same (model, width));
-    the task settings must match. Commands are kept once each, in first-seen order (reports
-    of side-by-side calls each carry the history they were merged onto)."""
+    """`record` with the cells of `previous` that it does not redo (same (model, width)); a
+    cell of `record` that trained other lrs of a cell of `previous` joins it (join_cell). The
+    task settings must match. Commands are kept once each, in first-seen order (reports of
+    side-by-side calls each carry the history they were merged onto)."""
     diff = common.merge_mismatch(previous["config"], record["config"])
     if diff:
         raise ValueError(f"--merge: the existing results were run with other settings "
                          f"(old, new): {diff}")
-    redo = {(c["model"], c["width"]) for c in record["cells"]}
     # cells trained before they recorded their GPU were trained on their report's machine
     kind = previous.get("environment", {}).get("device_kind")
-    cells = [c if "devices" in c or kind is None else {**c, "devices": [kind]}
-             for c in previous["cells"] if (c["model"], c["width"]) not in redo]
-    return {**record, "cells": cells + record["cells"],
+    old = {(c["model"], c["width"]): c if "devices" in c or kind is None
+           else {**c, "devices": [kind]} for c in previous["cells"]}
+    cells = [join_cell(old[(c["model"], c["width"])], c) if (c["model"], c["width"]) in old
+             else c for c in record["cells"]]
+    redo = {(c["model"], c["width"]) for c in record["cells"]}
+    return {**record, "cells": [c for key, c in old.items() if key not in redo] + cells,
             "commands": list(dict.fromkeys(previous.get("commands", [])
                                            + record.get("commands", []))),
             "notes": record.get("notes") or previous.get("notes")}

@@ -392,6 +392,43 @@ def test_near_chance_cells_are_not_ordered():
     assert {v["claim"]: v["summary"] for v in only_low["verdicts"]}["GSA ≥ GLA"] == "not testable"
 
 
+def test_cells_trained_in_parts_join_in_the_report():
+    """A cell whose lrs were trained in separate processes (parts) is one cell in the merged
+    report, equal to the cell trained whole: same runs in the same order, same best lr and
+    summary; a later part with one of its lrs redoes that part only, one that spans parts
+    redoes the cell; the table gives each part's step time."""
+    rng = np.random.default_rng()
+    cfg = ma.task_config(ma.parse_args(TINY))
+    acc, loss = rng.uniform(0.1, 0.9, 4), rng.uniform(1.0, 3.0, 4)
+    whole = _cell("gsa", 8, acc, loss)   # runs seed-major: (1e-3, 0), (1e-2, 0), (1e-3, 1), ...
+    part = lambda lr, i, step_s: {**_cell("gsa", 8, acc[i], loss[i], lrs=(lr,)),  # noqa: E731
+                                  "step_s": step_s, "devices": [f"GPU {lr:g}"]}
+    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    joined = ma.finish(ma.merge(rec(part(1e-2, [1, 3], 0.2)), rec(part(1e-3, [0, 2], 0.1))))
+    [cell] = joined["cells"]
+    reference = ma.finish(rec(whole))["cells"][0]
+    key = lambda r: (r["lr"], r["seed"], r["curve"][0]["accuracy"])   # noqa: E731
+    assert [key(r) for r in cell["runs"]] == [key(r) for r in reference["runs"]]
+    assert cell["lrs"] == [1e-3, 1e-2] and cell["summary"] == reference["summary"]
+    assert [p["lrs"] for p in cell["parts"]] == [[1e-2], [1e-3]]
+    assert cell["devices"] == ["GPU 0.01", "GPU 0.001"] and cell["train_s"] == 2.0
+    row = [line for line in ma.markdown(joined).splitlines() if line.startswith("| GSA | 8 |")]
+    assert " | 0.2000 ; 0.1000 | " in row[0] and "Cells trained in parts" in ma.markdown(joined)
+    # a redone part replaces its own runs only
+    redo = ma.finish(ma.merge(joined, rec({**part(1e-2, [1, 3], 0.3), "runs": [
+        {**r, "curve": [{**r["curve"][0], "accuracy": 0.99}]}
+        for r in part(1e-2, [1, 3], 0.3)["runs"]]})))
+    [cell] = redo["cells"]
+    assert {r["lr"]: r["curve"][0]["accuracy"] for r in cell["runs"] if r["lr"] == 1e-2} == {
+        1e-2: 0.99}
+    assert sorted(r["curve"][0]["accuracy"] for r in cell["runs"] if r["lr"] == 1e-3) == sorted(
+        acc[[0, 2]])
+    assert [p["step_s"] for p in cell["parts"]] == [0.1, 0.3]
+    # a cell that spans both parts redoes the cell
+    again = ma.finish(ma.merge(joined, rec(_cell("gsa", 8, acc[::-1], loss))))
+    assert "parts" not in again["cells"][0] and len(again["cells"][0]["runs"]) == 4
+
+
 def test_cut_lr_grid_is_the_authors_grid_of_each_model():
     """GSA's cells are held to the authors' GSA grid, the baselines' to the grid their runs used
     (np.logspace(-4, -2, 4), shared/PAPER.md §4); an lr within 10% of a grid point covers it."""
