@@ -466,10 +466,10 @@ def join_cell(old: dict, new: dict) -> dict:
     """`new` with the parts of `old` whose lrs it does not touch: a cell trained in parts (its
     lrs split over processes or sessions, e.g. `--lr 5e-3` now and `--lr 2e-3` later; every run
     depends on its own (lr, seed) only, so the split changes no run) is one cell in the report.
-    A part that shares an lr with `new` is redone by it and dropped; a part from another seed
-    count cannot join."""
+    A part that shares an lr with `new` is redone by it and dropped; parts of another seed
+    count or epoch cap are other cells (`new` replaces them)."""
     kept = [p for p in cell_parts(old) if not set(p["lrs"]) & set(new["lrs"])]
-    if not kept or old["seeds"] != new["seeds"]:
+    if not kept or (old["seeds"], old["max_epochs"]) != (new["seeds"], new["max_epochs"]):
         return new
     parts = kept + cell_parts(new)
     lrs = sorted(lr for p in parts for lr in p["lrs"])

@@ -427,6 +427,10 @@ def test_cells_trained_in_parts_join_in_the_report():
     # a cell that spans both parts redoes the cell
     again = ma.finish(ma.merge(joined, rec(_cell("gsa", 8, acc[::-1], loss))))
     assert "parts" not in again["cells"][0] and len(again["cells"][0]["runs"]) == 4
+    # a part of another epoch cap is another cell: it replaces, it does not join
+    longer = ma.finish(ma.merge(rec(part(1e-2, [1, 3], 0.2)),
+                                rec({**part(1e-3, [0, 2], 0.1), "max_epochs": 8})))
+    assert "parts" not in longer["cells"][0] and longer["cells"][0]["lrs"] == [1e-3]
 
 
 def test_cut_lr_grid_is_the_authors_grid_of_each_model():
