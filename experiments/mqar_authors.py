@@ -118,7 +118,13 @@ NOTES = [
     "(2,600 steps), then reached 6% at epoch 2, 21% at 3 and 25% at 4.67 (7,300 steps; the "
     "run was stopped there), while attention in the same setup passed 99% at epoch 3.3 "
     "(5,210 steps) and GSA sat at 9-12% (about 1/P, one of the in-context values) through "
-    "epoch 1.33 (stopped there): GLA is the slowest learner here, not a broken one.",
+    "epoch 1.33 (stopped there): GLA is the slowest learner here, not a broken one. The full "
+    "GPU cells settle it (64 epochs, lr 2e-3): GLA ends at 7.3% (7.1-7.5) at D = 64 and at "
+    "98.7% (98.3-99.0) at D = 128, where its two runs' losses left the plateau at epochs 10 "
+    "and 17 (0.5-0.7B training tokens) and passed 90% by epochs 21 and 26 "
+    "(results/mqar_authors_h100e128d.md, logs/mqar_authors_h100e128d_call1.txt). The second "
+    "setup's GLA (0.0-0.4% at every width) trained on 0.2B tokens (6000 steps x 64 rows of "
+    "512) with a quarter of the state per head: it stopped before GLA starts to learn.",
     "ABC vs GSA (second setup: ABC 30-75 points above GSA at small widths): ABC's cumulative "
     "normaliser is causal (tests/test_mqar_authors.py::test_abc_cumulative_normaliser_is_causal: "
     "perturbing tokens after t leaves every output <= t exactly unchanged), so it is not a "

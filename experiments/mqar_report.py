@@ -198,6 +198,7 @@ def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
     the attention claim the width's worst comparison stands (fail, then tie, then win; the
     smallest margin among equals)."""
     at = {(c["model"], c["width"]): summarise(c, vocab_size) for c in cells}
+    cell_at = {(c["model"], c["width"]): c for c in cells}
     widths = sorted({c["width"] for c in cells})
 
     def geq(a, b, width):
@@ -208,8 +209,12 @@ def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
             return None
         outcome = ("win" if x["min"] >= y["max"] + SEPARATION else
                    "fail" if x["max"] <= y["min"] - SEPARATION else "tie")
+        # the side whose cut could still turn the outcome: the loser of a win or a fail, both
+        # sides of a tie (more lrs or epochs can only raise a cell's best accuracy)
+        behind = {"win": [b], "fail": [a], "tie": [a, b]}[outcome]
         return {"width": width, "margin": x["mean"] - y["mean"], "outcome": outcome,
-                "vs": b if a == "attention" else a}
+                "vs": b if a == "attention" else a,
+                "open": [o for o in (open_cell(cell_at[(m, width)]) for m in behind) if o]}
 
     rank = {"fail": 0, "tie": 1, "win": 2}
     claims = [("GSA ≥ GLA", [geq("gsa", "gla", w) for w in widths]),
@@ -236,6 +241,28 @@ def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
             summary = f"not separated (seeds overlap at D = {at_d('tie')})"
         out.append({"claim": claim, "summary": summary, "cells": tested})
     return out
+
+
+def open_cell(cell: dict) -> dict | None:
+    """What a cell did less of than the authors, so that its best accuracy may still rise: the
+    points of its model's lr grid it has not tried, and epochs short of 64 without every run
+    early-stopped. None for a cell trained as the authors did."""
+    untried = untried_lrs(cell["model"], cell["lrs"])
+    short = short_of_epochs(cell)
+    if not untried and not short:
+        return None
+    return {"model": cell["model"], "untried_lrs": untried,
+            "grid_lrs": len(authors_lrs(cell["model"])),
+            "epochs_done": cell["epochs_done"] if short else None}
+
+
+def fmt_open(o: dict) -> str:
+    """'GSA 4 of 6 grid lrs untried' and/or '57 of 64 epochs'."""
+    parts = ([f"{len(o['untried_lrs'])} of {o['grid_lrs']} grid lrs untried"]
+             if o["untried_lrs"] else [])
+    if o["epochs_done"] is not None:
+        parts.append(f"{o['epochs_done']:g} of 64 epochs")
+    return f"{AUTHORS_LABELS[o['model']]} " + ", ".join(parts)
 
 
 def fmt_cell(s: dict) -> str:
@@ -269,7 +296,9 @@ def authors_markdown(record: dict) -> str:
             f"D={c['width']}: "
             + (f"attention − {AUTHORS_LABELS[c['vs']]} " if v["claim"].endswith("attention")
                else "")
-            + f"{100 * c['margin']:+.1f} pts ({OUTCOME_WORDS[c['outcome']]})"
+            + f"{100 * c['margin']:+.1f} pts ({OUTCOME_WORDS[c['outcome']]}"
+            + ("; open: " + "; ".join(fmt_open(o) for o in c["open"]) if c.get("open") else "")
+            + ")"
             for c in v["cells"])
         lines.append(f"- **{v['claim']}: {v['summary'].upper()}**" +
                      (f" — {detail}." if detail else "."))
@@ -279,7 +308,9 @@ def authors_markdown(record: dict) -> str:
                   f"the other by that much, tie where the seeds' ranges overlap; the margin is "
                   f"the difference of the means; the attention claim shows the model that "
                   f"comes closest to contradicting it; a width where both stay under "
-                  f"{100 * LEARNED_ACCURACY:.0f}% is not tested.)", ""]
+                  f"{100 * LEARNED_ACCURACY:.0f}% is not tested; 'open' names a cell on the "
+                  f"side that more of the authors' lr grid or epochs could still lift, so the "
+                  f"outcome is provisional there.)", ""]
     summaries = {(c["model"], c["width"]): summarise(c, V) for c in cells}
     rows = []
     for m in [m for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]:
@@ -369,12 +400,16 @@ def untried_lrs(model: str, lrs) -> list[float]:
             if not any(abs(lr - x) <= LR_MATCH * x for lr in lrs)]
 
 
+def short_of_epochs(cell: dict) -> bool:
+    """A cell that stopped before the authors' 64 epochs with some run short of 99%."""
+    return cell["stop_reason"] != "all runs early-stopped" and cell["epochs_done"] < 64
+
+
 def cuts(record: dict) -> list[str]:
     """What this run did less of than the authors (64 epochs, their lr grid, early stop)."""
     out = []
     cells = record["cells"]
-    short = [c for c in cells if c["stop_reason"] != "all runs early-stopped"
-             and c["epochs_done"] < 64]
+    short = [c for c in cells if short_of_epochs(c)]
     if short:
         out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
                    "epochs without every run reaching 99% (" + ", ".join(

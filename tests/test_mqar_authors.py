@@ -477,13 +477,62 @@ def test_verdicts_order_cells_by_their_seed_ranges():
     assert [(c["width"], c["outcome"]) for c in v["GSA ≥ GLA"]["cells"]] == [(16, "win")]
     assert v["GSA ≥ GLA"]["summary"] == "holds"
     text = ma.markdown(record)
-    assert "D=8: attention − GSA" in text and "(FAILS)" in text and "(tie)" in text
+    assert "D=8: attention − GSA" in text and "(FAILS; open: " in text and "(tie; open: " in text
     # ranges closer than the separation are a tie, not a win
     near = [_cell("gsa", 8, [0.50, 0.0, 0.52, 0.0], [2.0] * 4),
             _cell("gla", 8, [0.49, 0.0, 0.497, 0.0], [2.0] * 4)]
     only = ma.finish({"tag": "t", "config": cfg, "commands": ["a"], "cells": near})
     assert {v["claim"]: v["summary"] for v in only["verdicts"]}["GSA ≥ GLA"] == (
         "not separated (seeds overlap at D = 8)")
+
+
+def test_verdicts_name_the_cut_cells_that_could_still_turn_them():
+    """An outcome is provisional where a cell that could still rise was cut: its model's untried
+    grid lrs, or fewer than 64 epochs without every run early-stopped. Such cells are named on
+    the losing side of a win or a fail and on both sides of a tie; a cell trained as the authors
+    did is never named."""
+    cfg = ma.task_config(ma.parse_args(TINY))
+    rng = np.random.default_rng()
+    full_gsa = [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
+
+    def cell(model, lrs, accs, epochs=64):   # accs: per lr, the two seeds' accuracies
+        runs = [{"lr": lr, "seed": s, "stopped_epoch": None,
+                 "curve": [{"step": 1, "epoch": 1, "loss": 2.0, "accuracy": float(a)}]}
+                for lr, by_seed in zip(lrs, accs) for s, a in enumerate(by_seed)]
+        return {**_cell(model, 8, [0.0] * 4, [2.0] * 4), "lrs": list(lrs), "runs": runs,
+                "max_epochs": 64, "epochs_done": int(epochs)}
+
+    lo = rng.uniform(0.1, 0.4, 2)                       # GSA well below GLA: a fail
+    hi = rng.uniform(0.6, 0.9, 2)
+    gsa_full = cell("gsa", full_gsa, [lo] + [[0.0, 0.0]] * 5)
+    gla_cut = cell("gla", [2e-3], [hi], epochs=rng.integers(10, 63))
+    v = {x["claim"]: x for x in ma.finish({"tag": "t", "config": cfg, "commands": [],
+                                           "cells": [gsa_full, gla_cut]})["verdicts"]}
+    (c,) = v["GSA ≥ GLA"]["cells"]
+    # GSA lost with its whole grid and 64 epochs: nothing open, however short GLA was
+    assert (c["outcome"], c["open"]) == ("fail", [])
+    # GSA cut to two lrs: its four untried grid points are open
+    gsa_cut = cell("gsa", [2e-3, 5e-3], [lo, [0.0, 0.0]])
+    record = ma.finish({"tag": "t", "config": cfg, "commands": [], "cells": [gsa_cut, gla_cut]})
+    (c,) = {x["claim"]: x for x in record["verdicts"]}["GSA ≥ GLA"]["cells"]
+    assert c["outcome"] == "fail"
+    assert [(o["model"], o["untried_lrs"], o["epochs_done"]) for o in c["open"]] == [
+        ("gsa", [1e-4, 5e-4, 1e-3, 1e-2], None)]
+    assert "(FAILS; open: GSA 4 of 6 grid lrs untried)" in ma.markdown(record)
+    # a tie names both cut sides; GLA's short epochs too
+    mid = [float(hi.min()) - 0.01, float(hi.max()) + 0.01]
+    record = ma.finish({"tag": "t", "config": cfg, "commands": [],
+                        "cells": [cell("gsa", [2e-3, 5e-3], [mid, [0.0, 0.0]]), gla_cut]})
+    (c,) = {x["claim"]: x for x in record["verdicts"]}["GSA ≥ GLA"]["cells"]
+    assert c["outcome"] == "tie"
+    assert [(o["model"], o["epochs_done"]) for o in c["open"]] == [
+        ("gsa", None), ("gla", gla_cut["epochs_done"])]
+    assert (f"GLA 3 of 4 grid lrs untried, {gla_cut['epochs_done']:g} of 64 epochs"
+            in ma.markdown(record))
+    # a cell whose every run early-stopped is not short, whatever its epochs
+    early = {**cell("attention", [1e-4, 4.64e-4, 2.15e-3, 1e-2], [hi] * 4, epochs=12),
+             "stop_reason": "all runs early-stopped"}
+    assert mqar_report.open_cell(early) is None
 
 
 @pytest.mark.slow   # two small attention compiles (~15 s on 2 cores): CI's second step
