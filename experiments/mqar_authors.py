@@ -120,8 +120,9 @@ NOTES = [
     "(5,210 steps) and GSA sat at 9-12% (about 1/P, one of the in-context values) through "
     "epoch 1.33 (stopped there): GLA is the slowest learner here, not a broken one. The full "
     "GPU cells settle it (64 epochs, lr 2e-3): GLA ends at 7.3% (7.1-7.5) at D = 64 and at "
-    "98.7% (98.3-99.0) at D = 128, where its two runs' losses left the plateau at epochs 10 "
-    "and 17 (0.5-0.7B training tokens) and passed 90% by epochs 21 and 26 "
+    "98.7% (98.3-99.0) at D = 128, where its two runs' losses left the plateau at epochs 10-11 "
+    "(0.5B training tokens), their accuracies rose from epochs 17-18 and passed 90% by epochs "
+    "21 and 26 "
     "(results/mqar_authors_h100e128d.md, logs/mqar_authors_h100e128d_call1.txt). The second "
     "setup's GLA (0.0-0.4% at every width) trained on 0.2B tokens (6000 steps x 64 rows of "
     "512) with a quarter of the state per head: it stopped before GLA starts to learn.",

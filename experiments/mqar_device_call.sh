@@ -27,7 +27,12 @@ export PYTHONPATH=.
 T0=$(date +%s)
 OUT=$(mkdir -p "${OUT:-/tmp/out}" && cd "${OUT:-/tmp/out}" && pwd)   # absolute: used from devstate/
 CELL_DIR=${MQAR_CELL_DIR:-devstate}
-LOGS=$CELL_DIR/logs; STATE=devstate/mqstate; REPORT=$CELL_DIR/o
+# MQAR_STATE_DIR (default devstate/mqstate, must lie in devstate/): where the cell's state is
+# kept; mqar_device_cells.sh gives each lr part of a cell its own, so that two parts of one
+# cell queued on one machine do not share a state.
+STATE=${MQAR_STATE_DIR:-devstate/mqstate}
+case "$STATE" in devstate/*) ;; *) echo "MQAR_STATE_DIR must lie in devstate/: $STATE" >&2; exit 2 ;; esac
+LOGS=$CELL_DIR/logs; REPORT=$CELL_DIR/o
 mkdir -p "$STATE" "$REPORT" "$LOGS"
 rm -f "$LOGS"/*
 { date; ls -la "$STATE" "$REPORT"; } > "$LOGS/state_before.txt" 2>&1
@@ -49,11 +54,11 @@ cp "$REPORT"/mqar_authors_"$TAG".json "$REPORT"/mqar_authors_"$TAG".md "$OUT"/ 2
 { date; ls -la "$STATE" "$REPORT"; } > "$LOGS/state_after.txt" 2>&1
 # this cell's state parts written in this call
 MARKER=$(cd "$LOGS" && pwd)/marker
-NEW=$(cd devstate && find mqstate -newer "$MARKER" -type f -name "${M}_D${W}.state.*")
+NEW=$(cd devstate && find "${STATE#devstate/}" -newer "$MARKER" -type f -name "${M}_D${W}.state.*")
 BYTES=$(cd devstate && du -cb $NEW 2>/dev/null | tail -1 | cut -f1)
 if [ -n "$NEW" ] && [ "${BYTES:-0}" -lt $((58 * 1024 * 1024)) ]; then
   (cd devstate && tar cf - $NEW | split -b 15M - "$OUT/st.part")
 elif [ -n "$NEW" ]; then
-  echo "state not returned: ${BYTES} bytes (kept in devstate/mqstate)" >> "$LOGS/state_after.txt"
+  echo "state not returned: ${BYTES} bytes (kept in $STATE)" >> "$LOGS/state_after.txt"
 fi
 tar czf "$OUT/logs.tgz" -C "$CELL_DIR" logs

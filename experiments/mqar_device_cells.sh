@@ -4,9 +4,15 @@
 # own logs, report and compile cache in devstate/cells/<model>_D<width>/ and its state in
 # devstate/mqstate like a single cell's, so chained calls resume every paused cell.
 #
-#   bash experiments/mqar_device_cells.sh SECONDS TAG CELL [CELL ...]     CELL = MODEL:WIDTH
+#   bash experiments/mqar_device_cells.sh SECONDS TAG CELL [CELL ...]
+#     CELL = MODEL:WIDTH, or MODEL:WIDTH:LR[,LR...] for one lr part of a cell ("Cells in parts",
+#     experiments/README: its lrs replace the call's, and the part keeps its own logs, report
+#     and state in devstate/cells/<model>_D<width>_lr<lrs>/ and devstate/mqstate/lr<lrs>/)
 #     e.g. (device tool, a kind of 4 GPUs, no carry)
 #     bash experiments/mqar_device_cells.sh 585 h100e128 gla:128 retnet:128 attention:128
+#     or on one GPU, parts one after another (each call resumes the paused one and passes the
+#     finished ones in seconds):
+#     bash experiments/mqar_device_cells.sh 585 h100e256 gsa:256:5e-3 attention:256:4.64e-4
 #
 # Cells go to the GPUs in turn (MQAR_GPUS overrides the count nvidia-smi gives); a GPU with
 # more than one cell trains them one after another, each with the call's time left, and a cell
@@ -27,24 +33,28 @@ GPUS=${MQAR_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 [ "${GPUS:-0}" -ge 1 ] || GPUS=1
 
 train_on_gpu() {   # GPU CELL...: the cells one after another
-  local gpu=$1 cell m w left
+  local gpu=$1 cell m w lrs part dir state extra left
   shift
   for cell in "$@"; do
-    m=${cell%%:*}; w=${cell##*:}
+    IFS=: read -r m w lrs <<< "$cell"
+    part=${lrs:+_lr${lrs//,/_}}; dir="devstate/cells/${m}_D${w}${part}"
+    state=devstate/mqstate${part:+/${part#_}}; extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}
     left=$(( TOTAL - ($(date +%s) - T0) - 40 ))
     if [ "$left" -lt 120 ]; then
       echo "$cell (GPU $gpu): not started, $left s left" >> devstate/cells/left.txt
       continue
     fi
-    CUDA_VISIBLE_DEVICES=$gpu MQAR_CELL_DIR="devstate/cells/${m}_D${w}" \
-      OUT="devstate/cells/${m}_D${w}/out" bash experiments/mqar_device_call.sh "$m" "$w" "$left" "$TAG"
+    CUDA_VISIBLE_DEVICES=$gpu MQAR_CELL_DIR="$dir" MQAR_STATE_DIR="$state" MQAR_EXTRA="$extra" \
+      OUT="$dir/out" bash experiments/mqar_device_call.sh "$m" "$w" "$left" "$TAG"
   done
 }
 
 declare -a QUEUE
 i=0
 for cell in "$@"; do
-  case "$cell" in *:*) ;; *) echo "cell '$cell' is not MODEL:WIDTH" >&2; exit 2 ;; esac
+  if ! [[ "$cell" =~ ^[a-z]+:[0-9]+(:[0-9.eE+-]+(,[0-9.eE+-]+)*)?$ ]]; then
+    echo "cell '$cell' is not MODEL:WIDTH or MODEL:WIDTH:LR[,LR...]" >&2; exit 2
+  fi
   QUEUE[$((i % GPUS))]="${QUEUE[$((i % GPUS))]:-} $cell"
   i=$((i + 1))
 done

@@ -695,3 +695,51 @@ def test_device_cells_script_trains_cells_side_by_side(tmp_path):
     # (the two queues write their lines in either order)
     assert sorted(line.split(" ")[0] for line in left.splitlines()) == sorted(cells)
     assert len(report["cells"]) == 3
+
+
+@pytest.mark.slow   # two tiny lr parts of one cell, one after another (~40 s on 2 cores)
+def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
+    """experiments/mqar_device_cells.sh with MODEL:WIDTH:LR cells on one 'GPU': the two lr parts
+    of one cell train one after another, each with its own state (a shared one would make the
+    second part refuse the first's), and the call's report joins them into one cell of both
+    lrs, equal to the parts' runs; a chained call resumes the finished parts (their states are
+    kept) and trains nothing again; a malformed cell stops the call before any training."""
+    import subprocess
+    import tarfile
+
+    repo, work, tiny = _script_tree(tmp_path)
+    env = {**os.environ, "MQAR_EXTRA": tiny + " --widths 8", "MQAR_GPUS": "1",
+           "PYTHONPATH": os.pathsep.join([str(work), repo])}
+    cells = ["attention:8:3e-3", "attention:8:2e-2"]
+
+    def call(out, *cells):
+        return subprocess.run(["bash", "experiments/mqar_device_cells.sh", "600", "parts",
+                               *cells], cwd=work, env={**env, "OUT": str(out)}, timeout=900,
+                              capture_output=True, text=True)
+
+    assert call(tmp_path / "out1", *cells).returncode == 0
+    report = json.loads((tmp_path / "out1" / "mqar_authors_parts.json").read_text())
+    (cell,) = report["cells"]
+    assert sorted(cell["lrs"]) == [3e-3, 2e-2]
+    assert sorted([p["lrs"] for p in cell["parts"]]) == [[3e-3], [2e-2]]
+    assert sorted((r["lr"], r["seed"]) for r in cell["runs"]) == [
+        (3e-3, 0), (3e-3, 1), (2e-2, 0), (2e-2, 1)]
+    for lr in ("3e-3", "2e-2"):
+        part_report = json.loads((work / "devstate" / "cells" / f"attention_D8_lr{lr}" / "o"
+                                  / "mqar_authors_parts.json").read_text())
+        (part,) = part_report["cells"]
+        assert [r["curve"] for r in part["runs"]] == [
+            r["curve"] for r in cell["runs"] if r["lr"] == float(lr)]
+        assert list((work / "devstate" / "mqstate" / f"lr{lr}").glob("attention_D8.state.*"))
+    with tarfile.open(tmp_path / "out1" / "cells.tgz") as tgz:
+        assert {"attention_D8_lr3e-3/logs/mqar_attention_D8.txt",
+                "attention_D8_lr2e-2/logs/mqar_attention_D8.txt"} <= set(tgz.getnames())
+
+    assert call(tmp_path / "out2", *cells).returncode == 0   # both parts already finished
+    again = json.loads((tmp_path / "out2" / "mqar_authors_parts.json").read_text())
+    (cell2,) = again["cells"]
+    assert [r["curve"] for r in cell2["runs"]] == [r["curve"] for r in cell["runs"]]
+    assert cell2["steps_done"] == cell["steps_done"]
+
+    bad = call(tmp_path / "out3", "attention:8:fast")
+    assert bad.returncode == 2 and "MODEL:WIDTH:LR" in bad.stderr
