@@ -209,8 +209,8 @@ def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
             return None
         outcome = ("win" if x["min"] >= y["max"] + SEPARATION else
                    "fail" if x["max"] <= y["min"] - SEPARATION else "tie")
-        # the side whose cut could still turn the outcome: the loser of a win or a fail, both
-        # sides of a tie (more lrs or epochs can only raise a cell's best accuracy)
+        # the side whose cut, once run, could overturn the outcome by doing better: the loser
+        # of a win or a fail, both sides of a tie (more lrs can only raise a cell's best mean)
         behind = {"win": [b], "fail": [a], "tie": [a, b]}[outcome]
         return {"width": width, "margin": x["mean"] - y["mean"], "outcome": outcome,
                 "vs": b if a == "attention" else a,
