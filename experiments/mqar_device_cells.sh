@@ -37,8 +37,9 @@ train_on_gpu() {   # GPU CELL...: the cells one after another
   shift
   for cell in "$@"; do
     IFS=: read -r m w lrs <<< "$cell"
-    part=${lrs:+_lr${lrs//,/_}}; dir="devstate/cells/${m}_D${w}${part}"
-    state=devstate/mqstate${part:+/${part#_}}; extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}
+    part=${lrs:+lr${lrs//,/_}}   # an lr part's own name, empty for a whole cell
+    dir=devstate/cells/${m}_D${w}${part:+_$part}; state=devstate/mqstate${part:+/$part}
+    extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}
     left=$(( TOTAL - ($(date +%s) - T0) - 40 ))
     if [ "$left" -lt 120 ]; then
       echo "$cell (GPU $gpu): not started, $left s left" >> devstate/cells/left.txt

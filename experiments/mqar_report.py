@@ -420,14 +420,15 @@ def cuts(record: dict) -> list[str]:
                    "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
                    "than the authors' 64-epoch schedule.")
     lrs = lambda xs: " ".join(f"{x:g}" for x in xs)   # noqa: E731
+    untried = {id(c): untried_lrs(c["model"], c["lrs"]) for c in cells}
     for grid, whose in ((GSA_LRS, "GSA grid"),
                         (BASELINE_LRS, "baseline grid (np.logspace(-4, -2, 4))")):
-        short = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} (ran {lrs(c['lrs'])}; untried "
-                 f"{lrs(untried_lrs(c['model'], c['lrs']))})" for c in cells
-                 if authors_lrs(c["model"]) is grid and untried_lrs(c["model"], c["lrs"])]
-        if short:
+        fewer = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} (ran {lrs(c['lrs'])}; untried "
+                 f"{lrs(untried[id(c)])})" for c in cells
+                 if authors_lrs(c["model"]) is grid and untried[id(c)]]
+        if fewer:
             out.append(f"lr grid smaller than the authors' {whose} {{"
-                       + ", ".join(f"{x:g}" for x in grid) + "}: " + ", ".join(short) + ".")
+                       + ", ".join(f"{x:g}" for x in grid) + "}: " + ", ".join(fewer) + ".")
     return out
 
 

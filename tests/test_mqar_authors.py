@@ -740,6 +740,8 @@ def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
     (cell2,) = again["cells"]
     assert [r["curve"] for r in cell2["runs"]] == [r["curve"] for r in cell["runs"]]
     assert cell2["steps_done"] == cell["steps_done"]
+    # resumed from each part's own state (a retrain from scratch would give the same curves)
+    assert [p["calls"] for p in cell2["parts"]] == [2, 2]
 
     bad = call(tmp_path / "out3", "attention:8:fast")
     assert bad.returncode == 2 and "MODEL:WIDTH:LR" in bad.stderr
