@@ -19,8 +19,13 @@
 # that would start with under 120 s left waits for the next call. $OUT gets the report of every
 # cell trained under TAG so far (this call's cells and earlier calls', single-cell calls' in
 # devstate/o included) as mqar_authors_TAG.{json,md,png}, and cells.tgz (each cell's logs, the
-# merge's log, and the cells left for the next call). States are not returned (at D >= 128 a
-# cell's is more than a call returns): move one with experiments/mqar_state_transfer.sh.
+# merge's log, and the cells left for the next call). The states of the cells and parts that
+# paused come back as st.part* (15 MiB pieces of one tar, paths under devstate/) when they fit
+# beside those four files (45 MiB together: a 2-run lr part up to D = 128), so a session that
+# ends while a part is paused keeps it: carry the pieces in a folder F of the checkout and
+# start the next session's call with `cat F/st.part* | tar xf - -C devstate` (experiments/
+# README, MQAR). Larger states stay on the machine (left.txt says so): move one with
+# experiments/mqar_state_transfer.sh.
 # MQAR_EXTRA and GSA_PALLAS_TUNING pass through to every cell.
 set -u
 TOTAL=$1; TAG=$2; shift 2
@@ -72,5 +77,30 @@ if [ -n "$REPORTS" ]; then
   # shellcheck disable=SC2086
   python experiments/mqar_authors.py --tag "$TAG" --merge-only --merge-files $REPORTS \
     --out-dir "$OUT" > devstate/cells/merge.txt 2>&1
+fi
+# the paused cells' and parts' state files (paths under devstate/), from their own reports
+PAUSED=()
+for cell in "$@"; do
+  IFS=: read -r m w lrs <<< "$cell"
+  part=${lrs:+lr${lrs//,/_}}
+  report=devstate/cells/${m}_D${w}${part:+_$part}/o/mqar_authors_$TAG.json
+  [ -f "$report" ] || continue
+  if python -c 'import json, sys
+cells = json.load(open(sys.argv[1]))["cells"]
+sys.exit(0 if any(c["model"] == sys.argv[2] and c["width"] == int(sys.argv[3])
+                  and c["stop_reason"].startswith("paused") for c in cells) else 1)' \
+      "$report" "$m" "$w"; then
+    PAUSED+=($(cd devstate && ls mqstate${part:+/$part}/"${m}_D${w}".state.* 2>/dev/null))
+  fi
+done
+if [ ${#PAUSED[@]} -gt 0 ]; then
+  BYTES=$(cd devstate && du -cb "${PAUSED[@]}" | tail -1 | cut -f1)
+  if [ "$BYTES" -le $((45 * 1024 * 1024)) ]; then
+    (cd devstate && tar cf - "${PAUSED[@]}" | split -b 15M - "$OUT/st.part")
+    echo "paused states returned as st.part*: ${PAUSED[*]}" >> devstate/cells/left.txt
+  else
+    echo "paused states not returned: $BYTES bytes (kept in devstate/mqstate)" \
+      >> devstate/cells/left.txt
+  fi
 fi
 (cd devstate/cells && tar czf "$OUT/cells.tgz" $(ls -d */logs merge.txt left.txt 2>/dev/null))

@@ -745,3 +745,48 @@ def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
 
     bad = call(tmp_path / "out3", "attention:8:fast")
     assert bad.returncode == 2 and "MODEL:WIDTH:LR" in bad.stderr
+
+
+@pytest.mark.slow   # one tiny lr part, paused, then resumed on a fresh tree (~40 s on 2 cores)
+def test_device_cells_script_returns_a_paused_parts_state(tmp_path):
+    """A part that pauses in a mqar_device_cells.sh call comes back as st.part* (one tar of its
+    state files, paths under devstate/), and left.txt says so; unpacked into a fresh tree's
+    devstate/ (the next session's machine) the part resumes there (calls 2) and finishes, its
+    curve continuing the paused one's; a part that finished returns no state."""
+    import subprocess
+    import tarfile
+
+    repo, work, tiny = _script_tree(tmp_path / "a")
+    _, fresh, _ = _script_tree(tmp_path / "b")
+    tiny += " --widths 16"
+    cells = ["retnet:16:3e-3"]
+
+    def call(tree, out, extra=""):
+        env = {**os.environ, "MQAR_EXTRA": tiny + extra, "MQAR_GPUS": "1", "OUT": str(out),
+               "PYTHONPATH": os.pathsep.join([str(tree), repo])}
+        subprocess.run(["bash", "experiments/mqar_device_cells.sh", "600", "ret", *cells],
+                       cwd=tree, env=env, check=True, timeout=900)
+        (cell,) = json.loads((out / "mqar_authors_ret.json").read_text())["cells"]
+        with tarfile.open(out / "cells.tgz") as tgz:
+            names = set(tgz.getnames())
+            left = (tgz.extractfile("left.txt").read().decode() if "left.txt" in names
+                    else "")
+        return cell, sorted(out.glob("st.part*")), left
+
+    first, parts, left = call(work, tmp_path / "out1", " --pause-seconds 0 --state-part-mb 0.2")
+    assert first["stop_reason"].startswith("paused") and first["steps_done"] < 16
+    assert parts and "paused states returned" in left and "lr3e-3/retnet_D16.state" in left
+    saved = sorted((work / "devstate" / "mqstate" / "lr3e-3").glob("retnet_D16.state.*"))
+    (fresh / "devstate").mkdir()
+    subprocess.run(f"cat {' '.join(map(str, parts))} | tar xf - -C devstate", shell=True,
+                   cwd=fresh, check=True)
+    unpacked = sorted((fresh / "devstate" / "mqstate" / "lr3e-3").glob("retnet_D16.state.*"))
+    assert [p.name for p in unpacked] == [p.name for p in saved]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(unpacked, saved))
+
+    second, parts2, left2 = call(fresh, tmp_path / "out2")
+    assert second["stop_reason"] == "max epochs" and second["calls"] == 2
+    for r1, r2 in zip(first["runs"], second["runs"]):
+        assert r2["curve"][:len(r1["curve"])] == r1["curve"]
+        assert len(r2["curve"]) > len(r1["curve"])
+    assert parts2 == [] and "paused states" not in left2
