@@ -248,20 +248,26 @@ def open_cell(cell: dict) -> dict | None:
     points of its model's lr grid it has not tried, and epochs short of 64 without every run
     early-stopped. None for a cell trained as the authors did."""
     untried = untried_lrs(cell["model"], cell["lrs"])
-    short = short_of_epochs(cell)
+    short = short_parts(cell)
     if not untried and not short:
         return None
+    # a cell trained in parts names its short parts' lrs: the others ran all 64 epochs
     return {"model": cell["model"], "untried_lrs": untried,
             "grid_lrs": len(authors_lrs(cell["model"])),
-            "epochs_done": cell["epochs_done"] if short else None}
+            "epochs_done": min(p["epochs_done"] for p in short) if short else None,
+            "short_lrs": ([lr for p in short for lr in p["lrs"]]
+                          if short and cell.get("parts") else None)}
 
 
 def fmt_open(o: dict) -> str:
-    """'GSA 4 of 6 grid lrs untried' and/or '57 of 64 epochs'."""
+    """'GSA 4 of 6 grid lrs untried' and/or '57 of 64 epochs' ('lr 0.001 at 43 of 64 epochs'
+    for a short part of a cell trained in parts)."""
     parts = ([f"{len(o['untried_lrs'])} of {o['grid_lrs']} grid lrs untried"]
              if o["untried_lrs"] else [])
     if o["epochs_done"] is not None:
-        parts.append(f"{o['epochs_done']:g} of 64 epochs")
+        at = (f"lr {' '.join(f'{lr:g}' for lr in o['short_lrs'])} at "
+              if o.get("short_lrs") else "")
+        parts.append(f"{at}{o['epochs_done']:g} of 64 epochs")
     return f"{AUTHORS_LABELS[o['model']]} " + ", ".join(parts)
 
 
@@ -332,8 +338,10 @@ def authors_markdown(record: dict) -> str:
         table.append([AUTHORS_LABELS[c["model"]], c["width"],
                       "-" if s["lr"] is None else f"{s['lr']:g}",
                       " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
-                      f"{c['epochs_done']:g} / {c.get('schedule_epochs', c['max_epochs']):g}"
-                      f" / {c['max_epochs']}", c["stop_reason"],
+                      " ; ".join(f"{p['epochs_done']:g} / "
+                                 f"{p.get('schedule_epochs', c['max_epochs']):g}"
+                                 f" / {c['max_epochs']}" for p in cell_parts(c)),
+                      " ; ".join(p["stop_reason"] for p in cell_parts(c)),
                       f"{c['train_s']:.0f}",
                       " ; ".join(common.fmt(p["step_s"], 4) for p in cell_parts(c))
                       + masked_mark(c),
@@ -350,8 +358,9 @@ def authors_markdown(record: dict) -> str:
         for c in cells if c.get("parts")]
     if split:
         lines += ["", "Cells trained in parts (their lrs split over processes; each run depends "
-                      "on its own lr and seed only): " + ", ".join(split) + ". Their s/step, "
-                      "tokens/s and chunk times are per part, in that order, separated by ';'."]
+                      "on its own lr and seed only): " + ", ".join(split) + ". Their epochs, "
+                      "stop reasons, s/step, tokens/s and chunk times are per part, in that "
+                      "order, separated by ';'."]
     gpus = list(dict.fromkeys(d for c in cells for d in trained_on(c)))
     if len(gpus) > 1:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
@@ -400,9 +409,18 @@ def untried_lrs(model: str, lrs) -> list[float]:
             if not any(abs(lr - x) <= LR_MATCH * x for lr in lrs)]
 
 
+def short_parts(cell: dict) -> list[dict]:
+    """The parts of a cell (cell_parts: the cell itself when trained whole) that stopped before
+    the authors' 64 epochs with some run short of 99%. A joined cell's own epochs_done is its
+    furthest part's, so a paused part next to a finished one is found only per part."""
+    return [p for p in cell_parts(cell)
+            if p["stop_reason"] != "all runs early-stopped" and p["epochs_done"] < 64]
+
+
 def short_of_epochs(cell: dict) -> bool:
-    """A cell that stopped before the authors' 64 epochs with some run short of 99%."""
-    return cell["stop_reason"] != "all runs early-stopped" and cell["epochs_done"] < 64
+    """A cell with a part that stopped before the authors' 64 epochs with some run short of
+    99%."""
+    return bool(short_parts(cell))
 
 
 def cuts(record: dict) -> list[str]:
@@ -413,8 +431,11 @@ def cuts(record: dict) -> list[str]:
     if short:
         out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
                    "epochs without every run reaching 99% (" + ", ".join(
-                       f"{AUTHORS_LABELS[c['model']]} D={c['width']}: {c['epochs_done']:g} epochs, "
-                       f"{c['stop_reason']}" for c in short) + ").")
+                       f"{AUTHORS_LABELS[c['model']]} D={c['width']}"
+                       + (f" (lr {' '.join(f'{lr:g}' for lr in p['lrs'])})"
+                          if c.get("parts") else "")
+                       + f": {p['epochs_done']:g} epochs, {p['stop_reason']}"
+                       for c in short for p in short_parts(c)) + ").")
     if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
         out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
                    "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
@@ -467,7 +488,9 @@ def authors_plot(record: dict):
     ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
                  "(authors' setup)", fontsize=9)
     ax.legend(fontsize=8)
-    styles = [("-", "solid"), ("--", "dashed"), (":", "dotted"), ("-.", "dash-dot")]
+    # one line style per lr of a panel (the grids have up to 6 points), told by a legend: a
+    # title listing them ran into the next panel's
+    styles = ["-", "--", ":", "-.", (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1))]
     for panel, width in zip(axes[0][1:], widths):
         here = [c for c in cells if c["width"] == width]
         lrs = sorted({r["lr"] for c in here for r in c["runs"]})
@@ -476,9 +499,11 @@ def authors_plot(record: dict):
                 pts = r["curve"]
                 panel.plot([p["epoch"] for p in pts], [100 * p["accuracy"] for p in pts],
                            color=colors.get(c["model"]), lw=1, alpha=0.8,
-                           ls=styles[lrs.index(r["lr"]) % len(styles)][0])
-        panel.set_title(f"D = {width}, every run: lr " + ", ".join(
-            f"{x:g} {styles[i % len(styles)][1]}" for i, x in enumerate(lrs)), fontsize=8)
+                           ls=styles[lrs.index(r["lr"]) % len(styles)])
+        panel.legend([plt.Line2D([], [], color="0.3", lw=1, ls=styles[i % len(styles)])
+                      for i in range(len(lrs))], [f"lr {x:g}" for x in lrs], fontsize=6,
+                     loc="center right", framealpha=0.8)
+        panel.set_title(f"D = {width}, every run (colour: model)", fontsize=8)
         panel.set_xlabel("epoch")
         panel.set_ylim(-2, 102)
         panel.grid(alpha=0.3)

@@ -535,6 +535,44 @@ def test_verdicts_name_the_cut_cells_that_could_still_turn_them():
     assert mqar_report.open_cell(early) is None
 
 
+def test_a_short_part_of_a_joined_cell_is_named_as_cut():
+    """A cell trained in parts whose one part ran the authors' 64 epochs and another paused
+    short of them is a short cell: its own epochs_done (the furthest part's) would hide that.
+    The verdict's 'open' mark and the cut line name the short part's lr and epochs, and the
+    table gives each part's epochs and stop reason."""
+    rng = np.random.default_rng()
+    cfg = ma.task_config(ma.parse_args(TINY))
+    paused_at = int(rng.integers(10, 63))
+    lo, hi = rng.uniform(0.1, 0.3, 4), rng.uniform(0.6, 0.9, 4)
+    full = lambda c: {**c, "max_epochs": 64, "epochs_done": 64}   # noqa: E731
+    done = full(_cell("gsa", 8, lo[[0, 2]], [2.0] * 2, lrs=(2e-3,)))
+    paused = {**full(_cell("gsa", 8, lo[[1, 3]], [2.0] * 2, lrs=(1e-3,))),
+              "epochs_done": paused_at, "stop_reason": "paused (resumes from --state-dir)"}
+    gla = full(_cell("gla", 8, hi, [2.0] * 4, lrs=(1e-4, 4.64e-4, 2.15e-3, 1e-2)))
+    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    record = ma.finish(ma.merge(rec(done, gla), rec(paused)))
+    (cell,) = [c for c in record["cells"] if c["model"] == "gsa"]
+    assert cell["epochs_done"] == 64 and mqar_report.short_of_epochs(cell)
+    assert [p["epochs_done"] for p in mqar_report.short_parts(cell)] == [paused_at]
+    (c,) = {x["claim"]: x for x in record["verdicts"]}["GSA ≥ GLA"]["cells"]
+    assert c["outcome"] == "fail"
+    assert [(o["model"], o["epochs_done"], o["short_lrs"]) for o in c["open"]] == [
+        ("gsa", paused_at, [1e-3])]
+    text = ma.markdown(record)
+    assert f"lr 0.001 at {paused_at} of 64 epochs" in text
+    assert f"GSA D=8 (lr 0.001): {paused_at} epochs, paused" in text
+    row = [line for line in text.splitlines() if line.startswith("| GSA | 8 |")][0]
+    assert f"64 / 64 / 64 ; {paused_at} / 64 / 64" in row
+    assert "max epochs ; paused (resumes from --state-dir)" in row
+    # the same part finished: nothing short, nothing open for GSA
+    record = ma.finish(ma.merge(rec(done, gla), rec({**paused, "epochs_done": 64,
+                                                     "stop_reason": "max epochs"})))
+    (cell,) = [c for c in record["cells"] if c["model"] == "gsa"]
+    assert not mqar_report.short_of_epochs(cell)
+    (c,) = {x["claim"]: x for x in record["verdicts"]}["GSA ≥ GLA"]["cells"]
+    assert [o["epochs_done"] for o in c["open"]] == [None]
+
+
 @pytest.mark.slow   # two small attention compiles (~15 s on 2 cores): CI's second step
 def test_call_deadline_pauses_the_cell_and_defers_the_next(tmp_path, monkeypatch, capsys):
     """--call-seconds: when the process's deadline passes during a cell, the cell pauses after
