@@ -37,13 +37,18 @@ rm -f devstate/cells/left.txt devstate/cells/merge.txt
 GPUS=${MQAR_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 [ "${GPUS:-0}" -ge 1 ] || GPUS=1
 
+parse_cell() {   # CELL: sets m, w, lrs, and the cell's (or lr part's) dir and state dir
+  local part
+  IFS=: read -r m w lrs <<< "$1"
+  part=${lrs:+lr${lrs//,/_}}   # an lr part's own name, empty for a whole cell
+  dir=devstate/cells/${m}_D${w}${part:+_$part}; state=devstate/mqstate${part:+/$part}
+}
+
 train_on_gpu() {   # GPU CELL...: the cells one after another
-  local gpu=$1 cell m w lrs part dir state extra left
+  local gpu=$1 cell m w lrs dir state extra left
   shift
   for cell in "$@"; do
-    IFS=: read -r m w lrs <<< "$cell"
-    part=${lrs:+lr${lrs//,/_}}   # an lr part's own name, empty for a whole cell
-    dir=devstate/cells/${m}_D${w}${part:+_$part}; state=devstate/mqstate${part:+/$part}
+    parse_cell "$cell"
     extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}
     left=$(( TOTAL - ($(date +%s) - T0) - 40 ))
     if [ "$left" -lt 120 ]; then
@@ -81,16 +86,15 @@ fi
 # the paused cells' and parts' state files (paths under devstate/), from their own reports
 PAUSED=()
 for cell in "$@"; do
-  IFS=: read -r m w lrs <<< "$cell"
-  part=${lrs:+lr${lrs//,/_}}
-  report=devstate/cells/${m}_D${w}${part:+_$part}/o/mqar_authors_$TAG.json
+  parse_cell "$cell"
+  report=$dir/o/mqar_authors_$TAG.json
   [ -f "$report" ] || continue
   if python -c 'import json, sys
 cells = json.load(open(sys.argv[1]))["cells"]
 sys.exit(0 if any(c["model"] == sys.argv[2] and c["width"] == int(sys.argv[3])
                   and c["stop_reason"].startswith("paused") for c in cells) else 1)' \
       "$report" "$m" "$w"; then
-    PAUSED+=($(cd devstate && ls mqstate${part:+/$part}/"${m}_D${w}".state.* 2>/dev/null))
+    PAUSED+=($(cd devstate && ls "${state#devstate/}/${m}_D${w}".state.* 2>/dev/null))
   fi
 done
 if [ ${#PAUSED[@]} -gt 0 ]; then

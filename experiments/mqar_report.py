@@ -265,8 +265,7 @@ def fmt_open(o: dict) -> str:
     parts = ([f"{len(o['untried_lrs'])} of {o['grid_lrs']} grid lrs untried"]
              if o["untried_lrs"] else [])
     if o["epochs_done"] is not None:
-        at = (f"lr {' '.join(f'{lr:g}' for lr in o['short_lrs'])} at "
-              if o.get("short_lrs") else "")
+        at = f"lr {fmt_lrs(o['short_lrs'])} at " if o.get("short_lrs") else ""
         parts.append(f"{at}{o['epochs_done']:g} of 64 epochs")
     return f"{AUTHORS_LABELS[o['model']]} " + ", ".join(parts)
 
@@ -337,7 +336,7 @@ def authors_markdown(record: dict) -> str:
         s = summaries[(c["model"], c["width"])]
         table.append([AUTHORS_LABELS[c["model"]], c["width"],
                       "-" if s["lr"] is None else f"{s['lr']:g}",
-                      " ".join(f"{lr:g}" for lr in c["lrs"]), c["seeds"],
+                      fmt_lrs(c["lrs"]), c["seeds"],
                       " ; ".join(f"{p['epochs_done']:g} / "
                                  f"{p.get('schedule_epochs', c['max_epochs']):g}"
                                  f" / {c['max_epochs']}" for p in cell_parts(c)),
@@ -354,7 +353,7 @@ def authors_markdown(record: dict) -> str:
          "train s", "s/step", "tokens/s", "s per chunk: first / last / max", "trained on"],
         table))
     split = [f"{AUTHORS_LABELS[c['model']]} D={c['width']}: " + " ; ".join(
-        " ".join(f"{lr:g}" for lr in p["lrs"]) for p in c["parts"])
+        fmt_lrs(p["lrs"]) for p in c["parts"])
         for c in cells if c.get("parts")]
     if split:
         lines += ["", "Cells trained in parts (their lrs split over processes; each run depends "
@@ -409,6 +408,11 @@ def untried_lrs(model: str, lrs) -> list[float]:
             if not any(abs(lr - x) <= LR_MATCH * x for lr in lrs)]
 
 
+def fmt_lrs(lrs) -> str:
+    """'0.001 0.002': a list of lrs as the report writes it."""
+    return " ".join(f"{lr:g}" for lr in lrs)
+
+
 def short_parts(cell: dict) -> list[dict]:
     """The parts of a cell (cell_parts: the cell itself when trained whole) that stopped before
     the authors' 64 epochs with some run short of 99%. A joined cell's own epochs_done is its
@@ -427,25 +431,23 @@ def cuts(record: dict) -> list[str]:
     """What this run did less of than the authors (64 epochs, their lr grid, early stop)."""
     out = []
     cells = record["cells"]
-    short = [c for c in cells if short_of_epochs(c)]
+    short = [(c, parts) for c in cells if (parts := short_parts(c))]
     if short:
         out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
                    "epochs without every run reaching 99% (" + ", ".join(
                        f"{AUTHORS_LABELS[c['model']]} D={c['width']}"
-                       + (f" (lr {' '.join(f'{lr:g}' for lr in p['lrs'])})"
-                          if c.get("parts") else "")
+                       + (f" (lr {fmt_lrs(p['lrs'])})" if c.get("parts") else "")
                        + f": {p['epochs_done']:g} epochs, {p['stop_reason']}"
-                       for c in short for p in short_parts(c)) + ").")
+                       for c, parts in short for p in parts) + ").")
     if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
         out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
                    "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
                    "than the authors' 64-epoch schedule.")
-    lrs = lambda xs: " ".join(f"{x:g}" for x in xs)   # noqa: E731
     untried = {id(c): untried_lrs(c["model"], c["lrs"]) for c in cells}
     for grid, whose in ((GSA_LRS, "GSA grid"),
                         (BASELINE_LRS, "baseline grid (np.logspace(-4, -2, 4))")):
-        fewer = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} (ran {lrs(c['lrs'])}; untried "
-                 f"{lrs(untried[id(c)])})" for c in cells
+        fewer = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} (ran {fmt_lrs(c['lrs'])}; untried "
+                 f"{fmt_lrs(untried[id(c)])})" for c in cells
                  if authors_lrs(c["model"]) is grid and untried[id(c)]]
         if fewer:
             out.append(f"lr grid smaller than the authors' {whose} {{"
