@@ -185,6 +185,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="peak lr grid of every cell (default the authors' GSA grid "
                         f"{GSA_LRS}); one vmapped run per lr and seed")
     p.add_argument("--seeds", type=int, help="seeds per lr (initialisation, shuffle, dropout)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1: a part of a cell "
+                        "by seeds (e.g. --seeds 1 --first-seed 1 trains seed 1's runs, equal "
+                        "to those of the cell trained whole; the report joins the parts)")
     p.add_argument("--max-epochs", type=int, help="epoch cap and cosine horizon (authors: 64)")
     p.add_argument("--cell-seconds", type=float,
                    help="training wall-clock budget per cell (compile excluded): no chunk is "
@@ -239,6 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.seeds < 1 or args.max_epochs < 1 or any(not lr > 0 for lr in args.lr):
         p.error("--seeds, --max-epochs and --lr must be positive")
+    if args.first_seed < 0:
+        p.error("--first-seed must be >= 0")
+    if len(set(args.lr)) != len(args.lr):
+        p.error(f"--lr lists an lr twice: {args.lr}")
     if args.pause_seconds is not None and (args.state_dir is None or args.pause_seconds < 0):
         p.error("--pause-seconds needs --state-dir and a value >= 0")
     if args.call_seconds is not None and (args.state_dir is None or args.call_seconds <= 0):
@@ -393,7 +401,8 @@ def train_cell(name: str, width: int, args, data: dict, log=print,
     tokens = run_steps / max(step, 1) * args.batch_size * args.seq_len
     return {"model": name, "width": width, "params": prep["num_params"],
             "state_size": state_size(name, width, args.seq_len), "lrs": list(args.lr),
-            "seeds": args.seeds, "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
+            "seeds": args.seeds, "seed_ids": sorted(set(run_seeds)),
+            "max_epochs": args.max_epochs, "epochs_done": round(step / E, 3),
             "steps_done": step, "schedule_epochs": round(horizon / E, 3), "stop_reason": reason,
             "cell_seconds": args.cell_seconds, "calls": calls, "devices": devices,
             "kernel_tuning": kernel_tuning_changes(),
@@ -465,7 +474,9 @@ def main(argv=None) -> int:
         record = merge(previous, record)
     cells = [] if args.merge_only else [(m, D) for D in args.widths for m in args.models]
     R = len(args.lr) * args.seeds
-    print(f"MQAR, authors' setup: {len(cells)} cells x {R} runs (lrs {args.lr} x {args.seeds} "
+    seeds = (f"{args.seeds}" if not args.first_seed else
+             f"{args.seeds} (from seed {args.first_seed})")
+    print(f"MQAR, authors' setup: {len(cells)} cells x {R} runs (lrs {args.lr} x {seeds} "
           f"seeds), {steps_per_epoch(args)} steps/epoch, cap {args.max_epochs} epochs, cell "
           f"budget {args.cell_seconds} s, on {jax.devices()[0].device_kind}", flush=True)
     start = time.perf_counter()

@@ -154,9 +154,16 @@ def init_runs(model, args, seeds: list[int], runs_seed: list[int]):
     return params, opt_state
 
 
+def seed_range(args) -> list[int]:
+    """The seeds of this process's runs: args.first_seed .. args.first_seed + args.seeds - 1 (a
+    run depends on its own seed only, so seeds may be trained as separate parts of a cell)."""
+    first = getattr(args, "first_seed", 0)
+    return list(range(first, first + args.seeds))
+
+
 def run_grid(args) -> tuple[list[float], list[int]]:
     """(lr, seed) of each run r, seed-major: R = len(lrs) x seeds."""
-    pairs = [(lr, s) for s in range(args.seeds) for lr in args.lr]
+    pairs = [(lr, s) for s in seed_range(args) for lr in args.lr]
     return [lr for lr, _ in pairs], [s for _, s in pairs]
 
 
@@ -171,7 +178,7 @@ def prepare_cell(name: str, width: int, args, shapes) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build(name, width, args)
     lrs, run_seeds = run_grid(args)
-    params, opt_state = init_runs(model, args, list(range(args.seeds)), run_seeds)
+    params, opt_state = init_runs(model, args, seed_range(args), run_seeds)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(run_seeds))
     vchunk = jax.jit(jax.vmap(make_chunk(model, args),
                               in_axes=(0, 0, 0, 0, 0, None, None, None, None)),

@@ -7,7 +7,9 @@
 #   bash experiments/mqar_device_cells.sh SECONDS TAG CELL [CELL ...]
 #     CELL = MODEL:WIDTH, or MODEL:WIDTH:LR[,LR...] for one lr part of a cell ("Cells in parts",
 #     experiments/README: its lrs replace the call's, and the part keeps its own logs, report
-#     and state in devstate/cells/<model>_D<width>_lr<lrs>/ and devstate/mqstate/lr<lrs>/)
+#     and state in devstate/cells/<model>_D<width>_lr<lrs>/ and devstate/mqstate/lr<lrs>/), or
+#     MODEL:WIDTH:LR[,LR...]:sSEED for one seed of those lrs (--seeds 1 --first-seed SEED; dirs
+#     ..._lr<lrs>_s<SEED>/), for a cell whose 2-seed parts do not finish in one session
 #     e.g. (device tool, a kind of 4 GPUs, no carry)
 #     bash experiments/mqar_device_cells.sh 585 h100e128 gla:128 retnet:128 attention:128
 #     or on one GPU, parts one after another (each call resumes the paused one and passes the
@@ -37,19 +39,20 @@ rm -f devstate/cells/left.txt devstate/cells/merge.txt
 GPUS=${MQAR_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
 [ "${GPUS:-0}" -ge 1 ] || GPUS=1
 
-parse_cell() {   # CELL: sets m, w, lrs, and the cell's (or lr part's) dir and state dir
+parse_cell() {   # CELL: sets m, w, lrs, seed, and the cell's (or part's) dir and state dir
   local part
-  IFS=: read -r m w lrs <<< "$1"
-  part=${lrs:+lr${lrs//,/_}}   # an lr part's own name, empty for a whole cell
+  IFS=: read -r m w lrs seed <<< "$1"
+  seed=${seed#s}
+  part=${lrs:+lr${lrs//,/_}}${seed:+_s$seed}   # a part's own name, empty for a whole cell
   dir=devstate/cells/${m}_D${w}${part:+_$part}; state=devstate/mqstate${part:+/$part}
 }
 
 train_on_gpu() {   # GPU CELL...: the cells one after another
-  local gpu=$1 cell m w lrs dir state extra left
+  local gpu=$1 cell m w lrs seed dir state extra left
   shift
   for cell in "$@"; do
     parse_cell "$cell"
-    extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}
+    extra=${MQAR_EXTRA:-}${lrs:+ --lr ${lrs//,/ }}${seed:+ --seeds 1 --first-seed $seed}
     left=$(( TOTAL - ($(date +%s) - T0) - 40 ))
     if [ "$left" -lt 120 ]; then
       echo "$cell (GPU $gpu): not started, $left s left" >> devstate/cells/left.txt
@@ -63,8 +66,9 @@ train_on_gpu() {   # GPU CELL...: the cells one after another
 declare -a QUEUE
 i=0
 for cell in "$@"; do
-  if ! [[ "$cell" =~ ^[a-z]+:[0-9]+(:[0-9.eE+-]+(,[0-9.eE+-]+)*)?$ ]]; then
-    echo "cell '$cell' is not MODEL:WIDTH or MODEL:WIDTH:LR[,LR...]" >&2; exit 2
+  if ! [[ "$cell" =~ ^[a-z]+:[0-9]+(:[0-9.eE+-]+(,[0-9.eE+-]+)*(:s[0-9]+)?)?$ ]]; then
+    echo "cell '$cell' is not MODEL:WIDTH, MODEL:WIDTH:LR[,LR...] or MODEL:WIDTH:LR[,LR...]:sSEED" >&2
+    exit 2
   fi
   QUEUE[$((i % GPUS))]="${QUEUE[$((i % GPUS))]:-} $cell"
   i=$((i + 1))

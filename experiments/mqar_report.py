@@ -353,11 +353,11 @@ def authors_markdown(record: dict) -> str:
          "train s", "s/step", "tokens/s", "s per chunk: first / last / max", "trained on"],
         table))
     split = [f"{AUTHORS_LABELS[c['model']]} D={c['width']}: " + " ; ".join(
-        fmt_lrs(p["lrs"]) for p in c["parts"])
+        fmt_part(p, c) for p in cell_parts(c))
         for c in cells if c.get("parts")]
     if split:
-        lines += ["", "Cells trained in parts (their lrs split over processes; each run depends "
-                      "on its own lr and seed only): " + ", ".join(split) + ". Their epochs, "
+        lines += ["", "Cells trained in parts (their lrs or seeds split over processes; each run "
+                      "depends on its own lr and seed only): " + ", ".join(split) + ". Their epochs, "
                       "stop reasons, s/step, tokens/s and chunk times are per part, in that "
                       "order, separated by ';'."]
     gpus = list(dict.fromkeys(d for c in cells for d in trained_on(c)))
@@ -436,9 +436,16 @@ def cuts(record: dict) -> list[str]:
         out.append(f"{len(short)} of {len(cells)} cells trained fewer than the authors' 64 "
                    "epochs without every run reaching 99% (" + ", ".join(
                        f"{AUTHORS_LABELS[c['model']]} D={c['width']}"
-                       + (f" (lr {fmt_lrs(p['lrs'])})" if c.get("parts") else "")
+                       + (f" (lr {fmt_part(p, c)})" if c.get("parts") else "")
                        + f": {p['epochs_done']:g} epochs, {p['stop_reason']}"
                        for c, parts in short for p in parts) + ").")
+    thin = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} lr {lr:g} (seed"
+            f"{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))} of "
+            f"{' '.join(map(str, cell_seeds(c)))})" for c in cells for lr, seeds in thin_lrs(c)]
+    if thin:
+        out.append("Lrs that ran fewer seeds than their cell's others (parts by seed still to "
+                   "run; their mean and range are over the seeds that ran): "
+                   + ", ".join(thin) + ".")
     if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
         out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
                    "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
@@ -513,33 +520,72 @@ def authors_plot(record: dict):
     return fig
 
 
-# A cell's fields that belong to one training process (one part of a cell split by lr)
-PART_KEYS = ("lrs", "epochs_done", "steps_done", "schedule_epochs", "stop_reason",
+# A cell's fields that belong to one training process (one part of a cell split by lr or seed)
+PART_KEYS = ("lrs", "seed_ids", "epochs_done", "steps_done", "schedule_epochs", "stop_reason",
              "cell_seconds", "calls", "devices", "kernel_tuning", "stopped_runs_left_out",
              "compile_s", "train_s", "step_s", "chunk_seconds", "tokens_per_s")
 
 
 def cell_parts(cell: dict) -> list[dict]:
-    """The parts a cell was trained in: one per process that trained some of its lrs (a cell
-    trained whole is one part)."""
-    return cell.get("parts") or [{k: cell[k] for k in PART_KEYS if k in cell}]
+    """The parts a cell was trained in: one per process that trained some of its (lr, seed)
+    runs (a cell trained whole is one part), each with its seed_ids."""
+    parts = cell.get("parts") or [{k: cell[k] for k in PART_KEYS if k in cell}]
+    return [{**p, "seed_ids": part_seeds(p, cell)} for p in parts]
+
+
+def part_seeds(part: dict, cell: dict) -> list[int]:
+    """The seeds a part trained: its seed_ids, or for records from before parts by seed (which
+    joined parts of one seed count only) seeds 0 .. the cell's seeds - 1."""
+    return part.get("seed_ids") or cell.get("seed_ids") or list(range(cell["seeds"]))
+
+
+def part_runs(part: dict) -> set[tuple[float, int]]:
+    """The (lr, seed) runs of a part (cell_parts')."""
+    return {(lr, seed) for lr in part["lrs"] for seed in part["seed_ids"]}
+
+
+def fmt_part(part: dict, cell: dict) -> str:
+    """A part as the report names it: its lrs, and its seeds where it trained only some of the
+    cell's ('0.005 (seed 1)')."""
+    seeds = part["seed_ids"]
+    if seeds == cell_seeds(cell):
+        return fmt_lrs(part["lrs"])
+    return f"{fmt_lrs(part['lrs'])} (seed{'s' if len(seeds) > 1 else ''} " \
+           f"{' '.join(map(str, seeds))})"
+
+
+def cell_seeds(cell: dict) -> list[int]:
+    """Every seed some run of the cell trained."""
+    return sorted({r["seed"] for r in cell["runs"]}) or part_seeds({}, cell)
+
+
+def thin_lrs(cell: dict) -> list[tuple[float, list[int]]]:
+    """(lr, its seeds) for each lr of the cell that ran fewer seeds than the cell's others (a
+    cell joined from parts by seed whose other parts have not run yet)."""
+    every = cell_seeds(cell)
+    by_lr = {lr: sorted({r["seed"] for r in cell["runs"] if r["lr"] == lr}) for lr in cell["lrs"]}
+    return [(lr, seeds) for lr, seeds in by_lr.items() if seeds != every]
 
 
 def join_cell(old: dict, new: dict) -> dict:
-    """`new` with the parts of `old` whose lrs it does not touch: a cell trained in parts (its
-    lrs split over processes or sessions, e.g. `--lr 5e-3` now and `--lr 2e-3` later; every run
-    depends on its own (lr, seed) only, so the split changes no run) is one cell in the report.
-    A part that shares an lr with `new` is redone by it and dropped; parts of another seed
-    count or epoch cap are other cells (`new` replaces them)."""
-    kept = [p for p in cell_parts(old) if not set(p["lrs"]) & set(new["lrs"])]
-    if not kept or (old["seeds"], old["max_epochs"]) != (new["seeds"], new["max_epochs"]):
+    """`new` with the parts of `old` whose (lr, seed) runs it does not touch: a cell trained in
+    parts (its lrs or seeds split over processes or sessions, e.g. `--lr 5e-3` now and `--lr
+    2e-3` later, or `--seeds 1 --first-seed 1` beside `--seeds 1`; every run depends on its own
+    (lr, seed) only, so the split changes no run) is one cell in the report. A part that shares
+    a run with `new` is redone by it and dropped; parts of another epoch cap are other cells
+    (`new` replaces them)."""
+    redone = {run for p in cell_parts(new) for run in part_runs(p)}
+    kept = [p for p in cell_parts(old) if not part_runs(p) & redone]
+    if not kept or old["max_epochs"] != new["max_epochs"]:
         return new
     parts = kept + cell_parts(new)
-    lrs = sorted(lr for p in parts for lr in p["lrs"])
-    runs = sorted([r for r in old["runs"] if r["lr"] not in new["lrs"]] + new["runs"],
+    lrs = sorted({lr for p in parts for lr in p["lrs"]})
+    runs = sorted([r for r in old["runs"] if (r["lr"], r["seed"]) not in redone] + new["runs"],
                   key=lambda r: (r["seed"], lrs.index(r["lr"])))   # seed-major, as run_grid
+    seeds = sorted({r["seed"] for r in runs})
     total = lambda k: round(sum(p[k] or 0 for p in parts), 2)   # noqa: E731
-    return {**new, "lrs": lrs, "runs": runs, "parts": parts,
+    return {**new, "lrs": lrs, "seeds": len(seeds), "seed_ids": seeds, "runs": runs,
+            "parts": parts,
             "epochs_done": max(p["epochs_done"] for p in parts),
             "steps_done": max(p["steps_done"] for p in parts),
             "schedule_epochs": max(p.get("schedule_epochs", new["max_epochs"]) for p in parts),

@@ -136,6 +136,39 @@ def _reference_run(model, args, data, lr, seed, steps):
     return params, losses
 
 
+@pytest.mark.slow   # three small attention compiles (~30 s on 2 cores): CI's second step
+def test_seed_parts_train_the_runs_of_the_whole_cell():
+    """A cell trained as parts by seed (--seeds 1 --first-seed S, one process each) has the
+    runs of the cell trained whole: each part's curves equal the whole cell's runs of its seed
+    (same initialisation, data order and dropout), and the report joins the parts into the
+    whole cell's runs, order and summary."""
+    base = TINY + ["--eval-every", "2", "--max-epochs", "1"]
+    quiet = lambda *_: None  # noqa: E731
+    whole_args = ma.parse_args(base)
+    data = ma.make_data(whole_args)
+    whole = ma.train_cell("attention", 8, whole_args, data, log=quiet)
+    parts = [ma.train_cell("attention", 8, ma.parse_args(
+        base + ["--seeds", "1", "--first-seed", str(seed)]), data, log=quiet) for seed in (1, 0)]
+    for seed, part in zip((1, 0), parts):
+        assert part["seed_ids"] == [seed] and {r["seed"] for r in part["runs"]} == {seed}
+        mine = [r for r in whole["runs"] if r["seed"] == seed]
+        assert [r["lr"] for r in part["runs"]] == [r["lr"] for r in mine]
+        for a, b in zip(part["runs"], mine):
+            np.testing.assert_allclose([p["loss"] for p in a["curve"]],
+                                       [p["loss"] for p in b["curve"]], rtol=1e-5)
+            assert [p["accuracy"] for p in a["curve"]] == pytest.approx(
+                [p["accuracy"] for p in b["curve"]], abs=1e-6)
+    rec = lambda cell: {"tag": "t", "config": ma.task_config(whole_args), "commands": [],  # noqa: E731
+                        "cells": [cell]}
+    [joined] = ma.finish(ma.merge(rec(parts[0]), rec(parts[1])))["cells"]
+    [reference] = ma.finish(rec(whole))["cells"]
+    assert [(r["lr"], r["seed"]) for r in joined["runs"]] == [
+        (r["lr"], r["seed"]) for r in reference["runs"]]
+    assert joined["seeds"] == 2 and joined["seed_ids"] == [0, 1]
+    assert joined["summary"]["lr"] == reference["summary"]["lr"]
+    assert joined["summary"]["mean"] == pytest.approx(reference["summary"]["mean"], abs=1e-6)
+
+
 @pytest.mark.slow   # 45 s (attention) and 160 s (GSA) on a busy 2-core CPU
 @pytest.mark.parametrize("model", ["gsa", "attention"])
 def test_vmapped_runs_equal_runs_one_by_one(model):
@@ -431,6 +464,61 @@ def test_cells_trained_in_parts_join_in_the_report():
     longer = ma.finish(ma.merge(rec(part(1e-2, [1, 3], 0.2)),
                                 rec({**part(1e-3, [0, 2], 0.1), "max_epochs": 8})))
     assert "parts" not in longer["cells"][0] and longer["cells"][0]["lrs"] == [1e-3]
+
+
+def test_cells_trained_in_parts_by_seed_join_in_the_report():
+    """Parts of one cell split by seed (and by lr) join into the cell trained whole: same runs,
+    order and summary; the parts line names each part's seeds; an lr that ran fewer seeds than
+    the others is named in the cut list until its other seed's part joins; a part redone for
+    one (lr, seed) replaces that part only."""
+    rng = np.random.default_rng()
+    cfg = ma.task_config(ma.parse_args(TINY))
+    acc, loss = rng.uniform(0.1, 0.9, 4), rng.uniform(1.0, 3.0, 4)
+    whole = _cell("gsa", 8, acc, loss)   # runs seed-major: (1e-3, 0), (1e-2, 0), (1e-3, 1), ...
+
+    def part(lr, seed, i):
+        cell = _cell("gsa", 8, [acc[i]] * 2, [loss[i]] * 2, lrs=(lr,))
+        runs = [{**r, "seed": seed} for r in cell["runs"][:1]]
+        return {**cell, "seeds": 1, "seed_ids": [seed], "runs": runs}
+
+    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    first = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
+    first = ma.finish(ma.merge(first, rec(part(1e-3, 1, 2))))
+    [cell] = first["cells"]
+    assert cell["seeds"] == 2 and mqar_report.thin_lrs(cell) == [(1e-2, [0])]
+    cut = [line for line in ma.markdown(first).splitlines() if "Cut relative" in line][0]
+    assert "GSA D=8 lr 0.01 (seed 0 of 0 1)" in cut
+    joined = ma.finish(ma.merge(first, rec(part(1e-2, 1, 3))))
+    [cell] = joined["cells"]
+    [reference] = ma.finish(rec(whole))["cells"]
+    key = lambda r: (r["lr"], r["seed"], r["curve"][0]["accuracy"])   # noqa: E731
+    assert [key(r) for r in cell["runs"]] == [key(r) for r in reference["runs"]]
+    assert cell["summary"] == reference["summary"] and mqar_report.thin_lrs(cell) == []
+    parts_line = [line for line in ma.markdown(joined).splitlines()
+                  if line.startswith("Cells trained in parts")][0]
+    assert "GSA D=8: 0.01 (seed 0) ; 0.001 (seed 0) ; 0.001 (seed 1) ; 0.01 (seed 1)" in parts_line
+    # a redone (lr, seed) replaces its own part only
+    redo = ma.finish(ma.merge(joined, rec({**part(1e-3, 1, 2), "runs": [
+        {**part(1e-3, 1, 2)["runs"][0], "curve": [{"step": 1, "epoch": 1, "loss": 0.5,
+                                                   "accuracy": 0.99}]}]})))
+    [cell] = redo["cells"]
+    assert len(cell["parts"]) == 4 and len(cell["runs"]) == 4
+    assert {(r["lr"], r["seed"]): r["curve"][0]["accuracy"] for r in cell["runs"]}[
+        (1e-3, 1)] == 0.99
+    # a whole cell (both seeds of both lrs) spans every part: it replaces them
+    again = ma.finish(ma.merge(joined, rec(whole)))
+    assert "parts" not in again["cells"][0] and len(again["cells"][0]["runs"]) == 4
+
+
+def test_first_seed_sets_the_runs_seeds_and_bad_grids_are_refused():
+    """--first-seed S trains seeds S .. S + seeds - 1 (seed-major runs as the whole cell's);
+    a negative first seed or an lr given twice is refused."""
+    args = ma.parse_args(TINY + ["--seeds", "2", "--first-seed", "3"])
+    assert ma.run_grid(args) == ([3e-3, 2e-2, 3e-3, 2e-2], [3, 3, 4, 4])
+    assert ma.run_grid(ma.parse_args(TINY)) == ([3e-3, 2e-2, 3e-3, 2e-2], [0, 0, 1, 1])
+    for bad in (["--first-seed", "-1"], ["--lr", "1e-3", "1e-3"]):
+        with pytest.raises(SystemExit):
+            ma.parse_args(TINY + bad)
 
 
 def test_cut_lr_grid_is_the_authors_grid_of_each_model():
@@ -737,18 +825,19 @@ def test_device_cells_script_trains_cells_side_by_side(tmp_path):
 
 @pytest.mark.slow   # two tiny lr parts of one cell, one after another (~40 s on 2 cores)
 def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
-    """experiments/mqar_device_cells.sh with MODEL:WIDTH:LR cells on one 'GPU': the two lr parts
-    of one cell train one after another, each with its own state (a shared one would make the
-    second part refuse the first's), and the call's report joins them into one cell of both
-    lrs, equal to the parts' runs; a chained call resumes the finished parts (their states are
-    kept) and trains nothing again; a malformed cell stops the call before any training."""
+    """experiments/mqar_device_cells.sh with MODEL:WIDTH:LR and MODEL:WIDTH:LR:sSEED cells on one
+    'GPU': an lr part and the two seed parts of another lr train one after another, each with
+    its own state (a shared one would make the next part refuse the last's), and the call's
+    report joins them into one cell of both lrs and both seeds, equal to the parts' runs; a
+    chained call resumes the finished parts (their states are kept) and trains nothing again;
+    a malformed cell stops the call before any training."""
     import subprocess
     import tarfile
 
     repo, work, tiny = _script_tree(tmp_path)
     env = {**os.environ, "MQAR_EXTRA": tiny + " --widths 8", "MQAR_GPUS": "1",
            "PYTHONPATH": os.pathsep.join([str(work), repo])}
-    cells = ["attention:8:3e-3", "attention:8:2e-2"]
+    cells = ["attention:8:3e-3", "attention:8:2e-2:s0", "attention:8:2e-2:s1"]
 
     def call(out, *cells):
         return subprocess.run(["bash", "experiments/mqar_device_cells.sh", "600", "parts",
@@ -759,19 +848,24 @@ def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
     report = json.loads((tmp_path / "out1" / "mqar_authors_parts.json").read_text())
     (cell,) = report["cells"]
     assert sorted(cell["lrs"]) == [3e-3, 2e-2]
-    assert sorted([p["lrs"] for p in cell["parts"]]) == [[3e-3], [2e-2]]
+    assert sorted((p["lrs"], p["seed_ids"]) for p in cell["parts"]) == [
+        ([3e-3], [0, 1]), ([2e-2], [0]), ([2e-2], [1])]
     assert sorted((r["lr"], r["seed"]) for r in cell["runs"]) == [
         (3e-3, 0), (3e-3, 1), (2e-2, 0), (2e-2, 1)]
-    for lr in ("3e-3", "2e-2"):
-        part_report = json.loads((work / "devstate" / "cells" / f"attention_D8_lr{lr}" / "o"
+    assert cell["seeds"] == 2 and "0.02 (seed 1)" in (tmp_path / "out1" /
+                                                       "mqar_authors_parts.md").read_text()
+    for part_name, lr, seeds in (("lr3e-3", 3e-3, [0, 1]), ("lr2e-2_s0", 2e-2, [0]),
+                                 ("lr2e-2_s1", 2e-2, [1])):
+        part_report = json.loads((work / "devstate" / "cells" / f"attention_D8_{part_name}" / "o"
                                   / "mqar_authors_parts.json").read_text())
         (part,) = part_report["cells"]
+        assert [r["seed"] for r in part["runs"]] == seeds
         assert [r["curve"] for r in part["runs"]] == [
-            r["curve"] for r in cell["runs"] if r["lr"] == float(lr)]
-        assert list((work / "devstate" / "mqstate" / f"lr{lr}").glob("attention_D8.state.*"))
+            r["curve"] for r in cell["runs"] if r["lr"] == lr and r["seed"] in seeds]
+        assert list((work / "devstate" / "mqstate" / part_name).glob("attention_D8.state.*"))
     with tarfile.open(tmp_path / "out1" / "cells.tgz") as tgz:
         assert {"attention_D8_lr3e-3/logs/mqar_attention_D8.txt",
-                "attention_D8_lr2e-2/logs/mqar_attention_D8.txt"} <= set(tgz.getnames())
+                "attention_D8_lr2e-2_s1/logs/mqar_attention_D8.txt"} <= set(tgz.getnames())
 
     assert call(tmp_path / "out2", *cells).returncode == 0   # both parts already finished
     again = json.loads((tmp_path / "out2" / "mqar_authors_parts.json").read_text())
@@ -779,10 +873,11 @@ def test_device_cells_script_queues_lr_parts_of_one_cell(tmp_path):
     assert [r["curve"] for r in cell2["runs"]] == [r["curve"] for r in cell["runs"]]
     assert cell2["steps_done"] == cell["steps_done"]
     # resumed from each part's own state (a retrain from scratch would give the same curves)
-    assert [p["calls"] for p in cell2["parts"]] == [2, 2]
+    assert [p["calls"] for p in cell2["parts"]] == [2, 2, 2]
 
-    bad = call(tmp_path / "out3", "attention:8:fast")
-    assert bad.returncode == 2 and "MODEL:WIDTH:LR" in bad.stderr
+    for malformed in ("attention:8:fast", "attention:8:s1", "attention:8:2e-2:1"):
+        bad = call(tmp_path / "out3", malformed)
+        assert bad.returncode == 2 and "MODEL:WIDTH:LR" in bad.stderr
 
 
 @pytest.mark.slow   # one tiny lr part, paused, then resumed on a fresh tree (~40 s on 2 cores)
