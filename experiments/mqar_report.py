@@ -245,14 +245,17 @@ def verdicts(cells: list[dict], vocab_size: int) -> list[dict[str, Any]]:
 
 def open_cell(cell: dict) -> dict | None:
     """What a cell did less of than the authors, so that its best accuracy may still rise: the
-    points of its model's lr grid it has not tried, and epochs short of 64 without every run
-    early-stopped. None for a cell trained as the authors did."""
+    points of its model's lr grid it has not tried, epochs short of 64 without every run
+    early-stopped, and lrs that ran fewer seeds than the cell's others. None for a cell trained
+    as the authors did."""
     untried = untried_lrs(cell["model"], cell["lrs"])
     short = short_parts(cell)
-    if not untried and not short:
+    thin = thin_lrs(cell)
+    if not untried and not short and not thin:
         return None
     # a cell trained in parts names its short parts' lrs: the others ran all 64 epochs
     return {"model": cell["model"], "untried_lrs": untried,
+            "thin_lrs": [(lr, len(seeds), len(cell_seeds(cell))) for lr, seeds in thin],
             "grid_lrs": len(authors_lrs(cell["model"])),
             "epochs_done": min(p["epochs_done"] for p in short) if short else None,
             "short_lrs": ([lr for p in short for lr in p["lrs"]]
@@ -261,12 +264,14 @@ def open_cell(cell: dict) -> dict | None:
 
 def fmt_open(o: dict) -> str:
     """'GSA 4 of 6 grid lrs untried' and/or '57 of 64 epochs' ('lr 0.001 at 43 of 64 epochs'
-    for a short part of a cell trained in parts)."""
+    for a short part of a cell trained in parts) and/or 'lr 0.005 at 1 of 2 seeds' (an lr whose
+    other seeds' parts have not run)."""
     parts = ([f"{len(o['untried_lrs'])} of {o['grid_lrs']} grid lrs untried"]
              if o["untried_lrs"] else [])
     if o["epochs_done"] is not None:
         at = f"lr {fmt_lrs(o['short_lrs'])} at " if o.get("short_lrs") else ""
         parts.append(f"{at}{o['epochs_done']:g} of 64 epochs")
+    parts += [f"lr {lr:g} at {n} of {of} seeds" for lr, n, of in o.get("thin_lrs", [])]
     return f"{AUTHORS_LABELS[o['model']]} " + ", ".join(parts)
 
 

@@ -488,6 +488,7 @@ def test_cells_trained_in_parts_by_seed_join_in_the_report():
     assert cell["seeds"] == 2 and mqar_report.thin_lrs(cell) == [(1e-2, [0])]
     cut = [line for line in ma.markdown(first).splitlines() if "Cut relative" in line][0]
     assert "GSA D=8 lr 0.01 (seed 0 of 0 1)" in cut
+    assert "lr 0.01 at 1 of 2 seeds" in mqar_report.fmt_open(mqar_report.open_cell(cell))
     joined = ma.finish(ma.merge(first, rec(part(1e-2, 1, 3))))
     [cell] = joined["cells"]
     [reference] = ma.finish(rec(whole))["cells"]
