@@ -362,9 +362,9 @@ def authors_markdown(record: dict) -> str:
         for c in cells if c.get("parts")]
     if split:
         lines += ["", "Cells trained in parts (their lrs or seeds split over processes; each run "
-                      "depends on its own lr and seed only): " + ", ".join(split) + ". Their epochs, "
-                      "stop reasons, s/step, tokens/s and chunk times are per part, in that "
-                      "order, separated by ';'."]
+                      "depends on its own lr and seed only): " + ", ".join(split) + ". Their "
+                      "epochs, stop reasons, s/step, tokens/s and chunk times are per part, in "
+                      "that order, separated by ';'."]
     gpus = list(dict.fromkeys(d for c in cells for d in trained_on(c)))
     if len(gpus) > 1:
         lines += ["", f"The cells were trained on more than one GPU ({', '.join(gpus)}; column "
@@ -444,8 +444,7 @@ def cuts(record: dict) -> list[str]:
                        + (f" (lr {fmt_part(p, c)})" if c.get("parts") else "")
                        + f": {p['epochs_done']:g} epochs, {p['stop_reason']}"
                        for c, parts in short for p in parts) + ").")
-    thin = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} lr {lr:g} (seed"
-            f"{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))} of "
+    thin = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} lr {lr:g} ({fmt_seeds(seeds)} of "
             f"{' '.join(map(str, cell_seeds(c)))})" for c in cells for lr, seeds in thin_lrs(c)]
     if thin:
         out.append("Lrs that ran fewer seeds than their cell's others (parts by seed still to "
@@ -552,11 +551,14 @@ def part_runs(part: dict) -> set[tuple[float, int]]:
 def fmt_part(part: dict, cell: dict) -> str:
     """A part as the report names it: its lrs, and its seeds where it trained only some of the
     cell's ('0.005 (seed 1)')."""
-    seeds = part["seed_ids"]
-    if seeds == cell_seeds(cell):
+    if part["seed_ids"] == cell_seeds(cell):
         return fmt_lrs(part["lrs"])
-    return f"{fmt_lrs(part['lrs'])} (seed{'s' if len(seeds) > 1 else ''} " \
-           f"{' '.join(map(str, seeds))})"
+    return f"{fmt_lrs(part['lrs'])} ({fmt_seeds(part['seed_ids'])})"
+
+
+def fmt_seeds(seeds) -> str:
+    """'seed 1', 'seeds 0 1'."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}"
 
 
 def cell_seeds(cell: dict) -> list[int]:

@@ -158,8 +158,7 @@ def test_seed_parts_train_the_runs_of_the_whole_cell():
                                        [p["loss"] for p in b["curve"]], rtol=1e-5)
             assert [p["accuracy"] for p in a["curve"]] == pytest.approx(
                 [p["accuracy"] for p in b["curve"]], abs=1e-6)
-    rec = lambda cell: {"tag": "t", "config": ma.task_config(whole_args), "commands": [],  # noqa: E731
-                        "cells": [cell]}
+    rec = lambda *cells: _record(ma.task_config(whole_args), *cells)  # noqa: E731
     [joined] = ma.finish(ma.merge(rec(parts[0]), rec(parts[1])))["cells"]
     [reference] = ma.finish(rec(whole))["cells"]
     assert [(r["lr"], r["seed"]) for r in joined["runs"]] == [
@@ -282,6 +281,11 @@ def test_stopped_runs_left_out_train_the_others_as_masked(tmp_path):
         tokens_per_step = 16 * 16 * (2 * 4 + 6 * 2) / 8
         assert cell["tokens_per_s"] == pytest.approx(tokens_per_step / cell["step_s"], rel=1e-2)
         assert cell["tokens_per_s"] < 16 * 16 * 4 / cell["step_s"] * 0.9
+
+
+def _record(config, *cells):
+    """A report record of `cells` under `config` (what merge and finish take)."""
+    return {"tag": "t", "config": config, "commands": [], "cells": list(cells)}
 
 
 def _cell(model, width, accs, losses, lrs=(1e-3, 1e-2)):
@@ -436,7 +440,7 @@ def test_cells_trained_in_parts_join_in_the_report():
     whole = _cell("gsa", 8, acc, loss)   # runs seed-major: (1e-3, 0), (1e-2, 0), (1e-3, 1), ...
     part = lambda lr, i, step_s: {**_cell("gsa", 8, acc[i], loss[i], lrs=(lr,)),  # noqa: E731
                                   "step_s": step_s, "devices": [f"GPU {lr:g}"]}
-    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    rec = lambda *cells: _record(cfg, *cells)  # noqa: E731
     joined = ma.finish(ma.merge(rec(part(1e-2, [1, 3], 0.2)), rec(part(1e-3, [0, 2], 0.1))))
     [cell] = joined["cells"]
     reference = ma.finish(rec(whole))["cells"][0]
@@ -481,7 +485,7 @@ def test_cells_trained_in_parts_by_seed_join_in_the_report():
         runs = [{**r, "seed": seed} for r in cell["runs"][:1]]
         return {**cell, "seeds": 1, "seed_ids": [seed], "runs": runs}
 
-    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    rec = lambda *cells: _record(cfg, *cells)  # noqa: E731
     first = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
     first = ma.finish(ma.merge(first, rec(part(1e-3, 1, 2))))
     [cell] = first["cells"]
@@ -638,7 +642,7 @@ def test_a_short_part_of_a_joined_cell_is_named_as_cut():
     paused = {**full(_cell("gsa", 8, lo[[1, 3]], [2.0] * 2, lrs=(1e-3,))),
               "epochs_done": paused_at, "stop_reason": "paused (resumes from --state-dir)"}
     gla = full(_cell("gla", 8, hi, [2.0] * 4, lrs=(1e-4, 4.64e-4, 2.15e-3, 1e-2)))
-    rec = lambda *cells: {"tag": "t", "config": cfg, "commands": [], "cells": list(cells)}  # noqa: E731
+    rec = lambda *cells: _record(cfg, *cells)  # noqa: E731
     record = ma.finish(ma.merge(rec(done, gla), rec(paused)))
     (cell,) = [c for c in record["cells"] if c["model"] == "gsa"]
     assert cell["epochs_done"] == 64 and mqar_report.short_of_epochs(cell)
