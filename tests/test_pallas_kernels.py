@@ -591,16 +591,23 @@ def _tuned_against_float64(seed, case, prep, recompute=False, **tuning):
     return jaxpr
 
 
+def _slow(*values):
+    """One parametrized case of the launch-variant tests that runs in CI's slow tier only: each
+    of those tests keeps its default and one or two variants in the fast tier (the README's
+    command); the other layouts of one kernel option (~7-8 s each on 2 cores) run in CI."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("tuning", [
     {},
-    dict(block_v_bwd=8),                                         # value blocks: partial sums
-    dict(block_k_bwd=8, block_v_bwd=8),                          # key blocks as programs
+    _slow(dict(block_v_bwd=8)),                                  # value blocks: partial sums
+    _slow(dict(block_k_bwd=8, block_v_bwd=8)),                   # key blocks as programs
     pytest.param(dict(block_k_bwd=8, key_loop_bwd=True), marks=pytest.mark.slow),
     dict(strong_gates_apart="value"),                            # pass 1 only
     # key blocks of 8 looped, only slots 0-7 strong: a key block within the bound inside a
     # tile past it (the loop's fast path and the strong kernel must split the tile alike)
     dict(block_k_bwd=8, key_loop_bwd=True, half_slots=True),
-    dict(block_k_bwd=8, half_slots=True),                        # as programs: per block
+    _slow(dict(block_k_bwd=8, half_slots=True)),                 # as programs: per block
 ], ids=["whole", "value_blocks", "key_blocks", "key_loop", "value_pass_only",
         "key_loop_half_slots", "key_blocks_half_slots"])
 def test_strong_gates_apart_gradients_match_float64(tuning):
@@ -628,10 +635,10 @@ def test_strong_gates_apart_gradients_match_float64(tuning):
 
 @pytest.mark.parametrize("case,tuning", [
     ("segments_C32", dict(split_grads_bwd=True)),
-    ("segments_C32", dict(split_grads_bwd="value", block_v_bwd=8)),   # value blocks, pass 1
-    ("segments_C32", dict(split_grads_bwd="key", block_k_bwd=8, key_loop_bwd=False)),
+    _slow("segments_C32", dict(split_grads_bwd="value", block_v_bwd=8)),   # value blocks
+    _slow("segments_C32", dict(split_grads_bwd="key", block_k_bwd=8, key_loop_bwd=False)),
     # a key loop asked for: the split takes the whole K instead
-    ("segments_C32", dict(split_grads_bwd=True, block_k_bwd=8, key_loop_bwd=True)),
+    _slow("segments_C32", dict(split_grads_bwd=True, block_k_bwd=8, key_loop_bwd=True)),
     ("K32_V16_M32_gqa", dict(split_grads_bwd=True)),                   # mild gates, no segments
 ], ids=["both_passes", "value_pass_value_blocks", "key_pass_key_blocks", "over_key_loop",
         "mild_gates"])
@@ -659,9 +666,9 @@ SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, sp
 @pytest.mark.parametrize("tuning", [
     {},
     dict(strong_gates_apart=True),                  # the strong kernel reads b's last row
-    SPLIT_EVERYWHERE,                               # big chunks: the combine in the kernels
-    dict(block_v=8),                                # value blocks (value gate: b's slice)
-    dict(SPLIT_EVERYWHERE, split_fixup=True),       # not taken: it sums g in XLA
+    _slow(SPLIT_EVERYWHERE),                        # big chunks: the combine in the kernels
+    _slow(dict(block_v=8)),                         # value blocks (value gate: b's slice)
+    _slow(dict(SPLIT_EVERYWHERE, split_fixup=True)),   # not taken: it sums g in XLA
 ], ids=["fused_walk", "apart", "big_chunks", "value_blocks", "fixup_asked"])
 def test_cumulative_gates_forward_matches_float64(tuning):
     """`cumulative_gates`: the forward's kernels read b, the log gates summed inside each
@@ -687,13 +694,13 @@ def test_cumulative_gates_forward_matches_float64(tuning):
 
 @pytest.mark.parametrize("tuning", [
     {},
-    SPLIT_EVERYWHERE,                                      # both state walks over big chunks
-    dict(strong_gates_apart=True, block_v_bwd=8),          # strong kernels, value blocks
-    dict(block_k_bwd=8, key_loop_bwd=True),                # key blocks looped (per-block b)
-    dict(block_k_bwd=8, key_loop_bwd=False, strong_gates_apart=True),   # ... as programs
+    _slow(SPLIT_EVERYWHERE),                               # both state walks, big chunks
+    _slow(dict(strong_gates_apart=True, block_v_bwd=8)),   # strong kernels, value blocks
+    _slow(dict(block_k_bwd=8, key_loop_bwd=True)),         # key blocks looped (per-block b)
+    _slow(dict(block_k_bwd=8, key_loop_bwd=False, strong_gates_apart=True)),   # as programs
     dict(split_grads_bwd=True),                            # the two gradient kernels
-    dict(case="wide_K512_V384_M256"),                      # pass 1 in key slices
-    dict(SPLIT_EVERYWHERE, recompute=True),                # the backward's state walks
+    _slow(dict(case="wide_K512_V384_M256")),               # pass 1 in key slices
+    _slow(dict(SPLIT_EVERYWHERE, recompute=True)),         # the backward's state walks
 ], ids=["walks", "big_chunks", "apart_value_blocks", "key_loop", "key_blocks", "split_grads",
         "wide", "recompute_big_chunks"])
 def test_cumulative_gates_forward_backward_matches_float64(tuning):
