@@ -48,7 +48,9 @@ frozen, at --max-epochs, or when another chunk would pass --cell-seconds of trai
 report records the epochs done and why, per cell.
 
 Results: results/mqar_authors_<tag>.{json,md,png}; --merge adds cells to an existing tag (split
-the sweep over GPU calls by --models/--widths).
+the sweep over GPU calls by --models/--widths). A cell may also be trained in parts, by lr (--lr)
+or by seed (--seeds 1 --first-seed S): every run depends on its own (lr, seed) only, and the
+report joins a cell's parts (mqar_report.join_cell).
 
 A cell longer than one call (the authors' 64 epochs: ~50K steps, 10+ minutes on an H200) pauses
 and resumes: with --state-dir DIR and --pause-seconds S a cell stops after S seconds of training
