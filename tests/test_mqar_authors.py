@@ -142,7 +142,9 @@ def test_seed_parts_train_the_runs_of_the_whole_cell():
     runs of the cell trained whole: each part's curves equal the whole cell's runs of its seed
     (same initialisation, data order and dropout), and the report joins the parts into the
     whole cell's runs, order and summary."""
-    base = TINY + ["--eval-every", "2", "--max-epochs", "1"]
+    # a fresh data set each time (the runs' own seeds are what the parts split)
+    data_seed = str(np.random.default_rng().integers(1, 10_000))
+    base = TINY + ["--eval-every", "2", "--max-epochs", "1", "--data-seed", data_seed]
     quiet = lambda *_: None  # noqa: E731
     whole_args = ma.parse_args(base)
     data = ma.make_data(whole_args)
