@@ -33,6 +33,7 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.hookimpl(tryfirst=True)   # before the terminal reporter files the report as a skip
 def pytest_collectreport(report):
     """A test module that skips as a whole while importing (pytest.importorskip at module level,
     as in test_fla_layers.py) is a failure too under GSA_REQUIRE_REFERENCE=1."""
