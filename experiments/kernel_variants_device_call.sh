@@ -33,6 +33,17 @@ VARIANTS=(
 # (bench_kernels_h100d: forward 1.98x the peer at 2 x 8192, forward+backward 1.95x at
 # 4 x 4096; shapes 2 1): the split's program target, both passes' strong tiles apart, 8 warps
 # for the state walks, the key loop of block_k_bwd=None.
+# VARIANT_SET=warps: the gradient kernels' registers (read on a CPU, kernel_registers at
+# 8 x 2048, M = 64: pass 2's spills 1304 bytes per thread with its strong paths inline, 244
+# with them apart; 16 warps cap the kernels at 128 registers): strong tiles apart on both
+# passes, 16 warps for the chunk-parallel kernels, both.
+if [ "${VARIANT_SET:-designs}" = warps ]; then
+  VARIANTS=(
+    --variant 'apart={"strong_gates_apart": true}'
+    --variant 'p16={"warps_par": 16}'
+    --variant 'p16apart={"warps_par": 16, "strong_gates_apart": true}'
+  )
+fi
 if [ "${VARIANT_SET:-designs}" = near ]; then
   VARIANTS=(
     --variant 'split128={"split_programs": 128}'

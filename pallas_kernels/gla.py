@@ -44,7 +44,9 @@ class Tuning:
     backward kernels' own; each is capped to a divisor of V), and whether forwards
     that keep no chunk states (no gradient wanted, or recompute_states) compute the outputs
     inside the sequential walk (one kernel, no states written) instead of state pass +
-    chunk-parallel output pass.
+    chunk-parallel output pass. `warps_par` stays 8 for the chunk-parallel kernels: 16 warps
+    cap them at 128 registers, which still spill, and issue more instructions in all; forward
+    +backward 35-54% slower on an H100 (experiments/results/bench_kernels_h100var6.md).
 
     The fused walk does all per-chunk work on one program's critical path, so it wins only
     while the walk is short: on an H100 at 16K tokens (experiments/results/
@@ -150,7 +152,9 @@ class Tuning:
     1.991, "key" 0.560 / 2.060; at M = 128 none 0.760 / 6.148, "value" 0.844 / 6.043,
     True 0.919 / 6.559. Hence the automatic choice: a value-gated pass with K <= 128 and
     V < 128 (GSA's first pass at M <= 64; at M = 32 a tie, 0.320 / 1.326 against 0.315 /
-    1.337, bench_kernels_h100var4.md). At K = 256 (GSA with 4 heads of 256) the strong
+    1.337, bench_kernels_h100var4.md); re-timed on 2026-12-07 (h100var6), True gives
+    forward+backward -1.3% / -1.6% / +0.1% at 8 x 2048 / 4 x 4096 / 2 x 8192 (M = 64) and a
+    13-15% slower forward, so the rule stands. At K = 256 (GSA with 4 heads of 256) the strong
     kernels asked for more shared memory than an H100 has (RESOURCE_EXHAUSTED at launch,
     h100var4), so the rule keeps K <= 128 (h100var5: the default runs there).
 
