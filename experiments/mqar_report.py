@@ -36,6 +36,8 @@ PLATEAU_MARGIN = 0.25
 LEARNED_ACCURACY = 0.05
 # the gap between two cells' seed ranges that orders them (accuracy, 0.5 points)
 SEPARATION = 0.005
+# seeds per cell the setup asks for (issue 21: at least 2); a cell with fewer is cut
+MIN_SEEDS = 2
 OUTCOME_WORDS = {"win": "ok", "tie": "tie", "fail": "FAILS"}
 
 
@@ -450,6 +452,12 @@ def cuts(record: dict) -> list[str]:
         out.append("Lrs that ran fewer seeds than their cell's others (parts by seed still to "
                    "run; their mean and range are over the seeds that ran): "
                    + ", ".join(thin) + ".")
+    few = [f"{AUTHORS_LABELS[c['model']]} D={c['width']} ({fmt_seeds(cell_seeds(c))})"
+           for c in cells if len(cell_seeds(c)) < MIN_SEEDS]
+    if few:
+        out.append(f"Cells with fewer than {MIN_SEEDS} seeds (their other seeds' parts still to "
+                   "run; a range of one run, so their verdicts rest on one seed): "
+                   + ", ".join(few) + ".")
     if any(c.get("schedule_epochs", c["max_epochs"]) < 64 for c in cells):
         out.append("The cosine schedule runs to 0 over the epoch cap or, with a time budget, "
                    "over the epochs that fit it (column 'cosine'), so a cut run anneals sooner "
@@ -466,6 +474,16 @@ def cuts(record: dict) -> list[str]:
     return out
 
 
+def provisional(cell: dict) -> str:
+    """What a cell still lacks for its point to be final ('22/64 epochs, 1 seed'), or ''."""
+    parts = short_parts(cell)
+    out = [f"{min(p['epochs_done'] for p in parts):g}/64 epochs"] if parts else []
+    seeds = len(cell_seeds(cell))
+    if seeds < MIN_SEEDS:
+        out.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+    return ", ".join(out)
+
+
 def authors_plot(record: dict):
     plt = common.pyplot()
     cells = record["cells"]
@@ -480,8 +498,9 @@ def authors_plot(record: dict):
     ax = axes[0][0]
     colors = {}
     for m in AUTHORS_MODELS:
-        pts = sorted((c["width"], summarise(c, V)) for c in cells if c["model"] == m)
-        pts = [(w, s) for w, s in pts if s["mean"] is not None]
+        pts = sorted(((c["width"], summarise(c, V), c) for c in cells if c["model"] == m),
+                     key=lambda p: p[0])
+        pts = [(w, s, c) for w, s, c in pts if s["mean"] is not None]
         if not pts:
             continue
         w = [p[0] for p in pts]
@@ -491,19 +510,28 @@ def authors_plot(record: dict):
         line = ax.errorbar(w, mean, yerr=[lo, hi], marker="o", capsize=3,
                            label=AUTHORS_LABELS[m])
         colors[m] = line[0].get_color()
-        for x, (_, s) in zip(w, pts):
+        for x, (_, s, c) in zip(w, pts):
             if s["plateau"]:
                 ax.annotate("plateau", (x, 100 * s["mean"]), fontsize=6,
                             color=line[0].get_color(), textcoords="offset points",
                             xytext=(0, 5), ha="center")
+            unfinished = provisional(c)
+            if unfinished:   # a hollow marker: the point may still move
+                # colour given, so the model colours' cycle does not advance
+                ax.plot([x], [100 * s["mean"]], marker="o", mfc="white",
+                        color=line[0].get_color(), ls="none", zorder=3)
+                ax.annotate(unfinished, (x, 100 * s["mean"]), fontsize=6,
+                            color=line[0].get_color(), textcoords="offset points",
+                            xytext=(0, -11), ha="center")
     width_axis(ax, widths, "model width D")
     ax.set_ylabel("MQAR accuracy (%), mean and min–max over seeds")
     ax.set_title(f"T = {record['config']['seq_len']}, {record['config']['kv_pairs']} KV pairs "
                  "(authors' setup)", fontsize=9)
     ax.legend(fontsize=8)
-    # one line style per lr of a panel (the grids have up to 6 points), told by a legend: a
-    # title listing them ran into the next panel's
-    styles = ["-", "--", ":", "-.", (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1))]
+    # one line style per lr of a panel, told by a legend (a title listing them ran into the
+    # next panel's); the two grids together have 8 points (GSA's 6, the baselines' 4, 2 shared)
+    styles = ["-", "--", ":", "-.", (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)),
+              (0, (6, 2, 1, 2, 1, 2))]
     for panel, width in zip(axes[0][1:], widths):
         here = [c for c in cells if c["width"] == width]
         lrs = sorted({r["lr"] for c in here for r in c["runs"]})

@@ -488,12 +488,19 @@ def test_cells_trained_in_parts_by_seed_join_in_the_report():
         return {**cell, "seeds": 1, "seed_ids": [seed], "runs": runs}
 
     rec = lambda *cells: _record(cfg, *cells)  # noqa: E731
+    # a cell of one seed's parts so far is cut: its ranges are one run each
+    lone = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
+    cut = [line for line in ma.markdown(lone).splitlines() if "Cut relative" in line][0]
+    assert "fewer than 2 seeds" in cut and "GSA D=8 (seed 0)" in cut
+    # the plot marks its point as unfinished (these tiny cells ran 4 of the authors' 64 epochs)
+    assert mqar_report.provisional(lone["cells"][0]) == "4/64 epochs, 1 seed"
+    assert mqar_report.provisional({**whole, "epochs_done": 64}) == ""
     first = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
     first = ma.finish(ma.merge(first, rec(part(1e-3, 1, 2))))
     [cell] = first["cells"]
     assert cell["seeds"] == 2 and mqar_report.thin_lrs(cell) == [(1e-2, [0])]
     cut = [line for line in ma.markdown(first).splitlines() if "Cut relative" in line][0]
-    assert "GSA D=8 lr 0.01 (seed 0 of 0 1)" in cut
+    assert "GSA D=8 lr 0.01 (seed 0 of 0 1)" in cut and "fewer than 2 seeds" not in cut
     assert "lr 0.01 at 1 of 2 seeds" in mqar_report.fmt_open(mqar_report.open_cell(cell))
     joined = ma.finish(ma.merge(first, rec(part(1e-2, 1, 3))))
     [cell] = joined["cells"]
