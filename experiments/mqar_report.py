@@ -324,11 +324,16 @@ def authors_markdown(record: dict) -> str:
                   f"side that more of the authors' lr grid or epochs could still lift, so the "
                   f"outcome is provisional there.)", ""]
     summaries = {(c["model"], c["width"]): summarise(c, V) for c in cells}
+    unfinished = {(c["model"], c["width"]): why for c in cells if (why := provisional(c))}
     rows = []
     for m in [m for m in AUTHORS_MODELS if any(c["model"] == m for c in cells)]:
-        rows.append([AUTHORS_LABELS[m]] + [fmt_cell(summaries[(m, w)])
-                                           if (m, w) in summaries else "-" for w in widths])
+        rows.append([AUTHORS_LABELS[m]] + [
+            fmt_cell(summaries[(m, w)]) + (" ‡" if (m, w) in unfinished else "")
+            if (m, w) in summaries else "-" for w in widths])
     lines.append(common.markdown_table(["model"] + [f"D={w}" for w in widths], rows))
+    if unfinished:
+        lines += ["", "‡ unfinished, the value may still move: " + "; ".join(
+            f"{AUTHORS_LABELS[m]} D={w} ({why})" for (m, w), why in unfinished.items()) + "."]
     lines += ["", "State per layer (floats per sequence; attention: its KV cache at T):", ""]
     lines.append(common.markdown_table(
         ["model"] + [f"D={w}" for w in widths],

@@ -495,6 +495,9 @@ def test_cells_trained_in_parts_by_seed_join_in_the_report():
     # the plot marks its point as unfinished (these tiny cells ran 4 of the authors' 64 epochs)
     assert mqar_report.provisional(lone["cells"][0]) == "4/64 epochs, 1 seed"
     assert mqar_report.provisional({**whole, "epochs_done": 64}) == ""
+    page = ma.markdown(lone)
+    assert "‡ unfinished, the value may still move: GSA D=8 (4/64 epochs, 1 seed)." in page
+    assert [line for line in page.splitlines() if line.startswith("| GSA |")][0].endswith(" ‡ |")
     first = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
     first = ma.finish(ma.merge(first, rec(part(1e-3, 1, 2))))
     [cell] = first["cells"]
