@@ -44,6 +44,16 @@ if [ "${VARIANT_SET:-designs}" = warps ]; then
     --variant 'p16apart={"warps_par": 16, "strong_gates_apart": true}'
   )
 fi
+# VARIANT_SET=chunks: several chunks per program of the output and gradient kernels (one
+# program per SM at 255 registers, no loop: loads and work never overlap; a loop lets Triton
+# pipeline the next chunk's loads), 2 and 4 on both, 2 on the gradient kernel only.
+if [ "${VARIANT_SET:-designs}" = chunks ]; then
+  VARIANTS=(
+    --variant 'c2={"chunks_per_program_fwd": 2, "chunks_per_program_bwd": 2}'
+    --variant 'c4={"chunks_per_program_fwd": 4, "chunks_per_program_bwd": 4}'
+    --variant 'c2bwd={"chunks_per_program_bwd": 2}'
+  )
+fi
 if [ "${VARIANT_SET:-designs}" = near ]; then
   VARIANTS=(
     --variant 'split128={"split_programs": 128}'
@@ -62,6 +72,6 @@ done
 left=$(( TOTAL - SECONDS ))
 if [ $left -gt 30 ]; then
   timeout $left python3 -m pytest -q -x tests/test_pallas_kernels.py \
-    -k "cumulative or in_kernel or split_gradient or strong_gates_apart" 2>&1 \
+    -k "cumulative or in_kernel or split_gradient or strong_gates_apart or chunks_per_program" 2>&1 \
     | tee "$OUT/pytest.log" | tail -5
 fi

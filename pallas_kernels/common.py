@@ -165,7 +165,10 @@ class Layout:
     (batch, head, value block), and "parallel" (N, B·H, NV·NK), one program per chunk, value
     block and key block (`BK`: the parallel gradient kernel's key block, 0 for the whole K; GLA
     is a sum over key channels, so key blocks give exact slices of dq, dk and the key gate's
-    gradient, and partial sums of dv and the value gate's gradient).
+    gradient, and partial sums of dv and the value gate's gradient). `P` chunks per program
+    on the parallel grid (whole K only): program n computes chunks n·P ... n·P + P − 1 one
+    after another (`for_each_chunk`), so Triton can pipeline the next chunk's loads under
+    the current chunk's work.
     """
 
     B: int
@@ -180,6 +183,12 @@ class Layout:
     parallel: bool
     sub: int = 0   # the intra-chunk sub-chunk tier's size (chunk_math; 0: none)
     BK: int = 0    # key block of the parallel grid (0: the whole K)
+    P: int = 1     # chunks per program of the parallel grid
+
+    def __post_init__(self):
+        if self.P > 1 and (not self.parallel or self.BK or self.N % self.P):
+            raise ValueError(f"{self.P} chunks per program need the parallel grid, the whole "
+                             f"K and a chunk count ({self.N}) that they divide")
 
     @property
     def N(self) -> int:
@@ -205,7 +214,7 @@ class Layout:
     @property
     def grid(self) -> tuple:
         if self.parallel:
-            return (self.N, self.B * self.H, self.NV * self.NK)
+            return (self.N // self.P, self.B * self.H, self.NV * self.NK)
         if self.NK != 1:
             raise ValueError("key blocks are for the parallel (chunk) grid only")
         return (self.B, self.H, self.NV)
@@ -252,9 +261,9 @@ class Layout:
 
     def states(self):
         """Per-chunk states [B, H, N·K, V]: all chunks (sequential) or chunk n's key block kb
-        (parallel)."""
+        (parallel; with P chunks per program, program n's P chunks, [P·K, BV])."""
         NK = self.NK
-        rows = self.KB if self.parallel else self.N * self.K
+        rows = self.KB * self.P if self.parallel else self.N * self.K
         return pl.BlockSpec((None, None, rows, self.BV),
                             self._bhj(lambda b, h, j, n, kb: (b, h, n * NK + kb, j)))
 
@@ -302,6 +311,30 @@ class Layout:
         """[Tp, BV] slab of an [NK, B, Tp, H, V] output (partial sums per key block)."""
         return pl.BlockSpec((None, None, self.Tp, None, self.BV),
                             self._bhj(lambda b, h, j, n, kb: (kb, b, 0, h, j)))
+
+
+def chunks_per_program(wanted: int, lay: Layout) -> int:
+    """The chunks per program a parallel launch takes: the largest divisor of the chunk count
+    up to `wanted`, and 1 with key blocks as programs."""
+    if lay.BK:
+        return 1
+    return max(p for p in range(1, max(wanted, 1) + 1) if lay.N % p == 0)
+
+
+def for_each_chunk(lay: Layout, fn):
+    """fn(n, j) for the chunks of this program of the parallel grid: chunk n = pid·P + j, j its
+    place among the program's P (the row offset j·K of its state in a `states()` block). One
+    chunk: fn runs once, unrolled; several: a loop (what Triton software-pipelines)."""
+    first = pl.program_id(0) * lay.P   # outside the loop: interpret mode reads it only here
+    if lay.P == 1:
+        fn(first, 0)
+        return
+
+    def body(j, carry):
+        fn(first + j, j)
+        return carry
+
+    lax.fori_loop(0, lay.P, body, jnp.int32(0))
 
 
 def chunk_run_prev(runs_ref, n, C):

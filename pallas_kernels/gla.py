@@ -185,6 +185,21 @@ class Tuning:
     otherwise (at M = 64 8 warps took 0.090 ms against 0.080). The state-gradient walk keeps
     `warps_seq` (8 warps at M = 128: 0.246 / 0.165 ms against 0.210 / 0.131).
 
+    `chunks_per_program_fwd` / `chunks_per_program_bwd` (1: one chunk per program) give each
+    program of the chunk-parallel output kernel / gradient kernel that many chunks (the largest
+    divisor of the chunk count up to it; whole K only: not with key blocks as programs, not
+    with the split gradient kernels), walked one after another in a loop. Why: those kernels
+    hold 255 registers per thread at 8 warps, so one program runs per SM and, with no loop
+    inside, its loads and its work never overlap (Nsight on the H200: DRAM 27-35% busy, 31
+    waves); in a loop Triton's pipeliner (`stages`) can prefetch the next chunk's tiles while
+    the current one computes. Strong tiles apart on pass 2 halved its gradient kernel's SASS
+    (8808 -> 4264 per thread) and its spills, yet forward+backward moved by only 1.3% (h100var6),
+    which points at latency, not issue. A looped launch pipelines at most 2 stages deep: 3
+    asked for 256 KB of shared memory in pass 1's gradient kernel (kernel_registers at 8 x
+    2048, M = 64: 184 / 256 KB at 3 stages, 104 / 160 KB at 2, against 88 / 96 KB unlooped).
+    Untimed on a GPU: not the default until timed (VARIANT_SET=chunks of
+    experiments/kernel_variants_device_call.sh).
+
     `cumulative_gates` (off: measured slower): the log gates are summed inside each chunk
     once, in XLA, before the kernels' custom_vjp (chunk_math.chunk_cumsum, float32; GSA sums
     them once for both passes, gsa_pallas), and every kernel reads that b instead of g, with
@@ -226,12 +241,18 @@ class Tuning:
     strong_gates_apart: Union[bool, str, None] = None
     split_grads_bwd: Union[bool, str, None] = None
     cumulative_gates: bool = False
+    chunks_per_program_fwd: int = 1
+    chunks_per_program_bwd: int = 1
 
     def __post_init__(self):
         for name in ("strong_gates_apart", "split_grads_bwd"):
             if getattr(self, name) not in (True, False, None, "key", "value"):
                 raise ValueError(f"Tuning.{name} must be true, false, None, 'key' or 'value', "
                                  f"got {getattr(self, name)!r}")
+        for name in ("chunks_per_program_fwd", "chunks_per_program_bwd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Tuning.{name} must be a positive integer, got {value!r}")
 
 
 def _tuning_from_env() -> Tuning:
@@ -363,6 +384,12 @@ class KernelConfig:
             kw["scale"] = self.scale
         if self.cumulative:   # every kernel then reads g as b
             kw["cumulative"] = True
+        if parallel:
+            kw["chunks"] = t.chunks_per_program_bwd if backward else t.chunks_per_program_fwd
+            if kw["chunks"] > 1:
+                # the loop's loads pipelined 3 deep ask 256 KB of shared memory in pass 1's
+                # gradient kernel (kernel_registers_cpuchunks.md; an H100 has 227): 2 deep
+                kw["num_stages"] = min(kw["num_stages"], 2)
         return kw
 
 

@@ -23,6 +23,7 @@ cumulative sum of db inside the chunk, since b_t = Σ_{j≤t} g_j.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -80,51 +81,59 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
-    n = pl.program_id(0)
-    rows = pl.ds(n * lay.C, lay.C)
-    masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
-                               common.causal_mask(lay.C))
     kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
-    # the gates of the whole K, read once where they are needed (a key loop reads a key-gated
-    # pass's gates per key block); strong_apart: the tile past the bound or not, as the strong
-    # kernel decides it (its layout's tile: a key block of the grid, or the whole K around a
-    # key loop)
-    whole, past = (load_gates(g_ref, rows, masks, cumulative)
-                   if (strong_apart or not key_loop or not lay.key_gated) else (None, None))
-    apart = past if strong_apart else None
-    if not key_loop:
-        gt = whole
-        dq, dk, dv, db = chunk_math.grads(
-            q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-            state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks, apart=apart,
-            **kw)
-        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+
+    def chunk(n, j):
+        rows = pl.ds(n * lay.C, lay.C)
+        masks = common.chunk_masks(runs_ref, rows, common.chunk_run_prev(runs_ref, n, lay.C),
+                                   common.causal_mask(lay.C))
+        # the gates of the whole K, read once where they are needed (a key loop reads a
+        # key-gated pass's gates per key block); strong_apart: the tile past the bound or not,
+        # as the strong kernel decides it (its layout's tile: a key block of the grid, or the
+        # whole K around a key loop)
+        whole, past = (load_gates(g_ref, rows, masks, cumulative)
+                       if (strong_apart or not key_loop or not lay.key_gated) else (None, None))
+        apart = past if strong_apart else None
+        state_rows = j * lay.KB   # this chunk's rows in the program's state blocks
+        if not key_loop:
+            dq, dk, dv, db = chunk_math.grads(
+                q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
+                state_ref[pl.ds(state_rows, lay.KB), :].astype(f32),
+                dstate_ref[pl.ds(state_rows, lay.KB), :].astype(f32), gt=whole, masks=masks,
+                apart=apart, **kw)
+            dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+            dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+            dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+            dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
+            return
+        # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
+        # (and the key gate's db) stored per block, dv (and the value gate's db) summed over
+        # blocks
+        v, do = v_ref[rows, :], do_ref[rows, :]
+
+        def key_block(kb, acc):
+            cols = pl.ds(kb * key_loop, key_loop)
+            block_rows = pl.ds(state_rows + kb * key_loop, key_loop)
+            gt = (load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated
+                  else whole)
+            dq, dk, dv, db = chunk_math.grads(
+                q_ref[rows, cols], k_ref[rows, cols], v, do,
+                state_ref[block_rows, :].astype(f32), dstate_ref[block_rows, :].astype(f32),
+                gt=gt, masks=masks, apart=apart, **kw)
+            dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
+            dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
+            if lay.key_gated:
+                dg_ref[rows, cols] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
+                return acc[0] + dv, acc[1]
+            return acc[0] + dv, acc[1] + db
+
+        zeros = jnp.zeros(v.shape, f32)
+        dv, db = lax.fori_loop(0, lay.K // key_loop, key_block, (zeros, zeros))
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
-        return
-    # key blocks of `key_loop` channels one after another (grads_bwd's docstring): dq, dk
-    # (and the key gate's db) stored per block, dv (and the value gate's db) summed over blocks
-    v, do = v_ref[rows, :], do_ref[rows, :]
+        if not lay.key_gated:
+            dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
 
-    def key_block(kb, acc):
-        cols = pl.ds(kb * key_loop, key_loop)
-        gt = load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated else whole
-        dq, dk, dv, db = chunk_math.grads(
-            q_ref[rows, cols], k_ref[rows, cols], v, do, state_ref[cols, :].astype(f32),
-            dstate_ref[cols, :].astype(f32), gt, masks, apart=apart, **kw)
-        dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
-        dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
-        if lay.key_gated:
-            dg_ref[rows, cols] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
-            return acc[0] + dv, acc[1]
-        return acc[0] + dv, acc[1] + db
-
-    zeros = jnp.zeros(v.shape, f32)
-    dv, db = lax.fori_loop(0, lay.K // key_loop, key_block, (zeros, zeros))
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    if not lay.key_gated:
-        dg_ref[rows, :] = _gate_grad(db, cumulative).astype(dg_ref.dtype)
+    common.for_each_chunk(lay, chunk)
 
 
 def _parallel_tile(runs_ref, g_ref, lay: common.Layout, cumulative: bool):
@@ -215,7 +224,7 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False, strong_apart=False, split=False, cumulative=False):
+              key_loop=False, strong_apart=False, split=False, cumulative=False, chunks=1):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -239,7 +248,11 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     (strong_apart implied). Not with a key loop.
 
     cumulative: g holds b, the log gates summed inside each chunk (gla_fwd.load_gates), and dg
-    is b's gradient (no reverse sum inside the kernels)."""
+    is b's gradient (no reverse sum inside the kernels).
+
+    chunks: chunks per program of the gradient kernel (Tuning.chunks_per_program_bwd;
+    gla_fwd.layout): each program walks its chunks one after another, so the next chunk's
+    loads can overlap the current one's work. Not with the split (its kernels take one)."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     if split and loop:
@@ -247,7 +260,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
                          "(key_loop_bwd): take key blocks as programs or the whole K")
     strong_apart = strong_apart or split
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k)
+                 parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k,
+                 chunks=1 if split else chunks)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args += [states, dstates, do]
     in_specs += [lay.states(), lay.states(), lay.o()]
@@ -290,7 +304,9 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
                       **launch)
     if not strong_apart:
         return grads
-    # the same programs (chunk, head, value block, key block); the four gradients in place
+    # the same programs (chunk, head, value block, key block; one chunk each); the four
+    # gradients in place
+    lay = dataclasses.replace(lay, P=1)
     args, in_specs = args[:-3] + [do, *grads], in_specs[:-3] + [lay.o(), *out_specs]
     kernel = functools.partial(_strong_intra_grads_kernel, lay=lay, has_runs=runs is not None,
                                scale=float(scale), dot=common.Dot(q.dtype, interpret),

@@ -112,13 +112,17 @@ def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, o_ref = refs
-    rows, masks = _program_chunk(runs_ref, lay, pl.program_id(0))
-    gt, past = load_gates(g_ref, rows, masks, cumulative)
-    o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                          state_ref[...].astype(f32), gt, masks,
-                          key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
-                          apart=past if strong_apart else None)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
+
+    def chunk(n, j):
+        rows, masks = _program_chunk(runs_ref, lay, n)
+        gt, past = load_gates(g_ref, rows, masks, cumulative)
+        o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
+                              state_ref[pl.ds(j * lay.KB, lay.KB), :].astype(f32), gt, masks,
+                              key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
+                              apart=past if strong_apart else None)
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+
+    common.for_each_chunk(lay, chunk)
 
 
 def when_past_the_bound(runs_ref, g_ref, lay: common.Layout, body, cumulative=False):
@@ -186,11 +190,16 @@ def _fused_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart,
 
 
 def layout(q, v, *, key_gated, chunk_size, block_v, parallel, sub_chunk=0,
-           block_k=0) -> common.Layout:
+           block_k=0, chunks=1) -> common.Layout:
+    """The launch's Layout; chunks: the chunks per program wanted on the parallel grid (the
+    largest divisor of the chunk count up to it is taken, `common.chunks_per_program`)."""
     B, Tp, H, K = q.shape
-    return common.Layout(B=B, Tp=Tp, H=H, Hkv=v.shape[2], K=K, V=v.shape[3], C=chunk_size,
-                         BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel,
-                         sub=sub_chunk, BK=block_k if 0 < block_k < K else 0)
+    lay = common.Layout(B=B, Tp=Tp, H=H, Hkv=v.shape[2], K=K, V=v.shape[3], C=chunk_size,
+                        BV=min(block_v, v.shape[3]), key_gated=key_gated, parallel=parallel,
+                        sub=sub_chunk, BK=block_k if 0 < block_k < K else 0)
+    if parallel and chunks > 1:
+        lay = dataclasses.replace(lay, P=common.chunks_per_program(chunks, lay))
+    return lay
 
 
 def _with_runs(lay, args, in_specs, runs):
@@ -280,12 +289,13 @@ def states_fwd(q, k, v, g, s0, runs, *, key_gated, chunk_size, block_v, interpre
 
 def output_fwd(q, k, v, g, states, runs, *, key_gated, scale, chunk_size, block_v, out_dtype,
                interpret=False, num_warps=4, num_stages=2, sub_chunk=0, strong_apart=False,
-               cumulative=False):
+               cumulative=False, chunks=1):
     """o [B, Tp, H, V] from the inputs and the states entering each chunk, chunks in parallel.
     strong_apart: tiles past the chunk bound get their within-chunk term from `strong_intra`
-    (Tuning.strong_gates_apart). cumulative: g holds b (`load_gates`)."""
+    (Tuning.strong_gates_apart). cumulative: g holds b (`load_gates`). chunks: chunks per
+    program (Tuning.chunks_per_program_fwd; `layout`)."""
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
-                 parallel=True, sub_chunk=sub_chunk)
+                 parallel=True, sub_chunk=sub_chunk, chunks=chunks)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args.append(states)
     in_specs.append(lay.states())
@@ -307,7 +317,7 @@ def strong_intra(q, k, v, g, runs, o, *, lay, scale, interpret, num_warps, num_s
     """o [B, Tp, H, V] plus the within-chunk term of every tile past the chunk bound (a kernel
     over the chunks in parallel, o updated in place; a program whose tile is within the bound
     only reads its gates). lay: the forward's layout (its sub-chunk tier size)."""
-    lay = dataclasses.replace(lay, parallel=True)
+    lay = dataclasses.replace(lay, parallel=True, P=1)
     args, in_specs = _with_runs(lay, [q, k, v, g], [lay.q(), lay.k(), lay.v(), lay.g()], runs)
     args.append(o)
     in_specs.append(lay.o())

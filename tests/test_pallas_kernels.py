@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import pytest
 
 from gsa_jax.ops import gated_slot_attention
 from ops_util import enable_x64, gsa_inputs, relative_error
+from pallas_kernels import common as pcommon
 from pallas_kernels import gla as pgla
 
 # name: (B, T, H, Hkv, K, V, M, chunk, segments, initial state)
@@ -658,6 +660,69 @@ def test_split_gradient_kernels_match_float64(case, tuning):
     assert jaxpr.count("name=gla_grads_key_value_bwd") == passes
     assert jaxpr.count("name=gla_grads_bwd") == 2 - passes
     assert jaxpr.count("name=gla_strong_intra_bwd") == passes   # implied by the split
+
+
+def _grids(jaxpr: str, name: str) -> list[tuple]:
+    """The grids of the launches of kernel `name` in a jaxpr's text."""
+    grids = []
+    for call in jaxpr.split("pallas_call[")[1:]:   # each launch's parameters: grid, then name
+        grid, kernel = re.search(r"grid=\(([0-9, ]+)\)", call), re.search(r"name=(\w+)", call)
+        if kernel.group(1) == name:
+            grids.append(tuple(int(x) for x in grid.group(1).split(",")))
+    return grids
+
+
+@pytest.mark.parametrize("tuning,programs", [
+    (dict(chunks_per_program_fwd=3, chunks_per_program_bwd=3), (1, 1)),
+    # 4 asked of 3 chunks: 3 taken; 2 asked: 1 (the largest divisor); both passes apart
+    _slow(dict(chunks_per_program_fwd=2, chunks_per_program_bwd=4, strong_gates_apart=True),
+          (3, 1)),
+    (dict(chunks_per_program_bwd=3, block_k_bwd=8, key_loop_bwd=True), (3, 1)),   # key loop
+    # key blocks as programs (and the split kernels) keep one chunk per program
+    _slow(dict(chunks_per_program_bwd=3, block_k_bwd=8, key_loop_bwd=False), (3, 3)),
+    _slow(dict(chunks_per_program_bwd=3, split_grads_bwd=True), (3, None)),
+], ids=["both", "fwd2_bwd4_apart", "key_loop", "key_blocks", "split"])
+def test_chunks_per_program_match_float64(tuning, programs):
+    """`chunks_per_program_fwd` / `_bwd`: programs of the output and gradient kernels walk
+    several chunks each, reading each chunk's state at its own rows of the program's block;
+    with one tile of each kind (fast, sub-chunk tier, exact loop), packed segments, an
+    initial state and a key loop, values and every gradient match the float64 recurrence
+    (segments_C32 has 3 chunks: a program that read its first chunk's state for all three
+    would fail), and the grids have N / P programs along time."""
+    jaxpr = _tuned_against_float64(333, "segments_C32", _mixed_gates, sub_chunk=8, **tuning)
+    out_programs, grads_programs = programs
+    assert {grid[0] for grid in _grids(jaxpr, "gla_output_fwd")} == {out_programs}
+    if grads_programs is None:
+        assert _grids(jaxpr, "gla_grads_bwd") == []
+    else:
+        assert {grid[0] for grid in _grids(jaxpr, "gla_grads_bwd")} == {grads_programs}
+    # the strong kernels keep one chunk per program
+    assert {grid[0] for grid in _grids(jaxpr, "gla_strong_intra_bwd")} <= {3}
+
+
+def test_chunks_per_program_values_are_checked():
+    """Chunks per program take a positive integer (also from $GSA_PALLAS_TUNING), and a layout
+    refuses a count that does not divide its chunks or comes with key blocks as programs."""
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="chunks_per_program_bwd must be a positive"):
+            pgla.Tuning(chunks_per_program_bwd=bad)
+    lay = dict(B=1, Tp=96, H=2, Hkv=2, K=16, V=16, C=32, BV=16, key_gated=True,
+               parallel=True)
+    assert pcommon.Layout(**lay, P=3).grid == (1, 2, 1)
+    with pytest.raises(ValueError, match="divide"):
+        pcommon.Layout(**lay, P=2)
+    with pytest.raises(ValueError, match="whole K"):
+        pcommon.Layout(**{**lay, "BK": 8}, P=3)
+    assert pcommon.chunks_per_program(2, pcommon.Layout(**lay)) == 1
+    assert pcommon.chunks_per_program(8, pcommon.Layout(**lay)) == 3
+    # the launch keywords: each kernel its own count; a looped launch pipelines 2 stages deep
+    with pgla.tuning(chunks_per_program_bwd=4):
+        tuning = pgla.resolved_tuning(jnp.bfloat16, 128, 64, key_gated=False)
+    config = _launch_config(tuning, False)
+    grads, out = config.kw(parallel=True, backward=True), config.kw(parallel=True)
+    assert (grads["chunks"], grads["num_stages"]) == (4, 2)
+    assert (out["chunks"], out["num_stages"]) == (1, tuning.stages) and tuning.stages == 3
+    assert "chunks" not in config.kw(parallel=False)   # the walks take every chunk anyway
 
 
 SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, split_min_chunks=1)
