@@ -325,16 +325,22 @@ def for_each_chunk(lay: Layout, fn):
     """fn(n, j) for the chunks of this program of the parallel grid: chunk n = pid·P + j, j its
     place among the program's P (the row offset j·K of its state in a `states()` block). One
     chunk: fn runs once, unrolled; several: a loop (what Triton software-pipelines)."""
-    first = pl.program_id(0) * lay.P   # outside the loop: interpret mode reads it only here
     if lay.P == 1:
-        fn(first, 0)
+        fn(pl.program_id(0), 0)
         return
+    first = pl.program_id(0) * lay.P   # outside the loop: interpret mode reads it only here
 
     def body(j, carry):
         fn(first + j, j)
         return carry
 
     lax.fori_loop(0, lay.P, body, jnp.int32(0))
+
+
+def chunk_state(ref, lay: Layout, j):
+    """The state block [KB, BV] of a program's chunk j from its `states()` block (the whole
+    block when the program has one chunk)."""
+    return ref[...] if lay.P == 1 else ref[pl.ds(j * lay.KB, lay.KB), :]
 
 
 def chunk_run_prev(runs_ref, n, C):

@@ -98,8 +98,8 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         if not key_loop:
             dq, dk, dv, db = chunk_math.grads(
                 q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-                state_ref[pl.ds(state_rows, lay.KB), :].astype(f32),
-                dstate_ref[pl.ds(state_rows, lay.KB), :].astype(f32), gt=whole, masks=masks,
+                common.chunk_state(state_ref, lay, j).astype(f32),
+                common.chunk_state(dstate_ref, lay, j).astype(f32), gt=whole, masks=masks,
                 apart=apart, **kw)
             dq_ref[rows, :] = dq.astype(dq_ref.dtype)
             dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -113,7 +113,7 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
 
         def key_block(kb, acc):
             cols = pl.ds(kb * key_loop, key_loop)
-            block_rows = pl.ds(state_rows + kb * key_loop, key_loop)
+            block_rows = cols if lay.P == 1 else pl.ds(state_rows + kb * key_loop, key_loop)
             gt = (load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated
                   else whole)
             dq, dk, dv, db = chunk_math.grads(

@@ -117,7 +117,7 @@ def _output_kernel(*refs, lay: common.Layout, has_runs, scale, dot, strong_apart
         rows, masks = _program_chunk(runs_ref, lay, n)
         gt, past = load_gates(g_ref, rows, masks, cumulative)
         o = chunk_math.output(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                              state_ref[pl.ds(j * lay.KB, lay.KB), :].astype(f32), gt, masks,
+                              common.chunk_state(state_ref, lay, j).astype(f32), gt, masks,
                               key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub,
                               apart=past if strong_apart else None)
         o_ref[rows, :] = o.astype(o_ref.dtype)
