@@ -662,6 +662,9 @@ def test_split_gradient_kernels_match_float64(case, tuning):
     assert jaxpr.count("name=gla_strong_intra_bwd") == passes   # implied by the split
 
 
+SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, split_min_chunks=1)
+
+
 def _grids(jaxpr: str, name: str) -> list[tuple]:
     """The grids of the launches of kernel `name` in a jaxpr's text."""
     grids = []
@@ -681,7 +684,9 @@ def _grids(jaxpr: str, name: str) -> list[tuple]:
     # key blocks as programs (and the split kernels) keep one chunk per program
     _slow(dict(chunks_per_program_bwd=3, block_k_bwd=8, key_loop_bwd=False), (3, 3)),
     _slow(dict(chunks_per_program_bwd=3, split_grads_bwd=True), (3, None)),
-], ids=["both", "fwd2_bwd4_apart", "key_loop", "key_blocks", "split"])
+    # split state walks (big chunks): the chunk states they write, read 3 to a program
+    _slow(dict(SPLIT_EVERYWHERE, chunks_per_program_fwd=3, chunks_per_program_bwd=3), (1, 1)),
+], ids=["both", "fwd2_bwd4_apart", "key_loop", "key_blocks", "split", "big_chunks"])
 def test_chunks_per_program_match_float64(tuning, programs):
     """`chunks_per_program_fwd` / `_bwd`: programs of the output and gradient kernels walk
     several chunks each, reading each chunk's state at its own rows of the program's block;
@@ -698,6 +703,8 @@ def test_chunks_per_program_match_float64(tuning, programs):
         assert {grid[0] for grid in _grids(jaxpr, "gla_grads_bwd")} == {grads_programs}
     # the strong kernels keep one chunk per program
     assert {grid[0] for grid in _grids(jaxpr, "gla_strong_intra_bwd")} <= {3}
+    if "split_programs" in tuning:   # the big chunks' walks ran
+        assert "name=gla_final_state_fwd" in jaxpr
 
 
 def test_chunks_per_program_values_are_checked():
@@ -723,9 +730,6 @@ def test_chunks_per_program_values_are_checked():
     assert (grads["chunks"], grads["num_stages"]) == (4, 2)
     assert (out["chunks"], out["num_stages"]) == (1, tuning.stages) and tuning.stages == 3
     assert "chunks" not in config.kw(parallel=False)   # the walks take every chunk anyway
-
-
-SPLIT_EVERYWHERE = dict(split_below_programs=10 ** 6, split_programs=10 ** 6, split_min_chunks=1)
 
 
 @pytest.mark.parametrize("tuning", [
