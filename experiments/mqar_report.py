@@ -480,9 +480,12 @@ def cuts(record: dict) -> list[str]:
 
 
 def provisional(cell: dict) -> str:
-    """What a cell still lacks for its point to be final ('22/64 epochs, 1 seed'), or ''."""
-    parts = short_parts(cell)
-    out = [f"{min(p['epochs_done'] for p in parts):g}/64 epochs"] if parts else []
+    """What a cell still lacks for its point to be final ('22/64 epochs, 1 seed'), or '': a
+    part paused before its cap (it resumes), or fewer than MIN_SEEDS seeds. A cell that ran
+    to a cap below the authors' 64 epochs is finished as configured (the cut list says so)."""
+    paused = [p for p in cell_parts(cell) if p["stop_reason"].startswith("paused")]
+    out = ([f"{min(p['epochs_done'] for p in paused):g}/{cell['max_epochs']} epochs"]
+           if paused else [])
     seeds = len(cell_seeds(cell))
     if seeds < MIN_SEEDS:
         out.append(f"{seeds} seed{'s' if seeds != 1 else ''}")

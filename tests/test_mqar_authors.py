@@ -492,11 +492,13 @@ def test_cells_trained_in_parts_by_seed_join_in_the_report():
     lone = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
     cut = [line for line in ma.markdown(lone).splitlines() if "Cut relative" in line][0]
     assert "fewer than 2 seeds" in cut and "GSA D=8 (seed 0)" in cut
-    # the plot marks its point as unfinished (these tiny cells ran 4 of the authors' 64 epochs)
-    assert mqar_report.provisional(lone["cells"][0]) == "4/64 epochs, 1 seed"
-    assert mqar_report.provisional({**whole, "epochs_done": 64}) == ""
+    # the table and the plot mark it unfinished, as a paused cell; a cell run to its cap is not
+    assert mqar_report.provisional(lone["cells"][0]) == "1 seed"
+    paused = {**whole, "epochs_done": 2, "stop_reason": "paused (resumes from --state-dir)"}
+    assert mqar_report.provisional(paused) == "2/4 epochs"
+    assert mqar_report.provisional(whole) == ""
     page = ma.markdown(lone)
-    assert "‡ unfinished, the value may still move: GSA D=8 (4/64 epochs, 1 seed)." in page
+    assert "‡ unfinished, the value may still move: GSA D=8 (1 seed)." in page
     assert [line for line in page.splitlines() if line.startswith("| GSA |")][0].endswith(" ‡ |")
     first = ma.finish(ma.merge(rec(part(1e-2, 0, 1)), rec(part(1e-3, 0, 0))))
     first = ma.finish(ma.merge(first, rec(part(1e-3, 1, 2))))
