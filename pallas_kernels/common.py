@@ -337,10 +337,14 @@ def for_each_chunk(lay: Layout, fn):
     lax.fori_loop(0, lay.P, body, jnp.int32(0))
 
 
-def chunk_state(ref, lay: Layout, j):
+def chunk_state(ref, lay: Layout, j, cols=None):
     """The state block [KB, BV] of a program's chunk j from its `states()` block (the whole
-    block when the program has one chunk)."""
-    return ref[...] if lay.P == 1 else ref[pl.ds(j * lay.KB, lay.KB), :]
+    block when the program has one chunk), or its rows `cols` (a pl.ds of key channels)."""
+    if lay.P == 1:
+        return ref[...] if cols is None else ref[cols, :]
+    if cols is None:
+        return ref[pl.ds(j * lay.KB, lay.KB), :]
+    return ref[pl.ds(j * lay.KB + cols.start, cols.size), :]
 
 
 def chunk_run_prev(runs_ref, n, C):

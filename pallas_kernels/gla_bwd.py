@@ -94,7 +94,6 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
         whole, past = (load_gates(g_ref, rows, masks, cumulative)
                        if (strong_apart or not key_loop or not lay.key_gated) else (None, None))
         apart = past if strong_apart else None
-        state_rows = j * lay.KB   # this chunk's rows in the program's state blocks
         if not key_loop:
             dq, dk, dv, db = chunk_math.grads(
                 q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
@@ -113,12 +112,12 @@ def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int
 
         def key_block(kb, acc):
             cols = pl.ds(kb * key_loop, key_loop)
-            block_rows = cols if lay.P == 1 else pl.ds(state_rows + kb * key_loop, key_loop)
             gt = (load_gates(g_ref, rows, masks, cumulative, cols)[0] if lay.key_gated
                   else whole)
             dq, dk, dv, db = chunk_math.grads(
                 q_ref[rows, cols], k_ref[rows, cols], v, do,
-                state_ref[block_rows, :].astype(f32), dstate_ref[block_rows, :].astype(f32),
+                common.chunk_state(state_ref, lay, j, cols).astype(f32),
+                common.chunk_state(dstate_ref, lay, j, cols).astype(f32),
                 gt=gt, masks=masks, apart=apart, **kw)
             dq_ref[rows, cols] = dq.astype(dq_ref.dtype)
             dk_ref[rows, cols] = dk.astype(dk_ref.dtype)
