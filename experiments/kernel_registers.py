@@ -211,7 +211,21 @@ def sass_mix(sass: str) -> dict:
     whole = opcodes(lines)
     in_loop = opcodes(lines[loop[0]:loop[1] + 1]) if loop[1] else []
     return {"instructions": len(whole), "by_class": by_class(whole),
-            "loop_instructions": len(in_loop), "loop_by_class": by_class(in_loop)}
+            "loop_instructions": len(in_loop), "loop_by_class": by_class(in_loop),
+            "loads": global_loads(whole)}
+
+
+# global-memory loads that go to shared memory without holding the issuing warp (cp.async,
+# TMA: what Triton's software pipeliner emits for a loop's loads, num_stages > 1) or through
+# registers (LDG: the warp waits where the value is first used)
+ASYNC_LOADS = ("LDGSTS", "UTMALDG")
+
+
+def global_loads(ops) -> dict:
+    """Counts of a kernel's global loads by kind: {"async": cp.async / TMA, "plain": LDG}.
+    A chunk-parallel kernel without a loop has only plain ones (nothing to overlap them
+    with); Tuning.chunks_per_program's loop gives the pipeliner async ones."""
+    return {"async": sum(op in ASYNC_LOADS for op in ops), "plain": ops.count("LDG")}
 
 
 def compile_stats(kernels, workdir: str) -> tuple[str, list[dict]]:
@@ -281,11 +295,12 @@ def main(argv=None):
     table = common.markdown_table(
         ["B,T,H,K,M,V", "variant", "#", "kernel", "warps", "stages", "registers",
          "spill st / ld (B)", "shared KiB", "SASS per chunk",
-         "fp32 / MUFU / MMA / smem+sync / int"],
+         "fp32 / MUFU / MMA / smem+sync / int", "loads async / plain"],
         [(",".join(map(str, r["shape"])), r["variant"], r["launch"], r["kernel"],
           r["num_warps"], r["num_stages"], r["registers"],
           f"{r['spill_stores']} / {r['spill_loads']}", f"{r['shared_bytes'] / 1024:.0f}",
-          mix(r)) for r in rows], align="llrlrrrrrrr")
+          mix(r), f"{r['loads']['async']} / {r['loads']['plain']}") for r in rows],
+        align="llrlrrrrrrrr")
     markdown = (f"# Kernel registers and spills ({args.tag})\n\n"
                 f"The Pallas GPU kernels of one GSA {what}, bf16, chunk 64: their Triton IR "
                 f"compiled by pip triton {triton_version} for sm_90 and assembled by its ptxas "
@@ -296,7 +311,10 @@ def main(argv=None):
                 "cold branches included), by class: float32 arithmetic, MUFU (exp, "
                 "reciprocal), tensor-core, shared memory and synchronisation, integer and "
                 "addressing. A walk whose warps cannot hide latency is bound by this count "
-                "(issue slots), not by its matmuls. "
+                "(issue slots), not by its matmuls. 'loads async / plain': the kernel's "
+                "global loads issued as cp.async or TMA copies into shared memory (Triton's "
+                "software pipelining of a loop: the next iteration's tiles load under this "
+                "one's work) and as LDG (the warp waits for them). "
                 "XLA compiles the same IR with "
                 "its own Triton on the GPU, so its allocation may differ somewhat; the times "
                 "are the GPU's to measure. # is the launch order: GSA's pass 1 (q, k, s; gated on its "

@@ -93,6 +93,20 @@ def test_sass_mix_counts_the_main_loop_by_class():
     assert mix["loop_by_class"] == {"fp32": 2, "mufu": 1, "tensor": 1, "smem_sync": 2,
                                     "int_addr": 1, "convert": 0, "global": 0, "local": 0,
                                     "other": 1}   # the branch
+    assert mix["loads"] == {"async": 0, "plain": 0}   # one global store, no load
+
+
+def test_global_loads_by_kind():
+    """cp.async (LDGSTS, with its cache-policy suffixes) and TMA copies count as async loads,
+    LDG (any width) as plain ones; stores, shared loads and the cp.async fences count as
+    neither."""
+    listing = SASS.replace("LDS R2, [R0] ;", "LDGSTS.E.BYPASS.LTC128B.128 [R2], desc[UR6][R4.64] ;\n"
+                           "        /*0021*/                   LDGDEPBAR ;\n"
+                           "        /*0022*/                   UTMALDG.2D [UR8], [UR4] ;\n"
+                           "        /*0023*/                   LDG.E.128 R12, desc[UR6][R4.64] ;\n"
+                           "        /*0024*/                   LDG.E R13, desc[UR6][R4.64] ;\n"
+                           "        /*0025*/                   LDS R2, [R0] ;")
+    assert kr.sass_mix(listing)["loads"] == {"async": 2, "plain": 2}
 
 
 @pytest.mark.reference
