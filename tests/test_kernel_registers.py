@@ -100,12 +100,12 @@ def test_global_loads_by_kind():
     """cp.async (LDGSTS, with its cache-policy suffixes) and TMA copies count as async loads,
     LDG (any width) as plain ones; stores, shared loads and the cp.async fences count as
     neither."""
-    listing = SASS.replace("LDS R2, [R0] ;", "LDGSTS.E.BYPASS.LTC128B.128 [R2], desc[UR6][R4.64] ;\n"
-                           "        /*0021*/                   LDGDEPBAR ;\n"
-                           "        /*0022*/                   UTMALDG.2D [UR8], [UR4] ;\n"
-                           "        /*0023*/                   LDG.E.128 R12, desc[UR6][R4.64] ;\n"
-                           "        /*0024*/                   LDG.E R13, desc[UR6][R4.64] ;\n"
-                           "        /*0025*/                   LDS R2, [R0] ;")
+    added = ["LDGSTS.E.BYPASS.LTC128B.128 [R2], desc[UR6][R4.64] ;", "LDGDEPBAR ;",
+             "UTMALDG.2D [UR8], [UR4] ;", "LDG.E.128 R12, desc[UR6][R4.64] ;",
+             "LDG.E R13, desc[UR6][R4.64] ;"]
+    listing = SASS.replace("LDS R2, [R0] ;", "".join(
+        f"{op}\n        /*002{i}*/                   " for i, op in enumerate(added, 1))
+        + "LDS R2, [R0] ;")
     assert kr.sass_mix(listing)["loads"] == {"async": 2, "plain": 2}
 
 
