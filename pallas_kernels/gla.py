@@ -197,8 +197,12 @@ class Tuning:
     which points at latency, not issue. A looped launch pipelines at most 2 stages deep: 3
     asked for 256 KB of shared memory in pass 1's gradient kernel (kernel_registers at 8 x
     2048, M = 64: 184 / 256 KB at 3 stages, 104 / 160 KB at 2, against 88 / 96 KB unlooped).
-    Untimed on a GPU: not the default until timed (VARIANT_SET=chunks of
-    experiments/kernel_variants_device_call.sh).
+    Timed on an H100 (bench_kernels_h100var7, VARIANT_SET=chunks of
+    experiments/kernel_variants_device_call.sh): the loads do become cp.async copies
+    (kernel_registers_cpuloads), but forward+backward got 10.5-12.1% slower with 2 chunks per
+    program on both kernels (2.036 -> 2.282 ms at 8 x 2048), 14.6-16.3% with 4, 9.6-10.6% with
+    2 on the gradient kernel only; the forward moved by under 2%. So 1 (no loop) stays the
+    default.
 
     `cumulative_gates` (off: measured slower): the log gates are summed inside each chunk
     once, in XLA, before the kernels' custom_vjp (chunk_math.chunk_cumsum, float32; GSA sums
