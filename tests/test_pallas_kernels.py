@@ -37,6 +37,13 @@ CASES = {
 F32_REL = 2e-4  # float32 kernels vs the float64 recurrence
 
 
+def _slow(*values):
+    """One parametrized case that runs in CI's slow tier only. The tests with many interpreted
+    cases (launch variants, walks, big-chunk layouts: ~7-16 s each on 2 cores) keep their
+    default and one or two others in the fast tier (the README's command); the rest run in CI."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def _segments(seed, B, T):
     """Random packed-document ids [B, T]: non-decreasing, several documents per row."""
     rng = np.random.default_rng(seed)
@@ -189,10 +196,11 @@ def _xla_ops(jaxpr, counts=None):
 
 
 # (segments_C32 with the XLA combine: test_forward_paths_and_recomputation[two_level_states])
+# One case per combine in the fast tier; the other four (~11 s each interpreted) in CI's slow tier.
 @pytest.mark.parametrize("case,in_kernel", [
-    ("K32_V16_M32_gqa", False), ("K16_V16_M64_no_state", False),
-    ("segments_C32", True), ("K32_V16_M32_gqa", True), ("K16_V16_M64_no_state", True),
-    ("value_blocks", True)])
+    ("K32_V16_M32_gqa", False), _slow("K16_V16_M64_no_state", False),
+    _slow("segments_C32", True), _slow("K32_V16_M32_gqa", True),
+    _slow("K16_V16_M64_no_state", True), ("value_blocks", True)])
 def test_two_level_state_passes_on_more_cases(case, in_kernel):
     """Packed segments with an initial state (3 chunks, big chunks of 2 with padding), grouped
     heads with an initial state (3 chunks, each its own big chunk) and no initial state
@@ -221,11 +229,16 @@ def test_two_level_state_passes_on_more_cases(case, in_kernel):
         assert _xla_arithmetic(C, args, seg, cot, **dataclasses.asdict(split)) == unsplit
 
 
-@pytest.mark.parametrize("mode", ["two_walks", "in_kernel",
-                                  pytest.param("fixup", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("case,max_chunks", [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
-                                             ("K16_V16_M64_no_state", 1),
-                                             ("value_blocks", 1)])
+# Fast tier: each walk on one case (packed segments; grouped heads over big chunks of 2);
+# the other cases (~10-16 s each interpreted) and the fixup run in CI's slow tier.
+FUSED_FAST = {("segments_C32", "two_walks"), ("K32_V16_M32_gqa", "in_kernel")}
+
+
+@pytest.mark.parametrize("case,max_chunks,mode", [
+    (case, chunks, mode) if (case, mode) in FUSED_FAST else _slow(case, chunks, mode)
+    for case, chunks in [("segments_C32", 1), ("K32_V16_M32_gqa", 2),
+                         ("K16_V16_M64_no_state", 1), ("value_blocks", 1)]
+    for mode in ("two_walks", "in_kernel", "fixup")])
 def test_fused_forward_over_big_chunks(case, max_chunks, mode):
     """A forward without gradient on few programs: final states of the big chunks, their
     combine, then the fused walk of every big chunk from its true entering state
@@ -591,13 +604,6 @@ def _tuned_against_float64(seed, case, prep, recompute=False, **tuning):
         out, grads = fn(prep(args), cot, seg)
     _compare(out, grads, ref_out, ref_grads, F32_REL, state)
     return jaxpr
-
-
-def _slow(*values):
-    """One parametrized case of the launch-variant tests that runs in CI's slow tier only: each
-    of those tests keeps its default and one or two variants in the fast tier (the README's
-    command); the other layouts of one kernel option (~7-8 s each on 2 cores) run in CI."""
-    return pytest.param(*values, marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("tuning", [
