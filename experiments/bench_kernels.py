@@ -207,16 +207,26 @@ EXTRA_IMPLS = ("peer_jt",)   # asked for by name only (--impls ... peer_jt)
 
 
 def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IMPLS,
-                gate_scale=8.0):
+                gate_scale=8.0, on_row=None):
     """Time one shape's JAX rows (the peer's: `peer_row`). tunings: {row name:
     `pallas_kernels.gla.Tuning` changes}, extra pallas rows each traced under its launch
     parameters (the defaults restored after). impls: the rows to time (of IMPLS; "attn" is
-    softmax attention; "peer" is left to peer_row). gate_scale: make_inputs'."""
+    softmax attention; "peer" is left to peer_row). gate_scale: make_inputs'. on_row: called
+    with the shape's result so far after every timed row (a caller writes it: a call cut by
+    its time limit mid-shape keeps the rows it timed)."""
     B, T, H, K, M = shape[:5]
     args = make_inputs(shape, dtype, gate_scale=gate_scale)
     seg = document_ids(shape)
     cot = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, K), jnp.float32)
     rows = {}
+    io_bytes = sum(x.nbytes for x in args) + args[0].nbytes  # read q,k,v,s,g; write o
+    result = {"shape": shape_dict(shape), "results": rows,
+              "memory_floor_fwd_ms": io_bytes / bandwidth * 1e3 if bandwidth else None}
+
+    def timed(name):
+        print(shape, name, rows[name], flush=True)
+        if on_row is not None:
+            on_row(result)
     variants = {
         "pallas": gsa_fn("pallas", seg),
         "pallas_recomp": gsa_fn("pallas", seg, recompute_states=True),
@@ -247,7 +257,7 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
                         rel_err(a, b) for a, b in zip(grads, first_grads))
         except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(shape, name, rows[name], flush=True)
+        timed(name)
     pgla.set_tuning(**default_tuning)
 
     q, k, v = args[:3]
@@ -268,13 +278,9 @@ def bench_shape(shape, dtype, bandwidth, with_chunk=True, tunings=None, impls=IM
                               "mem_bytes": compiled_bytes(fb, args)}
         except Exception as e:  # noqa: BLE001
             rows[attn_row] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(shape, attn_row, rows[attn_row], flush=True)
+        timed(attn_row)
     tpu_roofline(rows, shape, dtype)
-
-    io_bytes = sum(x.nbytes for x in args) + q.nbytes  # read q,k,v,s,g; write o
-    floor_ms = io_bytes / bandwidth * 1e3 if bandwidth else None
-    return {"shape": shape_dict(shape), "results": rows,
-            "memory_floor_fwd_ms": floor_ms}
+    return result
 
 
 def peer_row(shape, dtype, gate_scale=8.0):
@@ -489,21 +495,25 @@ def main(argv=None):
 
     # The JAX rows of every shape first, then the peer's: its autotuning restarts in every
     # process (5+ minutes on an H200), and a run cut short must not lose the rows before it.
-    # Results are rewritten after every shape.
+    # Results are rewritten after every timed row.
     new_rows = []
     for i, s in zip(indices, shapes):
         with_chunk = args.chunk_shapes is None or i < args.chunk_shapes or on_tpu
-        row = bench_shape(s, dtype, bw, with_chunk=with_chunk, tunings=tunings,
-                          impls=args.impls, gate_scale=args.gate_scale)
         # --merge: a re-measured shape keeps the rows of impls this run did not time
         # (e.g. a call that adds the peer to shapes whose JAX rows an earlier call wrote)
-        old = [r for r in report["rows"] if r["shape"] == row["shape"]]
-        if old:
-            row["results"] = {**old[0]["results"], **row["results"]}
+        old = [r for r in report["rows"] if r["shape"] == shape_dict(s)]
+        old_results = old[0]["results"] if old else {}
+
+        def keep(row, old_results=old_results):
+            entry = {**row, "results": {**old_results, **row["results"]}}
             report["rows"] = [r for r in report["rows"] if r["shape"] != row["shape"]]
-        new_rows.append(row)
-        report["rows"].append(row)
-        write()
+            report["rows"].append(entry)
+            write()
+            return entry
+
+        row = bench_shape(s, dtype, bw, with_chunk=with_chunk, tunings=tunings,
+                          impls=args.impls, gate_scale=args.gate_scale, on_row=keep)
+        new_rows.append(keep(row))
     for s, row in zip(shapes, new_rows) if use_peer or "peer_jt" in args.impls else ():
         o_peer = None
         if use_peer:

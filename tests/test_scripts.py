@@ -153,6 +153,30 @@ def test_bench_kernels_writes_our_rows_before_the_peer_runs(tmp_path, monkeypatc
     assert sorted(merged["results"]) == ["chunk", "pallas", "peer"]
 
 
+def test_bench_kernels_keeps_the_rows_timed_before_a_cut(tmp_path, monkeypatch):
+    """A call killed mid-shape (a device call's time limit) keeps the rows it timed: the
+    results file is rewritten after every row, not after every shape. The cut is faked as a
+    KeyboardInterrupt from the chunk row's memory reading (its last step, after pallas's row)."""
+    bench = load_experiment("bench_kernels")
+    real_compiled_bytes, calls = bench.compiled_bytes, []
+
+    def cut_at_the_second_row(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_compiled_bytes(*a, **k)
+
+    monkeypatch.setattr(bench, "compiled_bytes", cut_at_the_second_row)
+    argv = ["--smoke", "--impls", "pallas", "chunk", "--no-check", "--no-decode", "--tag",
+            "test", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    (row,) = json.loads((tmp_path / "bench_kernels_test.json").read_text())["rows"]
+    assert list(row["results"]) == ["pallas"]
+    assert row["results"]["pallas"]["fwd_bwd_ms"] > 0
+    assert "| pallas |" in (tmp_path / "bench_kernels_test.md").read_text()
+
+
 def test_bench_kernels_decode_row_times_and_checks_the_kernel():
     """The decode benchmark at its smoke size (CPU, the kernel interpreted): the XLA step and
     the fused kernel both timed, the kernel's outputs within float32 rounding of XLA's over the
