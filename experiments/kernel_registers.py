@@ -317,8 +317,9 @@ def main(argv=None):
                 "one's work) and as LDG (the warp waits for them). "
                 "XLA compiles the same IR with "
                 "its own Triton on the GPU, so its allocation may differ somewhat; the times "
-                "are the GPU's to measure. # is the launch order: GSA's pass 1 (q, k, s; gated on its "
-                "value axis, the slots) then pass 2 (p, s, v; gated on its key axis, the slots), "
+                "are the GPU's to measure. # is the launch order: GSA's pass 1 (q, k, s; gated "
+                "on its value axis, the slots) then pass 2 (p, s, v; gated on its key axis, the "
+                "slots), "
                 "and the backward in reverse: pass 2's kernels first, then pass 1's.\n\n"
                 + table + "\n")
     common.write_and_print(args.tag or "cpu", "kernel_registers", record, markdown,
