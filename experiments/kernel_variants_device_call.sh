@@ -60,7 +60,15 @@ case "${VARIANT_SET:-designs}" in
       --variant 'c4={"chunks_per_program_fwd": 4, "chunks_per_program_bwd": 4}'
       --variant 'c2bwd={"chunks_per_program_bwd": 2}'
     ) ;;
-  *) echo "VARIANT_SET=$VARIANT_SET: not designs, near, warps or chunks" >&2; exit 2 ;;
+  identity)   # the key-gated pass's gate gradient from the finished dq, dk (read on a CPU,
+    # kernel_registers_cpuident: pass 2's gradient kernel at M = 64 spills 612 bytes per
+    # thread instead of 1304, 64 instead of 244 with strong tiles apart), alone and with apart
+    VARIANTS=(
+      --variant 'ident={"key_gate_grad_identity": true}'
+      --variant 'ident_apart={"key_gate_grad_identity": true, "strong_gates_apart": true}'
+      --variant 'apart={"strong_gates_apart": true}'
+    ) ;;
+  *) echo "VARIANT_SET=$VARIANT_SET: not designs, near, warps, chunks or identity" >&2; exit 2 ;;
 esac
 for s in $SHAPES; do
   left=$(( TOTAL - 30 - SECONDS )); [ $left -lt 60 ] && { echo "no time for shape $s"; break; }
@@ -72,6 +80,6 @@ done
 left=$(( TOTAL - SECONDS ))
 if [ $left -gt 30 ]; then
   timeout $left python3 -m pytest -q -x tests/test_pallas_kernels.py \
-    -k "cumulative or in_kernel or split_gradient or strong_gates_apart or chunks_per_program" 2>&1 \
+    -k "cumulative or in_kernel or split_gradient or strong_gates_apart or chunks_per_program or key_gate_grad_identity" 2>&1 \
     | tee "$OUT/pytest.log" | tail -5
 fi

@@ -410,7 +410,8 @@ def intra_grads_strong(q, k, v, do, gt: Gates, masks, *, key_gated, scale, dot, 
         gt, sub, q.shape[0])(q, k, v, do)
 
 
-def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0, apart=None):
+def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0, apart=None,
+          identity=False):
     """(dq, dk, dv, db) of one chunk; db is the gradient of b (the caller reverse-cumsums it).
 
     S: state entering the chunk; dS: gradient of the state leaving it; sub: the sub-chunk
@@ -418,6 +419,8 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
     past the bound as the strong kernel decides it (is_extreme_tile, on the tile that kernel
     takes: the whole K for the key blocks of a loop); then the within-chunk terms of the
     fast path only, 0 for such a tile (`intra_grads_strong` computes them).
+    identity (key gate only; Tuning.key_gate_grad_identity): db from the finished dq and dk,
+    db = q ⊙ dq − k ⊙ dk plus the last row's terms, instead of summed term by term.
     """
     C = q.shape[0]
     last_row = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
@@ -441,7 +444,8 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
         dq = dq + dq_bar * e_b
         dk = dk + dk_bar * gt.to_end
         dv = dv + dot.nn(k_bar, dS)
-        db = db + dq_bar * (q.astype(f32) * e_b) - dk_bar * k_bar
+        db = (key_gate_grad(q, k, dq, dk) if identity
+              else db + dq_bar * (q.astype(f32) * e_b) - dk_bar * k_bar)
         db_last = jnp.sum(dk_bar * k_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=1)
     else:  # X = scale (q S)·from is read with e^{b}; v̄ = v e^{b_C−b}·into writes the state
         v_bar = v.astype(f32) * gt.to_end
@@ -465,7 +469,8 @@ def grads(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot, sub=0,
 # its within-chunk terms from intra_grads_strong's kernel. The same algebra as `grads`, its db
 # split as db = db_q + db_kv.
 
-def grads_query_side(q, k, v, do, S, gt: Gates, masks, *, key_gated, scale, dot, apart):
+def grads_query_side(q, k, v, do, S, gt: Gates, masks, *, key_gated, scale, dot, apart,
+                     identity=False):
     """(dq, db_q) of one chunk: dq and the terms of db that pair with it (key gate:
     dq̂ ⊙ q̂ + dq̄ ⊙ q̄; value gate: do ⊙ o, both of o's terms)."""
     from_ = masks.from_state[:, None]
@@ -479,7 +484,8 @@ def grads_query_side(q, k, v, do, S, gt: Gates, masks, *, key_gated, scale, dot,
         db = jnp.where(apart, 0.0, dq_hat * dot.rounded(q_hat))
         e_b = jnp.exp(gt.b) * from_
         dq_bar = scale * dot.nt(do, S)
-        return dq + dq_bar * e_b, db + dq_bar * (q32 * e_b)
+        dq = dq + dq_bar * e_b
+        return dq, (q32 * dq if identity else db + dq_bar * (q32 * e_b))
     A = scale * jnp.where(masks.intra, dot.nt(q, k), 0.0)
     v_hat = dot.rounded(v.astype(f32) * jnp.exp(gt.rho - gt.b))
     do32 = do.astype(f32)
@@ -494,7 +500,7 @@ def grads_query_side(q, k, v, do, S, gt: Gates, masks, *, key_gated, scale, dot,
 
 
 def grads_key_value_side(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, scale, dot,
-                         apart):
+                         apart, identity=False):
     """(dk, dv, db_kv) of one chunk: dk, dv and the rest of db (key gate: −dk̂ ⊙ k̂ − dk̄ ⊙ k̄;
     value gate: −dv̂ ⊙ v̂ − dv̄ ⊙ v̄; plus the last row's Σ dk̄⊙k̄ (dv̄⊙v̄) + e^{b_C} Σ S⊙dS)."""
     C = q.shape[0]
@@ -510,7 +516,7 @@ def grads_key_value_side(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, sca
         dk_bar = dot.nt(v, dS)
         dk = dk + dk_bar * gt.to_end
         dv = dv + dot.nn(k_bar, dS)
-        db = db - dk_bar * k_bar
+        db = -k.astype(f32) * dk if identity else db - dk_bar * k_bar
         db_last = jnp.sum(dk_bar * k_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=1)
     else:
         v_hat = dot.rounded(v.astype(f32) * jnp.exp(gt.rho - gt.b))
@@ -527,6 +533,19 @@ def grads_key_value_side(q, k, v, do, S, dS, gt: Gates, masks, *, key_gated, sca
         db = db - dv_bar * v_bar
         db_last = jnp.sum(dv_bar * v_bar, axis=0) + gt.decay_last * jnp.sum(S * dS, axis=0)
     return dk, dv, db + jnp.where(last_row, db_last[None, :], 0.0)
+
+
+def key_gate_grad(q, k, dq, dk):
+    """db = q ⊙ dq − k ⊙ dk of a key-gated chunk, from its finished dq and dk [C, K] (the
+    last row's terms apart). Why it holds: b enters every term as e^{b_t} beside q_t (q̂, q̄)
+    or as e^{−b_i} beside k_i (k̂, k̄), so ∂/∂b_t of each term is its q_t (k_t) factor times
+    the gradient that reaches q_t (k_t), with the sign of the exponent: the module
+    docstring's sum dq̂⊙q̂ + dq̄⊙q̄ − dk̂⊙k̂ − dk̄⊙k̄. Holds for every intra-chunk path (fast,
+    sub-chunk, exact), per key channel (so per key block) and per value block (a sum over
+    value channels). Computed once from tiles that stay live anyway, it spares the kernel
+    the accumulator that the term-by-term sum keeps across its matmuls (kernel_registers,
+    Tuning.key_gate_grad_identity)."""
+    return q.astype(f32) * dq - k.astype(f32) * dk
 
 
 def reverse_cumsum(x):

@@ -222,7 +222,20 @@ class Tuning:
     8 x 2048 M 128 and 1 x 16384: the fewer instructions do not pay for b's float32 bytes
     (written once, read by every kernel where bf16 g was) and for the XLA sums; with
     strong_gates_apart at M = 128 the strong-tile kernel's float32 tiles exceed the H100's
-    shared memory (RESOURCE_EXHAUSTED at launch)."""
+    shared memory (RESOURCE_EXHAUSTED at launch).
+
+    `key_gate_grad_identity` (off until timed on the GPU): a key-gated pass's gradient kernels
+    (the single one, or both halves of the split) compute the gate's gradient from the finished
+    dq and dk, db = q ⊙ dq − k ⊙ dk plus the last row's terms (chunk_math.key_gate_grad: b
+    enters every term as e^{b} beside q or e^{−b} beside k, so the identity is exact), instead
+    of term by term beside each matmul, which keeps a [C, K] float32 accumulator and the
+    scaled tiles it multiplies live across the kernel. Read on the CPU (kernel_registers,
+    triton 3.9.0, 8 x 2048, H 16, K 128, bf16; experiments/results/kernel_registers_cpuident.md),
+    GSA's pass 2 gradient kernel at M = 64 spills 612 / 636 bytes per thread instead of 1304 /
+    1160 and issues 7928 SASS instructions instead of 8808 (with strong tiles apart 64 / 64
+    and 4040 instead of 244 / 244 and 4264); at M = 128 the split's query side 0 / 0 (182
+    registers) instead of 4 / 4, its key/value side 156 / 156 instead of 276 / 276. Value-gated
+    passes are unchanged: their identity, db = do ⊙ o − v ⊙ dv, needs the forward's output."""
 
     warps_seq: int = 4
     warps_par: int = 8
@@ -247,6 +260,7 @@ class Tuning:
     cumulative_gates: bool = False
     chunks_per_program_fwd: int = 1
     chunks_per_program_bwd: int = 1
+    key_gate_grad_identity: bool = False
 
     def __post_init__(self):
         for name in ("strong_gates_apart", "split_grads_bwd"):
@@ -388,6 +402,8 @@ class KernelConfig:
             kw["scale"] = self.scale
         if self.cumulative:   # every kernel then reads g as b
             kw["cumulative"] = True
+        if parallel and backward and t.key_gate_grad_identity and self.key_gated:
+            kw["identity"] = True
         if parallel:
             kw["chunks"] = t.chunks_per_program_bwd if backward else t.chunks_per_program_fwd
             if kw["chunks"] > 1:

@@ -77,11 +77,11 @@ def _dstates_kernel(*refs, lay: common.Layout, has_runs, scale, dot, store=True,
 
 
 def _grads_kernel(*refs, lay: common.Layout, has_runs, scale, dot, key_loop: int,
-                  strong_apart: bool, cumulative=False):
+                  strong_apart: bool, cumulative=False, identity=False):
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
     state_ref, dstate_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref = refs
-    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub)
+    kw = dict(key_gated=lay.key_gated, scale=scale, dot=dot, sub=lay.sub, identity=identity)
 
     def chunk(n, j):
         rows = pl.ds(n * lay.C, lay.C)
@@ -144,7 +144,8 @@ def _parallel_tile(runs_ref, g_ref, lay: common.Layout, cumulative: bool):
     return (rows, masks, *load_gates(g_ref, rows, masks, cumulative))
 
 
-def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulative=False):
+def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulative=False,
+                        identity=False):
     """The query side of the gradients (Tuning.split_grads_bwd): dq, and db_q in float32 for
     the key/value side's kernel."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
@@ -154,13 +155,13 @@ def _grads_query_kernel(*refs, lay: common.Layout, has_runs, scale, dot, cumulat
     dq, db_q = chunk_math.grads_query_side(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
         state_ref[...].astype(f32), gt, masks, key_gated=lay.key_gated, scale=scale, dot=dot,
-        apart=apart)
+        apart=apart, identity=identity)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dbq_ref[rows, :] = db_q
 
 
 def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
-                            cumulative=False):
+                            cumulative=False, identity=False):
     """The key/value side (Tuning.split_grads_bwd): dk, dv, and dg from db_q + db_kv."""
     q_ref, k_ref, v_ref, g_ref, *refs = refs
     runs_ref = refs.pop(0) if has_runs else None
@@ -169,7 +170,7 @@ def _grads_key_value_kernel(*refs, lay: common.Layout, has_runs, scale, dot,
     dk, dv, db = chunk_math.grads_key_value_side(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
         state_ref[...].astype(f32), dstate_ref[...].astype(f32), gt, masks,
-        key_gated=lay.key_gated, scale=scale, dot=dot, apart=apart)
+        key_gated=lay.key_gated, scale=scale, dot=dot, apart=apart, identity=identity)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     dg_ref[rows, :] = _gate_grad(db + dbq_ref[rows, :], cumulative).astype(dg_ref.dtype)
@@ -223,7 +224,8 @@ def dstates_bwd(q, v, g, runs, do, dsT, *, key_gated, scale, chunk_size, block_v
 
 def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_size, block_v,
               interpret=False, num_warps=4, num_stages=2, sub_chunk=0, block_k=0,
-              key_loop=False, strong_apart=False, split=False, cumulative=False, chunks=1):
+              key_loop=False, strong_apart=False, split=False, cumulative=False, chunks=1,
+              identity=False):
     """Per-query-head gradients (the caller sums value blocks, key blocks and grouped heads):
     dq [NV, B, Tp, H, K], dk [NV, B, Tp, H, K], dv [NK, B, Tp, H, V] or (one key block)
     [B, Tp, H, V], dg [NV, B, Tp, H, K] (key gate) or like dv (value gate).
@@ -251,13 +253,17 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
 
     chunks: chunks per program of the gradient kernel (Tuning.chunks_per_program_bwd;
     gla_fwd.layout): each program walks its chunks one after another, so the next chunk's
-    loads can overlap the current one's work. Not with the split (its kernels take one)."""
+    loads can overlap the current one's work. Not with the split (its kernels take one).
+
+    identity (Tuning.key_gate_grad_identity): a key-gated pass computes the gate's gradient
+    from the finished dq and dk (chunk_math.key_gate_grad); no effect on a value-gated one."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     if split and loop:
         raise ValueError("Tuning.split_grads_bwd does not combine with a key loop "
                          "(key_loop_bwd): take key blocks as programs or the whole K")
     strong_apart = strong_apart or split
+    identity = identity and key_gated
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k,
                  chunks=1 if split else chunks)
@@ -284,7 +290,8 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     launch = dict(interpret=interpret, num_warps=num_warps, num_stages=num_stages)
     if split:
         common_kw = dict(lay=lay, has_runs=runs is not None, scale=float(scale),
-                         dot=common.Dot(q.dtype, interpret), cumulative=cumulative)
+                         dot=common.Dot(q.dtype, interpret), cumulative=cumulative,
+                         identity=identity)
         dbq_shape = jax.ShapeDtypeStruct(out_shape[3].shape, f32)
         # the query side reads the states (not their gradients)
         dq, dbq = _call(functools.partial(_grads_query_kernel, **common_kw), lay,
@@ -298,7 +305,7 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
         kernel = functools.partial(_grads_kernel, lay=lay, has_runs=runs is not None,
                                    scale=float(scale), dot=common.Dot(q.dtype, interpret),
                                    key_loop=loop, strong_apart=strong_apart,
-                                   cumulative=cumulative)
+                                   cumulative=cumulative, identity=identity)
         grads = _call(kernel, lay, args, in_specs, out_shape, out_specs, name="gla_grads_bwd",
                       **launch)
     if not strong_apart:

@@ -713,6 +713,30 @@ def test_chunks_per_program_match_float64(tuning, programs):
         assert "name=gla_final_state_fwd" in jaxpr
 
 
+@pytest.mark.parametrize("tuning", [
+    {},
+    dict(strong_gates_apart=True),                 # the strong kernel adds its own db terms
+    _slow(dict(block_v_bwd=8)),                    # value blocks: partial sums of db
+    dict(block_k_bwd=8, key_loop_bwd=True),        # key blocks looped: db per block
+    _slow(dict(split_grads_bwd=True)),             # query side q ⊙ dq, key side −k ⊙ dk
+], ids=["whole", "apart", "value_blocks", "key_loop", "split"])
+def test_key_gate_grad_identity_matches_float64(tuning):
+    """`key_gate_grad_identity`: the key-gated pass's gate gradient from the finished dq and
+    dk (db = q ⊙ dq − k ⊙ dk plus the last row's terms) instead of term by term; with one
+    tile of each kind (fast, sub-chunk tier, exact loop), packed segments and an initial
+    state, values and every gradient (the gates' through both passes) match the float64
+    recurrence in every layout of the gradient kernel. The launch keywords carry it to the
+    key-gated pass's gradient kernel only."""
+    _tuned_against_float64(337, "segments_C32", _mixed_gates, sub_chunk=8,
+                           key_gate_grad_identity=True, **tuning)
+    with pgla.tuning(key_gate_grad_identity=True):
+        tuning = pgla.resolved_tuning(jnp.bfloat16, 64, 128, key_gated=True)
+    for key_gated in (True, False):
+        config = _launch_config(tuning, key_gated)
+        assert config.kw(parallel=True, backward=True).get("identity", False) == key_gated
+        assert "identity" not in config.kw(parallel=True)
+
+
 def test_chunks_per_program_values_are_checked():
     """Chunks per program take a positive integer (also from $GSA_PALLAS_TUNING), and a layout
     refuses a count that does not divide its chunks or comes with key blocks as programs."""
