@@ -715,10 +715,10 @@ def test_chunks_per_program_match_float64(tuning, programs):
 
 @pytest.mark.parametrize("tuning", [
     {},
-    dict(strong_gates_apart=True),                 # the strong kernel adds its own db terms
-    _slow(dict(block_v_bwd=8)),                    # value blocks: partial sums of db
-    dict(block_k_bwd=8, key_loop_bwd=True),        # key blocks looped: db per block
-    _slow(dict(split_grads_bwd=True)),             # query side q ⊙ dq, key side −k ⊙ dk
+    _slow(dict(strong_gates_apart=True)),           # the strong kernel adds its own db terms
+    _slow(dict(block_v_bwd=8)),                     # value blocks: partial sums of db
+    _slow(dict(block_k_bwd=8, key_loop_bwd=True)),  # key blocks looped: db per block
+    _slow(dict(split_grads_bwd=True)),              # query side q ⊙ dq, key side −k ⊙ dk
 ], ids=["whole", "apart", "value_blocks", "key_loop", "split"])
 def test_key_gate_grad_identity_matches_float64(tuning):
     """`key_gate_grad_identity`: the key-gated pass's gate gradient from the finished dq and
