@@ -256,14 +256,14 @@ def grads_bwd(q, k, v, g, runs, states, dstates, do, *, key_gated, scale, chunk_
     loads can overlap the current one's work. Not with the split (its kernels take one).
 
     identity (Tuning.key_gate_grad_identity): a key-gated pass computes the gate's gradient
-    from the finished dq and dk (chunk_math.key_gate_grad); no effect on a value-gated one."""
+    from the finished dq and dk (chunk_math.key_gate_grad); chunk_math reads it in its
+    key-gated branches only, so a value-gated pass ignores it."""
     K = q.shape[-1]
     loop = block_k if key_loop and 0 < block_k < K else 0
     if split and loop:
         raise ValueError("Tuning.split_grads_bwd does not combine with a key loop "
                          "(key_loop_bwd): take key blocks as programs or the whole K")
     strong_apart = strong_apart or split
-    identity = identity and key_gated
     lay = layout(q, v, key_gated=key_gated, chunk_size=chunk_size, block_v=block_v,
                  parallel=True, sub_chunk=sub_chunk, block_k=0 if key_loop else block_k,
                  chunks=1 if split else chunks)

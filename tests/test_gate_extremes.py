@@ -86,6 +86,7 @@ def test_reads_a_paused_cell(tmp_path, model):
         ge.main(argv + [a if a != "2e-2" else "1e-2" for a in cell])
 
 
+@pytest.mark.slow  # 25 s on the 2-core CI machine: CI's second step
 def test_bench_gate_strength_smoke(tmp_path):
     """experiments/bench_gate_strength.py --smoke (chunk form, CPU): one row per gate scale,
     the share of tiles past the bound rising from none (the benchmarks' mild gate) to all as

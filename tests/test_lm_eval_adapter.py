@@ -97,6 +97,7 @@ def greedy_tokens(prompt: list[int], n: int, width: int = 32) -> list[int]:
     return seq[len(prompt):]
 
 
+@pytest.mark.slow  # 18 s on the 2-core CI machine: CI's second step
 def test_loglikelihood_equals_each_request_alone():
     """Eight requests (batches of 3, the last one padded; lengths padded to multiples of 8;
     longer-than-max_length ones truncated on the left; one with an empty continuation; one whose

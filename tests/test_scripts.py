@@ -339,6 +339,7 @@ def test_bench_kernels_peer_jt_row_records_why_it_cannot_run():
     assert check["impl"] == "peer_jt" and check["error"]
 
 
+@pytest.mark.slow  # 17 s on the 2-core CI machine: CI's second step
 def test_bench_kernels_peer_jt_runs_after_the_peer_and_is_compared_with_its_output(
         tmp_path, monkeypatch):
     """peer_jt (the peer's kernels from JAX) is timed after the peer at each shape, with the

@@ -35,7 +35,9 @@ def test_sharded_training_on_8_simulated_devices():
     run_with_devices("test_sharding_devices.py")
 
 
-@pytest.mark.parametrize("tier", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+# a subprocess of 8 simulated devices (24 s on the 2-core CI machine): both in CI's second step
+@pytest.mark.parametrize("tier", [pytest.param("not slow", marks=pytest.mark.slow),
+                                  pytest.param("slow", marks=pytest.mark.slow)])
 def test_sharded_step_gathers_no_kernel_operand_on_8_simulated_devices(tier):
     """tests/test_sharded_step_hlo_devices.py: the compiled sharded train step with the (faked)
     GPU kernels has no all-gather of their operands; in the slow tier, the same check fails

@@ -95,7 +95,8 @@ def _step_grads(model, mesh, batch, grad_accum, z_loss):
     return params, grads, metrics, int(new_state.step)
 
 
-@pytest.mark.parametrize("grad_accum,z_loss", [(1, 0.0), (2, 1e-3),
+@pytest.mark.parametrize("grad_accum,z_loss", [(1, 0.0),
+                                               pytest.param(2, 1e-3, marks=pytest.mark.slow),
                                                pytest.param(4, 0.0, marks=pytest.mark.slow)])
 def test_step_gradient_matches_reference(setup, grad_accum, z_loss):
     model, mesh = setup
@@ -116,6 +117,7 @@ def test_step_gradient_matches_reference(setup, grad_accum, z_loss):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # 20-28 s on the 2-core CI machine: CI's second step
 def test_accumulation_equals_the_large_batch(setup):
     """Micro-batches with uneven token counts add up to the large batch's mean, not the mean
     of micro-batch means."""
@@ -128,6 +130,7 @@ def test_accumulation_equals_the_large_batch(setup):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(a).max()))
 
 
+@pytest.mark.slow  # 20-28 s on the 2-core CI machine: CI's second step
 def test_adamw_steps_match_optax_with_reference_grads(setup):
     """Two steps of the real optimizer (clip + AdamW + schedule) against optax driven by the
     reference gradients."""
@@ -189,6 +192,7 @@ def test_remat_gives_the_same_gradient(setup):
     assert "remat" not in plain and "checkpoint[" not in plain
 
 
+@pytest.mark.slow  # 20-28 s on the 2-core CI machine: CI's second step
 def test_bf16_compute_keeps_f32_master_params(setup):
     """dtype=bfloat16 computes in bf16; parameters, gradients and optimizer state stay f32 and
     the loss stays close to the f32 one."""
