@@ -46,11 +46,8 @@ def _close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
 
 
-# gsa-tiny took 46 s on the 2-core CI machine: every case is in CI's second step
-@pytest.mark.parametrize("name", [pytest.param("gsa-tiny", marks=pytest.mark.slow),
-                                  pytest.param("transformer-tiny", marks=pytest.mark.slow),
-                                  pytest.param("gla-tiny", marks=pytest.mark.slow),
-                                  pytest.param("retnet-tiny", marks=pytest.mark.slow)])
+@pytest.mark.slow  # gsa-tiny alone took 46 s on the 2-core CI machine: CI's second step
+@pytest.mark.parametrize("name", ["gsa-tiny", "transformer-tiny", "gla-tiny", "retnet-tiny"])
 def test_scanned_model_computes_the_unscanned_function(name):
     scanned, plain = _pair(name, use_short_conv=name != "transformer-tiny")
     assert scanned.scanned and not plain.scanned
@@ -186,12 +183,11 @@ def test_checkpoint_restores_into_the_other_layout(tmp_path, write_scanned):
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 6
 
 
+# one policy's gradient compiles in ~15 s (25 s for one policy and the reference on the
+# 2-core CI machine): CI's second step
+@pytest.mark.slow
 @pytest.mark.parametrize("scan, compared", [
-    # one policy's gradient compiles in ~15 s, 25 s with the reference on the 2-core CI
-    # machine: all in CI's second step
-    pytest.param(True, ("save_dots",), marks=pytest.mark.slow),
-    pytest.param(True, ("full", "minimal"), marks=pytest.mark.slow),
-    pytest.param(False, ("full", "save_dots", "minimal"), marks=pytest.mark.slow)])
+    (True, ("save_dots",)), (True, ("full", "minimal")), (False, ("full", "save_dots", "minimal"))])
 def test_remat_policies_keep_the_gradients(scan, compared):
     """Every policy puts its jax.checkpoint policy in the program (none: no rematerialisation
     at all), and the `compared` ones compute the gradients of the model without remat."""

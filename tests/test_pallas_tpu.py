@@ -242,12 +242,11 @@ def test_auto_takes_wide_head_dims_on_a_gpu_only(monkeypatch, backend, auto):
         "chunk" if backend == "cpu" else "pallas")
 
 
-# a subprocess of 8 simulated devices (35 s on the 2-core CI machine): both in CI's second step
-@pytest.mark.parametrize("tier", [pytest.param("not slow", marks=pytest.mark.slow),
-                                  pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a subprocess of 8 simulated devices (35 s for "not slow" on the 2-core CI)
+@pytest.mark.parametrize("tier", ["not slow", "slow"])
 def test_kernels_run_per_device_slice_under_a_mesh(tier):
-    """tests/test_pallas_sharded_devices.py on 8 simulated devices (a subprocess): the TPU
-    kernels here, the GPU kernels (interpreted) in the slow tier."""
+    """tests/test_pallas_sharded_devices.py on 8 simulated devices (a subprocess): its fast
+    cases (the TPU kernels), then its slow ones (the GPU kernels, interpreted)."""
     run_with_devices("test_pallas_sharded_devices.py", markers=tier)
 
 

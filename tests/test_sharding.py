@@ -35,11 +35,10 @@ def test_sharded_training_on_8_simulated_devices():
     run_with_devices("test_sharding_devices.py")
 
 
-# a subprocess of 8 simulated devices (24 s on the 2-core CI machine): both in CI's second step
-@pytest.mark.parametrize("tier", [pytest.param("not slow", marks=pytest.mark.slow),
-                                  pytest.param("slow", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a subprocess of 8 simulated devices (24 s for "not slow" on the 2-core CI)
+@pytest.mark.parametrize("tier", ["not slow", "slow"])
 def test_sharded_step_gathers_no_kernel_operand_on_8_simulated_devices(tier):
     """tests/test_sharded_step_hlo_devices.py: the compiled sharded train step with the (faked)
-    GPU kernels has no all-gather of their operands; in the slow tier, the same check fails
-    without `per_shard`."""
+    GPU kernels has no all-gather of their operands; its slow cases check that the same check
+    fails without `per_shard`."""
     run_with_devices("test_sharded_step_hlo_devices.py", markers=tier)
