@@ -171,7 +171,7 @@ def test_incompatible_settings_are_clear_errors(overrides, shards, match):
         check_compatible(load_config(None, overrides), data, shards)
 
 
-@pytest.mark.slow  # ~11 s; test_layer_layout checks every remat policy in the fast tier
+@pytest.mark.slow  # ~11 s; test_layer_layout checks every remat policy (also in the slow tier)
 def test_remat_gives_the_same_gradient(setup):
     """model.remat (recompute each block in the backward pass) changes memory, not values."""
     model, mesh = setup
